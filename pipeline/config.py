@@ -1,0 +1,173 @@
+"""Turn sections of ``params.yaml`` into frozen, type-checked dataclasses.
+
+``params.yaml`` has two kinds of values (DESIGN §2):
+
+* method hyperparameters at the top level (``loss``, ``optim``, ``grounding``, ...), identical in every
+  profile, so ``dvc exp run -S loss.pixel_weight=1e-4`` means the same thing everywhere;
+* scale-bound values under ``profiles.<name>`` (model references, sizes, step counts), selected by the
+  top-level ``profile`` key.
+
+Each module of the library owns the dataclass of the section it reads and calls :func:`parse` on it.
+Unknown keys, missing keys and wrong types raise :class:`ConfigError` naming the full key path
+(``profiles.demo.train.max_steps: expected int, got str '30'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params section does not match its dataclass; the message names the key and the fix."""
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read ``params.yaml`` with ``yaml.safe_load`` and check the profile switch.
+
+    Raises :class:`ConfigError` when the file is missing, is not a mapping, or names a profile that
+    ``profiles`` does not define.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the repository root")
+    with path.open() as f:
+        params = yaml.safe_load(f)
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profile = params.get("profile")
+    profiles = params.get("profiles")
+    if not isinstance(profiles, dict) or not profiles:
+        raise ConfigError(f"{path}: missing 'profiles' mapping")
+    if profile not in profiles:
+        raise ConfigError(
+            f"{path}: profile: {profile!r} is not one of {sorted(profiles)}; "
+            f"set 'profile' to one of them (e.g. dvc exp run -S profile=paper)"
+        )
+    return params
+
+
+def active_profile(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``profiles.<profile>`` mapping of the selected profile."""
+    return params["profiles"][params["profile"]]
+
+
+def section(params: Mapping[str, Any], dotted: str, cls: type[T]) -> T:
+    """Parse the section at ``dotted`` (``"loss"``, ``"profile.train"``) into ``cls``.
+
+    A leading ``profile.`` segment selects the active profile's mapping, so stages do not need to know
+    which profile is on: ``section(p, "profile.train", TrainScale)`` reads ``profiles.<active>.train``.
+    """
+    parts = dotted.split(".")
+    if parts[0] == "profile":
+        node: Any = active_profile(params)
+        where = f"profiles.{params['profile']}"
+        parts = parts[1:]
+    else:
+        node, where = params, ""
+    for part in parts:
+        where = f"{where}.{part}" if where else part
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"{where}: missing section; add it to params.yaml")
+        node = node[part]
+    return parse(cls, node, where)
+
+
+def parse(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from ``data``, checking keys and types recursively.
+
+    Supported field types: ``bool``, ``int``, ``float`` (ints are accepted), ``str``, ``Path``,
+    ``Optional[X]``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Literal[...]`` and
+    nested dataclasses. Fields with defaults may be omitted; every other missing key is an error.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            has_default = (
+                field.default is not dataclasses.MISSING
+                or field.default_factory is not dataclasses.MISSING
+            )
+            if has_default:
+                continue
+            raise ConfigError(f"{key}: missing key; add it to params.yaml")
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert containers to their frozen form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        items = tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return items if origin is tuple else list(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        val_tp = args[1] if args else Any
+        return {str(k): _coerce(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string, got {type(value).__name__} {value!r}")
+        return Path(value)
+    raise TypeError(f"{where}: unsupported field type {tp!r}")

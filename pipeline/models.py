@@ -1,0 +1,147 @@
+"""Model references: Hugging Face ids, local directories and ``embedded:NAME`` (DESIGN §4).
+
+Every model parameter in ``params.yaml`` is a string:
+
+* ``CompVis/stable-diffusion-v1-4``: a Hugging Face id (needs the hub cache or network);
+* ``/data/sd14`` or ``artifacts/train/unet``: a local directory in the same ``save_pretrained`` layout;
+* ``embedded:tiny-sd``: a model from :mod:`pipeline.zoo`, written by the ``models`` stage to
+  ``<models_dir>/tiny-sd``.
+
+:func:`resolve` turns any of them into what ``from_pretrained`` takes, so there is one loading path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference."""
+
+    raw: str
+    kind: Literal["embedded", "local", "hub"]
+    name: str  # embedded name, local path or hub id
+
+
+def parse_ref(ref: str) -> ModelRef:
+    """Classify ``ref`` as embedded, local directory or hub id."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
+    if ref.startswith(EMBEDDED_PREFIX):
+        name = ref[len(EMBEDDED_PREFIX):]
+        from . import zoo
+
+        if name not in zoo.REGISTRY:
+            raise ValueError(f"{ref!r}: unknown embedded model; known: {', '.join(sorted(zoo.REGISTRY))}")
+        return ModelRef(ref, "embedded", name)
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        return ModelRef(ref, "local", str(path))
+    return ModelRef(ref, "hub", ref)
+
+
+def resolve(ref: str, models_dir: str | Path) -> str:
+    """What ``from_pretrained`` should receive for ``ref``.
+
+    Raises :class:`ModelLoadError` when an embedded model has not been built or a local path is missing.
+    """
+    parsed = parse_ref(ref)
+    if parsed.kind == "embedded":
+        path = Path(models_dir) / parsed.name
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{ref}: not built at {path}; run `dvc repro models` (or pipeline.zoo.build) first"
+            )
+        return str(path)
+    if parsed.kind == "local":
+        if not Path(parsed.name).exists():
+            raise ModelLoadError(f"{ref}: local model path does not exist")
+        return parsed.name
+    return parsed.name
+
+
+def embedded_names(refs: list[str]) -> list[str]:
+    """The embedded model names among ``refs`` (deduplicated, in order)."""
+    names: list[str] = []
+    for ref in refs:
+        parsed = parse_ref(ref)
+        if parsed.kind == "embedded" and parsed.name not in names:
+            names.append(parsed.name)
+    return names
+
+
+def from_pretrained(cls: Any, ref: str, models_dir: str | Path, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(resolve(ref), **kwargs)`` with an error that says how to fix a failed load."""
+    target = resolve(ref, models_dir)
+    try:
+        return cls.from_pretrained(target, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        hint = (
+            f"download it once where there is network (`hf download {target}`) and set HF_HOME, "
+            f"or point the parameter at a local directory"
+            if parse_ref(ref).kind == "hub"
+            else "check that the directory holds a save_pretrained layout"
+        )
+        raise ModelLoadError(f"could not load {cls.__name__} from {ref!r} ({target}): {err}; {hint}") from err
+
+
+def unet_location(ref: str, models_dir: str | Path) -> tuple[str, str | None]:
+    """(path or id, subfolder) of a UNet reference: a pipeline folder (``<ref>/unet``) or a UNet folder."""
+    target = resolve(ref, models_dir)
+    local = Path(target)
+    if local.is_dir():
+        return (str(local / "unet"), None) if (local / "unet").is_dir() else (str(local), None)
+    return target, "unet"
+
+
+def load_unet(ref: str, models_dir: str | Path, torch_dtype: torch.dtype = torch.float32):
+    """Load a ``UNet2DConditionModel`` from a pipeline folder/id (its ``unet/``) or a bare UNet folder."""
+    from diffusers import UNet2DConditionModel
+
+    path, subfolder = unet_location(ref, models_dir)
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    try:
+        return UNet2DConditionModel.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a UNet from {ref!r} ({path}): {err}") from err
+
+
+def load_sd_pipeline(
+    ref: str,
+    models_dir: str | Path,
+    unet_ref: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    pipeline_cls: Any = None,
+):
+    """A Stable Diffusion pipeline from ``ref``, optionally with the UNet of ``unet_ref`` swapped in.
+
+    This is how the released TokenCompose checkpoints and the UNet trained here are evaluated: the base
+    pipeline's VAE, text encoder, tokenizer and scheduler with the fine-tuned UNet. The safety checker is
+    not loaded (MultiGen counts objects; a blacked-out image would count as a miss).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipeline_cls = pipeline_cls or StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    if unet_ref is not None:
+        kwargs["unet"] = load_unet(unet_ref, models_dir, torch_dtype)
+    pipe = from_pretrained(pipeline_cls, ref, models_dir, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

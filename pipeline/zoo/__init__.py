@@ -1,0 +1,71 @@
+"""Registry of embedded models: small configs built with seeded random weights (DESIGN §4).
+
+``embedded:NAME`` model references resolve to ``<models_dir>/NAME``, which the ``models`` stage writes
+with :func:`build` in the standard ``save_pretrained`` layout, so later stages load embedded models and
+real checkpoints by one code path. Each family registers its builders in its own module of this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A buildable embedded model: ``build(out_dir, seed)`` writes it to ``out_dir``."""
+
+    name: str
+    description: str
+    build: Callable[[Path, int], None]
+
+
+REGISTRY: dict[str, EmbeddedModel] = {}
+
+
+def register(name: str, description: str) -> Callable[[Callable[[Path, int], None]], Callable[[Path, int], None]]:
+    """Decorator that adds a builder ``fn(out_dir, seed)`` to :data:`REGISTRY` under ``name``."""
+
+    def wrap(fn: Callable[[Path, int], None]) -> Callable[[Path, int], None]:
+        if name in REGISTRY:
+            raise ValueError(f"embedded model {name!r} registered twice")
+        REGISTRY[name] = EmbeddedModel(name, description, fn)
+        return fn
+
+    return wrap
+
+
+def build(name: str, out_dir: Path, seed: int) -> Path:
+    """Build embedded model ``name`` with weights drawn from ``seed`` and write it to ``out_dir``.
+
+    The global torch RNG is forked so building a model never changes other random streams.
+    """
+    if name not in REGISTRY:
+        raise KeyError(f"unknown embedded model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        REGISTRY[name].build(out_dir, seed)
+    (out_dir / "embedded.json").write_text(json.dumps({"name": name, "seed": seed}, indent=1) + "\n")
+    return out_dir
+
+
+def state_dict_hash(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's parameters and buffers (names, shapes, bytes), for determinism checks."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# Families register on import.
+from . import sd  # noqa: E402,F401

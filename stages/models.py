@@ -1,0 +1,48 @@
+"""Stage `models`: build the active profile's embedded models into ``<models_dir>/<name>``.
+
+Outs: artifacts/models/ (save_pretrained layout per model), metrics/models.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import zoo
+from pipeline.config import active_profile, load_params, parse
+from pipeline.runtime import setup_logging, write_json
+
+log = logging.getLogger("stages.models")
+
+
+@dataclass(frozen=True)
+class ModelsScale:
+    models_dir: Path
+    embedded_seed: int
+    embedded: list[str]
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    prof = active_profile(params)
+    cfg = parse(ModelsScale, {k: prof[k] for k in ("models_dir", "embedded_seed", "embedded")},
+                f"profiles.{params['profile']}")
+    if cfg.models_dir.exists():
+        shutil.rmtree(cfg.models_dir)
+    cfg.models_dir.mkdir(parents=True)
+    built = {}
+    for name in cfg.embedded:
+        start = time.perf_counter()
+        zoo.build(name, cfg.models_dir / name, cfg.embedded_seed)
+        built[name] = round(time.perf_counter() - start, 2)
+        log.info("built embedded:%s in %.1fs", name, built[name])
+    write_json("metrics/models.json", {"profile": params["profile"], "seed": cfg.embedded_seed,
+                                       "models": len(built), "build_seconds": built})
+
+
+if __name__ == "__main__":
+    main()

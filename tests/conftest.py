@@ -1,0 +1,57 @@
+"""Shared fixtures: embedded models built once per session, the real data folder, offline hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real public files); tests that need it skip with a message when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present (it sits beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A models folder where :func:`embedded` builds models on first use (seed 0)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def embedded(models_dir):
+    """``embedded(name) -> Path``: build an embedded model once per session and return its folder."""
+    from pipeline import zoo
+
+    def get(name: str) -> Path:
+        path = models_dir / name
+        if not path.exists():
+            zoo.build(name, path, seed=0)
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(embedded) -> Path:
+    """Folder of the embedded tiny Stable Diffusion pipeline."""
+    return embedded("tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """The real CLIP tokenizer (open_clip's vocabulary), as SD1.4 uses it."""
+    from pipeline.zoo.sd import clip_tokenizer as make
+
+    return make()
