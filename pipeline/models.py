@@ -113,7 +113,7 @@ def load_unet(ref: str, models_dir: str | Path, torch_dtype: torch.dtype = torch
     from diffusers import UNet2DConditionModel
 
     path, subfolder = unet_location(ref, models_dir)
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     try:
@@ -139,7 +139,7 @@ def load_sd_pipeline(
     from diffusers import StableDiffusionPipeline
 
     pipeline_cls = pipeline_cls or StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     if unet_ref is not None:
         kwargs["unet"] = load_unet(unet_ref, models_dir, torch_dtype)
     pipe = from_pretrained(pipeline_cls, ref, models_dir, **kwargs)

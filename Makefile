@@ -1,0 +1,28 @@
+# Two entry points (README): `make demo` runs the whole pipeline on the embedded demo profile,
+# `make test` runs the test suite. Both create the virtual environment first if needed.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?= -n 2
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test browser
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Headless Chromium for the report's browser test (Debian package; the test skips without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the browser test will be skipped"
+
+demo: setup
+	$(BIN)/dvc repro
+
+test: setup browser
+	$(BIN)/python -m pytest $(PYTEST_ARGS)

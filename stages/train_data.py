@@ -1,0 +1,55 @@
+"""Stage `train_data`: the captioned training images, one shard row per image.
+
+``source: demo`` draws the synthetic set (pipeline.demo_data); ``source: coco`` reads TokenCompose's
+training metadata and fetches its COCO train2017 images (pipeline.coco).
+Outs: artifacts/data/images/ (persistent shards), metrics/train_data.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import load_params, section
+from pipeline.demo_data import DemoDataScale, image_set_summary, write_demo_training_set
+from pipeline.runtime import setup_logging, write_json
+
+log = logging.getLogger("stages.train_data")
+OUT = Path("artifacts/data/images")
+
+
+@dataclass(frozen=True)
+class TrainDataScale:
+    """``profiles.<p>.data``: where the training images come from and how they are sharded."""
+
+    source: Literal["demo", "coco"]
+    shard_size: int
+    heldout_fraction: float
+    tokencompose_metadata: str = ""  # coco: URL or path of TokenCompose's train metadata.jsonl
+    image_base_url: str = ""  # coco: URL or folder the COCO train2017 file names are joined to
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "profile.data", TrainDataScale)
+    seed = params["seed"]
+    if cfg.source == "demo":
+        demo = section(params, "profile.demo_data", DemoDataScale)
+        write_demo_training_set(OUT, demo.num_images, demo.image_size, seed, cfg.shard_size, cfg.heldout_fraction)
+    else:
+        from pipeline.coco import write_coco_training_set
+
+        write_coco_training_set(metadata=cfg.tokencompose_metadata, image_base_url=cfg.image_base_url,
+                                out_dir=OUT, shard_size=cfg.shard_size,
+                                heldout_fraction=cfg.heldout_fraction, seed=seed)
+    summary = image_set_summary(OUT)
+    log.info("train_data: %s", summary)
+    write_json("metrics/train_data.json", {"profile": params["profile"], "source": cfg.source, "seed": seed,
+                                           "heldout_fraction": cfg.heldout_fraction, **summary})
+
+
+if __name__ == "__main__":
+    main()

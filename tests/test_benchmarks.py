@@ -1,0 +1,403 @@
+"""MultiGen prompt files (SPEC §3.1) and the PIE-Bench format (SPEC §5.1-5.3)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import runpy
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import benchmarks as bm
+from pipeline import demo_data as dd
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = re.compile(r"^a photo of a ([a-z ]+), a ([a-z ]+), a ([a-z ]+), a ([a-z ]+), and a ([a-z ]+)\.$")
+OFFICIAL_SHA = {  # also in params.yaml profiles.paper.prompts.files
+    "coco": "fdac55817fbab0dc3710e60b82a8b238e41a1ed771660b6050e27ba96dea35cd",
+    "ade20k": "5e30e03d4ce55c2d5bc99e40976ff392c79a8ff5e3f374188b3748da5ad52618",
+}
+
+
+def official(shared_data: Path, name: str) -> Path:
+    return shared_data / "multigen" / bm.OFFICIAL_FILES[name]
+
+
+def check_follows_spec(entries: list[dict], categories: set[str]) -> None:
+    """SPEC §3.1, checked with a regex independent of bm.multigen_text."""
+    for index, entry in enumerate(entries):
+        assert list(entry) == list(bm.MULTIGEN_FIELDS)
+        assert entry["unique_id"] == index and entry["num_objects"] == 5
+        match = TEMPLATE.match(entry["text"])
+        assert match, entry["text"]
+        objects = [entry[f"obj_{i}_attributes"] for i in range(1, 6)]
+        assert all(isinstance(o, list) and len(o) == 1 for o in objects)
+        names = [o[0] for o in objects]
+        assert list(match.groups()) == names
+        assert len(set(names)) == 5 and set(names) <= categories
+
+
+# --- category lists ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count,multi_word", [("coco", 80, 15), ("ade20k", 100, 11)])
+def test_category_lists_match_official_files(shared_data, name, count, multi_word):
+    data = json.loads(official(shared_data, name).read_text())
+    used = {e[f"obj_{i}_attributes"][0] for e in data for i in range(1, 6)}
+    names = bm.load_categories(name)
+    assert len(names) == count and set(names) == used
+    assert sum(" " in n for n in names) == multi_word
+
+
+def test_coco_list_in_category_id_order():
+    names = bm.load_categories("coco")
+    assert names[:5] == ["person", "bicycle", "car", "motorcycle", "airplane"]
+    assert names[-3:] == ["teddy bear", "hair drier", "toothbrush"]
+
+
+# --- generator and parser ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", bm.MULTIGEN_SETS)
+def test_generator_follows_official_template(name):
+    categories = bm.load_categories(name)
+    entries = bm.generate_multigen(categories, 300, seed=0, set_name=name)
+    check_follows_spec(entries, set(categories))
+    assert bm.generate_multigen(categories, 300, 0, name) == entries
+    assert bm.generate_multigen(categories, 10, 0, name) == entries[:10]  # prompt i depends only on i
+    assert bm.generate_multigen(categories, 10, 1, name) != entries[:10]
+    assert bm.validate_multigen(entries, "generated", categories=categories) is entries
+
+
+def test_generated_file_bytes_are_deterministic(tmp_path):
+    categories = bm.load_categories("coco")
+    bm.write_multigen(bm.generate_multigen(categories, 6, 0, "coco"), tmp_path / "a.json")
+    bm.write_multigen(bm.generate_multigen(categories, 6, 0, "coco"), tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_spec_example_prompt():
+    objects = ["book", "cup", "kite", "mouse", "surfboard"]
+    assert bm.multigen_text(objects) == "a photo of a book, a cup, a kite, a mouse, and a surfboard."
+
+
+@pytest.mark.parametrize("name", bm.MULTIGEN_SETS)
+def test_parser_reads_official_files(shared_data, name):
+    path = official(shared_data, name)
+    entries = bm.read_multigen(path)
+    assert len(entries) == 1000
+    check_follows_spec(entries, set(bm.load_categories(name)))
+    assert bm.multigen_json(entries) == path.read_bytes()  # our writer reproduces the official bytes
+    assert bm.sha256_bytes(path.read_bytes()) == OFFICIAL_SHA[name]
+
+
+def test_official_first_prompts_match_spec(shared_data):
+    coco = bm.read_multigen(official(shared_data, "coco"))
+    assert bm.prompt_objects(coco[0]) == ["book", "cup", "kite", "mouse", "surfboard"]
+    assert bm.prompt_objects(coco[1]) == ["wine glass", "skateboard", "refrigerator", "boat", "vase"]
+
+
+def _good_entry() -> dict:
+    return bm.generate_multigen(bm.load_categories("coco"), 1, 0, "coco")[0]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda e: e.pop("text"), r"entry 0: missing field 'text'"),
+    (lambda e: e.update(unique_id=3), r"entry 0: field 'unique_id' is 3, expected 0"),
+    (lambda e: e.update(num_objects=4), r"entry 0: field 'num_objects'"),
+    (lambda e: e.update(obj_2_attributes=[]), r"entry 0: field 'obj_2_attributes'"),
+    (lambda e: e.update(obj_2_attributes=e["obj_1_attributes"]), r"entry 0: objects are not distinct"),
+    (lambda e: e.update(text="A photo of things."), r"entry 0: field 'text' .* does not follow the template"),
+])
+def test_parser_errors_name_entry_and_field(mutate, message):
+    entry = _good_entry()
+    mutate(entry)
+    with pytest.raises(bm.BenchmarkFormatError, match=message):
+        bm.validate_multigen([entry], "prompts.json")
+
+
+def test_parser_rejects_non_list_and_unknown_category(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(bm.BenchmarkFormatError, match="expected a JSON list"):
+        bm.read_multigen(path)
+    entry = _good_entry()
+    with pytest.raises(bm.BenchmarkFormatError, match="not in the category list"):
+        bm.validate_multigen([entry], "x", categories=bm.load_categories("ade20k")[:5])
+
+
+# --- fetching ---------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def http_root(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving ``tmp_path / "www"``; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_fetch_via_local_server(shared_data, http_root, tmp_path):
+    www, base = http_root
+    shutil.copyfile(official(shared_data, "coco"), www / "coco.json")
+    cfg = bm.PromptsScale("official", {"coco": bm.PromptFile(f"{base}/coco.json", OFFICIAL_SHA["coco"])})
+    dest = tmp_path / "out" / "coco.json"
+    entries = bm.prepare_multigen_set(cfg, "coco", 0, 6, dest)
+    assert len(entries) == 1000
+    assert dest.read_bytes() == official(shared_data, "coco").read_bytes()
+
+
+def test_fetch_hash_mismatch_names_expected_and_got(http_root, tmp_path):
+    www, base = http_root
+    (www / "coco.json").write_text("[]")
+    cfg = bm.PromptsScale("official", {"coco": bm.PromptFile(f"{base}/coco.json", OFFICIAL_SHA["coco"])})
+    got = bm.sha256_bytes(b"[]")
+    with pytest.raises(bm.HashMismatchError, match=f"expected {OFFICIAL_SHA['coco']}, got {got}"):
+        bm.prepare_multigen_set(cfg, "coco", 0, 6, tmp_path / "coco.json")
+    assert not (tmp_path / "coco.json").exists()
+
+
+def test_fetch_missing_url_and_path(http_root, tmp_path):
+    _, base = http_root
+    with pytest.raises(OSError, match=r"coco\.json: download failed"):
+        bm.read_verified(f"{base}/coco.json", "0" * 64)
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        bm.read_verified(str(tmp_path / "nothing.json"), "0" * 64)
+
+
+def test_fetch_local_path_and_invalid_content(shared_data, tmp_path):
+    path = official(shared_data, "ade20k")
+    cfg = bm.PromptsScale("official", {"ade20k": bm.PromptFile(str(path), OFFICIAL_SHA["ade20k"])})
+    assert len(bm.prepare_multigen_set(cfg, "ade20k", 0, 6, tmp_path / "a.json")) == 1000
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"unique_id": 0}]')
+    cfg = bm.PromptsScale("official", {"ade20k": bm.PromptFile(str(bad), bm.sha256_bytes(bad.read_bytes()))})
+    with pytest.raises(bm.BenchmarkFormatError, match="entry 0: missing field 'num_objects'"):
+        bm.prepare_multigen_set(cfg, "ade20k", 0, 6, tmp_path / "b.json")
+    assert not (tmp_path / "b.json").exists()
+
+
+# --- PIE-Bench masks --------------------------------------------------------------------------------
+
+def reference_decode(rle: list[int], size: int) -> np.ndarray:
+    """SPEC §5.3 written as a plain loop over pairs, for comparison."""
+    total = size * size
+    flat = np.zeros(total, np.uint8)
+    for i in range(0, len(rle), 2):
+        start, length = rle[i], rle[i + 1]
+        for j in range(min(length, total - start)):
+            flat[start + j] = 1
+    mask = flat.reshape(size, size)
+    mask[0, :] = mask[-1, :] = 1
+    mask[:, 0] = mask[:, -1] = 1
+    return mask
+
+
+def test_spec_4x4_example():
+    raw = bm.decode_mask([5, 3], size=4, force_border=False)
+    assert np.array_equal(np.argwhere(raw), [[1, 1], [1, 2], [1, 3]])
+    mask = bm.decode_mask([5, 3], size=4)
+    expected = np.ones((4, 4), np.uint8)
+    expected[2, 1] = expected[2, 2] = 0
+    assert np.array_equal(mask, expected)
+
+
+def test_decode_clamps_overflow_and_matches_reference():
+    rng = np.random.default_rng(0)
+    for size in (4, 9, 32):
+        total = size * size
+        for _ in range(50):
+            n = int(rng.integers(0, 6))
+            starts = rng.integers(0, total + 3, n)  # some starts past the end
+            lengths = rng.integers(0, total // 2 + 2, n)  # overlaps and overflow
+            rle = np.stack([starts, lengths], 1).reshape(-1).tolist()
+            assert np.array_equal(bm.decode_mask(rle, size), reference_decode(rle, size))
+
+
+@pytest.mark.parametrize("size", [4, 16, 64, 512])
+def test_encode_decode_round_trip(size):
+    rng = np.random.default_rng(size)
+    for density in (0.0, 0.05, 0.5, 1.0):
+        mask = rng.random((size, size)) < density
+        rle = bm.encode_mask(mask)
+        assert len(rle) % 2 == 0 and all(isinstance(v, int) for v in rle)
+        assert np.array_equal(bm.decode_mask(rle, size, force_border=False), mask)
+        bordered = mask.copy()
+        bordered[[0, -1], :] = True
+        bordered[:, [0, -1]] = True
+        assert np.array_equal(bm.decode_mask(rle, size).astype(bool), bordered)
+
+
+def test_encode_is_row_major_starts_and_lengths():
+    mask = np.zeros((4, 4), bool)
+    mask[1, 1:] = True
+    mask[2, 0] = True  # continues the run of row 1 in row-major order
+    mask[3, 2] = True
+    assert bm.encode_mask(mask) == [5, 4, 14, 1]
+
+
+def test_decode_rejects_odd_length():
+    with pytest.raises(bm.BenchmarkFormatError, match="odd length"):
+        bm.decode_mask([1, 2, 3], size=4)
+
+
+# --- PIE-Bench prompts and mapping ------------------------------------------------------------------
+
+def test_bracket_stripping_and_words():
+    prompt = "a slanted [rusty] mountain bicycle on the road in front of a building"
+    assert bm.strip_brackets(prompt) == "a slanted rusty mountain bicycle on the road in front of a building"
+    assert bm.bracketed_words("a [red] [wooden] cat") == ["red", "wooden"]
+    assert bm.strip_brackets("[a] [b c]") == "a b c"
+
+
+def test_blended_word_split():
+    assert bm.split_blended_word("bicycle bicycle") == ("bicycle", "bicycle")
+    assert bm.split_blended_word("cat dog") == ("cat", "dog")
+    assert bm.split_blended_word("") is None
+    with pytest.raises(bm.BenchmarkFormatError, match="blended_word 'cat'"):
+        bm.split_blended_word("cat")
+
+
+def test_editing_types_follow_spec():
+    counts = {k: int(v[0].rsplit("_", 1)[1]) for k, v in bm.EDITING_TYPES.items()}
+    assert sum(counts.values()) == 700 and counts["0"] == 140 and counts["6"] == 40
+    assert all(v[0].startswith(f"{k}_") for k, v in bm.EDITING_TYPES.items())
+
+
+def _entry(**changes) -> dict:
+    value = {"image_path": "0_random_140/000000000000.jpg", "original_prompt": "a cat",
+             "editing_prompt": "a [dog]", "editing_instruction": "Make it a dog", "editing_type_id": "0",
+             "blended_word": "cat dog", "mask": [0, 4]}
+    value.update(changes)
+    return value
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("000000000000", _entry(editing_type_id="10"), "field 'editing_type_id' is '10'"),
+    ("000000000000", _entry(mask=[1, 2, 3]), "field 'mask' must be pairs"),
+    ("000000000000", _entry(mask="1 2"), "field 'mask' must be a list"),
+    ("000000000000", {k: v for k, v in _entry().items() if k != "editing_prompt"}, "missing field 'editing_prompt'"),
+    ("000000000000", _entry(blended_word="cat"), "field blended_word 'cat'"),
+    ("12", _entry(), "12-digit"),
+])
+def test_mapping_errors_name_entry_and_field(key, value, message):
+    with pytest.raises(bm.BenchmarkFormatError, match=message):
+        bm.parse_entry(key, value, "mapping_file.json")
+
+
+def test_demo_piebench_layout(tmp_path):
+    out = tmp_path / "piebench"
+    entries = bm.write_demo_piebench(out, 4, seed=0, size=512)
+    assert len(entries) == 4
+    assert bm.read_mapping(out / "mapping_file.json") == entries
+    for image_id, entry in entries.items():
+        assert len(image_id) == 12 and image_id[0] == entry.editing_type_id
+        assert entry.image_path.startswith(bm.EDITING_TYPES[entry.editing_type_id][0] + "/")
+        image = Image.open(out / "annotation_images" / entry.image_path)
+        assert image.format == "JPEG" and image.size == (512, 512) and image.mode == "RGB"
+    scenes = [dd.render_edit_scene(i, 0, 512) for i in range(4)]
+    for entry, scene in zip(entries.values(), scenes):
+        assert np.array_equal(bm.decode_mask(entry.mask, 512, force_border=False).astype(bool), scene.mask)
+        assert entry.original_prompt == scene.original_prompt
+    summary = bm.piebench_summary(entries)
+    assert summary["entries"] == 4 and summary["type_6"] == 2 and summary["type_1"] == 2
+    assert 0 < summary["mean_mask_fraction"] < 1
+
+
+def test_copy_piebench_validates_and_copies(tmp_path):
+    root = tmp_path / "PIE-Bench"
+    written = bm.write_demo_piebench(root, 2, seed=0, size=64)
+    out = tmp_path / "out"
+    assert bm.copy_piebench(root, out) == written
+    assert (out / "mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
+    for entry in written.values():
+        rel = Path("annotation_images") / entry.image_path
+        assert (out / rel).read_bytes() == (root / rel).read_bytes()
+
+
+def test_piebench_missing_root_and_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"PIE-Bench.*not found.*PnPInversion"):
+        bm.validate_piebench_root(tmp_path / "PIE-Bench")
+    root = tmp_path / "pb"
+    entries = bm.write_demo_piebench(root, 2, seed=0, size=64)
+    first = next(iter(entries.values()))
+    (root / "annotation_images" / first.image_path).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"1 of 2 images .*{re.escape(first.image_path)}.*PnPInversion"):
+        bm.validate_piebench_root(root)
+
+
+# --- the stages in a scratch working directory ------------------------------------------------------
+
+def _run_stage(name: str, workdir: Path, params: dict) -> dict:
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        runpy.run_path(str(REPO / "stages" / f"{name}.py"), run_name="__main__")
+    finally:
+        os.chdir(cwd)
+    return json.loads((workdir / "metrics" / f"{name}.json").read_text())
+
+
+def _params(profile: str) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = profile
+    return params
+
+
+def test_prompts_stage_demo(tmp_path):
+    metrics = _run_stage("prompts", tmp_path, _params("demo"))
+    assert metrics["coco_prompts"] == metrics["ade20k_prompts"] == 6
+    for name in bm.MULTIGEN_SETS:
+        entries = bm.read_multigen(tmp_path / "artifacts/data/multigen" / f"{name}.json")
+        check_follows_spec(entries, set(bm.load_categories(name)))
+
+
+def test_prompts_stage_paper_fetches_official_files(shared_data, http_root, tmp_path):
+    www, base = http_root
+    params = _params("paper")
+    for name in bm.MULTIGEN_SETS:
+        shutil.copyfile(official(shared_data, name), www / f"{name}.json")
+        spec = params["profiles"]["paper"]["prompts"]["files"][name]
+        assert spec["sha256"] == OFFICIAL_SHA[name]
+        assert spec["url"].endswith(f"5633f816116fdf7de74d9055ff9666c5222416e2/multigen/{bm.OFFICIAL_FILES[name]}")
+        spec["url"] = f"{base}/{name}.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    metrics = _run_stage("prompts", work, params)
+    assert metrics["coco_prompts"] == metrics["ade20k_prompts"] == 1000
+    assert metrics["coco_categories"] == 80 and metrics["ade20k_categories"] == 100
+    for name in bm.MULTIGEN_SETS:
+        assert (work / "artifacts/data/multigen" / f"{name}.json").read_bytes() == official(shared_data, name).read_bytes()
+
+
+def test_edit_data_stage_paper_copies_given_root(tmp_path):
+    root = tmp_path / "PIE-Bench"
+    bm.write_demo_piebench(root, 2, seed=3, size=512)
+    params = _params("paper")
+    params["profiles"]["paper"]["edit_data"]["root"] = str(root)
+    work = tmp_path / "work"
+    work.mkdir()
+    metrics = _run_stage("edit_data", work, params)
+    assert metrics["source"] == "piebench" and metrics["entries"] == 2
+    assert (work / "artifacts/data/piebench/mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
+    params["profiles"]["paper"]["edit_data"]["root"] = str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="forms.gle"):
+        _run_stage("edit_data", work, params)

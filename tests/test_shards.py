@@ -1,0 +1,65 @@
+"""Shard writer: atomic shards, resume, stale-shard cleanup, rank split; RLE and PNG round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import shards
+
+
+def _process(calls):
+    def run(chunk):
+        calls.append(list(chunk))
+        return [{"key": k, "value": k * k, "status": "ok", "error": ""} for k in chunk]
+
+    return run
+
+
+def test_write_and_resume_skip_finished_shards(tmp_path):
+    calls = []
+    out = tmp_path / "out"
+    shards.write_shards(out, list(range(10)), _process(calls), 3, {"p": 1})
+    assert len(calls) == 4
+    first = {p.name: p.read_bytes() for p in shards.shard_files(out)}
+    shards.shard_path(out, 2).unlink()  # as if killed before shard 2 was renamed into place
+    calls.clear()
+    shards.write_shards(out, list(range(10)), _process(calls), 3, {"p": 1})
+    assert calls == [[6, 7, 8]]
+    assert {p.name: p.read_bytes() for p in shards.shard_files(out)} == first
+    df = shards.read_shards(out)
+    assert df["key"].tolist() == list(range(10))
+
+
+def test_changed_fingerprint_drops_stale_shards(tmp_path):
+    calls = []
+    out = tmp_path / "out"
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    calls.clear()
+    shards.write_shards(out, list(range(4)), _process(calls), 2, {"p": 2})
+    assert len(calls) == 2 and len(shards.shard_files(out)) == 2
+
+
+def test_ranks_write_disjoint_shards(tmp_path):
+    out = tmp_path / "out"
+    items = list(range(7))
+    for rank in (0, 1):
+        shards.write_shards(out, items, _process([]), 2, {}, rank=rank, world_size=2)
+    assert sorted(shards.read_shards(out)["key"]) == items
+
+
+def test_rle_round_trip_and_png(tmp_path):
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 53)) > 0.6
+    rle = shards.rle_encode(mask)
+    assert rle["size"] == [37, 53] and isinstance(rle["counts"], str)
+    np.testing.assert_array_equal(shards.rle_decode(rle), mask)
+    img = (rng.random((9, 11, 3)) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(shards.image_from_bytes(shards.png_bytes(img))), img)
+    with pytest.raises(ValueError, match="expects an \\(H, W\\) mask"):
+        shards.rle_encode(np.zeros((2, 2, 2)))
+
+
+def test_missing_shard_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
+        shards.read_shards(tmp_path / "nope")

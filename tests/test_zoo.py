@@ -1,0 +1,82 @@
+"""Embedded models: deterministic weights, save/load round trip, the real CLIP tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import models, zoo
+
+
+def test_clip_tokenizer_matches_sd14_ids(clip_tokenizer):
+    assert clip_tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(clip_tokenizer) == 49408
+    padded = clip_tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[-1] == 49407  # SD1.4 pads with <|endoftext|>
+
+
+def test_clip_tokenizer_multi_token_words(clip_tokenizer):
+    # Pieces as SPEC §6.3 lists them for the first official MultiGen prompt.
+    ids = clip_tokenizer("a photo of a book, a cup, a kite, a mouse, and a surfboard.").input_ids
+    pieces = [clip_tokenizer.decode([i]).strip() for i in ids[18:20]]
+    assert pieces == ["surf", "board"]
+
+
+def test_tiny_sd_is_deterministic_and_round_trips(tmp_path, tiny_sd):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    other = zoo.build("tiny-sd", tmp_path / "again", seed=0)
+    for sub, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        a = cls.from_pretrained(tiny_sd / sub)
+        b = cls.from_pretrained(other / sub)
+        assert zoo.state_dict_hash(a) == zoo.state_dict_hash(b)
+    different = zoo.build("tiny-sd", tmp_path / "seed1", seed=1)
+    assert zoo.state_dict_hash(UNet2DConditionModel.from_pretrained(different / "unet")) != zoo.state_dict_hash(
+        UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    )
+
+
+def test_tiny_sd_keeps_sd14_cross_attention_layout(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.zoo.sd import SD14_UNET
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    cross = [n for n in unet.attn_processors if "attn2" in n]
+    assert len(cross) == 16 and len(unet.attn_processors) == 32
+    count = lambda prefix: sum(n.startswith(prefix) for n in cross)  # noqa: E731
+    assert [count(f"down_blocks.{i}.") for i in range(3)] == [2, 2, 2]
+    assert [count(f"up_blocks.{i}.") for i in range(1, 4)] == [3, 3, 3]
+    assert count("mid_block.") == 1
+    assert unet.config.down_block_types == list(SD14_UNET["down_block_types"])
+
+
+def test_pipeline_loads_by_reference_and_samples(tiny_sd):
+    pipe = models.load_sd_pipeline("embedded:tiny-sd", tiny_sd.parent)
+    gen = torch.Generator().manual_seed(0)
+    image = pipe("a photo of a cat", num_inference_steps=2, generator=gen, output_type="np").images
+    assert image.shape == (1, 128, 128, 3)
+    swapped = models.load_sd_pipeline("embedded:tiny-sd", tiny_sd.parent, unet_ref=str(tiny_sd / "unet"))
+    assert zoo.state_dict_hash(swapped.unet) == zoo.state_dict_hash(pipe.unet)
+
+
+def test_reference_errors_are_actionable(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="run `dvc repro models`"):
+        models.resolve("embedded:tiny-sd", tmp_path)
+    with pytest.raises(ValueError, match="unknown embedded model"):
+        models.resolve("embedded:nope", tmp_path)
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        models.resolve(str(tmp_path / "missing"), tmp_path)
+    assert models.parse_ref("CompVis/stable-diffusion-v1-4").kind == "hub"
+    assert models.resolve("CompVis/stable-diffusion-v1-4", tmp_path) == "CompVis/stable-diffusion-v1-4"
+
+
+@pytest.mark.slow
+def test_sd14_architecture_parameter_count():
+    from pipeline.zoo.sd import build_sd14_unet
+
+    unet = build_sd14_unet(seed=0)
+    n = sum(p.numel() for p in unet.parameters())
+    assert 859_000_000 < n < 861_000_000  # SD1.4 UNet: 859.52M parameters
+    assert sum("attn2" in k for k in unet.attn_processors) == 16
