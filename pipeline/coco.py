@@ -1,0 +1,307 @@
+"""The paper profile's training inputs: TokenCompose's metadata and its COCO train2017 images (SPEC §2.7).
+
+* :func:`read_tokencompose_metadata` reads the authors' ``metadata.jsonl`` (one JSON object per line:
+  ``file_name``, ``text``, ``attn_list`` = ``[[phrase, mask path or null], ...]``) from a path or URL and
+  checks every record, naming the line of a malformed one.
+* :func:`authors_nouns_rows` turns those records into ``artifacts/nouns`` rows for ``phrases: authors``:
+  the authors' phrases, aligned to CLIP tokens at their own position in the caption, with their mask paths.
+* :func:`write_coco_training_set` downloads the COCO train2017 images the metadata names into
+  ``artifacts/data/images`` shards (resumable), with retries, size and decode checks; an image that cannot
+  be fetched becomes a row with a status and an error naming its URL.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .seeding import numpy_rng
+from .shards import STATUS_OK, fingerprint_of, png_bytes, shard_files, write_shards
+from .text import Alignment, failed_row, image_row_failure, locate_phrases, nouns_row
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_BASE_URL = "http://images.cocodataset.org/train2017/"
+TOKENCOMPOSE_METADATA_URL = (
+    "https://raw.githubusercontent.com/mlpc-ucsd/TokenCompose/5633f816116fdf7de74d9055ff9666c5222416e2/"
+    "train/data/coco_gsam_img/train/metadata.jsonl"
+)
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # COCO images are < 1 MB; anything this large is not an image
+RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
+BACKOFF_S = 0.5
+
+
+class MetadataError(ValueError):
+    """A metadata file is missing, unreadable or has a malformed line (named in the message)."""
+
+
+class FetchError(RuntimeError):
+    """A URL could not be fetched; ``transient`` says whether another try may succeed."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+# --- fetching --------------------------------------------------------------------------------------
+
+def is_url(source: str | Path) -> bool:
+    """True for ``http://``, ``https://`` and ``file://`` sources."""
+    return str(source).startswith(("http://", "https://", "file://"))
+
+
+def _fetch_once(url: str, timeout: float, max_bytes: int) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as err:
+        raise FetchError(f"{url}: HTTP {err.code} {err.reason}", err.code in RETRY_HTTP) from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise FetchError(f"{url}: {getattr(err, 'reason', err)}", True) from err
+    if len(data) > max_bytes:
+        raise FetchError(f"{url}: larger than {max_bytes} bytes", False)
+    if expected is not None and expected.isdigit() and int(expected) != len(data):
+        raise FetchError(f"{url}: got {len(data)} of {expected} bytes (connection cut)", True)
+    if not data:
+        raise FetchError(f"{url}: empty response", True)
+    return data
+
+
+def fetch(url: str, retries: int = 3, timeout: float = 30.0, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The body of ``url``, trying up to ``1 + retries`` times on transient errors (backoff 0.5 s, 1 s, ...).
+
+    Raises :class:`FetchError` naming the URL and the last error.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return _fetch_once(url, timeout, max_bytes)
+        except FetchError as err:
+            if not err.transient or attempt == retries:
+                raise
+            log.info("%s; retrying (%d of %d)", err, attempt + 1, retries)
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def read_source(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
+    """Text of a local file or a URL (UTF-8)."""
+    if is_url(source):
+        try:
+            return fetch(str(source), retries, timeout, max_bytes=1 << 30).decode("utf-8")
+        except FetchError as err:
+            raise MetadataError(f"{err}; download it by hand and give its path instead") from err
+    path = Path(source)
+    if not path.is_file():
+        raise MetadataError(f"{path}: metadata file not found; give a path or an http(s) URL")
+    return path.read_text(encoding="utf-8")
+
+
+# --- metadata --------------------------------------------------------------------------------------
+
+def _check_record(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise MetadataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("file_name", "text", "attn_list"):
+        if key not in record:
+            raise MetadataError(f"{where}: missing key {key!r} (expected file_name, text, attn_list)")
+    if not isinstance(record["file_name"], str) or not record["file_name"].strip():
+        raise MetadataError(f"{where}: file_name must be a non-empty string")
+    if not isinstance(record["text"], str):
+        raise MetadataError(f"{where}: text must be a string")
+    pairs = record["attn_list"]
+    ok = isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and (p[1] is None or isinstance(p[1], str))
+        for p in pairs
+    )
+    if not ok:
+        raise MetadataError(f"{where}: attn_list must be a list of [phrase, mask path or null] pairs")
+    return record
+
+
+def parse_metadata(text: str, source: str = "metadata") -> list[dict[str, Any]]:
+    """Records of a ``metadata.jsonl`` text, in file order; blank lines skipped."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+        records.append(_check_record(record, where))
+    if not records:
+        raise MetadataError(f"{source}: no records")
+    return records
+
+
+def read_tokencompose_metadata(path: str | Path, retries: int = 3, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """TokenCompose's ``metadata.jsonl`` (SPEC §2.7) from a path or URL: a list of checked records.
+
+    Each record is ``{"file_name": str, "text": str, "attn_list": [[phrase, mask path | None], ...]}``.
+    Raises :class:`MetadataError` naming the file and line of a malformed record.
+    """
+    return parse_metadata(read_source(path, retries, timeout), str(path))
+
+
+def image_id_of(file_name: str) -> str:
+    """``"000000000142.jpg"`` -> ``"000000000142"`` (SPEC §2.7's ``img_id``)."""
+    return Path(file_name).stem
+
+
+# --- nouns rows from the authors' phrases ----------------------------------------------------------
+
+def authors_nouns_row(record: dict[str, Any], tokenizer: Any, max_token_index: int) -> dict[str, Any]:
+    """A ``nouns`` row of one metadata record: its phrases, their alignment, their mask paths.
+
+    Phrases without a mask keep their place with status ``no_mask`` (the original training drops them);
+    each phrase is aligned at its own position in the caption (:func:`pipeline.text.locate_phrases`).
+    The row has an extra column ``mask_paths`` (list of str or None, as in the metadata).
+    """
+    image_id = image_id_of(record["file_name"])
+    phrases = [p for p, _ in record["attn_list"]]
+    masks = [m for _, m in record["attn_list"]]
+    preset = [
+        None if mask else Alignment([], "no_mask", f"caption {image_id}: word {p!r} has no mask in the metadata")
+        for p, mask in zip(phrases, masks)
+    ]
+    starts = locate_phrases(record["text"], phrases)
+    return nouns_row(tokenizer, image_id, record["text"], phrases, starts, max_token_index, preset,
+                     mask_paths=masks)
+
+
+def authors_nouns_rows(image_rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], tokenizer: Any,
+                       max_token_index: int) -> list[dict[str, Any]]:
+    """``nouns`` rows for the images rows (``image_id``, ``caption``, ``status``) from the authors' phrases.
+
+    An image absent from the metadata, or whose caption differs from the metadata's, is a failed row.
+    """
+    by_id = {image_id_of(r["file_name"]): r for r in records}
+    out = []
+    for row in image_rows:
+        image_id = str(row["image_id"])
+        failure = image_row_failure(row, mask_paths=[])
+        record = by_id.get(image_id)
+        if failure is None and record is None:
+            failure = failed_row(image_id, row["caption"], "not_in_metadata",
+                                 f"caption {image_id}: image not in the authors' metadata", mask_paths=[])
+        elif failure is None and record["text"] != row["caption"]:
+            failure = failed_row(image_id, row["caption"], "caption_mismatch",
+                                 f"caption {image_id}: {row['caption']!r} differs from the metadata's "
+                                 f"{record['text']!r}", mask_paths=[])
+        out.append(failure or authors_nouns_row(record, tokenizer, max_token_index))
+    return out
+
+
+# --- COCO training images --------------------------------------------------------------------------
+
+def split_of(image_id: str, heldout_fraction: float, seed: int) -> str:
+    """``"heldout"`` for a seeded ``heldout_fraction`` share of images (keyed by id), else ``"train"``."""
+    return "heldout" if numpy_rng(seed, "heldout", image_id).random() < heldout_fraction else "train"
+
+
+def checked_image_bytes(data: bytes, url: str) -> bytes:
+    """``data`` if it decodes to an RGB JPEG/PNG; other modes re-encoded as RGB PNG; ``ValueError`` if corrupt."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.width < 1 or image.height < 1:
+                raise ValueError("empty image")
+            if image.mode == "RGB" and image.format in ("JPEG", "PNG"):
+                return data
+            return png_bytes(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{url}: not a decodable image ({err})") from err
+
+
+def coco_image_row(record: dict[str, Any], base_url: str, heldout_fraction: float, seed: int,
+                   retries: int, timeout: float) -> dict[str, Any]:
+    """One ``artifacts/data/images`` row: fetched and checked image, or ``status``/``error`` naming the URL."""
+    image_id = image_id_of(record["file_name"])
+    url = base_url.rstrip("/") + "/" + record["file_name"]
+    row = dict(image_id=image_id, image=None, caption=record["text"],
+               split=split_of(image_id, heldout_fraction, seed), objects=[], status=STATUS_OK, error="")
+    try:
+        row["image"] = checked_image_bytes(fetch(url, retries, timeout), url)
+    except FetchError as err:
+        row.update(status="download_failed", error=str(err))
+    except ValueError as err:
+        row.update(status="decode_failed", error=str(err))
+    if row["status"] != STATUS_OK:
+        log.warning("image %s: %s", image_id, row["error"])
+    return row
+
+
+def _drop_failed_shards(out_dir: Path) -> None:
+    """Remove shards holding ``download_failed`` rows, so a rerun fetches those images again."""
+    if not Path(out_dir).is_dir():
+        return
+    for path in shard_files(out_dir):
+        statuses = pq.read_table(path, columns=["status"]).column("status").to_pylist()
+        if "download_failed" in statuses:
+            log.info("%s: has failed downloads; fetching its images again", path)
+            path.unlink()
+
+
+def coco_set_metrics(out_dir: Path) -> dict[str, Any]:
+    """Counts over the shards: images, ok, failures by status, train/heldout, bytes of image data."""
+    counts: dict[str, Any] = {"images": 0, "ok": 0, "download_failed": 0, "decode_failed": 0, "train": 0,
+                              "heldout": 0, "image_bytes": 0}
+    for path in shard_files(out_dir):
+        table = pq.read_table(path, columns=["status", "split", "image"])
+        counts["image_bytes"] += sum(len(b) for b in table["image"].to_pylist() if b)
+        for status, split in zip(table["status"].to_pylist(), table["split"].to_pylist()):
+            counts["images"] += 1
+            key = "ok" if status == STATUS_OK else status
+            counts[key] = counts.get(key, 0) + 1
+            counts[split] += 1
+    return counts
+
+
+def write_coco_training_set(metadata: str, image_base_url: str, out_dir: Path, shard_size: int,
+                            heldout_fraction: float, seed: int, retries: int = 3, timeout: float = 30.0) -> dict:
+    """Fetch the COCO train2017 images named in TokenCompose's metadata into ``artifacts/data/images`` shards.
+
+    Args:
+        metadata: path or URL of ``metadata.jsonl`` (e.g. :data:`TOKENCOMPOSE_METADATA_URL`).
+        image_base_url: URL (or ``file://`` folder) the file names are joined to; empty means
+            :data:`DEFAULT_IMAGE_BASE_URL`.
+        out_dir: shard directory; finished shards are kept on a rerun, shards with failed downloads redone.
+        shard_size: images per shard.
+        heldout_fraction: share of images with ``split == "heldout"`` (seeded, keyed by image id).
+        seed: global seed.
+        retries, timeout: per-image download retries and socket timeout in seconds.
+
+    Returns:
+        Metrics: ``images``, ``ok``, one count per failure status, ``train``, ``heldout``, ``image_bytes``,
+        ``metadata_records``, ``image_base_url``.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    base_url = image_base_url or DEFAULT_IMAGE_BASE_URL
+    records = read_tokencompose_metadata(metadata, retries, timeout)
+    fingerprint = {"records": fingerprint_of([[r["file_name"], r["text"]] for r in records]),
+                   "base_url": base_url, "heldout_fraction": heldout_fraction, "seed": seed}
+    _drop_failed_shards(out_dir)
+
+    def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [coco_image_row(r, base_url, heldout_fraction, seed, retries, timeout) for r in chunk]
+
+    write_shards(Path(out_dir), records, process, shard_size, fingerprint, desc="coco images")
+    metrics = coco_set_metrics(out_dir)
+    metrics.update(metadata_records=len(records), image_base_url=base_url)
+    log.info("COCO training set: %s", metrics)
+    return metrics

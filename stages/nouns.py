@@ -1,0 +1,74 @@
+"""Stage `nouns`: the noun phrases of every training caption and their CLIP token positions.
+
+``phrases: tagger`` extracts runs of NN* words with the embedded or pretrained NLTK tagger;
+``phrases: authors`` takes TokenCompose's attn_list phrases from its metadata (``text.metadata``).
+Ins: artifacts/data/images/ (image_id, caption, status), the tokenizer of ``sd_model``.
+Outs: artifacts/nouns/ (shards), metrics/nouns.json. Fails when the skipped share passes text.max_skip_rate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from pipeline import coco, text
+from pipeline.config import ConfigError, active_profile, load_params, parse, section
+from pipeline.models import from_pretrained
+from pipeline.runtime import setup_logging, write_json
+from pipeline.shards import fingerprint_of, iter_rows, read_shards, write_shards
+
+log = logging.getLogger("stages.nouns")
+IMAGES, OUT, METRICS = Path("artifacts/data/images"), Path("artifacts/nouns"), Path("metrics/nouns.json")
+
+
+@dataclass(frozen=True)
+class TokenizerScale:
+    models_dir: Path
+    sd_model: str
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "text", text.TextCfg)
+    scale = section(params, "profile.text", text.TextScale)
+    prof = active_profile(params)
+    model = parse(TokenizerScale, {k: prof[k] for k in ("models_dir", "sd_model")},
+                  f"profiles.{params['profile']}")
+    tokenizer = from_pretrained(CLIPTokenizer, model.sd_model, model.models_dir, subfolder="tokenizer")
+    images = read_shards(IMAGES, columns=["image_id", "caption", "status", "error"]).to_dict("records")
+    if scale.phrases == "tagger":
+        tagger = text.load_tagger(scale.tagger, text.DEFAULT_NLTK_DATA, text.DEFAULT_CORPUS_DIR, params["seed"],
+                                  cfg.tagger_iterations)
+        source = {"tagger": scale.tagger, "corpus": text.corpus_fingerprint(
+            text.read_tagged_corpus(text.DEFAULT_CORPUS_DIR), params["seed"], cfg.tagger_iterations)}
+
+        def process(rows):
+            return text.tagger_nouns_rows(rows, tagger, tokenizer, cfg.max_token_index)
+    else:
+        if not scale.metadata:
+            raise ConfigError(f"profiles.{params['profile']}.text.metadata: phrases: authors needs the path "
+                              "or URL of TokenCompose's metadata.jsonl")
+        records = coco.read_tokencompose_metadata(scale.metadata)
+        source = {"metadata": fingerprint_of(records)}
+
+        def process(rows):
+            return coco.authors_nouns_rows(rows, records, tokenizer, cfg.max_token_index)
+
+    fingerprint = {"images": fingerprint_of(images), "source": source, "max_token_index": cfg.max_token_index,
+                   "tokenizer": model.sd_model}
+    write_shards(OUT, images, process, scale.shard_size, fingerprint, desc="nouns")
+    metrics = text.summarize(iter_rows(OUT, columns=["status", "phrase_status"]))
+    metrics.update(profile=params["profile"], phrases_source=scale.phrases, tagger=scale.tagger,
+                   tokenizer=model.sd_model, max_token_index=cfg.max_token_index, max_skip_rate=cfg.max_skip_rate)
+    write_json(METRICS, metrics)
+    log.info("nouns: %d captions, %d phrases, %d aligned, %d skipped", metrics["captions"], metrics["phrases"],
+             metrics["aligned"], metrics["skipped"])
+    text.check_skip_rate(metrics, cfg.max_skip_rate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""TokenCompose metadata (SPEC §2.7), authors' phrases as nouns rows, COCO image download into shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import runpy
+import threading
+from collections import Counter
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import coco, text
+from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_files, write_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def metadata_path(shared_data) -> Path:
+    return shared_data / "tokencompose" / "coco_gsam_metadata.jsonl"
+
+
+@pytest.fixture(scope="module")
+def records(metadata_path) -> list[dict]:
+    return coco.read_tokencompose_metadata(metadata_path)
+
+
+class Server:
+    """A local HTTP server on 127.0.0.1 serving ``root``; counts requests; ``flaky`` paths answer 503 once."""
+
+    def __init__(self, root: Path, flaky: set[str] = frozenset()):
+        self.requests: Counter[str] = Counter()
+        self.flaky = set(flaky)
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests[name] += 1
+                if name in server.flaky and server.requests[name] == 1:
+                    self.send_error(503, "try again")
+                    return
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _record(name: str, caption: str) -> dict:
+    return {"file_name": name, "text": caption, "attn_list": [["cat", f"seg/{Path(name).stem}/mask.png"]]}
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A folder with 2 good JPEGs (RGB, grayscale), a corrupt file, a flaky file; one name is missing (404)."""
+    monkeypatch.setattr(coco, "BACKOFF_S", 0.0)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    root = tmp_path / "train2017"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    gray = rng.integers(0, 255, (20, 16), dtype=np.uint8)
+    (root / "000000000001.jpg").write_bytes(_jpeg(rgb))
+    (root / "000000000002.jpg").write_bytes(_jpeg(gray))
+    (root / "000000000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "000000000005.jpg").write_bytes(_jpeg(rgb[::-1]))
+    records = [_record("000000000001.jpg", "A cat on a mat."), _record("000000000002.jpg", "A gray cat."),
+               _record("000000000003.jpg", "A broken cat."), _record("000000000004.jpg", "A missing cat."),
+               _record("000000000005.jpg", "A flaky cat.")]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    with Server(root, flaky={"000000000005.jpg"}) as server:
+        yield server, root, records
+
+
+# --- metadata --------------------------------------------------------------------------------------
+
+def test_shipped_metadata_counts_match_spec(records):
+    pairs = [p for r in records for p in r["attn_list"]]
+    assert len(records) == 4526
+    assert len(pairs) == 15156
+    assert sum(1 for _, mask in pairs if mask) == 13634
+    assert coco.image_id_of(records[0]["file_name"]) == "000000000142"
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"file_name": "a.jpg", "text": "x", "attn_list": [["cat", null]]', "malformed JSON"),
+    ('{"file_name": "a.jpg", "attn_list": []}', "missing key 'text'"),
+    ('{"file_name": "a.jpg", "text": "x", "attn_list": [["cat"]]}', "attn_list must be a list"),
+    ('["a.jpg", "x"]', "expected a JSON object"),
+])
+def test_malformed_metadata_names_the_line(tmp_path, line, message):
+    good = json.dumps(_record("b.jpg", "A cat."))
+    path = tmp_path / "metadata.jsonl"
+    path.write_text(f"{good}\n\n{line}\n{good}\n")
+    with pytest.raises(coco.MetadataError, match=f"{path}:3: {message}"):
+        coco.read_tokencompose_metadata(path)
+
+
+def test_missing_metadata_file_is_a_clear_error(tmp_path):
+    with pytest.raises(coco.MetadataError, match="metadata file not found"):
+        coco.read_tokencompose_metadata(tmp_path / "nope.jsonl")
+
+
+def test_metadata_from_a_url(served):
+    server, _, records = served
+    assert coco.read_tokencompose_metadata(f"{server.url}/metadata.jsonl") == records
+    with pytest.raises(coco.MetadataError, match="HTTP 404"):
+        coco.read_tokencompose_metadata(f"{server.url}/missing.jsonl")
+
+
+# --- authors' phrases as nouns rows ----------------------------------------------------------------
+
+def test_authors_rows_align_every_masked_phrase(records, clip_tokenizer):
+    rows = [coco.authors_nouns_row(r, clip_tokenizer, 76) for r in records]
+    statuses = Counter(s for row in rows for s in row["phrase_status"])
+    assert statuses == {"ok": 13634, "no_mask": 1522}
+    assert all(row["status"] == STATUS_OK for row in rows)  # every image has a masked phrase (SPEC §2.7)
+    first = rows[0]
+    assert first["image_id"] == "000000000142" and first["phrases"][-1] == "chocolate spread"
+    assert first["mask_paths"] == [m for _, m in records[0]["attn_list"]]
+    tokens = text.CaptionTokens.of(clip_tokenizer, first["caption"])
+    spelled = "".join(clip_tokenizer.decode([tokens.ids[i - 1]]) for i in first["token_indices"][-1])
+    assert spelled == "chocolatespread"
+
+
+def test_authors_rows_join_on_image_id(records, clip_tokenizer):
+    image_rows = [
+        {"image_id": "000000000142", "caption": records[0]["text"], "status": "ok"},
+        {"image_id": "000000000370", "caption": "Another caption.", "status": "ok"},
+        {"image_id": "999999999999", "caption": "Not there.", "status": "ok"},
+        {"image_id": "000000000397", "caption": records[2]["text"], "status": "decode_failed", "error": "bad"},
+    ]
+    rows = coco.authors_nouns_rows(image_rows, records, clip_tokenizer, 76)
+    assert [r["status"] for r in rows] == ["ok", "caption_mismatch", "not_in_metadata", "image_failed"]
+    assert "999999999999" in rows[2]["error"] and "Another caption." in rows[1]["error"]
+    assert all("mask_paths" in r for r in rows)
+
+
+def test_nouns_stage_with_authors_phrases(tmp_path, monkeypatch, records):
+    from pipeline.zoo.sd import save_clip_tokenizer
+
+    subset = records[:5]
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text("\n".join(json.dumps(r) for r in subset) + "\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "demo"
+    params["profiles"]["demo"]["text"].update(phrases="authors", metadata=str(meta))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    save_clip_tokenizer(tmp_path / "artifacts" / "models" / "tiny-sd" / "tokenizer")
+    images = tmp_path / "artifacts" / "data" / "images"
+    images.mkdir(parents=True)
+    write_table([dict(image_id=coco.image_id_of(r["file_name"]), image=b"", caption=r["text"], split="train",
+                      objects=[], status="ok", error="") for r in subset], images / "part-00000.parquet")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(REPO / "stages" / "nouns.py"), run_name="__main__")
+    df = read_shards(tmp_path / "artifacts" / "nouns")
+    assert [list(p) for p in df["phrases"]] == [[w for w, _ in r["attn_list"]] for r in subset]
+    metrics = json.loads((tmp_path / "metrics" / "nouns.json").read_text())
+    masked = sum(1 for r in subset for _, m in r["attn_list"] if m)
+    assert metrics["aligned"] == masked and metrics["phrases_source"] == "authors"
+    assert metrics["phrase_no_mask"] == sum(len(r["attn_list"]) for r in subset) - masked
+
+
+# --- COCO images -----------------------------------------------------------------------------------
+
+def test_write_coco_training_set_fetches_checks_and_records_failures(served, tmp_path):
+    server, root, _ = served
+    out = tmp_path / "images"
+    metrics = coco.write_coco_training_set(f"{server.url}/metadata.jsonl", server.url + "/", out, shard_size=2,
+                                           heldout_fraction=0.0, seed=0, retries=2, timeout=5.0)
+    df = read_shards(out)
+    assert df["image_id"].tolist() == ["000000000001", "000000000002", "000000000003", "000000000004",
+                                       "000000000005"]
+    assert df["status"].tolist() == ["ok", "ok", "decode_failed", "download_failed", "ok"]
+    assert df.loc[0, "image"] == (root / "000000000001.jpg").read_bytes()  # RGB JPEG kept as is
+    gray = np.asarray(image_from_bytes(df.loc[1, "image"]))  # grayscale re-encoded as RGB PNG
+    assert gray.shape == (20, 16, 3) and (gray[..., 0] == gray[..., 2]).all()
+    assert np.array_equal(gray[..., 0], np.asarray(Image.open(root / "000000000002.jpg")))
+    assert f"{server.url}/000000000004.jpg: HTTP 404" in df.loc[3, "error"]
+    assert f"{server.url}/000000000003.jpg" in df.loc[2, "error"] and df.loc[2, "image"] is None
+    assert server.requests["000000000005.jpg"] == 2  # one 503, one retry
+    assert server.requests["000000000004.jpg"] == 1  # a 404 is not retried
+    assert df["caption"].tolist()[0] == "A cat on a mat." and set(df["split"]) == {"train"}
+    assert metrics["images"] == 5 and metrics["ok"] == 3 and metrics["download_failed"] == 1
+    assert metrics["decode_failed"] == 1 and metrics["metadata_records"] == 5 and metrics["train"] == 5
+
+
+def test_write_coco_training_set_resumes_and_refetches_failed_downloads(served, tmp_path):
+    server, root, _ = served
+    out = tmp_path / "images"
+    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=2,
+                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    coco.write_coco_training_set(**args)
+    first = {p.name: p.read_bytes() for p in shard_files(out)}
+    assert read_shards(out)["status"].tolist()[4] == "download_failed"  # flaky and no retries
+    (root / "000000000004.jpg").write_bytes((root / "000000000001.jpg").read_bytes())  # now served
+    before = server.requests.copy()
+    coco.write_coco_training_set(**args)
+    fetched = server.requests - before
+    assert set(fetched) == {"000000000003.jpg", "000000000004.jpg", "000000000005.jpg"}  # shards 1 and 2 redone
+    assert (out / "part-00000.parquet").read_bytes() == first["part-00000.parquet"]
+    assert read_shards(out)["status"].tolist() == ["ok", "ok", "decode_failed", "ok", "ok"]
+
+
+def test_heldout_split_is_seeded_per_image():
+    ids = [f"{i:012d}" for i in range(2000)]
+    splits = [coco.split_of(i, 0.25, seed=3) for i in ids]
+    assert 0.22 < splits.count("heldout") / len(ids) < 0.28
+    assert splits == [coco.split_of(i, 0.25, seed=3) for i in ids]
+    assert splits != [coco.split_of(i, 0.25, seed=4) for i in ids]
+    assert set(coco.split_of(i, 0.0, seed=3) for i in ids) == {"train"}
+
+
+def test_fetch_gives_up_after_retries_naming_the_url(monkeypatch):
+    monkeypatch.setattr(coco, "BACKOFF_S", 0.0)
+    with pytest.raises(coco.FetchError, match=r"http://127\.0\.0\.1:9/x\.jpg"):
+        coco.fetch("http://127.0.0.1:9/x.jpg", retries=1, timeout=2.0)
