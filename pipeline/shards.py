@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -50,14 +51,16 @@ def fingerprint_of(obj: Any) -> str:
 def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: int = 0) -> None:
     """Create ``out_dir``; drop shards left by a run with another fingerprint or shard count.
 
-    Only rank 0 cleans; other ranks just make sure the directory exists.
+    Only rank 0 cleans, then writes the fingerprint file; other ranks wait until that file holds the
+    current fingerprint, so no rank skips a stale shard that rank 0 is about to delete.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rank != 0:
-        return
     record = {"fingerprint": fingerprint_of(fingerprint), "num_shards": num_shards}
     fp_file = out_dir / FINGERPRINT_FILE
+    if rank != 0:
+        _wait_for_fingerprint(fp_file, record)
+        return
     if fp_file.exists():
         previous = json.loads(fp_file.read_text())
         if previous == record:
@@ -67,7 +70,22 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
         stale.unlink()
     for tmp in out_dir.glob(".tmp-*"):
         tmp.unlink()
-    fp_file.write_text(json.dumps(record, indent=1) + "\n")
+    tmp = fp_file.with_name(f".tmp-{os.getpid()}-{FINGERPRINT_FILE}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, fp_file)
+
+
+def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0) -> None:
+    """Block until rank 0 has written ``record`` to ``fp_file`` (it does so right after cleaning)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(fp_file.read_text()) == record:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{fp_file}: rank 0 did not prepare the shard directory within {timeout_s:.0f} s")
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:

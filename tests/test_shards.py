@@ -63,3 +63,24 @@ def test_rle_round_trip_and_png(tmp_path):
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         shards.read_shards(tmp_path / "nope")
+
+
+def test_other_ranks_wait_for_rank0_cleanup(tmp_path):
+    """Rank 1 must not skip a stale shard that rank 0 is about to delete after a params change."""
+    import threading
+
+    out = tmp_path / "out"
+    items = list(range(4))
+    shards.write_shards(out, items, _process([]), 1, {"p": 1}, rank=0, world_size=2)
+    shards.write_shards(out, items, _process([]), 1, {"p": 1}, rank=1, world_size=2)
+    calls_rank1: list = []
+    rank1 = threading.Thread(
+        target=shards.write_shards, args=(out, items, _process(calls_rank1), 1, {"p": 2}),
+        kwargs={"rank": 1, "world_size": 2},
+    )
+    rank1.start()
+    rank1.join(timeout=0.5)
+    assert rank1.is_alive() and calls_rank1 == []  # waiting: the fingerprint on disk is still the old one
+    shards.write_shards(out, items, _process([]), 1, {"p": 2}, rank=0, world_size=2)
+    rank1.join(timeout=10)
+    assert calls_rank1 == [[1], [3]]  # rank 1 recomputed its shards instead of keeping stale ones

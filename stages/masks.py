@@ -1,0 +1,69 @@
+"""Stage `masks`: one row per (image, phrase) with its mask (SPEC §2), from Grounded-SAM or the authors' PNGs.
+
+Runs as one process (CPU or one GPU) or under ``accelerate launch stages/masks.py`` with one process per
+GPU, each writing its own shards. Outs: artifacts/masks/ (persistent, resumable shards),
+metrics/masks.json, plots/masks_overlay.png.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline import grounding
+from pipeline.config import active_profile, load_params, section
+from pipeline.runtime import dist_info, setup_logging, write_json
+from pipeline.shards import read_shards
+
+log = logging.getLogger("stages.masks")
+OUT = Path("artifacts/masks")
+NOUNS = Path("artifacts/nouns")
+IMAGES = Path("artifacts/data/images")
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "grounding", grounding.GroundingCfg)
+    scale = section(params, "profile.masks", grounding.MasksScale)
+    prof = active_profile(params)
+    info = dist_info()
+    barrier = None
+    if info.world_size > 1:
+        from accelerate import PartialState
+
+        barrier = PartialState().wait_for_everyone
+    ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=Path(prof["models_dir"]),
+                               resolution=int(prof["resolution"]), device=grounding.rank_device(),
+                               rank=info.rank, world_size=info.world_size, barrier=barrier)
+    if ctx.device.type == "cpu" and scale.cpu_threads > 0:
+        torch.set_num_threads(scale.cpu_threads)
+    if scale.source == "grounded_sam":
+        grounding.write_grounded_masks(ctx, cfg, scale)
+    else:
+        grounding.write_authors_masks(ctx, scale)
+    if barrier is not None:
+        barrier()
+    if not info.is_main:
+        return
+    rows = read_shards(OUT).to_dict("records")
+    metrics = grounding.summarize(rows)
+    shown = [r for r in rows if r["status"] == "ok"][: 20 * scale.overlay_images]
+    images = {} if scale.source == "authors" and not IMAGES.is_dir() else grounding.ImageStore(IMAGES).load(
+        r["image_id"] for r in shown)
+    drawn = grounding.plot_overlay(rows, {k: v[0] for k, v in images.items() if v[0] is not None},
+                                   Path("plots/masks_overlay.png"), scale.overlay_images)
+    metrics.update(profile=params["profile"], source=scale.source, box_threshold=cfg.box_threshold,
+                   text_threshold=cfg.text_threshold, detector=scale.detector, segmenter=scale.segmenter,
+                   resolution=ctx.resolution, device=str(ctx.device), world_size=info.world_size,
+                   half_precision=scale.half_precision, overlay_images=drawn)
+    write_json("metrics/masks.json", metrics)
+    log.info("masks: %d rows, %d with a mask, %d images", metrics["rows"], metrics["phrases_with_mask"],
+             metrics["images"])
+    grounding.check_input_errors(metrics, cfg.max_input_error_rate)
+
+
+if __name__ == "__main__":
+    main()
