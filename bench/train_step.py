@@ -1,0 +1,248 @@
+"""Training-step time and peak memory: this project's step vs what the original code does, in one run.
+
+Every variant runs the same step (:func:`pipeline.training.compute_losses`: noise, UNet forward with the
+paper's grounding losses on mid_8/up_16/up_32/up_64, backward, clipping, AdamW) on synthetic latents, text
+states and three masked words per sample, with gradient checkpointing as configured. Variants, each adding
+one change to the previous one:
+
+* ``baseline`` — what the original does: eager attention in all 32 layers, every self- and cross-attention
+  map cloned and stored, fp32, batch 1;
+* ``capture``  — only the 10 cross-attention layers the losses need are captured, SDPA elsewhere;
+* ``bf16``     — plus bf16 autocast (GPU only; CPU training stays fp32);
+* ``batch8``   — plus batch 8 (throughput per sample).
+
+``--device cpu`` uses the embedded tiny model (latent 16) and measures peak memory as the peak resident
+set of a fresh process per variant; ``--device cuda`` uses the SD1.4 UNet architecture (random weights) at
+512 px (latent 64) and ``torch.cuda.max_memory_allocated``. Writes bench/results/train_step_<device>.json
+with per-variant numbers and one ratio per gain.
+
+    python bench/train_step.py --device cpu
+    python bench/train_step.py --device cuda      # under a minute on an H200 (38 s), model build included
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from pipeline.attention import AttentionStore, CaptureProcessor, capture_cross_attention, processor_group
+from pipeline.losses import GroundingTargets, LossCfg
+from pipeline.runtime import setup_logging, write_json
+from pipeline.training import compute_losses
+
+log = logging.getLogger("bench.train_step")
+LOSS = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8", "up_16", "up_32", "up_64"])
+VARIANTS = {  # name: (store everything eagerly, bf16, batch)
+    "baseline": (True, False, 1),
+    "capture": (False, False, 1),
+    "bf16": (False, True, 1),
+    "batch8": (False, True, 8),
+}
+
+
+class CloningStore(AttentionStore):
+    """The original's controller: keeps a clone of every attention map, self-attention included."""
+
+    def add(self, group: str, probs: torch.Tensor) -> None:
+        if self.enabled:
+            self.maps.setdefault(group, []).append(probs.clone())
+
+
+def install_baseline(unet) -> AttentionStore:
+    """Eager attention with stored maps in all attention layers (16 self, 16 cross)."""
+    levels = len(unet.down_blocks)
+    groups: dict[str, list[str]] = {}
+    for name in unet.attn_processors:
+        kind = "" if ".attn2." in name else "self_"
+        groups.setdefault(kind + processor_group(name, levels), []).append(name)
+    store = CloningStore(groups, unet.config.sample_size)
+    owner = {n: g for g, names in groups.items() for n in names}
+    unet.set_attn_processor({n: CaptureProcessor(store, owner[n]) for n in unet.attn_processors})
+    return store
+
+
+def build_unet(device: str, checkpointing: bool):
+    """Tiny UNet (CPU) or SD1.4's architecture (CUDA), random weights, in training mode."""
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.zoo.sd import SD14_UNET, TINY_UNET
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(SD14_UNET if device == "cuda" else TINY_UNET))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
+def synthetic_batch(unet, batch: int, device: str):
+    """Latents (B, 4, s, s), text states (B, 77, D) and three masked words per sample at 8·s px."""
+    gen = torch.Generator().manual_seed(batch)
+    side = unet.config.sample_size
+    latents = torch.randn(batch, 4, side, side, generator=gen).to(device)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen).to(device)
+    res = side * 8
+    masks = []
+    for _ in range(batch):
+        words = [torch.zeros(res, res) for _ in range(3)]
+        words[0][: res // 2, : res // 2] = 1
+        words[1][res // 4 :, res // 3 :] = 1
+        words[2][res // 8 : res // 2, res // 2 :] = 1
+        masks.append(words)
+    targets = GroundingTargets.from_lists(masks, [[[2], [5, 6], [9]]] * batch, res).to(device)
+    return latents, states, targets
+
+
+def run_variant(unet, name: str, device: str, warmup: int, steps: int) -> dict:
+    """Time ``steps`` full training steps of variant ``name`` after ``warmup`` untimed ones."""
+    from diffusers import DDPMScheduler
+
+    from pipeline.zoo.sd import SD14_SCHEDULER
+
+    eager, bf16, batch = VARIANTS[name]
+    bf16 = bf16 and device == "cuda"
+    store = install_baseline(unet) if eager else capture_cross_attention(unet, LOSS.layers)
+    scheduler = DDPMScheduler.from_config(SD14_SCHEDULER)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    latents, states, targets = synthetic_batch(unet, batch, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    times, activation = [], 0.0
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        resident = _reset_peak(device)
+        with autocast:
+            losses = compute_losses(unet, scheduler, latents, states, targets, store, LOSS,
+                                    torch.Generator().manual_seed(i))
+        store.reset()
+        with store.paused():
+            losses.total.backward()
+        activation = max(activation, _peak(device) - resident)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_s = sum(times[warmup:]) / steps
+    out = {"step_s": step_s, "batch": batch, "samples_per_s": batch / step_s, "bf16": bf16,
+           "stored_maps": "all 32 layers, cloned" if eager else "10 cross layers", "loss": losses.total.item()}
+    if device == "cuda":
+        out["fwd_bwd_peak_gib"] = activation / 2**30  # forward+backward peak above weights and optimizer state
+        out["step_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # whole step incl. AdamW
+    del optimizer
+    gc.collect()
+    return out
+
+
+def _reset_peak(device: str) -> int:
+    """Bytes allocated now; restarts the peak counter (CUDA only)."""
+    if device != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    now = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return now
+
+
+def _peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ratios(results: dict[str, dict], mem_key: str) -> dict[str, float]:
+    """One ratio per gain: throughput and memory of each variant vs the previous one and vs the baseline."""
+    names = [n for n in VARIANTS if n in results]
+    out = {}
+    for prev, cur in zip(names, names[1:]):
+        out[f"{cur}_vs_{prev}_speedup"] = results[cur]["samples_per_s"] / results[prev]["samples_per_s"]
+        out[f"{cur}_vs_{prev}_memory"] = results[cur][mem_key] / results[prev][mem_key]
+    for cur in names[1:]:
+        out[f"{cur}_vs_baseline_speedup"] = results[cur]["samples_per_s"] / results["baseline"]["samples_per_s"]
+        out[f"{cur}_vs_baseline_memory"] = results[cur][mem_key] / results["baseline"][mem_key]
+    return out
+
+
+def cpu_child(name: str, warmup: int, steps: int, checkpointing: bool) -> None:
+    """Run one variant in this (fresh) process and print its numbers as JSON, peak RSS included."""
+    unet = build_unet("cpu", checkpointing)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out = run_variant(unet, name, "cpu", warmup, steps)
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["rss_before_steps_gib"] = before
+    out["step_rss_gib"] = out["peak_rss_gib"] - before  # what the steps added on top of model and imports
+    print(json.dumps(out))
+
+
+def run_cpu(args) -> dict:
+    results = {}
+    for name in ("baseline", "capture", "batch8"):
+        cmd = [sys.executable, __file__, "--child", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--threads", str(args.threads)]
+        cmd += ["--checkpointing"] if args.checkpointing else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log.info("%s: %s", name, results[name])
+    return {"model": "embedded tiny-sd UNet (latent 16, 128 px)", "variants": results,
+            "skipped": {"bf16": "CPU training runs in fp32"}, "ratios": ratios(results, "step_rss_gib"),
+            "memory": "peak resident set of a fresh process per variant minus its size before the steps"}
+
+
+def run_cuda(args) -> dict:
+    results = {"device_name": torch.cuda.get_device_name()}
+    unet = build_unet("cuda", args.checkpointing)
+    variants = {}
+    for name in VARIANTS:
+        variants[name] = run_variant(unet, name, "cuda", args.warmup, args.steps)
+        log.info("%s: %s", name, variants[name])
+    results.update(model="SD1.4 UNet architecture, random weights (latent 64, 512 px)", variants=variants,
+                   ratios=ratios(variants, "fwd_bwd_peak_gib"),
+                   memory="fwd_bwd_peak_gib: peak of forward+backward above the memory held before the step "
+                          "(weights, optimizer state); step_peak_gib: peak of the last step incl. AdamW")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default: on for cuda as in the original, off for cpu)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu runs)")
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if args.checkpointing is None:
+        args.checkpointing = args.device == "cuda"
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.child:
+        cpu_child(args.child, args.warmup, args.steps, args.checkpointing)
+        return
+    setup_logging()
+    out = run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    out.update(device=args.device, threads=torch.get_num_threads() if args.device == "cpu" else None,
+               load_average_1min=os.getloadavg()[0],
+               warmup_steps=args.warmup, timed_steps=args.steps,
+               gradient_checkpointing=args.checkpointing, torch=torch.__version__,
+               losses="token 1e-3 + pixel 5e-5 on mid_8, up_16, up_32, up_64; 3 words per sample")
+    write_json(args.out or Path(f"bench/results/train_step_{args.device}.json"), out)
+
+
+if __name__ == "__main__":
+    main()

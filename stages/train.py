@@ -1,0 +1,56 @@
+"""Stage `train`: TokenCompose fine-tuning of the profile's Stable Diffusion UNet (SPEC §1.5).
+
+Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
+Outs: artifacts/train/unet/ (diffusers layout, safetensors), artifacts/train/checkpoints/ (persist: resumes
+after a kill), metrics/train.json, plots/train_curves.csv. Multi-GPU: `accelerate launch stages/train.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import active_profile, load_params, parse, section
+from pipeline.losses import LossCfg
+from pipeline.runtime import dist_info, setup_logging, write_json
+from pipeline.training import OptimCfg, TrainCfg, TrainRun, TrainScale, load_records, train, write_curves
+
+log = logging.getLogger("stages.train")
+
+IMAGES, MASKS, OUT = Path("artifacts/data/images"), Path("artifacts/masks"), Path("artifacts/train")
+METRICS, CURVES = Path("metrics/train.json"), Path("plots/train_curves.csv")
+
+
+@dataclass(frozen=True)
+class ModelScale:
+    """The keys of ``profiles.<p>`` this stage reads besides ``train``."""
+
+    sd_model: str
+    models_dir: Path
+    resolution: int
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    fields = ("sd_model", "models_dir", "resolution")
+    prof = {k: v for k, v in active_profile(params).items() if k in fields}
+    m = parse(ModelScale, prof, f"profiles.{params['profile']}")  # a missing key -> ConfigError naming it
+    run = TrainRun(
+        sd_model=m.sd_model, models_dir=m.models_dir, resolution=m.resolution, seed=int(params["seed"]),
+        loss=section(params, "loss", LossCfg), optim=section(params, "optim", OptimCfg),
+        train=section(params, "train", TrainCfg), scale=section(params, "profile.train", TrainScale), out_dir=OUT,
+    )
+    records, data_stats = load_records(IMAGES, MASKS, run.resolution, run.train.skip_ungrounded)
+    log.info("training on %d images (%d with masks, %d words)", data_stats["images_used"],
+             data_stats["images_grounded"], data_stats["words_used"])
+    result = train(run, records)
+    if not dist_info().is_main:
+        return
+    write_curves(CURVES, result.curves)
+    write_json(METRICS, {"profile": params["profile"], **result.metrics, **data_stats})
+
+
+if __name__ == "__main__":
+    main()

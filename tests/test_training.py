@@ -1,0 +1,246 @@
+"""Training: data join, transforms, data order, the loop on the tiny model, resume, failure handling."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import training
+from pipeline.losses import LossCfg
+from pipeline.shards import iter_rows, rle_decode, write_shards
+from pipeline.training import (OptimCfg, StreamBatchSampler, TrainCfg, TrainRun, TrainScale, image_tensor,
+                               load_records, object_mask_records)
+from pipeline.zoo import state_dict_hash
+
+RES = 128
+LAYERS = ["mid_8", "up_16", "up_32", "up_64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def masks_rows(images_dir: Path, tokenizer, resolution: int) -> list[dict]:
+    """``artifacts/masks`` rows from the demo images' true masks (one per object), plus broken rows."""
+    rows = []
+    for split in ("train", "heldout"):
+        records, unaligned = object_mask_records(images_dir, tokenizer, resolution, split)
+        assert unaligned == 0
+        rows += [dict(image_id=r.image_id, caption=r.caption, phrase=w.phrase, token_indices=w.token_indices,
+                      mask=None, train_mask=w.train_mask, box=None, score=None, status="ok", error="")
+                 for r in records for w in r.words]
+    rows[0].update(status="no_detection", error="nothing detected", train_mask=None)
+    rows[1].update(train_mask=None)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory, clip_tokenizer):
+    """Demo images (12, 3 held out) and mask rows; the last train image keeps no mask (ungrounded)."""
+    from pipeline.demo_data import write_demo_training_set
+
+    root = tmp_path_factory.mktemp("data")
+    images, masks = root / "images", root / "masks"
+    write_demo_training_set(images, num_images=12, image_size=RES, seed=0, shard_size=6, heldout_fraction=0.25)
+    rows = masks_rows(images, clip_tokenizer, RES)
+    train_ids = sorted(r["image_id"] for r in iter_rows(images) if r["split"] == "train")
+    rows = [r for r in rows if r["image_id"] != train_ids[-1]]
+    write_shards(masks, rows, lambda chunk: chunk, 8, fingerprint="fixture")
+    return images, masks
+
+
+def make_run(out_dir: Path, tiny_sd: Path, **scale) -> TrainRun:
+    sizes = dict(batch_size=2, grad_accum=2, max_steps=4, checkpoint_every=2)
+    sizes.update(scale)
+    return TrainRun(
+        sd_model=str(tiny_sd), models_dir=tiny_sd.parent, resolution=RES, seed=0,
+        loss=LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=LAYERS),
+        optim=OptimCfg(lr=1e-4, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, max_grad_norm=1.0),
+        train=TrainCfg(checkpoint_limit=2), scale=TrainScale(**sizes), out_dir=out_dir,
+    )
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def test_load_records_joins_masks_and_counts_reasons(data_dirs):
+    images, masks = data_dirs
+    records, stats = load_records(images, masks, RES)
+    train_ids = {r["image_id"] for r in iter_rows(images) if r["split"] == "train" and r["status"] == "ok"}
+    assert {r.image_id for r in records} == train_ids and len(records) == 9
+    assert stats["images_other_split"] == 3
+    assert stats["words_skipped_mask_status_no_detection"] == 1
+    assert stats["words_skipped_no_train_mask"] == 1
+    held = stats.get("words_skipped_image_not_in_train_split", 0)
+    total_rows = sum(1 for _ in iter_rows(masks))
+    assert stats["words_used"] + held + 2 == total_rows
+    assert stats["images_ungrounded"] >= 1
+    assert all(w.token_indices and w.train_mask["size"] == [RES, RES] for r in records for w in r.words)
+    grounded, g_stats = load_records(images, masks, RES, skip_ungrounded=True)
+    assert len(grounded) == stats["images_grounded"] and all(r.words for r in grounded)
+
+
+def test_load_records_refuses_masks_of_another_resolution(data_dirs):
+    images, masks = data_dirs
+    records, stats = load_records(images, masks, 64)
+    assert stats["words_used"] == 0 and stats["words_skipped_train_mask_size"] > 0
+
+
+def test_image_transform_resizes_shorter_side_and_center_crops():
+    """A 100x150 (H x W) image: the crop keeps the middle columns, values in [-1, 1]."""
+    arr = np.zeros((100, 150, 3), np.uint8)
+    arr[:, :25] = 255  # a white band at the left edge, cropped away (crop starts at column 25 of 150)
+    arr[:, 70:80] = 255  # a centre band, kept
+    out = image_tensor(Image.fromarray(arr), 64)
+    assert out.shape == (3, 64, 64) and out.min() >= -1 and out.max() <= 1
+    assert out[:, :, 1:4].max() < -0.9  # left band gone (column 0 is blurred by the antialiased resize)
+    assert out[0, 32, 30:34].max() > 0.5  # centre band at the centre
+
+
+def test_stream_sampler_epochs_ranks_and_resume():
+    n = 7
+    full = list(StreamBatchSampler(n, 2, seed=3, start=0, count=14))
+    flat = [i for b in full for i in b]
+    assert sorted(flat[:7]) == list(range(7)) and sorted(flat[7:14]) == list(range(7))
+    assert flat[:7] != flat[7:14]  # a new permutation per epoch
+    assert list(StreamBatchSampler(n, 2, seed=3, start=5, count=9)) == full[5:]
+    ranks = [list(StreamBatchSampler(n, 1, seed=3, start=0, count=7, rank=r, world=2)) for r in (0, 1)]
+    merged = [i for pair in zip(*ranks) for b in pair for i in b]
+    assert merged == flat[:14]  # two ranks of batch 1 walk the same stream as one of batch 2
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+def test_train_tiny_end_to_end_and_load_into_pipeline(data_dirs, tiny_sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.models import load_sd_pipeline
+
+    records, _ = load_records(*data_dirs, RES)
+    result = training.train(make_run(tmp_path, tiny_sd), records)
+    assert [r["step"] for r in result.curves] == [1, 2, 3, 4]
+    for key in ["loss", "denoise", "token", "pixel"] + [f"{k}_{g}" for k in ("token", "pixel") for g in LAYERS]:
+        assert all(np.isfinite(r[key]) for r in result.curves), key
+    assert result.curves[0]["token"] > 0 and result.metrics["samples_this_run"] == 16
+    assert [p.name for _, p in training.list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2",
+                                                                                      "checkpoint-4"]
+    base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    trained = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert state_dict_hash(base) != state_dict_hash(trained)
+    pipe = load_sd_pipeline(str(tiny_sd), tiny_sd.parent, unet_ref=str(tmp_path / "unet"))
+    image = pipe("a red ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+    assert image.shape == (RES, RES, 3) and np.isfinite(image).all()
+
+
+def test_resume_after_kill_equals_uninterrupted_run(data_dirs, tiny_sd, tmp_path, monkeypatch):
+    records, _ = load_records(*data_dirs, RES)
+    straight = training.train(make_run(tmp_path / "a", tiny_sd, max_steps=6), records)
+    real_save = training.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(make_run(tmp_path / "b", tiny_sd, max_steps=6), records)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert not (tmp_path / "b" / "unet").exists()
+    resumed = training.train(make_run(tmp_path / "b", tiny_sd, max_steps=6), records)
+    assert resumed.metrics["resumed_from_step"] == 2
+    assert resumed.curves == straight.curves
+    from diffusers import UNet2DConditionModel
+
+    a = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "unet")
+    b = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "unet")
+    assert state_dict_hash(a) == state_dict_hash(b)
+
+
+def test_changed_params_do_not_resume_stale_checkpoints(data_dirs, tiny_sd, tmp_path):
+    records, _ = load_records(*data_dirs, RES)
+    training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    other = replace(make_run(tmp_path, tiny_sd, max_steps=2), loss=LossCfg(1e-2, 5e-5, LAYERS))
+    result = training.train(other, records)
+    assert result.metrics["resumed_from_step"] == 0
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "state.json").read_text())
+    assert state["fingerprint"] == result.metrics["fingerprint"]
+
+
+def test_non_finite_loss_stops_naming_step_and_images(data_dirs, tiny_sd, tmp_path, monkeypatch):
+    records, _ = load_records(*data_dirs, RES)
+    real = training.grounding_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.token = out.token * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "grounding_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"optimizer step 1 .*images \['demo"):
+        training.train(make_run(tmp_path, tiny_sd, max_steps=1), records)
+
+
+def test_denoise_only_training_without_masks(data_dirs, tiny_sd, tmp_path):
+    """No masks at all, or zero loss weights: the denoising loss alone, no capture."""
+    images, _ = data_dirs
+    records, stats = load_records(images, None, RES)
+    assert stats["images_grounded"] == 0
+    run = replace(make_run(tmp_path, tiny_sd, max_steps=1, grad_accum=1), loss=LossCfg(0.0, 0.0, LAYERS))
+    result = training.train(run, records)
+    assert "token" not in result.curves[0] and np.isfinite(result.curves[0]["denoise"])
+    with pytest.raises(ValueError, match="no training images"):
+        load_records(images, None, RES, skip_ungrounded=True)
+
+
+def test_gradient_checkpointing_and_ema_run(data_dirs, tiny_sd, tmp_path):
+    records, _ = load_records(*data_dirs, RES)
+    run = make_run(tmp_path, tiny_sd, max_steps=2, gradient_checkpointing=True)
+    run = replace(run, train=TrainCfg(use_ema=True, ema_decay=0.5))
+    result = training.train(run, records)
+    assert result.metrics["ema"] and np.isfinite(result.curves[-1]["token"])
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "ema.pt").is_file()
+
+
+def test_object_mask_records_crop_the_true_masks(data_dirs, clip_tokenizer):
+    """At resolution == shorter side there is no resize: the train mask is the centre crop of the mask."""
+    images, _ = data_dirs
+    records, unaligned = object_mask_records(images, clip_tokenizer, RES, "train")
+    rows = {r["image_id"]: r for r in iter_rows(images)}
+    assert unaligned == 0 and records
+    for record in records:
+        objects = {o["name"]: rle_decode(o["mask"]) for o in rows[record.image_id]["objects"]}
+        ids = clip_tokenizer(record.caption).input_ids
+        for word in record.words:
+            full = objects[word.phrase]
+            h, w = full.shape
+            top, left = (h - RES) // 2, (w - RES) // 2
+            np.testing.assert_array_equal(rle_decode(word.train_mask), full[top : top + RES, left : left + RES])
+            decoded = "".join(clip_tokenizer.decode([ids[i]]).strip() for i in word.token_indices)
+            assert decoded == word.phrase.replace(" ", "")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision needs a GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_gpu(data_dirs, tiny_sd, tmp_path, precision):
+    """bf16/fp16 autocast with checkpointing: finite losses, grounding terms present, a resumable checkpoint."""
+    records, _ = load_records(*data_dirs, RES)
+    run = make_run(tmp_path, tiny_sd, max_steps=3, checkpoint_every=3, mixed_precision=precision,
+                   gradient_checkpointing=True)
+    result = training.train(run, records)
+    assert result.metrics["mixed_precision"] == precision
+    assert all(np.isfinite(r["token"]) and np.isfinite(r["pixel"]) for r in result.curves)
+    assert (tmp_path / "checkpoints" / "checkpoint-3" / ("scaler.pt" if precision == "fp16" else "unet")).exists()
+    again = training.train(run, records)
+    assert again.metrics["resumed_from_step"] == 3 and again.curves == result.curves
