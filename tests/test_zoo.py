@@ -80,3 +80,13 @@ def test_sd14_architecture_parameter_count():
     n = sum(p.numel() for p in unet.parameters())
     assert 859_000_000 < n < 861_000_000  # SD1.4 UNet: 859.52M parameters
     assert sum("attn2" in k for k in unet.attn_processors) == 16
+
+
+def test_state_dict_hash_covers_scalars_and_dtypes():
+    a = torch.nn.Module()
+    a.register_buffer("scale", torch.tensor(2.0))
+    b = torch.nn.Module()
+    b.register_buffer("scale", torch.tensor(2.0, dtype=torch.float64))
+    c = torch.nn.Module()
+    c.register_buffer("scale", torch.tensor(3.0))
+    assert len({zoo.state_dict_hash(m) for m in (a, b, c)}) == 3

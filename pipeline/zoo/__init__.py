@@ -62,10 +62,13 @@ def state_dict_hash(module: torch.nn.Module) -> str:
     for key, tensor in sorted(module.state_dict().items()):
         h.update(key.encode())
         t = tensor.detach().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 # Families register on import.
 from . import sd  # noqa: E402,F401
+from . import detection  # noqa: E402,F401
+from . import piebench  # noqa: E402,F401
+from . import grounding  # noqa: E402,F401

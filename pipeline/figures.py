@@ -1,0 +1,112 @@
+"""Figures as PNG bytes (matplotlib, Agg backend): attention grids and training curves."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.6, cmap: str = "jet") -> np.ndarray:
+    """A heat map in [0, 1] over a grey image in [0, 1], both (H, W) -> (H, W, 3) float RGB in [0, 1]."""
+    colours = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3]
+    return alpha * colours + (1.0 - alpha) * grey[..., None]
+
+
+def attention_grid(
+    image: np.ndarray,
+    maps: np.ndarray,
+    group_labels: Sequence[str],
+    step_labels: Sequence[str],
+    token_labels: Sequence[str],
+    title: str = "",
+    alpha: float = 0.6,
+    gap: int = 4,
+) -> bytes:
+    """A grid of attention maps beside the final image, as PNG bytes.
+
+    Args:
+        image: the final image, (h, w, 3) uint8 at the cell size.
+        maps: (G, S, K, h, w) maps in [0, 1] (G resolution groups, S denoising steps, K word tokens),
+            upsampled to the cell size.
+        group_labels, step_labels, token_labels: G, S and K labels.
+        title: figure title (prompt and model).
+        alpha: opacity of the heat map over the grey image.
+        gap: white pixels between cells.
+
+    Layout: one row per word token; the final image in the first column of the first row, then one block
+    of S step columns per group. Cells are composed into one mosaic (one ``imshow``), so the figure costs
+    the same whatever the number of cells.
+    """
+    groups, steps, tokens, h, w = maps.shape
+    if (groups, steps, tokens) != (len(group_labels), len(step_labels), len(token_labels)):
+        raise ValueError(f"maps of shape {maps.shape} do not match {len(group_labels)} groups, "
+                         f"{len(step_labels)} steps and {len(token_labels)} tokens")
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"image {image.shape[:2]} and maps {(h, w)} must have the same size")
+    cols = 1 + groups * steps
+    mosaic = np.ones((tokens * (h + gap) - gap, cols * (w + gap) - gap, 3))
+    mosaic[:h, :w] = image / 255.0
+    grey = image.astype(np.float64).mean(axis=-1) / 255.0
+    for k in range(tokens):
+        for g in range(groups):
+            for s in range(steps):
+                y, x = k * (h + gap), (1 + g * steps + s) * (w + gap)
+                mosaic[y:y + h, x:x + w] = overlay(grey, maps[g, s, k], alpha)
+    height, width = mosaic.shape[:2]
+    fig = plt.figure(figsize=(width / DPI + 1.0, height / DPI + 1.0), dpi=DPI)
+    ax = fig.add_axes((0.8 / (width / DPI + 1.0), 0.05 / (height / DPI + 1.0), width / DPI / (width / DPI + 1.0),
+                       height / DPI / (height / DPI + 1.0)))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for k, label in enumerate(token_labels):
+        ax.text(-6, k * (h + gap) + h / 2, label, ha="right", va="center", fontsize=8)
+    ax.text(w / 2, -4, "final image", ha="center", va="bottom", fontsize=7)
+    for g, group in enumerate(group_labels):
+        for s, step in enumerate(step_labels):
+            ax.text((1 + g * steps + s) * (w + gap) + w / 2, -4, f"{group}\n{step}", ha="center", va="bottom",
+                    fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def curves_figure(table: pd.DataFrame, x: str = "step", title: str = "") -> bytes:
+    """One small line plot per numeric column of ``table`` against column ``x`` (or the row number), 4 per row."""
+    xs = table[x] if x in table.columns else pd.Series(np.arange(len(table)), name="row")
+    columns = [c for c in table.columns if c != x and pd.api.types.is_numeric_dtype(table[c])]
+    if not columns:
+        raise ValueError(f"no numeric columns to plot besides {x!r}; columns: {list(table.columns)}")
+    ncols = min(4, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, columns):
+        ax.plot(xs, table[column], linewidth=1.2)
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel(xs.name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

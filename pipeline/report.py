@@ -1,0 +1,416 @@
+"""The results page: this run's numbers beside the published ones, figures, and what each number means.
+
+A report is a list of :class:`Section` objects holding :class:`Table`, :class:`Figure` and :class:`Text`
+blocks. :func:`write_report` renders the same sections twice: ``index.html``, one self-contained page
+(images inlined as base64 data URIs, inline CSS, no external asset), and ``README.md``, its Markdown twin
+(images written beside it under ``figures/``).
+
+Builders (:func:`multigen_section`, :func:`piebench_section`, ...) read the metrics files the evaluation
+stages write; where a file is missing the section says which file and which stage produces it, so a
+partial pipeline still gives a readable page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import pandas as pd
+import yaml
+from PIL import Image
+
+from .attention import GROUP_ORDER
+from .figures import curves_figure
+from .multigen import MG_LEVELS
+from .piebench import TABLE as PIE_TABLE
+
+log = logging.getLogger(__name__)
+
+REPORTED_MG_LEVELS = (2, 3, 4, 5)  # the levels the TokenCompose README and the study report
+MG_SETS = {"coco": "COCO", "ade20k": "ADE20K"}
+# PIE-Bench columns in SPEC §5.6 order: raw metric -> header; keys are the table-scaled names of
+# metrics/piebench/<backbone>.json (pipeline.piebench.TABLE), which data/published.yaml uses too.
+PIE_HEADERS = {
+    "structure_distance": "Structure ×10³ ↓",
+    "psnr_unedit_part": "PSNR ↑",
+    "lpips_unedit_part": "LPIPS ×10³ ↓",
+    "mse_unedit_part": "MSE ×10⁴ ↓",
+    "ssim_unedit_part": "SSIM ×10² ↑",
+    "clip_similarity_target_image": "CLIP Whole ↑",
+    "clip_similarity_target_image_edit_part": "CLIP Edited ↑",
+}
+PIE_COLUMNS = tuple((PIE_TABLE[metric][0], header) for metric, header in PIE_HEADERS.items())
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table: ``columns`` headers and ``rows`` of already formatted cells."""
+
+    caption: str
+    columns: list[str]
+    rows: list[list[str]]
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG figure; ``name`` is its file name in the Markdown twin's ``figures/`` folder."""
+
+    caption: str
+    png: bytes
+    name: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph; ``kind`` "note" (a caveat) and "missing" (an absent input) render as highlighted boxes."""
+
+    text: str
+    kind: str = "p"
+
+
+Block = Union[Table, Figure, Text]
+
+
+@dataclass
+class Section:
+    """A titled part of the page."""
+
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def load_published(path: str | Path) -> dict[str, Any]:
+    """``data/published.yaml`` with its three parts (``multigen``, ``piebench``, ``study``) checked."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    for part in ("multigen", "piebench", "study"):
+        if not isinstance(data, dict) or part not in data:
+            raise ValueError(f"{path}: missing '{part}'; see the file's header for its layout")
+    for part in ("multigen", "piebench"):
+        if not data[part].get("rows") or not data[part].get("source"):
+            raise ValueError(f"{path}: '{part}' needs 'source' and 'rows'")
+    return data
+
+
+def read_metrics(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """``{stem: contents}`` of every ``*.json`` in ``directory`` (empty when the folder is absent)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+def source_label(source: Mapping[str, str]) -> str:
+    """The short label of published rows in a table's Source column: ``published (<repository>)``."""
+    return f"published ({source['repository']})"
+
+
+def citation(source: Mapping[str, str]) -> Text:
+    """The full citation of a table's published rows: repository, file and commit."""
+    return Text(f"Published rows: {source['repository']}, file {source['file']}, commit {source['commit']}.")
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+def fmt(value: Any, std: Any = None, decimals: int = 2) -> str:
+    """``12.34`` or ``12.34(0.56)`` as MultiGen prints it; "—" for a missing or non-finite value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "—"
+    text = f"{value:.{decimals}f}"
+    if isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std):
+        text += f"({std:.{decimals}f})"
+    return text
+
+
+def provenance_table(caption: str, metrics: Mapping[str, Mapping[str, Any]], shown: Iterable[str]) -> Table:
+    """What each model's numbers were computed over: every metrics key not shown in the results table."""
+    shown = set(shown)
+    rows = []
+    for model, values in metrics.items():
+        extra = {k: v for k, v in sorted(values.items()) if k not in shown and not isinstance(v, (dict, list))}
+        rows.append([model, "; ".join(f"{k} = {v}" for k, v in extra.items()) or "—"])
+    return Table(caption, ["Model", "Computed over"], rows)
+
+
+def missing(what: str, path: str, stage: str) -> Text:
+    """The note shown where an input of the report does not exist yet."""
+    return Text(f"{what}: not available — {path} is absent (produced by stage `{stage}`; run "
+                f"`dvc repro {stage}`).", kind="missing")
+
+
+# --- sections --------------------------------------------------------------------------------------
+
+def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any],
+                     profile: str, decimals: int = 2) -> Section:
+    """MultiGen MG2–MG5 per prompt set: this run's models, then the published rows (SPEC §3.7)."""
+    section = Section("MultiGen (TokenCompose Table / study Table 1)")
+    section.blocks += [Text(published["note"]), citation(published["source"])]
+    if not metrics:
+        section.blocks.append(missing("MultiGen scores", "metrics/multigen/<model>.json", "score"))
+    source = source_label(published["source"])
+    shown: set[str] = set()
+    for key, label in MG_SETS.items():
+        columns = ["Model", "Source"] + [f"MG{k}" for k in REPORTED_MG_LEVELS] + ["OA"]
+        rows = []
+        for model, values in metrics.items():
+            cells = [fmt(values.get(f"{key}_mg{k}"), values.get(f"{key}_mg{k}_std"), decimals)
+                     for k in REPORTED_MG_LEVELS]
+            shown |= {f"{key}_mg{k}{s}" for k in MG_LEVELS for s in ("", "_std")}
+            rows.append([model, f"this run ({profile})", *cells, "—"])
+        for row in published["rows"]:
+            cells = [fmt(row[f"{key}_mg{k}"], row[f"{key}_mg{k}_std"], decimals) for k in REPORTED_MG_LEVELS]
+            rows.append([row["method"], source, *cells, fmt(row["oa"], decimals=decimals)])
+        section.blocks.append(Table(f"MultiGen {label}: mean(std) over image index, %", columns, rows,
+                                    name=f"multigen_{key}"))
+    if metrics:
+        section.blocks.append(provenance_table("MultiGen: what each row of this run was computed over",
+                                               metrics, shown))
+    section.blocks.append(Text("OA (VISOR object accuracy) is not computed by this pipeline; the published "
+                               "OA values are shown for reference only."))
+    return section
+
+
+def piebench_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any],
+                     profile: str, decimals: int = 2) -> Section:
+    """PIE-Bench metrics per editing backbone beside the published rows (SPEC §5.6–5.7)."""
+    section = Section("PIE-Bench editing (Blended Latent Diffusion; study Table 2)")
+    section.blocks += [Text(published["note"]), citation(published["source"])]
+    if not metrics:
+        section.blocks.append(missing("PIE-Bench metrics", "metrics/piebench/<backbone>.json", "piebench"))
+    columns = ["Method", "Source"] + [header for _, header in PIE_COLUMNS]
+    rows = [[f"BLD, {backbone} backbone", f"this run ({profile})",
+             *[fmt(values.get(key), decimals=decimals) for key, _ in PIE_COLUMNS]]
+            for backbone, values in metrics.items()]
+    source = source_label(published["source"])
+    for row in published["rows"]:
+        name = f"{row['inversion']} + {row['editing']}"
+        extras = [x for x in (row.get("base"), row.get("note")) if x]
+        if extras:
+            name += f" ({'; '.join(extras)})"
+        rows.append([name, source, *[fmt(row[key], decimals=decimals) for key, _ in PIE_COLUMNS]])
+    section.blocks.append(Table("PIE-Bench: means over edited images", columns, rows, name="piebench"))
+    if metrics:
+        overall = {b: {k: v for k, v in m.items() if not k.startswith("type_") and not k.endswith(".n")}
+                   for b, m in metrics.items()}  # per-editing-type means stay in the metrics file
+        section.blocks.append(provenance_table("PIE-Bench: what each row of this run was computed over",
+                                               overall, [key for key, _ in PIE_COLUMNS]))
+    return section
+
+
+def grounding_section(metrics: Mapping[str, Mapping[str, Any]], decimals: int = 3) -> Section:
+    """Share of each category token's attention inside its Grounded-SAM mask, per model and group."""
+    section = Section("Attention grounding on generated images")
+    section.blocks.append(Text(
+        "For each generated MultiGen image, the cross-attention of each category's tokens (summed over its "
+        "sub-tokens, averaged over heads, layers and denoising steps) is compared with that category's mask "
+        "from Grounded-SAM on the same image: share = attention inside the mask / all attention. 1.0 means "
+        "all attention lies on the object. Categories Grounded-SAM does not find are counted, not scored."))
+    if not metrics:
+        section.blocks.append(missing("Grounding shares", "metrics/grounding/<model>.json", "grounding_eval"))
+        return section
+    groups = [g for g in GROUP_ORDER if any(f"share_{g}" in values for values in metrics.values())]
+    keys = [f"share_{g}" for g in groups] + ["share_mean"]
+    rows = [[model, *[fmt(values.get(k), decimals=decimals) for k in keys]] for model, values in metrics.items()]
+    section.blocks.append(Table("Mean attention share inside the object mask", ["Model", *groups, "mean"], rows,
+                                name="grounding"))
+    section.blocks.append(provenance_table("Grounding: what each row was computed over", metrics, keys))
+    return section
+
+
+def training_section(metrics: Mapping[str, Any] | None, curves_csv: Path) -> Section:
+    """The training run's summary (``metrics/train.json``) and its loss curves (``plots/train_curves.csv``)."""
+    section = Section("Training")
+    if metrics is None:
+        section.blocks.append(missing("Training summary", "metrics/train.json", "train"))
+    else:
+        rows = [[k, str(v)] for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+        section.blocks.append(Table("Training run (metrics/train.json)", ["Key", "Value"], rows, name="train"))
+    if not curves_csv.is_file():
+        section.blocks.append(missing("Training curves", str(curves_csv), "train"))
+        return section
+    table = pd.read_csv(curves_csv)
+    if table.empty:
+        section.blocks.append(Text(f"{curves_csv} has no rows (no optimiser step was logged).", kind="note"))
+        return section
+    section.blocks.append(Figure(f"Training curves ({curves_csv})", curves_figure(table), "train_curves.png"))
+    return section
+
+
+def study_section(study: Mapping[str, Any]) -> Section:
+    """The follow-up study's own tables: shown when recorded, otherwise a statement that they are not."""
+    if study.get("recorded"):
+        raise ValueError("data/published.yaml: study.recorded is true but study tables are not supported yet; "
+                         "add them as multigen/piebench rows with their source instead")
+    return Section("Study tables", [Text(study["note"], kind="note")])
+
+
+def profile_banner(profile: str) -> str:
+    """The line at the top of the page that says how far the numbers can be trusted."""
+    if profile == "demo":
+        return ("Profile demo: tiny embedded models with random weights and synthetic data. The numbers on "
+                "this page are meaningless; they only show that every code path of the pipeline runs.")
+    return (f"Profile {profile}: numbers computed with the model references and data listed under each "
+            "table; compare with the published rows only where the settings match.")
+
+
+def figures_section(title: str, paths: Sequence[Path], intro: str, missing_note: Text | None = None) -> Section:
+    """A section of PNG files, each shown with its file path as caption."""
+    section = Section(title, [Text(intro)])
+    if not paths and missing_note is not None:
+        section.blocks.append(missing_note)
+    for path in paths:
+        section.blocks.append(Figure(str(path), Path(path).read_bytes(), _figure_name(path)))
+    return section
+
+
+def _figure_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(Path(path).parts[-2:]))
+
+
+def build_sections(root: str | Path, published: Mapping[str, Any], profile: str, decimals: int = 2) -> list[Section]:
+    """Every section of the page, read from the pipeline's outputs under ``root`` (the repository)."""
+    root = Path(root)
+    train = root / "metrics" / "train.json"
+    edits = sorted((root / "plots").glob("edits_*.png"))
+    attention = sorted((root / "plots" / "attention").glob("*.png"))
+    return [
+        multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals),
+        piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals),
+        study_section(published["study"]),
+        figures_section("Edit panels", edits, "Blended Latent Diffusion edits per backbone "
+                        "(plots/edits_<backbone>.png: source, mask, edit).",
+                        missing("Edit panels", "plots/edits_<backbone>.png", "piebench")),
+        training_section(json.loads(train.read_text()) if train.is_file() else None,
+                         root / "plots" / "train_curves.csv"),
+        figures_section("Cross-attention maps", attention,
+                        "Per-token cross-attention (averaged over heads and the layers of each resolution group, "
+                        "upsampled to the image) at chosen denoising steps, base and trained model with the same "
+                        "seed; one row per word token, one column per step (study Figures 3, 4, 8).",
+                        missing("Attention figures", "plots/attention/<model>_<i>.png", "attention_maps")),
+        grounding_section(read_metrics(root / "metrics" / "grounding")),
+    ]
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
+th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+th:first-child,td:first-child,td:nth-child(2){text-align:left}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
+.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em}
+.banner{background:#ffe0e0;border-left:4px solid #c00;padding:.6em 1em;font-weight:600}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+"""
+
+# Marks every image the browser decoded, so a headless check of the DOM can tell broken images apart.
+DECODE_CHECK = ("window.addEventListener('load',()=>{for(const i of document.images)"
+                "{i.dataset.decoded=(i.complete&&i.naturalWidth>0)?'1':'0';}});")
+
+
+EMBED_PNG_LIMIT = 1 << 20  # bytes; a larger figure goes into the page as JPEG (its PNG stays in figures/)
+EMBED_MAX_WIDTH = 1600     # pixels of such a JPEG
+
+
+def embedded_image(png: bytes, limit: int = EMBED_PNG_LIMIT, max_width: int = EMBED_MAX_WIDTH) -> tuple[str, bytes]:
+    """(MIME type, bytes) to inline for a figure: the PNG itself when small, else a JPEG (quality 85) at
+    most ``max_width`` wide, so a page of many attention grids stays a few MB."""
+    if len(png) <= limit:
+        return "image/png", png
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if image.width > max_width:
+        image = image.resize((max_width, round(image.height * max_width / image.width)), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return "image/jpeg", buf.getvalue()
+
+
+def render_html(title: str, sections: Sequence[Section], banner: str = "") -> str:
+    """One self-contained HTML page: inline CSS, images as ``data:image/png;base64`` URIs."""
+    esc = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
+           f"<style>{CSS}</style>", f"<script>{DECODE_CHECK}</script>", "</head><body>", f"<h1>{esc(title)}</h1>"]
+    if banner:
+        out.append(f'<p class="banner" id="profile-banner">{esc(banner)}</p>')
+    for i, section in enumerate(sections):
+        out.append(f'<section id="s{i}"><h2>{esc(section.title)}</h2>')
+        for block in section.blocks:
+            out.append(_html_block(block))
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _html_block(block: Block) -> str:
+    esc = html.escape
+    if isinstance(block, Text):
+        cls = f' class="note {block.kind}"' if block.kind in ("note", "missing") else ""
+        return f"<p{cls}>{esc(block.text)}</p>"
+    if isinstance(block, Figure):
+        mime, payload = embedded_image(block.png)
+        data = base64.b64encode(payload).decode("ascii")
+        return (f'<figure><img alt="{esc(block.caption)}" src="data:{mime};base64,{data}">'
+                f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+    ident = f' id="{esc(block.name)}"' if block.name else ""
+    head = "".join(f"<th>{esc(c)}</th>" for c in block.columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+    return (f"<table{ident}><caption>{esc(block.caption)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
+def render_markdown(title: str, sections: Sequence[Section], banner: str = "", figures_dir: str = "figures") -> str:
+    """The Markdown twin of :func:`render_html`; figures are linked as ``figures/<name>``."""
+    out = [f"# {title}", ""]
+    if banner:
+        out += [f"> **{banner}**", ""]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        for block in section.blocks:
+            out += _md_block(block, figures_dir) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_block(block: Block, figures_dir: str) -> list[str]:
+    if isinstance(block, Text):
+        return [f"> {block.text}"] if block.kind in ("note", "missing") else [block.text]
+    if isinstance(block, Figure):
+        return [f"![{_md_cell(block.caption)}]({figures_dir}/{block.name})", f"*{block.caption}*"]
+    lines = [f"**{block.caption}**", "", "| " + " | ".join(map(_md_cell, block.columns)) + " |",
+             "|" + "---|" * len(block.columns)]
+    lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
+    return lines
+
+
+def write_report(out_dir: str | Path, title: str, sections: Sequence[Section], banner: str = "") -> dict[str, int]:
+    """Write ``index.html``, ``README.md`` and ``figures/*.png`` into ``out_dir``; return block counts."""
+    out_dir = Path(out_dir)
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for stale in figures.glob("*.png"):
+        stale.unlink()
+    blocks = [b for s in sections for b in s.blocks]
+    for fig in (b for b in blocks if isinstance(b, Figure)):
+        (figures / fig.name).write_bytes(fig.png)
+    (out_dir / "index.html").write_text(render_html(title, sections, banner), encoding="utf-8")
+    (out_dir / "README.md").write_text(render_markdown(title, sections, banner), encoding="utf-8")
+    counts = {"sections": len(sections), "tables": sum(isinstance(b, Table) for b in blocks),
+              "figures": sum(isinstance(b, Figure) for b in blocks),
+              "missing_inputs": sum(isinstance(b, Text) and b.kind == "missing" for b in blocks)}
+    log.info("report written to %s: %s", out_dir, counts)
+    return counts

@@ -1,0 +1,61 @@
+"""Stage `grounding_eval@<model>`: how much of each category token's attention lies on that category.
+
+Usage: ``python stages/grounding_eval.py MODEL`` (MODEL a key of ``eval_models`` with the plain SD sampler).
+The first ``num_prompts`` MultiGen prompts x ``images_per_prompt`` images are generated again by the
+sampler (same seeds as the ``sample`` stage) while cross-attention is recorded; Grounded-SAM segments each
+category on the generated image; the share of the category tokens' attention inside its mask is averaged
+per resolution group. Outs: metrics/grounding/<MODEL>.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples, grounding_rows,
+                                     load_sampler, summarize_grounding)
+from pipeline.config import active_profile, load_params, section
+from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
+from pipeline.multigen import MultiGenCfg, load_prompt_set
+from pipeline.runtime import setup_logging, write_json
+from pipeline.sampling import prompt_items
+
+log = logging.getLogger("stages.grounding_eval")
+
+
+def main(key: str) -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "grounding_eval", GroundingEvalCfg)
+    scale = section(params, "profile.grounding_eval", GroundingEvalScale)
+    gsam, masks = section(params, "grounding", GroundingCfg), section(params, "profile.masks", MasksScale)
+    mg = section(params, "multigen", MultiGenCfg)
+    sampler, ref = load_sampler(params, key)
+    models_dir, device = Path(active_profile(params)["models_dir"]), sampler.pipe.unet.device
+    grounder = Grounder(GroundingDetector.load(masks.detector, models_dir, device, masks.half_precision),
+                        load_segmenter(masks.segmenter, models_dir, device, masks.half_precision),
+                        gsam.box_threshold, gsam.text_threshold, masks.batch_size, sampler.size)
+    metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "detector": masks.detector,
+               "segmenter": masks.segmenter, "box_threshold": gsam.box_threshold,
+               "text_threshold": gsam.text_threshold, "images_per_prompt": scale.images_per_prompt,
+               "steps": sampler.scale.num_inference_steps, "size": sampler.size, "seed": sampler.seed,
+               "share_over": "all denoising steps, heads and layers of each group; category sub-tokens summed"}
+    rows = []
+    for name in scale.prompt_sets:
+        prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.num_prompts)
+        items = prompt_items(name, prompts, scale.images_per_prompt)
+        set_rows, samples = grounding_rows(sampler, grounder, items, cfg.groups)
+        rows += set_rows
+        same = compare_with_samples(Path("artifacts/samples") / key / name, samples, items)
+        metrics.update({f"{name}_prompts": len(prompts), **{f"{name}_{k}": v for k, v in same.items()}})
+    metrics.update(summarize_grounding(rows, cfg.groups))
+    write_json(f"metrics/grounding/{key}.json", metrics)
+    log.info("%s: %d of %d categories scored; mean share %.3f (uniform attention: %.3f)", key,
+             metrics["categories_scored"], metrics["categories"], metrics["share_mean"], metrics["mask_area_mean"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python stages/grounding_eval.py MODEL   (MODEL: a key of eval_models, plain SD sampler)")
+    main(sys.argv[1])

@@ -1,0 +1,45 @@
+"""Stage `report`: one self-contained HTML page and its Markdown twin with every result of the pipeline.
+
+Deps: metrics/ and plots/ of the evaluation stages (read if present; a missing input is named on the page),
+data/published.yaml. Outs: report/index.html, report/README.md, report/figures/; metrics/report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import report
+from pipeline.config import load_params, section
+from pipeline.runtime import setup_logging, write_json
+
+log = logging.getLogger("stages.report")
+
+
+@dataclass(frozen=True)
+class ReportCfg:
+    """Params section ``report``."""
+
+    published: Path
+    title: str
+    decimals: int
+    out_dir: Path
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "report", ReportCfg)
+    profile = params["profile"]
+    published = report.load_published(cfg.published)
+    sections = report.build_sections(Path("."), published, profile, cfg.decimals)
+    counts = report.write_report(cfg.out_dir, cfg.title, sections, banner=report.profile_banner(profile))
+    missing = [b.text for s in sections for b in s.blocks if isinstance(b, report.Text) and b.kind == "missing"]
+    for note in missing:
+        log.warning("%s", note)
+    write_json("metrics/report.json", {"profile": profile, **counts})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Attention-map aggregation, the grounding share, figures, and per-step capture on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import attention_maps as am
+from pipeline import figures
+
+
+def test_group_map_averages_layers_and_heads_and_keeps_conditional_half():
+    gen = torch.Generator().manual_seed(0)
+    # 2 layers, CFG batch of 2 images (uncond 0..1, cond 2..3), 3 heads, 2x2 queries, 5 tokens.
+    layers = [torch.rand(4, 3, 4, 5, generator=gen).softmax(-1) for _ in range(2)]
+    out = am.group_map(layers, num_images=2)
+    arr = np.stack([m.numpy() for m in layers])  # (L, B, heads, P, T)
+    expected = np.zeros((2, 4, 5))
+    for b in range(2):
+        for layer in range(2):
+            for head in range(3):
+                expected[b] += arr[layer, 2 + b, head] / 6.0
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(am.group_map(layers).numpy(), arr.mean(axis=(0, 2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="neither 3 images nor 6"):
+        am.group_map(layers, num_images=3)
+    with pytest.raises(ValueError, match="no attention maps captured"):
+        am.group_map([])
+
+
+def test_token_maps_sum_subtokens_in_row_major_layout():
+    group = torch.zeros(1, 6, 4)  # 2x3 is not square -> error; use 2x2 below
+    with pytest.raises(ValueError, match="do not form a square"):
+        am.token_maps(group, [[1]])
+    group = torch.arange(1 * 4 * 5, dtype=torch.float32).reshape(1, 4, 5)  # value = 5*query + token
+    maps = am.token_maps(group, [[2], [1, 3]])
+    assert maps.shape == (1, 2, 2, 2)
+    # query q sits at (q // 2, q % 2), as diffusers flattens (H, W)
+    np.testing.assert_array_equal(maps[0, 0].numpy(), [[2, 7], [12, 17]])
+    np.testing.assert_array_equal(maps[0, 1].numpy(), [[4, 14], [24, 34]])
+    with pytest.raises(ValueError, match="outside 0..4"):
+        am.token_maps(group, [[5]])
+
+
+def test_grounding_share_reproduces_spec_worked_example():
+    # SPEC §1.7: heads [[.2,.1],[.05,.05]] and [[.1,.1],[.1,.1]], mask top-left cell; both heads carry 0.4, so
+    # the head-averaged map's share equals the mean of per-head ratios, 0.375 = 1 - sqrt(0.390625).
+    heads = torch.tensor([[[0.20, 0.10], [0.05, 0.05]], [[0.10, 0.10], [0.10, 0.10]]])
+    avg = heads.mean(0, keepdim=True)
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, :4, :4] = True  # exactly the top-left attention cell at image size 8
+    share = am.grounding_share(avg, mask)
+    assert share.shape == (1,)
+    assert math.isclose(float(share), 0.375, rel_tol=1e-6)
+    assert math.isclose((1 - float(share)) ** 2, 0.390625, rel_tol=1e-6)
+
+
+def test_grounding_share_matches_pixel_level_computation():
+    rng = np.random.default_rng(1)
+    maps = rng.random((3, 4, 4)).astype(np.float32)
+    masks = rng.random((3, 32, 32)) > 0.7
+    masks[2] = False  # an empty mask: share 0
+    got = am.grounding_share(torch.from_numpy(maps), torch.from_numpy(masks)).numpy()
+    for k in range(3):
+        spread = np.kron(maps[k], np.ones((8, 8))) / 64.0  # each cell's mass spread over its 8x8 pixels
+        np.testing.assert_allclose(got[k], (spread * masks[k]).sum() / spread.sum(), rtol=1e-5)
+    assert got[2] == 0.0
+    assert math.isnan(float(am.grounding_share(torch.zeros(1, 2, 2), torch.ones(1, 4, 4, dtype=torch.bool))[0]))
+    with pytest.raises(ValueError, match="expected \\(K, h, w\\) maps"):
+        am.grounding_share(torch.zeros(2, 2, 2), torch.ones(1, 4, 4))
+
+
+def test_upsample_and_normalise():
+    maps = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]]])
+    up = am.upsample(maps, 8)
+    assert up.shape == (1, 2, 8, 8)
+    assert float(up[0, 0].min()) >= 0.0 and float(up[0, 0].max()) <= 3.0
+    assert torch.allclose(up[0, 1], torch.full((8, 8), 5.0))
+    norm = am.normalise(up)
+    assert float(norm[0, 0].min()) == 0.0 and float(norm[0, 0].max()) == 1.0
+    assert float(norm[0, 1].abs().max()) == 0.0  # constant map -> zeros, no division by zero
+
+
+def test_attention_grid_layout():
+    image = np.full((32, 32, 3), 128, np.uint8)
+    maps = np.random.default_rng(0).random((2, 3, 4, 32, 32))
+    png = figures.attention_grid(image, maps, ["up_16", "up_64"], ["s0", "s1", "s2"], list("abcd"), "title")
+    figure = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert figure.shape[1] > 7 * 32 and figure.shape[0] > 4 * 32  # 4 token rows by 7 cells (image + 2 x 3)
+    with pytest.raises(ValueError, match="do not match"):
+        figures.attention_grid(image, maps, ["up_16"], ["s0", "s1", "s2"], list("abcd"))
+    with pytest.raises(ValueError, match="same size"):
+        figures.attention_grid(image[:16], maps, ["up_16", "up_64"], ["s0", "s1", "s2"], list("abcd"))
+
+
+def test_overlay_blends_colour_map_and_grey():
+    grey = np.full((2, 2), 0.5)
+    heat = np.array([[0.0, 1.0], [0.5, 2.0]])
+    out = figures.overlay(grey, heat, alpha=0.6)
+    import matplotlib
+
+    jet = matplotlib.colormaps["jet"]
+    np.testing.assert_allclose(out[0, 1], 0.6 * np.array(jet(1.0)[:3]) + 0.2)
+    np.testing.assert_allclose(out[1, 1], out[0, 1])  # clipped to 1
+    np.testing.assert_allclose(figures.overlay(grey, heat, alpha=0.0), np.full((2, 2, 3), 0.5))
+
+
+def test_step_recorder_on_tiny_pipeline(tiny_sd, models_dir):
+    from pipeline.attention import capturing
+    from pipeline.models import load_sd_pipeline
+
+    pipe = load_sd_pipeline(str(tiny_sd), models_dir)
+    steps = 4
+    pipe.scheduler.set_timesteps(steps)
+    num_timesteps = len(pipe.scheduler.timesteps)  # PNDM (skip_prk_steps) runs one extra evaluation
+    keep = am.resolve_steps([0, -1], num_timesteps)
+    assert keep == [0, num_timesteps - 1]
+    with capturing(pipe.unet, ["mid_8", "up_64"], detach=True) as store:
+        recorder = am.StepRecorder(store, num_images=2, keep_steps=range(num_timesteps))
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        pipe(["a cat and a dog"] * 2, num_inference_steps=steps, generator=gens, guidance_scale=7.5,
+             callback_on_step_end=recorder, output_type="np")
+    assert recorder.num_steps == num_timesteps == len(recorder.steps)
+    up = recorder.steps[0]["up_64"]
+    assert up.shape == (2, 16 * 16, 77) and store.resolution("up_64") == 16
+    assert recorder.steps[0]["mid_8"].shape == (2, 2 * 2, 77)
+    torch.testing.assert_close(up.sum(-1), torch.ones(2, 256))  # softmax over the 77 keys
+    mean = torch.stack([recorder.steps[s]["up_64"] for s in range(num_timesteps)]).mean(0)
+    torch.testing.assert_close(recorder.mean["up_64"], mean)
+    assert not torch.equal(recorder.steps[0]["up_64"], recorder.steps[num_timesteps - 1]["up_64"])
+    with pytest.raises(ValueError, match="outside 0..4"):
+        am.resolve_steps([7], 5)
+
+
+def _tiny_sampler(tiny_sd, models_dir, batch_size: int, pipe=None):
+    from pipeline.models import load_sd_pipeline
+    from pipeline.sampling import Sampler, SamplingCfg, SamplingScale
+
+    pipe = pipe or load_sd_pipeline(str(tiny_sd), models_dir)
+    scale = SamplingScale(num_inference_steps=3, images_per_prompt=2, batch_size=batch_size)
+    return Sampler(pipe, "sd", SamplingCfg(), scale, seed=0)
+
+
+def test_recording_pipe_serves_the_sampler_per_image(tiny_sd, models_dir):
+    from pipeline.attention import capturing
+    from pipeline.sampling import SampleItem
+    from pipeline.shards import image_from_bytes
+
+    items = [SampleItem("coco", p, j, text, ()) for p, text in enumerate(["a cat", "a red cup"]) for j in range(2)]
+    plain = _tiny_sampler(tiny_sd, models_dir, batch_size=4).rows(items)
+    records = {}
+    for batch_size in (3, 1):  # two calls (3 + 1 images), then four single-image calls
+        sampler = _tiny_sampler(tiny_sd, models_dir, batch_size)
+        with capturing(sampler.pipe.unet, ["up_32", "up_64"], detach=True) as store:
+            recording = am.RecordingPipe(sampler.pipe, store, keep_steps=[0, -1])
+            sampler.pipe = recording
+            rows = sampler.rows(items)
+        assert [r["status"] for r in rows] == ["ok"] * 4 and len(recording.records) == 4
+        for row, ref in zip(rows, plain):  # capture changes the images by float rounding at most
+            got, want = (np.asarray(image_from_bytes(r["image"]), int) for r in (row, ref))
+            assert np.abs(got - want).max() <= 1
+        records[batch_size] = recording.records
+    n = recording.num_timesteps(3)
+    for batched, alone in zip(records[3], records[1]):
+        assert sorted(batched.steps) == [0, n - 1] and batched.mean["up_64"].shape == (256, 77)
+        torch.testing.assert_close(batched.mean["up_64"], alone.mean["up_64"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.steps[0]["up_32"], alone.steps[0]["up_32"], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(records[1][0].mean["up_64"], records[1][2].mean["up_64"])  # other prompt
+
+
+def test_word_tokens_and_figure_maps(clip_tokenizer):
+    positions, labels = am.word_tokens(clip_tokenizer, "a photo of a surfboard, and a cat.")
+    assert labels == ["a", "photo", "of", "a", "surf", "board", "and", "a", "cat"]
+    assert positions == [1, 2, 3, 4, 5, 6, 8, 9, 10]  # 7 is the comma, 11 the period
+    gen = torch.Generator().manual_seed(0)
+    record = am.ImageAttention({0: {"up_16": torch.rand(4, 77, generator=gen)}}, {0: 981},
+                               {"up_16": torch.rand(4, 77, generator=gen)})
+    maps = am.figure_maps(record, ["up_16"], [1, 5], (8, 8))
+    assert maps.shape == (1, 1, 2, 8, 8) and maps.min() == 0.0 and maps.max() == 1.0
+    shares = am.image_shares(record, ["up_16"], [[5, 6]], torch.ones(1, 8, 8, dtype=torch.bool))
+    assert torch.allclose(shares["up_16"], torch.ones(1))  # a mask covering the image holds all attention
+
+
+def test_category_tokens_match_spec_examples(clip_tokenizer):
+    # SPEC §6.3: COCO prompt 0 and 1 token positions (SOT = 0); all sub-tokens of each name.
+    prompt = "a photo of a book, a cup, a kite, a mouse, and a surfboard."
+    objects = ["book", "cup", "kite", "mouse", "surfboard"]
+    indices, status, _ = am.category_tokens(clip_tokenizer, prompt, objects)
+    assert indices == [[5], [8], [11], [14], [18, 19]] and status == ["ok"] * 5
+    prompt = "a photo of a wine glass, a skateboard, a refrigerator, a boat, and a vase."
+    objects = ["wine glass", "skateboard", "refrigerator", "boat", "vase"]
+    indices, _, _ = am.category_tokens(clip_tokenizer, prompt, objects)
+    assert indices == [[5, 6], [9], [12], [15], [19]]
+    indices, status, errors = am.category_tokens(clip_tokenizer, "a photo of a cat.", ["dog"])
+    assert indices == [[]] and status == ["not_in_caption"] and "dog" in errors[0]
+
+
+class _FullMaskGrounder:
+    """Stands in for Grounded-SAM: the first phrase of each image gets the whole image, the rest nothing."""
+
+    def run(self, jobs):
+        from pipeline.shards import rle_encode
+
+        rows = []
+        for job in jobs:
+            item = job.item
+            for k, phrase in enumerate(item["phrases"]):
+                full = k == 0 and job.image is not None
+                mask = np.ones((job.image.height, job.image.width), bool) if full else None
+                rows.append(dict(image_id=item["image_id"], phrase=phrase, token_indices=item["token_indices"][k],
+                                 mask=rle_encode(mask) if full else None, status="ok" if full else "no_detection",
+                                 error="" if full else "no box"))
+        return rows
+
+
+def test_grounding_rows_and_summary(tiny_sd, models_dir):
+    from pipeline.multigen import MultiGenPrompt
+    from pipeline.sampling import prompt_items
+
+    prompts = [MultiGenPrompt(0, "a photo of a cup, a kite, and a boat.", ("cup", "kite", "boat"))]
+    items = prompt_items("coco", prompts, 2)
+    sampler = _tiny_sampler(tiny_sd, models_dir, batch_size=2)
+    rows, samples = am.grounding_rows(sampler, _FullMaskGrounder(), items, ["mid_8", "up_64"])
+    assert [r["image_id"] for r in rows] == ["coco/0_0"] * 3 + ["coco/0_1"] * 3
+    cup = [r for r in rows if r["phrase"] == "cup"]
+    assert all(r["status"] == "ok" and r["share_up_64"] == pytest.approx(1.0) and r["mask_area"] == 1.0 for r in cup)
+    assert all(math.isnan(r["share_mid_8"]) for r in rows if r["phrase"] != "cup")
+    summary = am.summarize_grounding(rows, ["mid_8", "up_64"])
+    assert summary["categories"] == 6 and summary["categories_scored"] == 2 and summary["status_no_detection"] == 4
+    assert summary["share_mean"] == pytest.approx(1.0) and summary["mask_area_mean"] == 1.0
+    assert len(samples) == 2 and all(s["status"] == "ok" for s in samples)
+
+
+def test_summarize_grounding_known_answer():
+    rows = [{"status": "ok", "mask_area": 0.25, "share_up_16": 0.5, "share_up_64": 0.7},
+            {"status": "ok", "mask_area": 0.75, "share_up_16": 0.9, "share_up_64": 0.1},
+            {"status": "no_detection", "mask_area": math.nan, "share_up_16": math.nan, "share_up_64": math.nan}]
+    out = am.summarize_grounding(rows, ["up_16", "up_64"])
+    assert out["share_up_16"] == pytest.approx(0.7) and out["share_up_64"] == pytest.approx(0.4)
+    assert out["share_mean"] == pytest.approx(0.55) and out["mask_area_mean"] == pytest.approx(0.5)
+    assert (out["categories"], out["categories_scored"], out["status_ok"], out["status_no_detection"]) == (3, 2, 2, 1)
+    empty = am.summarize_grounding([], ["up_16"])
+    assert empty["categories"] == 0 and math.isnan(empty["share_mean"])
+
+
+def test_compare_with_samples(tmp_path):
+    from pipeline.sampling import SampleItem
+    from pipeline.shards import png_bytes, write_shards
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    other = img.copy()
+    other[0, 0] = 7
+    items = [SampleItem("coco", 0, j, "t", ()) for j in range(3)]
+    stored = [{"prompt_id": 0, "image_index": j, "image": png_bytes(img), "status": "ok"} for j in range(2)]
+    write_shards(tmp_path / "s", stored, lambda chunk: chunk, 2, {})
+    samples = [{"image": png_bytes(img), "status": "ok"}, {"image": png_bytes(other), "status": "ok"},
+               {"image": png_bytes(img), "status": "ok"}]  # the third has no stored counterpart
+    assert am.compare_with_samples(tmp_path / "s", samples, items) == {
+        "images_compared": 2, "images_identical": 1, "max_pixel_diff": 7}
+    assert am.compare_with_samples(tmp_path / "absent", samples, items)["images_compared"] == 0

@@ -1,0 +1,262 @@
+"""Report: published numbers against the SPEC tables, tables and figures on the page, a headless browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import report
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO.parent / "shared" / "reference" / "SPEC.md"
+PUBLISHED = REPO / "data" / "published.yaml"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# --- published numbers against the SPEC ------------------------------------------------------------
+
+def _spec_table(heading: str) -> list[list[str]]:
+    """Body rows (cells stripped) of the first Markdown table after the SPEC heading ``heading``."""
+    if not SPEC.is_file():
+        pytest.skip(f"{SPEC} not present (the shared reference folder sits beside the checkout)")
+    lines = SPEC.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    rows, seen = [], False
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            seen = True
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif seen:
+            break
+    return [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"[*†]", "", name).strip()
+
+
+def test_published_multigen_matches_spec_3_7():
+    spec = _spec_table("### 3.7")
+    rows = {r["method"]: r for r in report.load_published(PUBLISHED)["multigen"]["rows"]}
+    names = {"SD 1.4": "SD 1.4", "Attend-and-Excite": "Attend-and-Excite", "TokenCompose": "TokenCompose"}
+    assert len(spec) == 3 and {s[0] for s in spec} == set(names)
+    for cells in spec:
+        row = rows[names[cells[0]]]
+        assert row["oa"] == float(cells[1])
+        for cell, (key, level) in zip(cells[2:], [(s, k) for s in ("coco", "ade20k") for k in (2, 3, 4, 5)]):
+            mean, std = re.fullmatch(r"([\d.]+)\(([\d.]+)\)", cell).groups()
+            assert (row[f"{key}_mg{level}"], row[f"{key}_mg{level}_std"]) == (float(mean), float(std)), cell
+
+
+def test_published_piebench_matches_spec_5_7():
+    spec = _spec_table("### 5.7")
+    published = report.load_published(PUBLISHED)["piebench"]["rows"]
+    assert len(spec) == len(published) == 11
+    for cells, row in zip(spec, published):
+        assert (_clean(cells[0]), _clean(cells[1])) == (row["inversion"], row["editing"])
+        assert [float(c) for c in cells[2:]] == [row[key] for key, _ in report.PIE_COLUMNS]
+        assert ("base" in row) == cells[1].endswith("*")
+        assert ("note" in row) == ("†" in cells[0])
+
+
+def test_published_sources_cite_spec_commits():
+    spec = SPEC.read_text() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
+    published = report.load_published(PUBLISHED)
+    for part, short in (("multigen", "TC"), ("piebench", "PNP")):
+        src = published[part]["source"]
+        match = re.search(rf"\| {short} \| `([^`]+)`\s*\| `([0-9a-f]{{40}})`", spec)
+        assert match and (src["repository"], src["commit"]) == match.groups()
+    assert published["study"]["recorded"] is False
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def _mg_metrics(base: float) -> dict:
+    values = {"num_prompts": 6, "images_per_prompt": 2, "det_threshold": 0.1, "model": "embedded:tiny-sd"}
+    for s in ("coco", "ade20k"):
+        for k in range(1, 6):
+            values[f"{s}_mg{k}"], values[f"{s}_mg{k}_std"] = base / k, 1.0 / k
+    return values
+
+
+def test_multigen_section_lines_up_run_and_published_rows():
+    published = report.load_published(PUBLISHED)
+    section = report.multigen_section({"sd14": _mg_metrics(60.0)}, published["multigen"], "demo")
+    coco = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "multigen_coco")
+    assert coco.columns == ["Model", "Source", "MG2", "MG3", "MG4", "MG5", "OA"]
+    assert coco.rows[0] == ["sd14", "this run (demo)", "30.00(0.50)", "20.00(0.33)", "15.00(0.25)",
+                            "12.00(0.20)", "—"]
+    assert coco.rows[3][0] == "TokenCompose" and coco.rows[3][2] == "98.08(0.40)" and coco.rows[3][6] == "52.15"
+    prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("MultiGen: what"))
+    assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
+                                  "num_prompts = 6"]]
+    assert coco.rows[1][1] == "published (mlpc-ucsd/TokenCompose)"
+
+
+def test_missing_inputs_are_named_not_hidden():
+    published = report.load_published(PUBLISHED)
+    section = report.piebench_section({}, published["piebench"], "demo")
+    notes = [b.text for b in section.blocks if isinstance(b, report.Text) and b.kind == "missing"]
+    assert notes and "metrics/piebench/<backbone>.json" in notes[0] and "dvc repro piebench" in notes[0]
+    table = next(b for b in section.blocks if isinstance(b, report.Table))
+    assert len(table.rows) == 11  # the published rows are still shown
+
+
+def test_fmt_handles_missing_and_nan():
+    assert report.fmt(None) == "—" and report.fmt(float("nan"), 1.0) == "—"
+    assert report.fmt(1.0, None) == "1.00" and report.fmt(1.005, 0.25, decimals=1) == "1.0(0.2)"
+
+
+# --- rendering and the browser ---------------------------------------------------------------------
+
+def _png(color: tuple[int, int, int], size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _noise_png(size=(900, 700)) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_large_figures_are_inlined_as_jpeg():
+    small = _png((1, 2, 3))
+    assert report.embedded_image(small) == ("image/png", small)
+    big = _noise_png((2000, 500))
+    assert len(big) > report.EMBED_PNG_LIMIT
+    mime, data = report.embedded_image(big)
+    image = Image.open(io.BytesIO(data))
+    assert mime == "image/jpeg" and image.format == "JPEG" and image.size == (1600, 400) and len(data) < len(big)
+
+
+def _sections() -> list[report.Section]:
+    table = report.Table("numbers <&>", ["Model", "Source", "x|y"], [["a", "b", "1.00"], ["c", "d", "2.00"]], "t1")
+    figs = [report.Figure(f"figure {i}", _png((40 * i, 90, 200)), f"f{i}.png") for i in range(3)]
+    return [report.Section("One", [report.Text("intro"), table, figs[0]]),
+            report.Section("Two", [report.Text("absent", kind="missing"), *figs[1:],
+                                   report.Table("second", ["A", "B"], [["1", "2"]], "t2")])]
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.links = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append(attrs.get("id"))
+        if tag == "img":
+            self.images.append(attrs)
+        for key in ("src", "href"):
+            if key in attrs and tag != "img":
+                self.links.append(attrs[key])
+
+
+def test_html_is_self_contained_and_markdown_twin_matches(tmp_path):
+    counts = report.write_report(tmp_path, "Report", _sections(), banner="demo profile")
+    assert counts == {"sections": 2, "tables": 2, "figures": 3, "missing_inputs": 1}
+    page = (tmp_path / "index.html").read_text()
+    parsed = _Collect()
+    parsed.feed(page)
+    assert parsed.tables == ["t1", "t2"] and not parsed.links
+    assert "numbers &lt;&amp;&gt;" in page and "http" not in page
+    decoded = [base64.b64decode(img["src"].removeprefix("data:image/png;base64,")) for img in parsed.images]
+    assert decoded == [b.png for s in _sections() for b in s.blocks if isinstance(b, report.Figure)]
+    md = (tmp_path / "README.md").read_text()
+    assert "| a | b | 1.00 |" in md and "x\\|y" in md and "> **demo profile**" in md
+    for i in range(3):
+        assert f"](figures/f{i}.png)" in md and (tmp_path / "figures" / f"f{i}.png").read_bytes() == decoded[i]
+
+
+def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_page_in_headless_chromium(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("headless browser check needs Debian's chromium at /usr/bin/chromium "
+                    "(apt-get install -y chromium); CI installs it")
+    sections = _sections() + [report.Section("Big", [report.Figure("noise", _noise_png(), "big.png")])]
+    report.write_report(tmp_path / "report", "Report", sections, banner="demo profile")
+    url = (tmp_path / "report" / "index.html").as_uri()
+    dom = _chromium(["--dump-dom", url], tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = _Collect()
+    parsed.feed(dom.stdout)
+    assert parsed.tables == ["t1", "t2"] and len(parsed.images) == 4
+    assert parsed.images[3]["src"].startswith("data:image/jpeg;base64,")
+    assert [img.get("data-decoded") for img in parsed.images] == ["1"] * 4, "browser failed to decode an image"
+    assert 'id="profile-banner"' in dom.stdout
+    shot = tmp_path / "report.png"
+    run = _chromium(["--window-size=1200,900", f"--screenshot={shot}", url], tmp_path)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (900, 1200) and pixels.std() > 0  # not a blank page (kept in tmp_path)
+
+
+# --- the whole page from pipeline outputs -----------------------------------------------------------
+
+def _write_outputs(root: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    (root / "metrics" / "multigen").mkdir(parents=True)
+    (root / "metrics" / "multigen" / "sd14.json").write_text(json.dumps(_mg_metrics(50.0)))
+    (root / "metrics" / "piebench").mkdir()
+    pie = {key: 1.0 + i for i, (key, _) in enumerate(report.PIE_COLUMNS)}
+    pie.update({"backbone": "base", "scored": 6, "type_0.clip_whole": 3.0, "clip_whole.n": 6, "clip_whole.nan": 0})
+    (root / "metrics" / "piebench" / "base.json").write_text(json.dumps(pie))
+    (root / "metrics" / "grounding").mkdir()
+    (root / "metrics" / "grounding" / "sd14.json").write_text(json.dumps(
+        {"share_up_16": 0.25, "share_down_64": 0.5, "share_mean": 0.375, "categories": 10}))
+    (root / "metrics" / "train.json").write_text(json.dumps({"steps": 30, "loss_final": 0.1}))
+    (root / "plots" / "attention").mkdir(parents=True)
+    pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.7], "token": [0.5, 0.4, 0.3]}).to_csv(
+        root / "plots" / "train_curves.csv", index=False)
+    (root / "plots" / "attention" / "sd14_0.png").write_bytes(_png((200, 10, 10)))
+    (root / "plots" / "edits_base.png").write_bytes(_png((10, 200, 10)))
+
+
+def test_build_sections_from_pipeline_outputs(tmp_path):
+    _write_outputs(tmp_path)
+    published = report.load_published(PUBLISHED)
+    sections = report.build_sections(tmp_path, published, "demo")
+    tables = {b.name: b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.name}
+    assert set(tables) >= {"multigen_coco", "multigen_ade20k", "piebench", "grounding", "train"}
+    assert tables["piebench"].rows[0] == ["BLD, base backbone", "this run (demo)",
+                                          "1.00", "2.00", "3.00", "4.00", "5.00", "6.00", "7.00"]
+    assert tables["grounding"].columns == ["Model", "down_64", "up_16", "mean"]  # SD1.4 group order
+    assert tables["grounding"].rows == [["sd14", "0.500", "0.250", "0.375"]]
+    prov = [b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.caption.startswith("PIE-Bench: what")]
+    assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
+    figures = [b.name for s in sections for b in s.blocks if isinstance(b, report.Figure)]
+    assert figures == ["plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
+    texts = [b for s in sections for b in s.blocks if isinstance(b, report.Text)]
+    assert [b.text for b in texts if b.kind == "note"] == [published["study"]["note"]]
+    assert not [b.text for b in texts if b.kind == "missing"]  # every input present
+
+
+def test_build_sections_names_every_missing_input(tmp_path):
+    sections = report.build_sections(tmp_path, report.load_published(PUBLISHED), "paper")
+    notes = " ".join(b.text for s in sections for b in s.blocks if isinstance(b, report.Text) and b.kind == "missing")
+    for path in ("metrics/multigen/<model>.json", "metrics/piebench/<backbone>.json", "plots/edits_<backbone>.png",
+                 "metrics/train.json", "train_curves.csv", "plots/attention/<model>_<i>.png",
+                 "metrics/grounding/<model>.json"):
+        assert path in notes
+    assert "meaningless" in report.profile_banner("demo") and "meaningless" not in report.profile_banner("paper")
