@@ -90,3 +90,15 @@ def test_state_dict_hash_covers_scalars_and_dtypes():
     c = torch.nn.Module()
     c.register_buffer("scale", torch.tensor(3.0))
     assert len({zoo.state_dict_hash(m) for m in (a, b, c)}) == 3
+
+
+def test_tiny_vae_scaling_gives_unit_variance_latents(tiny_sd):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd / "vae")
+    gen = torch.Generator().manual_seed(1)  # other images than the calibration batch
+    coarse = torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1
+    images = torch.nn.functional.interpolate(coarse, size=128, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    assert 0.7 < float(latents.std()) < 1.4

@@ -143,9 +143,27 @@ def build_sd14_unet(seed: int | None = None) -> torch.nn.Module:
         return UNet2DConditionModel(**SD14_UNET)
 
 
+def calibrate_vae_scaling(vae: torch.nn.Module, image_size: int, num_images: int = 8) -> float:
+    """Set ``vae.config.scaling_factor`` so latents of smooth random images have unit variance.
+
+    SD1.4's factor 0.18215 was chosen the same way for its trained VAE (latents x factor ~ N(0, 1)); a
+    random VAE needs its own, or the diffusion noise schedule would swamp its latents. Returns the factor.
+    """
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.rand(num_images, 3, 8, 8, generator=gen) * 2 - 1
+    images = torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        std = float(vae.encode(images).latent_dist.mean.std())
+    factor = 1.0 / std
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
 @register("tiny-sd", "tiny Stable Diffusion 1.x (SD1.4 block layout, latent 16, real CLIP tokenizer)")
 def build_tiny_sd(out_dir: Path, seed: int) -> None:
-    save_sd_pipeline(out_dir, build_sd_components(TINY_UNET, TINY_VAE, TINY_TEXT))
+    components = build_sd_components(TINY_UNET, TINY_VAE, TINY_TEXT)
+    calibrate_vae_scaling(components["vae"], TINY_VAE["sample_size"])
+    save_sd_pipeline(out_dir, components)
 
 
 @register("sd14-random", "Stable Diffusion 1.4 architecture with random weights (several GB)")
