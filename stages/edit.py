@@ -1,0 +1,76 @@
+"""Stage `edit@<backbone>`: Blended Latent Diffusion on the PIE-Bench set with one backbone (SPEC §4).
+
+Usage: ``python stages/edit.py <backbone>`` with a backbone named in ``profiles.<p>.editing.backbones``.
+Outs: artifacts/edits/<backbone>/ (shards: image_id, image (PNG), prompt, seed, mask_fraction, status,
+error; resumable), metrics/edit/<backbone>.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from PIL import Image
+
+from pipeline.benchmarks import MAPPING_FILE, read_mapping, strip_brackets
+from pipeline.config import ConfigError, active_profile, load_params, section
+from pipeline.editing import (BlendedLatentEditor, EditingCfg, EditingScale, EditItem, edit_fingerprint,
+                              edit_rows)
+from pipeline.grounding import prepare_for_ranks
+from pipeline.models import load_sd_pipeline
+from pipeline.piebench import load_example
+from pipeline.runtime import setup_logging, write_json
+from pipeline.shards import STATUS_OK, read_shards, write_shards
+
+log = logging.getLogger("stages.edit")
+DATA = Path("artifacts/data/piebench")
+
+
+def load(image_id: str, entry) -> EditItem:
+    image, mask = load_example(DATA, entry)
+    return EditItem(image_id, Image.fromarray(image), mask, strip_brackets(entry.editing_prompt))
+
+
+def main(name: str) -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "editing", EditingCfg)
+    scale = section(params, "profile.editing", EditingScale)
+    if name not in scale.backbones:
+        raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r} "
+                          f"(known: {', '.join(scale.backbones)})")
+    backbone, state = scale.backbones[name], PartialState()  # one process, or one per GPU under accelerate
+    pipe = load_sd_pipeline(backbone.model, active_profile(params)["models_dir"], unet_ref=backbone.unet,
+                            torch_dtype=getattr(torch, scale.dtype), device=state.device)
+    editor = BlendedLatentEditor(pipe, cfg, scale.num_inference_steps, params["seed"])
+    records = sorted(read_mapping(DATA / MAPPING_FILE).items())
+    out_dir = Path("artifacts/edits") / name
+    start, fingerprint = time.perf_counter(), edit_fingerprint(editor, scale, backbone, DATA)
+    rank, world = state.process_index, state.num_processes
+    prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, state.wait_for_everyone)
+    write_shards(out_dir, records, lambda chunk: edit_rows(editor, chunk, load, scale.batch_size),
+                 scale.shard_size, fingerprint, rank, world, desc=f"edit {name}")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    rows = read_shards(out_dir, columns=["image_id", "status", "mask_fraction"])
+    ok = int((rows["status"] == STATUS_OK).sum())
+    write_json(f"metrics/edit/{name}.json", {
+        "backbone": name, "model": backbone.model, "unet": backbone.unet or "", "images": len(rows), "ok": ok,
+        "failed": len(rows) - ok, "resolution": editor.resolution, "steps": scale.num_inference_steps,
+        "loop_steps": len(editor.loop_timesteps()), "init": cfg.init, "blend": cfg.blend,
+        "guidance_scale": cfg.guidance_scale, "blending_start": cfg.blending_start,
+        "mean_latent_mask_fraction": float(rows["mask_fraction"].mean()) if ok else None,
+        "seconds": round(time.perf_counter() - start, 2)})
+    if ok < len(rows):
+        log.warning("%d of %d edits failed; see the status/error columns of %s", len(rows) - ok, len(rows), out_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python stages/edit.py <backbone>   (a key of profiles.<p>.editing.backbones)")
+    main(sys.argv[1])

@@ -1,0 +1,53 @@
+"""Stage `piebench@<backbone>`: PIE-Bench metrics of one backbone's edits (SPEC §5.4-5.6).
+
+Usage: ``python stages/piebench.py <backbone>``.
+Outs: metrics/piebench/<backbone>.json (table-scaled means, overall and per editing type, with counts),
+plots/piebench_<backbone>.csv (raw metrics per image), plots/edits_<backbone>.png (source / mask / edit).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.benchmarks import MAPPING_FILE, read_mapping
+from pipeline.config import ConfigError, active_profile, load_params, section
+from pipeline.editing import EditingScale
+from pipeline.piebench import PieBenchCfg, PieBenchScale, PieBenchScorer, edits_figure, score_edits, summarize
+from pipeline.runtime import default_device, setup_logging, write_json
+from pipeline.shards import iter_rows
+
+log = logging.getLogger("stages.piebench")
+DATA = Path("artifacts/data/piebench")
+
+
+def main(name: str) -> None:
+    setup_logging()
+    params = load_params()
+    cfg = section(params, "piebench", PieBenchCfg)
+    scale = section(params, "profile.piebench", PieBenchScale)
+    backbones = section(params, "profile.editing", EditingScale).backbones
+    if name not in backbones:
+        raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r}")
+    models_dir = active_profile(params)["models_dir"]
+    scorer = PieBenchScorer.load(scale, cfg, models_dir, params["seed"], default_device())
+    entries = read_mapping(DATA / MAPPING_FILE)
+    edits = {row["image_id"]: row for row in iter_rows(Path("artifacts/edits") / name)}
+    scores, panels = score_edits(scorer, DATA, entries, edits, cfg, scale.panels)
+    Path("plots").mkdir(exist_ok=True)
+    scores.to_csv(f"plots/piebench_{name}.csv", index=False, na_rep="nan")
+    edits_figure(panels, f"plots/edits_{name}.png")
+    summary = summarize(scores)
+    write_json(f"metrics/piebench/{name}.json", {
+        "backbone": name, "model": backbones[name].model, "unet": backbones[name].unet or "",
+        **asdict(cfg), **asdict(scale), **summary})
+    log.info("piebench %s: %d of %d images scored; PSNR %.2f, CLIP whole %.2f", name, summary["scored"],
+             summary["images"], summary["psnr_unedit_part"], summary["clip_whole"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python stages/piebench.py <backbone>   (a key of profiles.<p>.editing.backbones)")
+    main(sys.argv[1])

@@ -1,0 +1,212 @@
+"""Blended Latent Diffusion (SPEC §4, Appendix A) on the embedded tiny Stable Diffusion."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.benchmarks import decode_mask
+from pipeline.editing import (BLD_DDIM_CONFIG, BlendedLatentEditor, EditingCfg, EditItem, blended_latent_loop,
+                              decode_latents, edit_rows, encode_prompts, encode_source, latent_mask, source_tensor)
+from pipeline.models import load_sd_pipeline
+from pipeline.shards import image_from_bytes, read_shards, write_shards
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd, models_dir):
+    return load_sd_pipeline(str(tiny_sd), models_dir)
+
+
+@pytest.fixture(scope="module")
+def calibrated_pipe(tiny_sd, models_dir):
+    """tiny-sd with its VAE scaling factor set so source latents have unit std, as SD's 0.18215 does.
+
+    The random tiny VAE's latents have std ~0.045 at factor 0.18215, so the t = 0 residual noise of the
+    last blend (std 0.029, SPEC §4.1) would be as large as the signal; with calibrated latents it is as
+    small relative to the signal as in SD1.4.
+    """
+    pipe = load_sd_pipeline(str(tiny_sd), models_dir)
+    with torch.no_grad():
+        raw = pipe.vae.encode(torch.stack([source_tensor(scene(s), 128) for s in range(8)])).latent_dist.mean
+    pipe.vae.register_to_config(scaling_factor=float(1 / raw.std()))
+    return pipe
+
+
+def scene(seed: int, size: int = 128) -> Image.Image:
+    """A smooth random RGB image (low frequencies, so the VAE round trip is meaningful)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
+
+
+def box_mask(size: int = 128, lo: int = 32, hi: int = 96) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[lo:hi, lo:hi] = 1
+    return mask
+
+
+class UNetSpy:
+    """Records (timestep, batch size, input latents) of every UNet forward."""
+
+    def __init__(self, unet):
+        self.calls: list[tuple[int, int, torch.Tensor]] = []
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, _module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.calls.append((int(t), sample.shape[0], sample.detach().clone()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def run_loop(pipe, cfg: EditingCfg, masks: torch.Tensor, seed_key: str = "img", steps: int = 10):
+    """Encode a source, run the loop with a known generator; returns (z_src, final z, spy calls)."""
+    editor = BlendedLatentEditor(pipe, cfg, steps, seed=0)
+    z_src = encode_source(pipe.vae, source_tensor(scene(1), editor.resolution)[None])
+    text = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red ball"])
+    gens = [torch.Generator().manual_seed(editor.image_seed(seed_key))]
+    with UNetSpy(pipe.unet) as spy:
+        z = blended_latent_loop(pipe.unet, editor.scheduler, z_src, masks, text, gens, cfg, steps)
+    return editor, z_src, z, spy.calls
+
+
+def test_spec_rle_example_via_shared_decoder():
+    # SPEC §5.3: RLE [5, 3] on a 4x4 grid, then the forced border.
+    expected = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1]], np.uint8)
+    np.testing.assert_array_equal(decode_mask([5, 3], size=4), expected)
+    np.testing.assert_array_equal(decode_mask([5, 3], size=4, force_border=False)[1], [0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("size,latent", [(512, 64), (128, 16), (512, 16)])
+def test_forced_border_never_reaches_latent_mask(size, latent):
+    border_only = decode_mask([], size=size)
+    assert border_only.sum() == 4 * size - 4
+    assert latent_mask(border_only, latent).sum() == 0
+
+
+def test_latent_mask_is_pil_nearest_sampling_of_centres():
+    # NEAREST from 512 to 64 picks pixel 8i + 4 (SPEC §4.2); checked on a random mask with NumPy slicing.
+    mask = (np.random.default_rng(0).random((512, 512)) > 0.5).astype(np.uint8)
+    got = latent_mask(mask, 64)[0].numpy()
+    np.testing.assert_array_equal(got, mask[4::8, 4::8])
+    with pytest.raises(ValueError, match="mask must be"):
+        latent_mask(np.zeros((4, 4, 3)), 2)
+
+
+def test_scheduler_is_the_bld_script_ddim():
+    from diffusers import DDIMScheduler
+
+    assert BLD_DDIM_CONFIG["steps_offset"] == 0 and BLD_DDIM_CONFIG["set_alpha_to_one"] is False
+    sched = DDIMScheduler(**BLD_DDIM_CONFIG)
+    sched.set_timesteps(50)
+    assert sched.timesteps[0] == 980 and sched.timesteps[-1] == 0
+    assert math.isclose(float(sched.final_alpha_cumprod), 1 - 0.00085, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("blend", ["after_step", "before_step"])
+def test_loop_runs_38_cfg_unet_calls_at_740_to_0(pipe, blend):
+    masks = latent_mask(box_mask(), 16)[None]
+    _, _, _, calls = run_loop(pipe, EditingCfg(blend=blend), masks, steps=50)
+    assert [t for t, _, _ in calls] == list(range(740, -1, -20))
+    assert len(calls) == 38
+    assert all(batch == 2 for _, batch, _ in calls)  # unconditional + conditional
+
+
+def test_all_zero_mask_returns_the_vae_reconstruction(calibrated_pipe):
+    pipe = calibrated_pipe
+    zero = torch.zeros(1, 1, 16, 16)
+    editor, z_src, z, _ = run_loop(pipe, EditingCfg(), zero)
+    # Last blend at t = 0: z = sqrt(a0) z_src + sqrt(1 - a0) eps, a0 = 0.99915 -> noise std 0.029.
+    a0 = 1 - 0.00085
+    residual = (z - math.sqrt(a0) * z_src) / math.sqrt(1 - a0)
+    assert abs(float(residual.std()) - 1.0) < 0.1 and abs(float(residual.mean())) < 0.1
+    recon = decode_latents(pipe.vae, z_src).astype(np.float32)
+    edit = decode_latents(pipe.vae, z).astype(np.float32)
+    # Stated tolerance (uint8 grey levels): mean |edit - reconstruction| < 2.5, 99th percentile < 12.
+    assert np.abs(edit - recon).mean() < 2.5 and np.percentile(np.abs(edit - recon), 99) < 12
+    # The same loop with a full mask is free to move away from the source: the check above can fail.
+    _, _, z_full, _ = run_loop(pipe, EditingCfg(), torch.ones(1, 1, 16, 16))
+    assert np.abs(decode_latents(pipe.vae, z_full).astype(np.float32) - recon).mean() > 4 * np.abs(edit - recon).mean()
+
+
+def test_init_variants_and_draw_order(pipe):
+    zero = torch.zeros(1, 1, 16, 16)
+    editor, z_src, _, calls = run_loop(pipe, EditingCfg(init="noise"), zero)
+    gen = torch.Generator().manual_seed(editor.image_seed("img"))
+    draws = [torch.randn((4, 16, 16), generator=gen)[None] for _ in range(3)]
+    torch.testing.assert_close(calls[0][2][:1], draws[0])  # pure noise, first draw
+    sched, (t0, t1) = editor.scheduler, [int(t) for t in editor.loop_timesteps()[:2]]
+    assert (t0, t1) == (700, 600)  # 10 steps, blending start 0.25: timesteps[2:] of 900, 800, ..., 0
+    _, _, _, calls = run_loop(pipe, EditingCfg(init="noised_source"), zero)
+    expected = sched.add_noise(z_src, draws[0], torch.tensor([t0]))
+    torch.testing.assert_close(calls[0][2][:1], expected)  # source noised in one step to the first loop t
+    # LDM order: blend first; with an empty mask the UNet sees the source noised to t with draw 1, 2, ...
+    _, _, _, calls = run_loop(pipe, EditingCfg(blend="before_step"), zero)
+    torch.testing.assert_close(calls[0][2][:1], sched.add_noise(z_src, draws[1], torch.tensor([t0])))
+    torch.testing.assert_close(calls[1][2][:1], sched.add_noise(z_src, draws[2], torch.tensor([t1])))
+
+
+def test_final_latent_keeps_source_outside_mask_only(pipe):
+    # The guarantee of latent blending is in latent space (the VAE decoder mixes globally: its mid block
+    # has self-attention): outside the mask the final latent is the source noised to t = 0.
+    masks = latent_mask(box_mask(lo=0, hi=64), 16)[None]  # latent rows/cols 0-7
+    _, z_src, z, _ = run_loop(pipe, EditingCfg(), masks)
+    a0 = 1 - 0.00085
+    residual = ((z - math.sqrt(a0) * z_src) / math.sqrt(1 - a0))[0]
+    outside, inside = residual[:, 8:, :], residual[:, :8, :8]
+    assert abs(float(outside.std()) - 1) < 0.15 and abs(float(outside.mean())) < 0.15
+    assert float(inside.abs().mean()) > 5  # edited: not the source plus t = 0 noise
+
+
+def test_batch_and_seed_reproducibility(pipe):
+    editor = BlendedLatentEditor(pipe, EditingCfg(), 6, seed=0)
+    items = [EditItem(f"img{i}", scene(i), box_mask(), p) for i, p in enumerate(["a cat", "a dog"])]
+    together = editor.edit(items)
+    alone = editor.edit(items[1:2])[0]
+    assert np.abs(together[1].astype(int) - alone).max() <= 1
+    other_seed = BlendedLatentEditor(pipe, EditingCfg(), 6, seed=1).edit(items[1:2])[0]
+    assert np.abs(other_seed.astype(int) - alone).mean() > 1
+
+
+def test_edit_rows_keep_bad_inputs_and_resume_identically(pipe, tmp_path):
+    editor = BlendedLatentEditor(pipe, EditingCfg(), 4, seed=0)
+    records = [(f"img{i}", i) for i in range(5)]
+
+    def load(image_id, i):
+        if i == 2:
+            raise FileNotFoundError(f"{image_id}.jpg missing")
+        return EditItem(image_id, scene(i), box_mask(), "a red ball")
+
+    def process(chunk):
+        return edit_rows(editor, chunk, load, batch_size=2)
+
+    out = tmp_path / "edits"
+    write_shards(out, records, process, shard_size=2, fingerprint={"v": 1})
+    first = read_shards(out)
+    assert list(first["image_id"]) == [r[0] for r in records]
+    assert list(first["status"]) == ["ok", "ok", "bad_input", "ok", "ok"]
+    assert "missing" in first.loc[2, "error"] and first.loc[2, "image"] is None
+    assert image_from_bytes(first.loc[0, "image"]).size == (128, 128)
+    assert first.loc[0, "mask_fraction"] == pytest.approx(0.25)
+    (out / "part-00001.parquet").unlink()  # a killed run: resume writes the same bytes
+    write_shards(out, records, process, shard_size=2, fingerprint={"v": 1})
+    again = read_shards(out)
+    assert list(again["image"]) == list(first["image"])
+
+
+def test_edit_failure_becomes_a_row(pipe):
+    editor = BlendedLatentEditor(pipe, EditingCfg(), 5, seed=0)
+    good = EditItem("ok", scene(0), box_mask(), "a cat")
+    bad = EditItem("bad", scene(1), np.ones((3, 3, 3)), "a cat")  # not an (H, W) mask
+    rows = edit_rows(editor, [("ok", good), ("bad", bad)], lambda _id, item: item, batch_size=2)
+    assert [r["status"] for r in rows] == ["ok", "edit_failed"]
+    assert "mask must be" in rows[1]["error"] and rows[1]["image"] is None and rows[0]["image"]
