@@ -1,0 +1,151 @@
+"""Throughput of MultiGen sampling: the seeded batched sampler vs the original approach, in one run.
+
+Original approach (SPEC §3.2): fp32, one pipeline call per image (batch 1), default scheduler.
+Ours (``pipeline.sampling.Sampler``): one generator per image, ``batch`` images per call, ``auto`` dtype
+(fp16 on CUDA, fp32 on CPU); a batched fp32 variant separates batching from precision. All variants
+encode PNGs (the original saved PNG files). Reports images/s and ratios to the original.
+
+  python bench/sampling_throughput.py                      # tiny-sd on CPU -> bench/results/sampling_throughput_cpu.json
+  python bench/sampling_throughput.py --device cuda        # SD1.4 architecture, random weights, 512 px, 50 steps
+  python bench/sampling_throughput.py --device cuda --quick   # 10 steps, fewer images (~1 min)
+
+Self-contained: builds its models in memory (no downloads), prompts from data/categories/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.benchmarks import generate_multigen, load_categories  # noqa: E402
+from pipeline.multigen import MultiGenPrompt  # noqa: E402
+from pipeline.sampling import Sampler, SamplingCfg, SamplingScale, prompt_items, resolve_dtype  # noqa: E402
+from pipeline.shards import png_bytes  # noqa: E402
+
+log = logging.getLogger("bench.sampling_throughput")
+
+
+def build_pipeline(device: str):
+    """tiny-sd (CPU) or the SD1.4 architecture with random weights (CUDA), fp32, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.zoo import build
+    from pipeline.zoo.sd import SD14_TEXT, SD14_UNET, SD14_VAE, build_sd_components, clip_tokenizer
+
+    if device == "cpu":
+        folder = Path(tempfile.mkdtemp(prefix="bench-tiny-sd-"))
+        build("tiny-sd", folder, seed=0)
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                       requires_safety_checker=False)
+    else:
+        torch.manual_seed(0)
+        pipe = StableDiffusionPipeline(tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False,
+                                       **build_sd_components(SD14_UNET, SD14_VAE, SD14_TEXT))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def original(pipe, prompts: list[MultiGenPrompt], images: int, steps: int, device: str) -> float:
+    """Seconds for the original loop: one ``pipe(prompt=[text])`` call per image, PNG per image."""
+    sync(device)
+    start = time.perf_counter()
+    for p in prompts:
+        for _ in range(images):
+            png_bytes(pipe(prompt=[p.text], num_inference_steps=steps).images[0])
+    sync(device)
+    return time.perf_counter() - start
+
+
+def batched(sampler: Sampler, prompts: list[MultiGenPrompt], device: str, nan: list[int] | None = None) -> float:
+    """Seconds for the seeded batched sampler over the same prompts (NaN images counted into ``nan``)."""
+    items = prompt_items("bench", prompts, sampler.scale.images_per_prompt)
+    sync(device)
+    start = time.perf_counter()
+    rows = sampler.rows(items)
+    sync(device)
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad and bad[0]["status"] != "nan_image":  # random fp16 weights may overflow: timing still counts
+        raise RuntimeError(f"sampling failed: {bad[0]['error']}")
+    if nan is not None:
+        nan.append(len(bad))
+    return time.perf_counter() - start
+
+
+def run(device: str, num_prompts: int, images: int, batch: int, steps: int) -> dict:
+    """Measure the three variants on the same prompts (one warm-up call each first)."""
+    cats = load_categories("coco")
+    prompts = [MultiGenPrompt(e["unique_id"], e["text"], tuple(e[f"obj_{k}_attributes"][0] for k in range(1, 6)))
+               for e in generate_multigen(cats, num_prompts, seed=0, set_name="coco")]
+    pipe = build_pipeline(device)
+    n = num_prompts * images
+    scale = SamplingScale(num_inference_steps=steps, images_per_prompt=images, batch_size=batch, dtype="float32")
+    results: dict = {}
+    nan: list[int] = []
+    original(pipe, prompts[:1], 1, steps, device)                       # warm-up
+    results["original_fp32_batch1_s"] = original(pipe, prompts, images, steps, device)
+    seeded = Sampler(pipe, "sd", SamplingCfg(), scale, seed=0)
+    batched(dataclasses.replace(seeded, scale=dataclasses.replace(scale, images_per_prompt=1)), prompts[:1], device)
+    results["seeded_fp32_batched_s"] = batched(seeded, prompts, device, nan)
+    auto = resolve_dtype("auto", device)
+    if auto != torch.float32:
+        pipe.to(auto)
+        batched(dataclasses.replace(seeded, scale=dataclasses.replace(scale, images_per_prompt=1)), prompts[:1],
+                device)
+        results[f"seeded_{str(auto).split('.')[-1]}_batched_s"] = batched(seeded, prompts, device, nan)
+    for key in list(results):
+        results[key[: -len("_s")] + "_images_per_s"] = n / results[key]
+    base = results["original_fp32_batch1_images_per_s"]
+    for key in [k for k in results if k.endswith("_images_per_s") and not k.startswith("original")]:
+        results[key.replace("_images_per_s", "_speedup")] = results[key] / base
+    results["nan_images"] = sum(nan)  # random weights can overflow in fp16; such images still count in timing
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--quick", action="store_true", help="10 steps and fewer prompts (same kind of ratio)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts (default: 4 CPU, 3 CUDA; quick: 2)")
+    ap.add_argument("--images", type=int, default=None, help="images per prompt (default 4 CPU, 10 CUDA)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible")
+    steps = 10 if args.quick else 50
+    prompts = args.prompts or (2 if args.quick else (4 if args.device == "cpu" else 3))
+    images = args.images or (4 if args.device == "cpu" else 10)
+    results = run(args.device, prompts, images, batch=images, steps=steps)
+    info = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "model": "tiny-sd (128 px)" if args.device == "cpu" else "SD1.4 architecture, random weights (512 px)",
+            "steps": steps, "prompts": prompts, "images_per_prompt": images, "batch_size": images,
+            "quick": args.quick}
+    name = f"sampling_throughput_{args.device}{'_quick' if args.quick else ''}.json"
+    out = args.out or REPO / "bench" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**info, **{k: round(v, 4) for k, v in results.items()}}, indent=2) + "\n")
+    log.info("%s", json.dumps(results, indent=1))
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()

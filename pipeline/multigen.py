@@ -1,0 +1,325 @@
+"""MultiGen: prompt files, OWLv2 detection and the MG1-MG5 scores (SPEC §3).
+
+* Prompts: the official file format (SPEC §3.1), a JSON list of ``{"unique_id", "num_objects",
+  "obj_1_attributes": [name], ..., "text"}``; :func:`load_prompt_set` validates it.
+* Detection (SPEC §3.3): OWLv2 with the queries ``"a photo of a {name}"`` for the prompt's objects, one
+  query list per image, batched. Every predicted box is kept with its score (sigmoid of its best query
+  logit) and label (that query), unlike the original script, whose post-processing dropped every box
+  scoring <= 0.1 before its own 0.01 "save threshold" [QUIRK]; so MG can be rescored at any threshold
+  without detecting again.
+* Scoring (SPEC §3.4): an image finds object ``q`` when some box labelled ``q`` scores > threshold
+  (strict); ``n`` = distinct objects found; ``MG_k`` = 100 x share of images with ``n >= k``; its std is the
+  population std (ddof = 0) over image index ``j`` of the per-index success rates.
+
+This module imports torch only inside the detection functions, so scoring stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .shards import STATUS_OK, fingerprint_of
+
+log = logging.getLogger(__name__)
+
+MG_LEVELS = (1, 2, 3, 4, 5)
+STATUS_SAMPLE_FAILED = "sample_failed"
+STATUS_DETECT_FAILED = "detect_failed"
+
+
+@dataclass(frozen=True)
+class MultiGenCfg:
+    """Top-level ``multigen`` params: method settings shared by every profile (SPEC §3.3-3.4)."""
+
+    threshold: float = 0.1                  # a box counts when its score is > threshold (strict)
+    query_template: str = "a photo of a {name}"
+    prompt_sets: tuple[str, ...] = ("coco", "ade20k")
+    prompts_dir: Path = Path("artifacts/data/multigen")
+    max_failed_rate: float = 0.01           # a stage fails when more images than this failed
+
+
+@dataclass(frozen=True)
+class MultiGenScale:
+    """``profiles.<p>.multigen``: the detector reference and how detection is run."""
+
+    detector: str                           # google/owlv2-large-patch14-ensemble | embedded:tiny-owlv2
+    batch_size: int                         # images per detector call
+    dtype: str = "float32"                  # float32 (as the original) | float16 | bfloat16
+    shard_size: int = 1                     # sample shards per detection shard
+
+
+@dataclass(frozen=True)
+class MultiGenPrompt:
+    """One MultiGen prompt: its id (== list index), text and object names in prompt order."""
+
+    prompt_id: int
+    text: str
+    objects: tuple[str, ...]
+
+
+# --- prompts ----------------------------------------------------------------------------------------
+
+def load_prompt_set(path: str | Path, max_prompts: int | None = None) -> list[MultiGenPrompt]:
+    """Read an official-format MultiGen prompt file (validated by :mod:`pipeline.benchmarks`).
+
+    Returns the first ``max_prompts`` prompts (all when None), ``prompt_id`` = ``unique_id``.
+    """
+    from .benchmarks import prompt_objects, read_multigen
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: MultiGen prompt file not found; run `dvc repro prompts`")
+    entries = read_multigen(path, check_template=False)
+    prompts = [MultiGenPrompt(e["unique_id"], e["text"], tuple(prompt_objects(e))) for e in entries]
+    return prompts[:max_prompts] if max_prompts is not None else prompts
+
+
+def queries_for(objects: Sequence[str], template: str) -> list[str]:
+    """The detector queries of one image: ``template`` filled with each object name, in prompt order."""
+    return [template.format(name=name) for name in objects]
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+
+def label_max_scores(box_scores: Sequence[float], box_labels: Sequence[int], num_queries: int) -> list[float]:
+    """Per query ``q``: the highest score of the boxes labelled ``q`` (0.0 when no box has that label).
+
+    Args:
+        box_scores: (B,) score of each box (sigmoid of its best query logit).
+        box_labels: (B,) index of that best query.
+        num_queries: Q, the number of queries of the image.
+    Returns:
+        (Q,) list; ``label_max_scores(...)[q] > t`` iff a box labelled ``q`` scores above ``t``.
+    """
+    best = np.zeros(num_queries, dtype=np.float64)
+    scores = np.asarray(box_scores, dtype=np.float64)
+    labels = np.asarray(box_labels, dtype=np.int64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"box_scores {scores.shape} and box_labels {labels.shape} differ in length")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_queries):
+        raise ValueError(f"box labels must lie in [0, {num_queries}), got {labels.min()}..{labels.max()}")
+    np.maximum.at(best, labels, scores)
+    return best.tolist()
+
+
+def objects_found(objects: Sequence[str], per_query_max: Sequence[float], threshold: float) -> int:
+    """``n``: how many distinct prompt objects have a box labelled with them scoring > ``threshold``."""
+    if len(objects) != len(per_query_max):
+        raise ValueError(f"{len(objects)} objects but {len(per_query_max)} query scores")
+    return len({name for name, s in zip(objects, per_query_max) if s > threshold})
+
+
+def mg_scores(found: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
+    """MG_k and its std over image index from a (P, J) grid of per-image object counts.
+
+    Args:
+        found: (P, J) int, ``found[p, j]`` = objects found in image ``j`` of prompt ``p``.
+        valid: (P, J) bool, images that exist and were scored (default: all). Invalid images are left out
+            of every denominator, as the original divides by the number of result entries.
+    Returns:
+        ``{"mg1": ..., "mg1_std": ..., ..., "mg5_std": ...}`` in percent. ``mgK`` = 100 x (valid images
+        with n >= K) / (valid images); ``mgK_std`` = population std (ddof=0) over j of the per-index rates
+        ``100 x (valid images at j with n >= K) / (valid images at j)`` (indices with none are skipped).
+    """
+    found = np.asarray(found)
+    valid = np.ones(found.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if found.ndim != 2 or found.shape != valid.shape:
+        raise ValueError(f"found {found.shape} and valid {valid.shape} must be the same (P, J) shape")
+    out: dict[str, float] = {}
+    per_index = valid.sum(axis=0)
+    for k in MG_LEVELS:
+        hit = (found >= k) & valid
+        total = valid.sum()
+        out[f"mg{k}"] = float(100.0 * hit.sum() / total) if total else float("nan")
+        has = per_index > 0
+        rates = 100.0 * hit.sum(axis=0)[has] / per_index[has]
+        out[f"mg{k}_std"] = float(np.std(rates)) if rates.size else float("nan")
+    return out
+
+
+def score_records(records: Iterable[dict[str, Any]], threshold: float, num_prompts: int,
+                  images_per_prompt: int) -> dict[str, float]:
+    """MG scores and counts of one prompt set from detection rows.
+
+    Args:
+        records: rows with ``prompt_id``, ``image_index``, ``objects``, ``label_max_scores``, ``status``.
+        threshold: strict score threshold (0.1 in the original).
+        num_prompts, images_per_prompt: the expected (P, J) grid; keys outside it are an error.
+    Returns:
+        ``mg1..mg5``, ``mg1_std..mg5_std``, ``images_expected``, ``images_scored``, ``images_failed``,
+        ``images_missing``.
+    """
+    shape = (num_prompts, images_per_prompt)
+    found = np.zeros(shape, dtype=np.int64)
+    valid = np.zeros(shape, dtype=bool)
+    seen = np.zeros(shape, dtype=bool)
+    for rec in records:
+        p, j = int(rec["prompt_id"]), int(rec["image_index"])
+        if not (0 <= p < num_prompts and 0 <= j < images_per_prompt):
+            raise ValueError(f"detection row prompt {p} image {j} lies outside the expected {shape} grid; "
+                             f"the detections were made with other sampling params; rerun `dvc repro`")
+        seen[p, j] = True
+        if rec["status"] == STATUS_OK:
+            found[p, j] = objects_found(rec["objects"], rec["label_max_scores"], threshold)
+            valid[p, j] = True
+    scores = mg_scores(found, valid)
+    scores.update(images_expected=int(found.size), images_scored=int(valid.sum()),
+                  images_failed=int((seen & ~valid).sum()), images_missing=int((~seen).sum()))
+    return scores
+
+
+def format_row(scores: dict[str, float], levels: Sequence[int] = MG_LEVELS) -> str:
+    """The original table cells ``"{mean:.2f}({std:.2f})"`` for MG levels ``levels``."""
+    return " ".join(f"{scores[f'mg{k}']:.2f}({scores[f'mg{k}_std']:.2f})" for k in levels)
+
+
+def check_failure_rate(failed: int, total: int, limit: float, where: str) -> None:
+    """Raise when more than ``limit`` of ``total`` images failed (DESIGN §5: fail loudly)."""
+    if total and failed / total > limit:
+        raise RuntimeError(f"{where}: {failed} of {total} images failed (limit {limit:.1%}); see the rows' "
+                           f"`error` column, fix the cause and rerun (or raise multigen.max_failed_rate)")
+
+
+# --- detection -----------------------------------------------------------------------------------------
+
+@dataclass
+class Detector:
+    """An OWLv2 model and processor on one device (``Owlv2ForObjectDetection`` + ``Owlv2Processor``)."""
+
+    model: Any
+    processor: Any
+    device: Any
+    dtype: Any
+
+
+def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: str = "float32") -> Detector:
+    """Load the OWLv2 detector ``ref`` (hub id, local folder or ``embedded:NAME``) in eval mode."""
+    import torch
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    from .models import from_pretrained
+
+    torch_dtype = getattr(torch, dtype)
+    model = from_pretrained(Owlv2ForObjectDetection, ref, models_dir, dtype=torch_dtype).to(device).eval()
+    processor = from_pretrained(Owlv2Processor, ref, models_dir)
+    return Detector(model, processor, torch.device(device), torch_dtype)
+
+
+def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[dict]:
+    """Run OWLv2 on a batch of images, each with its own query list; keep every predicted box.
+
+    Args:
+        images: B PIL images (any size; the processor pads to square and resizes).
+        queries: B lists of Q query strings.
+    Returns:
+        B dicts with ``box_scores`` (N,) floats, ``box_labels`` (N,) ints in [0, Q) and
+        ``label_max_scores`` (Q,), N = the detector's number of boxes (3,600 for OWLv2-large at 960 px).
+    """
+    import torch
+
+    inputs = detector.processor(text=[list(q) for q in queries], images=list(images), return_tensors="pt")
+    inputs = {k: v.to(detector.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(detector.dtype)
+    with torch.no_grad():
+        outputs = detector.model(**inputs)
+    outputs.logits = outputs.logits.float()
+    outputs.pred_boxes = outputs.pred_boxes.float()
+    # The library's own post-processing: score = sigmoid(max logit over queries), label = arg-max query.
+    results = detector.processor.image_processor.post_process_object_detection(outputs, threshold=-1.0)
+    rows = []
+    for res, q in zip(results, queries):
+        scores, labels = res["scores"].cpu().tolist(), res["labels"].cpu().tolist()
+        rows.append({"box_scores": scores, "box_labels": labels,
+                     "label_max_scores": label_max_scores(scores, labels, len(q))})
+    return rows
+
+
+def _failed_row(status: str, error: str) -> dict[str, Any]:
+    """A detection row for an image that could not be scored (kept, never dropped)."""
+    return {"box_scores": [], "box_labels": [], "label_max_scores": [], "status": status, "error": error}
+
+
+def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str, batch_size: int) -> list[dict]:
+    """Detection rows for sample rows (``prompt_id``, ``image_index``, ``objects``, ``image``, ``status``).
+
+    Images whose sampling failed and batches whose detection raised become rows with a status and an
+    error. Output columns: ``prompt_id``, ``image_index``, ``objects``, ``queries``, ``box_scores``,
+    ``box_labels``, ``label_max_scores``, ``status``, ``error``.
+    """
+    from .shards import image_from_bytes
+
+    out: list[dict[str, Any]] = []
+    ok = [s for s in samples if s["status"] == STATUS_OK]
+    results: dict[tuple[int, int], dict[str, Any]] = {}
+    for start in range(0, len(ok), batch_size):
+        batch = ok[start : start + batch_size]
+        queries = [queries_for(s["objects"], template) for s in batch]
+        try:
+            images = [image_from_bytes(s["image"]) for s in batch]
+            dets = detect_batch(detector, images, queries)
+            dets = [dict(d, status=STATUS_OK, error="") for d in dets]
+        except Exception as err:  # noqa: BLE001 - recorded per row, counted and checked by the stage
+            log.exception("detection failed for prompts %s", sorted({s["prompt_id"] for s in batch}))
+            dets = [_failed_row(STATUS_DETECT_FAILED, f"{type(err).__name__}: {err}") for s in batch]
+        for s, d in zip(batch, dets):
+            results[(s["prompt_id"], s["image_index"])] = d
+    for s in samples:
+        key = (s["prompt_id"], s["image_index"])
+        det = results.get(key) or _failed_row(STATUS_SAMPLE_FAILED, f"sampling {s['status']}: {s['error']}")
+        out.append({"prompt_id": s["prompt_id"], "image_index": s["image_index"], "objects": list(s["objects"]),
+                    "queries": queries_for(s["objects"], template), **det})
+    return out
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (what a detection shard was computed from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digest(ref: str, models_dir: str | Path) -> str:
+    """Digest of a model's weight files when ``ref`` resolves to a local folder, else the hub id itself."""
+    from .models import resolve
+
+    target = Path(resolve(ref, models_dir))
+    if not target.is_dir():
+        return str(target)
+    files = sorted(p for ext in ("*.safetensors", "*.bin") for p in target.rglob(ext))
+    return fingerprint_of([(str(f.relative_to(target)), file_digest(f)) for f in files])
+
+
+def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, template: str, scale: MultiGenScale,
+                      fingerprint: Any, rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Detect on every sample shard of ``sample_dir``; write detection shards to ``out_dir`` (resumable).
+
+    Detection shard ``i`` covers sample shards ``[i*S, (i+1)*S)`` (S = ``scale.shard_size``), so only one
+    sample shard's images are in memory at a time. The fingerprint includes the sample shards' digests:
+    new samples invalidate old detections.
+    """
+    import pyarrow.parquet as pq
+
+    from .shards import shard_files, write_shards
+
+    files = shard_files(sample_dir)
+    if not files:
+        raise FileNotFoundError(f"{sample_dir}: no sample shards; run the `sample` stage first")
+    full_fp = {"params": fingerprint, "samples": [file_digest(f) for f in files]}
+
+    def process(chunk: list[Path]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for f in chunk:
+            rows += detect_rows(detector, pq.read_table(f).to_pylist(), template, scale.batch_size)
+        return rows
+
+    return write_shards(out_dir, files, process, scale.shard_size, full_fp, rank, world_size,
+                        desc=f"detect {Path(sample_dir).name}")

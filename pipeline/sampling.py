@@ -1,0 +1,330 @@
+"""Seeded, batched text-to-image sampling for MultiGen (SPEC §3.2) and the Attend-and-Excite baseline (§6).
+
+Defaults are the original evaluation's: the model's own scheduler (PNDM for SD1.4), 50 steps, guidance
+7.5, 512 px (the model's default size), 10 images per prompt. Unlike the original (unseeded, batch 1, fp32,
+one GPU), every image has its own generator seeded from (seed, prompt set, prompt id, image index) via
+:mod:`pipeline.seeding`; its initial latents are drawn from that generator alone, so image ``j`` of prompt
+``p`` starts from the same noise alone, in any batch, on any rank and after a resume (every model gets the
+same noise: paired comparisons). Batches of ``batch_size`` images run in one pipeline call; fp16/bf16 on GPU.
+
+Attend-and-Excite (diffusers' ``StableDiffusionAttendAndExcitePipeline``) needs token indices per prompt;
+:func:`ae_token_indices` chooses them with SPEC §6.3's rule and validates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from .multigen import MultiGenPrompt
+from .seeding import torch_generator
+from .shards import STATUS_OK, png_bytes, write_shards
+
+log = logging.getLogger(__name__)
+
+SamplerKind = Literal["sd", "attend_excite"]
+TokenRule = Literal["head_word", "last_piece"]
+STATUS_TOKENS_FAILED = "token_indices_failed"
+STATUS_NAN = "nan_image"
+STATUS_FAILED = "sample_failed"
+MAX_TOKEN_INDEX = 76  # 77-token CLIP context, SOT at 0
+
+
+class TokenIndexError(ValueError):
+    """A prompt's object could not be aligned to its CLIP tokens; the message names prompt and object."""
+
+
+@dataclass(frozen=True)
+class AttendExciteCfg:
+    """``sampling.attend_excite``: diffusers' A&E arguments (SPEC §6.1 defaults) and the token rule."""
+
+    max_iter_to_alter: int = 25
+    thresholds: dict[str, float] = field(default_factory=lambda: {"0": 0.05, "10": 0.5, "20": 0.8})
+    scale_factor: float = 20.0
+    attn_res: tuple[int, ...] | None = None  # None: ceil(size / 32) per side (16 x 16 at 512 px)
+    token_rule: TokenRule = "head_word"      # head_word: all BPE pieces of the head word; last_piece: SPEC alt. A
+
+
+@dataclass(frozen=True)
+class SamplingCfg:
+    """Top-level ``sampling``: method settings identical in every profile."""
+
+    guidance_scale: float = 7.5
+    scheduler: str = "default"   # "default": the model's own; else a diffusers scheduler class name
+    attend_excite: AttendExciteCfg = AttendExciteCfg()
+
+
+@dataclass(frozen=True)
+class SamplingScale:
+    """``profiles.<p>.sampling``: how much is sampled and how."""
+
+    num_inference_steps: int = 50
+    images_per_prompt: int = 10
+    batch_size: int = 10              # images per pipeline call
+    resolution: int | None = None     # None: the model's default (unet sample_size x 8)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    shard_size: int = 100             # images per Parquet shard (the unit of resume)
+    max_prompts: int | None = None    # None: the whole prompt file
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    """``eval_models.<key>`` (the ``foreach`` of the evaluation stages): what a model is, in every profile."""
+
+    dep: str                          # the DVC dependency holding its weights
+    sampler: SamplerKind = "sd"
+
+
+@dataclass(frozen=True)
+class EvalModelRef:
+    """``profiles.<p>.eval_models.<key>``: the model references of one evaluated model."""
+
+    model: str                        # base pipeline (hub id, local dir or embedded:NAME)
+    unet: str | None = None           # a UNet swapped into the base pipeline (TokenCompose, trained here)
+    note: str = ""                    # recorded in metrics (e.g. "stand-in for ...")
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One image to sample: image ``image_index`` of prompt ``prompt_id`` of ``promptset``."""
+
+    promptset: str
+    prompt_id: int
+    image_index: int
+    text: str
+    objects: tuple[str, ...]
+
+
+# --- Attend-and-Excite token indices (SPEC §6.3) --------------------------------------------------------
+
+def head_word(name: str) -> tuple[int, str]:
+    """(word position, word) of a name's head word: the last word, or X for "X of Y" names."""
+    words = name.split(" of ")[0].split()
+    if not words:
+        raise TokenIndexError(f"object name {name!r} has no words")
+    return len(words) - 1, words[-1]
+
+
+def _find(seq: Sequence[int], sub: Sequence[int], start: int) -> int:
+    """First position >= ``start`` where ``sub`` occurs in ``seq`` (-1 if none)."""
+    for i in range(start, len(seq) - len(sub) + 1):
+        if list(seq[i : i + len(sub)]) == list(sub):
+            return i
+    return -1
+
+
+def ae_token_indices(tokenizer: Any, text: str, objects: Sequence[str], rule: TokenRule = "head_word") -> list[int]:
+    """Token indices (SOT = 0) that Attend-and-Excite should excite for a MultiGen prompt.
+
+    For each object in order, the token sequence of ``"a " + name`` is searched at or after the previous
+    match; the article is skipped. ``head_word``: every BPE piece of the head word; ``last_piece``: only the
+    head word's last piece (one index per object). Each object span must decode to its name and every
+    index must lie before EOT and below 77. Raises :class:`TokenIndexError` naming prompt and object.
+    """
+    if rule not in ("head_word", "last_piece"):
+        raise ValueError(f"token rule {rule!r}: use 'head_word' (SPEC §6.3 default) or 'last_piece' (alternative A)")
+    ids = tokenizer(text).input_ids
+    pos, out = 1, []
+    for name in objects:
+        span = tokenizer("a " + name, add_special_tokens=False).input_ids
+        start = _find(ids, span, pos)
+        if start < 0:
+            raise TokenIndexError(f"prompt {text!r}: object {name!r} ('a {name}') not found in its CLIP tokens "
+                                  f"after position {pos}")
+        first, end = start + 1, start + len(span)
+        if tokenizer.decode(ids[first:end]).strip() != name:
+            raise TokenIndexError(f"prompt {text!r}: tokens {first}..{end - 1} decode to "
+                                  f"{tokenizer.decode(ids[first:end])!r}, not {name!r}")
+        pieces = [len(tokenizer(w, add_special_tokens=False).input_ids) for w in name.split()]
+        if sum(pieces) != end - first:
+            raise TokenIndexError(f"prompt {text!r}: {name!r} splits into {end - first} tokens in context but "
+                                  f"{sum(pieces)} word by word")
+        word, _ = head_word(name)
+        head_start = first + sum(pieces[:word])
+        head = list(range(head_start, head_start + pieces[word]))
+        out += head if rule == "head_word" else head[-1:]
+        pos = end
+    if any(i >= min(len(ids) - 1, MAX_TOKEN_INDEX + 1) for i in out):
+        raise TokenIndexError(f"prompt {text!r}: indices {out} reach EOT or pass {MAX_TOKEN_INDEX}")
+    return out
+
+
+# --- seeds and latents ------------------------------------------------------------------------------------
+
+def image_generator(seed: int, item: SampleItem) -> torch.Generator:
+    """The CPU generator of one image, seeded from (seed, "multigen", prompt set, prompt id, image index)."""
+    return torch_generator(seed, "multigen", item.promptset, item.prompt_id, item.image_index)
+
+
+def initial_latents(generators: Sequence[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, h, w) fp32 CPU standard normal latents, image ``b`` drawn from ``generators[b]`` alone."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+
+
+def prompt_items(promptset: str, prompts: Sequence[MultiGenPrompt], images_per_prompt: int) -> list[SampleItem]:
+    """All (prompt, image index) items of a prompt set, prompt-major, image indices 0..J-1."""
+    return [SampleItem(promptset, p.prompt_id, j, p.text, p.objects)
+            for p in prompts for j in range(images_per_prompt)]
+
+
+# --- pipelines ----------------------------------------------------------------------------------------------
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere; otherwise the named torch dtype."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def rank_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is present (one GPU per process), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_pipeline(ref: EvalModelRef, sampler: SamplerKind, models_dir: str | Path, cfg: SamplingCfg,
+                  dtype: torch.dtype, device: torch.device) -> Any:
+    """The pipeline of one evaluated model: base ``ref.model`` with ``ref.unet`` swapped in when given.
+
+    ``attend_excite`` loads diffusers' (deprecated) ``StableDiffusionAttendAndExcitePipeline``.
+    ``cfg.scheduler`` other than ``default`` replaces the scheduler by that diffusers class, same config.
+    """
+    from .models import load_sd_pipeline
+
+    cls = None
+    if sampler == "attend_excite":
+        from diffusers import StableDiffusionAttendAndExcitePipeline as cls
+    pipe = load_sd_pipeline(ref.model, models_dir, unet_ref=ref.unet, torch_dtype=dtype, device=device,
+                            pipeline_cls=cls)
+    if cfg.scheduler != "default":
+        import diffusers
+
+        if not hasattr(diffusers, cfg.scheduler):
+            raise ValueError(f"sampling.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class "
+                             f"(e.g. DDIMScheduler) or 'default'")
+        pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def component_hashes(pipe: Any) -> dict[str, str]:
+    """SHA-256 of the UNet, VAE and text encoder weights (what sampled images depend on)."""
+    from .zoo import state_dict_hash
+
+    return {name: state_dict_hash(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}
+
+
+@dataclass
+class Sampler:
+    """A loaded pipeline plus everything that fixes its images; :meth:`rows` samples a list of items."""
+
+    pipe: Any
+    kind: SamplerKind
+    cfg: SamplingCfg
+    scale: SamplingScale
+    seed: int
+    _tokens: dict[str, list[int] | str] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Image side in pixels (``scale.resolution`` or the model's default)."""
+        return self.scale.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one initial latent."""
+        side = self.size // self.pipe.vae_scale_factor
+        return (self.pipe.unet.config.in_channels, side, side)
+
+    def token_indices(self, item: SampleItem) -> list[int] | str:
+        """A&E indices of the item's prompt, or the error text when they cannot be chosen (cached)."""
+        if item.text not in self._tokens:
+            try:
+                self._tokens[item.text] = ae_token_indices(self.pipe.tokenizer, item.text, item.objects,
+                                                           self.cfg.attend_excite.token_rule)
+            except TokenIndexError as err:
+                log.warning("%s prompt %d: %s; its images are recorded as failed", item.promptset,
+                            item.prompt_id, err)
+                self._tokens[item.text] = str(err)
+        return self._tokens[item.text]
+
+    def _call(self, items: list[SampleItem], tokens: list[list[int]]) -> np.ndarray:
+        """One pipeline call; returns (B, H, W, 3) float images in [0, 1] (NaN where decoding overflowed)."""
+        device = self.pipe.unet.device
+        gens = [image_generator(self.seed, it) for it in items]
+        latents = initial_latents(gens, self.latent_shape()).to(device, self.pipe.unet.dtype)
+        kwargs: dict[str, Any] = dict(
+            prompt=[it.text for it in items], height=self.size, width=self.size,
+            num_inference_steps=self.scale.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
+            generator=gens, latents=latents, output_type="np",
+        )
+        if self.kind == "attend_excite":
+            ae = self.cfg.attend_excite
+            kwargs.update(token_indices=tokens, max_iter_to_alter=ae.max_iter_to_alter,
+                          thresholds={int(k): v for k, v in ae.thresholds.items()},
+                          scale_factor=ae.scale_factor, attn_res=tuple(ae.attn_res) if ae.attn_res else None)
+        return self.pipe(**kwargs).images
+
+    def rows(self, items: Sequence[SampleItem]) -> list[dict[str, Any]]:
+        """Sample ``items`` in batches of ``scale.batch_size``; one row per item, failures kept with a reason.
+
+        Row columns: ``prompt_id``, ``image_index``, ``prompt``, ``objects``, ``token_indices``, ``image``
+        (PNG bytes or None), ``status``, ``error``.
+        """
+        results: dict[int, tuple[Any, str, str]] = {}
+        todo: list[tuple[int, SampleItem, list[int]]] = []
+        for n, it in enumerate(items):
+            tok = self.token_indices(it) if self.kind == "attend_excite" else []
+            if isinstance(tok, str):
+                results[n] = (None, STATUS_TOKENS_FAILED, tok)
+            else:
+                todo.append((n, it, tok))
+        for start in range(0, len(todo), self.scale.batch_size):
+            results.update(self._batch(todo[start : start + self.scale.batch_size]))
+        return [self._row(it, self.token_indices(it) if self.kind == "attend_excite" else [], *results[n])
+                for n, it in enumerate(items)]
+
+    def _batch(self, batch: list[tuple[int, SampleItem, list[int]]]) -> dict[int, tuple[Any, str, str]]:
+        """Sample one batch; an exception marks every image of the batch failed with its message."""
+        try:
+            images = self._call([it for _, it, _ in batch], [tok for _, _, tok in batch])
+        except Exception as err:  # noqa: BLE001 - recorded per row, counted and checked by the stage
+            log.exception("sampling failed for prompts %s", sorted({it.prompt_id for _, it, _ in batch}))
+            return {n: (None, STATUS_FAILED, f"{type(err).__name__}: {err}") for n, _, _ in batch}
+        out = {}
+        for (n, it, _), img in zip(batch, images):
+            if not np.isfinite(img).all():
+                out[n] = (None, STATUS_NAN, f"{it.promptset} prompt {it.prompt_id} image {it.image_index}: "
+                                            f"decoded image has NaN/inf (fp16 overflow?); try dtype float32")
+            else:
+                out[n] = (png_bytes((img * 255).round().astype(np.uint8)), STATUS_OK, "")
+        return out
+
+    @staticmethod
+    def _row(item: SampleItem, tokens: Any, image: Any, status: str, error: str) -> dict[str, Any]:
+        return {"prompt_id": item.prompt_id, "image_index": item.image_index, "prompt": item.text,
+                "objects": list(item.objects), "token_indices": tokens if isinstance(tokens, list) else [],
+                "image": image, "status": status, "error": error}
+
+    def fingerprint(self, weights: dict[str, str]) -> dict[str, Any]:
+        """What the images depend on (batch size excluded: it does not change which noise an image gets)."""
+        scale = {k: v for k, v in asdict(self.scale).items() if k != "batch_size"}
+        return {"kind": self.kind, "cfg": asdict(self.cfg), "scale": scale, "seed": self.seed,
+                "size": self.size, "dtype": str(self.pipe.unet.dtype), "weights": weights,
+                "scheduler": type(self.pipe.scheduler).__name__}
+
+
+def sample_prompt_set(sampler: Sampler, promptset: str, prompts: Sequence[MultiGenPrompt], out_dir: Path,
+                      weights: dict[str, str], rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Sample every image of a prompt set into resumable shards under ``out_dir`` (this rank's share)."""
+    items = prompt_items(promptset, prompts, sampler.scale.images_per_prompt)
+    fingerprint = {"sampler": sampler.fingerprint(weights), "promptset": promptset,
+                   "prompts": [(p.prompt_id, p.text, p.objects) for p in prompts]}
+    return write_shards(out_dir, items, sampler.rows, sampler.scale.shard_size, fingerprint, rank, world_size,
+                        desc=f"sample {promptset}")
+

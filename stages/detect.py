@@ -1,0 +1,40 @@
+"""Stage `detect@<model>`: OWLv2 detections on one model's MultiGen images (SPEC §3.3).
+
+Usage: ``python stages/detect.py MODEL`` (or ``accelerate launch``; ranks split the shards).
+Deps: artifacts/samples/<MODEL>/. Outs: artifacts/detections/<MODEL>/<set>/ (Parquet shards, persist),
+one row per image with every box's score and label, so MG can be rescored at any threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import active_profile, load_params, section
+from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, load_detector, weights_digest
+from pipeline.runtime import dist_info, setup_logging
+from pipeline.sampling import rank_device
+
+log = logging.getLogger("stages.detect")
+
+
+def main(key: str) -> None:
+    setup_logging()
+    params = load_params()
+    mg, scale = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
+    dist = dist_info()
+    models_dir = Path(active_profile(params)["models_dir"])
+    detector = load_detector(scale.detector, models_dir, rank_device(), scale.dtype)
+    fingerprint = {"detector": scale.detector, "weights": weights_digest(scale.detector, models_dir),
+                   "dtype": scale.dtype, "template": mg.query_template}
+    for name in mg.prompt_sets:
+        detect_prompt_set(detector, Path("artifacts/samples") / key / name, Path("artifacts/detections") / key / name,
+                          mg.query_template, scale, fingerprint, dist.rank, dist.world_size)
+        log.info("%s/%s: detections written", key, name)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python stages/detect.py MODEL   (MODEL: a key of eval_models in params.yaml)")
+    main(sys.argv[1])

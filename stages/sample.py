@@ -1,0 +1,66 @@
+"""Stage `sample@<model>`: MultiGen images of one evaluated model for every prompt set (SPEC §3.2).
+
+Usage: ``python stages/sample.py MODEL`` (MODEL a key of ``eval_models``); multi-GPU:
+``accelerate launch stages/sample.py MODEL`` (each rank writes its own shards).
+Deps: artifacts/data/multigen/<set>.json, the model's weights (``eval_models.<MODEL>.dep``).
+Outs: artifacts/samples/<MODEL>/<set>/ (Parquet shards, persist: resumes after a kill),
+metrics/sample/<MODEL>.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import active_profile, load_params, section
+from pipeline.multigen import MultiGenCfg, check_failure_rate, load_prompt_set
+from pipeline.runtime import dist_info, setup_logging, write_json
+from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
+                               load_pipeline, rank_device, resolve_dtype, sample_prompt_set)
+from pipeline.shards import read_shards
+
+log = logging.getLogger("stages.sample")
+
+
+def main(key: str) -> None:
+    setup_logging()
+    params = load_params()
+    cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
+    model = section(params, f"eval_models.{key}", EvalModel)
+    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    mg = section(params, "multigen", MultiGenCfg)
+    dist, device = dist_info(), rank_device()
+    pipe = load_pipeline(ref, model.sampler, Path(active_profile(params)["models_dir"]), cfg,
+                         resolve_dtype(scale.dtype, device), device)
+    sampler = Sampler(pipe, model.sampler, cfg, scale, int(params["seed"]))
+    weights = component_hashes(pipe)
+    metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
+               "steps": scale.num_inference_steps, "guidance_scale": cfg.guidance_scale, "size": sampler.size,
+               "images_per_prompt": scale.images_per_prompt, "dtype": str(pipe.unet.dtype), "seed": sampler.seed}
+    for name in mg.prompt_sets:
+        prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)
+        out_dir = Path("artifacts/samples") / key / name
+        start = time.perf_counter()
+        sample_prompt_set(sampler, name, prompts, out_dir, weights, dist.rank, dist.world_size)
+        log.info("%s/%s: %d prompts sampled in %.1fs", key, name, len(prompts), time.perf_counter() - start)
+        metrics[f"{name}_prompts"] = len(prompts)
+    if dist.world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    if not dist.is_main:
+        return
+    for name in mg.prompt_sets:
+        status = read_shards(Path("artifacts/samples") / key / name, columns=["status"])["status"]
+        metrics[f"{name}_images"], metrics[f"{name}_failed"] = len(status), int((status != "ok").sum())
+    write_json(f"metrics/sample/{key}.json", metrics)
+    for name in mg.prompt_sets:
+        check_failure_rate(metrics[f"{name}_failed"], metrics[f"{name}_images"], mg.max_failed_rate, f"{key}/{name}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python stages/sample.py MODEL   (MODEL: a key of eval_models in params.yaml)")
+    main(sys.argv[1])

@@ -1,0 +1,52 @@
+"""Stage `score@<model>`: MG1-MG5 (mean and std over image index) of one model (SPEC §3.4).
+
+Usage: ``python stages/score.py MODEL``. Deps: artifacts/detections/<MODEL>/, the prompt files.
+Outs: metrics/multigen/<MODEL>.json with flat keys ``<set>_mg1`` ... ``<set>_mg5``, ``<set>_mg1_std`` ...,
+and what they were computed over (prompts, images per prompt, threshold, model references, failed and
+missing images).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import load_params, section
+from pipeline.multigen import (MultiGenCfg, MultiGenScale, check_failure_rate, format_row, load_prompt_set,
+                               score_records)
+from pipeline.runtime import setup_logging, write_json
+from pipeline.sampling import EvalModel, EvalModelRef, SamplingScale
+from pipeline.shards import iter_rows
+
+log = logging.getLogger("stages.score")
+COLUMNS = ["prompt_id", "image_index", "objects", "label_max_scores", "status"]
+
+
+def main(key: str) -> None:
+    setup_logging()
+    params = load_params()
+    mg, det = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
+    scale = section(params, "profile.sampling", SamplingScale)
+    model = section(params, f"eval_models.{key}", EvalModel)
+    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
+               "detector": det.detector, "threshold": mg.threshold, "images_per_prompt": scale.images_per_prompt,
+               "steps": scale.num_inference_steps, "seed": int(params["seed"])}
+    for name in mg.prompt_sets:
+        num_prompts = len(load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts))
+        rows = iter_rows(Path("artifacts/detections") / key / name, columns=COLUMNS)
+        scores = score_records(rows, mg.threshold, num_prompts, scale.images_per_prompt)
+        metrics[f"{name}_prompts"] = num_prompts
+        metrics.update({f"{name}_{k}": v for k, v in scores.items()})
+        log.info("%s %s MG1-MG5: %s (%d images scored)", key, name, format_row(scores), scores["images_scored"])
+    write_json(f"metrics/multigen/{key}.json", metrics)
+    for name in mg.prompt_sets:
+        lost = metrics[f"{name}_images_failed"] + metrics[f"{name}_images_missing"]
+        check_failure_rate(lost, metrics[f"{name}_images_expected"], mg.max_failed_rate, f"{key}/{name}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python stages/score.py MODEL   (MODEL: a key of eval_models in params.yaml)")
+    main(sys.argv[1])

@@ -1,0 +1,210 @@
+"""MultiGen scoring (SPEC §3.4-3.5), OWLv2 detection on the tiny detector, and the three stages end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.multigen import (STATUS_DETECT_FAILED, STATUS_SAMPLE_FAILED, MultiGenScale, detect_batch,
+                               detect_prompt_set, detect_rows, format_row, label_max_scores, load_detector,
+                               load_prompt_set, mg_scores, objects_found, queries_for, score_records)
+from pipeline.shards import STATUS_OK, png_bytes, read_shards, write_table
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = "a photo of a {name}"
+WORKED = {  # SPEC §3.5: prompt id -> objects; (prompt, image) -> kept class names (score > 0.1)
+    0: ["book", "cup", "kite", "mouse", "surfboard"],
+    1: ["wine glass", "skateboard", "refrigerator", "boat", "vase"],
+}
+KEPT = {(0, 0): ["book", "cup", "cup", "kite"], (0, 1): ["book"], (1, 0): WORKED[1], (1, 1): []}
+
+
+def record(prompt_id, image_index, objects, scores, labels, status=STATUS_OK):
+    """A detection row as the detect stage writes it (only the fields scoring reads)."""
+    return {"prompt_id": prompt_id, "image_index": image_index, "objects": objects, "status": status,
+            "label_max_scores": label_max_scores(scores, labels, len(objects)) if status == STATUS_OK else []}
+
+
+def worked_records():
+    """The worked example as box lists: kept boxes score 0.5, plus boxes at or below 0.1 that must not count."""
+    rows = []
+    for (p, j), kept in KEPT.items():
+        objects = WORKED[p]
+        labels = [objects.index(n) for n in kept] + [4, 4, 3]
+        scores = [0.5] * len(kept) + [0.1, 0.05, 0.1]  # at the threshold: not kept (strict >)
+        rows.append(record(p, j, objects, scores, labels))
+    return rows
+
+
+def test_worked_example_of_spec():
+    scores = score_records(worked_records(), threshold=0.1, num_prompts=2, images_per_prompt=2)
+    assert [scores[f"mg{k}"] for k in range(1, 6)] == [75.0, 50.0, 50.0, 25.0, 25.0]
+    assert [scores[f"mg{k}_std"] for k in range(1, 6)] == [25.0, 50.0, 50.0, 25.0, 25.0]
+    assert format_row(scores) == "75.00(25.00) 50.00(50.00) 50.00(50.00) 25.00(25.00) 25.00(25.00)"
+    assert (scores["images_scored"], scores["images_failed"], scores["images_missing"]) == (4, 0, 0)
+
+
+def independent_mg(boxes, threshold, num_prompts, num_images):
+    """Straight from SPEC §3.4: kept class names per image, count_k, per-index SR, np.std(axis=0)."""
+    n = {}
+    for (p, j), (objects, scores, labels) in boxes.items():
+        kept = {objects[l] for s, l in zip(scores, labels) if s > threshold}
+        n[(p, j)] = len(kept & set(objects))
+    mg = [100.0 * sum(v >= k for v in n.values()) / len(n) for k in range(1, 6)]
+    sr = np.array([[100.0 * sum(n[(p, j)] >= k for p in range(num_prompts)) / num_prompts for k in range(1, 6)]
+                   for j in range(num_images)])
+    return mg, list(np.std(sr, axis=0))
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.05, 0.3])
+def test_scorer_matches_an_independent_computation(threshold):
+    rng = np.random.default_rng(123)
+    num_prompts, num_images = 13, 10
+    boxes = {}
+    for p in range(num_prompts):
+        objects = [f"obj{p}_{q}" for q in range(5)]
+        for j in range(num_images):
+            nb = int(rng.integers(0, 40))
+            boxes[(p, j)] = (objects, rng.beta(0.5, 3.0, nb).tolist(), rng.integers(0, 5, nb).tolist())
+    rows = [record(p, j, *b) for (p, j), b in boxes.items()]
+    got = score_records(rows, threshold, num_prompts, num_images)
+    mg, std = independent_mg(boxes, threshold, num_prompts, num_images)
+    np.testing.assert_allclose([got[f"mg{k}"] for k in range(1, 6)], mg, rtol=0, atol=1e-9)
+    np.testing.assert_allclose([got[f"mg{k}_std"] for k in range(1, 6)], std, rtol=0, atol=1e-9)
+    assert 0 < got["mg1"] and got["mg5"] < 100
+
+
+def test_failed_and_missing_images_are_counted_not_scored():
+    rows = worked_records()
+    rows[1] = record(0, 1, WORKED[0], [], [], status=STATUS_SAMPLE_FAILED)
+    del rows[3]                                                   # image 1_1 missing
+    scores = score_records(rows, 0.1, num_prompts=2, images_per_prompt=2)
+    assert (scores["images_scored"], scores["images_failed"], scores["images_missing"]) == (2, 1, 1)
+    # valid images 0_0 (n=3) and 1_0 (n=5): both reach k<=3, one reaches 4 and 5
+    assert [scores[f"mg{k}"] for k in range(1, 6)] == [100.0, 100.0, 100.0, 50.0, 50.0]
+    with pytest.raises(ValueError, match="outside the expected"):
+        score_records(worked_records(), 0.1, num_prompts=1, images_per_prompt=2)
+
+
+def test_mg_scores_std_is_population_std():
+    found = np.array([[5, 0], [0, 0]])       # index 0: 50 % for every k, index 1: 0 %
+    scores = mg_scores(found)
+    assert scores["mg1"] == 25.0 and scores["mg1_std"] == 25.0   # np.std([50, 0]), ddof=0 (ddof=1: 35.36)
+
+
+def test_label_max_scores_and_objects_found():
+    assert label_max_scores([0.2, 0.7, 0.4], [1, 1, 3], 5) == [0.0, 0.7, 0.0, 0.4, 0.0]
+    assert objects_found(["a", "b", "c"], [0.1, 0.11, 0.5], 0.1) == 2
+    with pytest.raises(ValueError, match="box labels"):
+        label_max_scores([0.5], [5], 5)
+
+
+def test_official_prompt_files_load(shared_data):
+    coco = load_prompt_set(shared_data / "multigen" / "coco_obj_comp_5_1k.json")
+    assert len(coco) == 1000 and coco[0].objects == ("book", "cup", "kite", "mouse", "surfboard")
+    assert coco[1].objects[0] == "wine glass"
+    assert queries_for(coco[0].objects, TEMPLATE)[0] == "a photo of a book"
+
+
+# --- detection on the tiny OWLv2 ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detector(embedded):
+    path = embedded("tiny-owlv2")
+    return load_detector("embedded:tiny-owlv2", path.parent, "cpu")
+
+
+def random_images(n, seed=0, size=(128, 96)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_detection_keeps_every_box_and_matches_the_model_called_directly(detector):
+    import torch
+    from PIL import Image
+
+    images = [Image.fromarray(a) for a in random_images(3)]
+    queries = [queries_for(WORKED[0], TEMPLATE), queries_for(WORKED[1], TEMPLATE), queries_for(WORKED[0], TEMPLATE)]
+    rows = detect_batch(detector, images, queries)
+    num_boxes = (96 // 16) ** 2
+    for img, q, row in zip(images, queries, rows):
+        inputs = detector.processor(text=[q], images=[img], return_tensors="pt")
+        with torch.no_grad():
+            logits = detector.model(**inputs).logits[0]          # (boxes, queries)
+        logits = logits.double().numpy()
+        label = logits.argmax(axis=1)
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        assert len(row["box_scores"]) == num_boxes
+        np.testing.assert_allclose(row["box_scores"], probs.max(axis=1), atol=1e-5)
+        assert row["box_labels"] == label.tolist()
+        best = [probs[label == k, k].max(initial=0.0) for k in range(5)]
+        np.testing.assert_allclose(row["label_max_scores"], best, atol=1e-5)
+
+
+def test_detect_rows_keep_failed_samples(detector, monkeypatch):
+    samples = [{"prompt_id": 0, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
+                "image": png_bytes(a)} for j, a in enumerate(random_images(2))]
+    samples.append({"prompt_id": 0, "image_index": 2, "objects": WORKED[0], "status": "nan_image",
+                    "error": "decoded image has NaN", "image": None})
+    rows = detect_rows(detector, samples, TEMPLATE, batch_size=2)
+    assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK, STATUS_SAMPLE_FAILED]
+    assert "nan_image" in rows[2]["error"] and rows[0]["queries"][1] == "a photo of a cup"
+    monkeypatch.setattr("pipeline.multigen.detect_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("oom")))
+    failed = detect_rows(detector, samples[:2], TEMPLATE, batch_size=2)
+    assert [r["status"] for r in failed] == [STATUS_DETECT_FAILED] * 2 and "oom" in failed[0]["error"]
+
+
+def test_detections_follow_new_samples(detector, tmp_path):
+    """The detection fingerprint holds the sample shards' digests: new images invalidate old detections."""
+    sample_dir, out = tmp_path / "samples", tmp_path / "det"
+    sample_dir.mkdir()
+    rows = [{"prompt_id": 0, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
+             "image": png_bytes(a)} for j, a in enumerate(random_images(2))]
+    write_table(rows, sample_dir / "part-00000.parquet")
+    scale = MultiGenScale(detector="embedded:tiny-owlv2", batch_size=2)
+    detect_prompt_set(detector, sample_dir, out, TEMPLATE, scale, {"w": 1})
+    before = read_shards(out)
+    rows[0]["image"] = png_bytes(random_images(1, seed=9)[0])
+    write_table(rows, sample_dir / "part-00000.parquet")
+    detect_prompt_set(detector, sample_dir, out, TEMPLATE, scale, {"w": 1})
+    after = read_shards(out)
+    assert before.loc[1, "box_scores"].tolist() == after.loc[1, "box_scores"].tolist()
+    assert before.loc[0, "box_scores"].tolist() != after.loc[0, "box_scores"].tolist()
+
+
+# --- the three stages end to end ------------------------------------------------------------------------
+
+def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, monkeypatch):
+    for name in ("tiny-sd", "tiny-owlv2", "tiny-sd-unet-a"):
+        embedded(name)
+    (tmp_path / "artifacts" / "data" / "multigen").mkdir(parents=True)
+    os.symlink(embedded("tiny-sd").parent, tmp_path / "artifacts" / "models")
+    for name, official in (("coco", "coco_obj_comp_5_1k.json"), ("ade20k", "ade20k_obj_comp_5_1k.json")):
+        entries = json.loads((shared_data / "multigen" / official).read_text())[:3]
+        (tmp_path / "artifacts" / "data" / "multigen" / f"{name}.json").write_text(json.dumps(entries))
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    from stages import detect, sample, score
+
+    for stage in (sample, detect, score):
+        stage.main("tokencompose_a")
+    demo = yaml.safe_load(Path("params.yaml").read_text())["profiles"]["demo"]["sampling"]
+    prompts, images = min(3, demo["max_prompts"] or 3), demo["images_per_prompt"]
+    metrics = json.loads(Path("metrics/multigen/tokencompose_a.json").read_text())
+    for prefix in ("coco", "ade20k"):
+        assert {f"{prefix}_mg{k}" for k in range(1, 6)} | {f"{prefix}_mg{k}_std" for k in range(1, 6)} <= set(metrics)
+        assert metrics[f"{prefix}_images_scored"] == prompts * images and metrics[f"{prefix}_images_missing"] == 0
+        assert all(0 <= metrics[f"{prefix}_mg{k}"] <= 100 for k in range(1, 6))
+    assert metrics["unet"] == "embedded:tiny-sd-unet-a" and "stand-in" in metrics["note"]
+    assert metrics["threshold"] == 0.1 and metrics["images_per_prompt"] == images
+    samples = read_shards(Path("artifacts/samples/tokencompose_a/coco"))
+    keys = sorted(zip(samples.prompt_id, samples.image_index))
+    assert keys == [(p, j) for p in range(prompts) for j in range(images)]
+    detections = read_shards(Path("artifacts/detections/tokencompose_a/ade20k"))
+    assert (detections.status == STATUS_OK).all() and len(detections.box_scores[0]) == (96 // 16) ** 2

@@ -1,0 +1,206 @@
+"""Seeded batched sampling, Attend-and-Excite token indices, resume (pipeline/sampling.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_params, section
+from pipeline.multigen import MultiGenPrompt, load_prompt_set
+from pipeline.sampling import (STATUS_NAN, STATUS_TOKENS_FAILED, AttendExciteCfg, EvalModel, EvalModelRef, Sampler,
+                               SamplingCfg, SamplingScale, TokenIndexError, ae_token_indices, component_hashes,
+                               head_word, image_generator, initial_latents, load_pipeline, prompt_items,
+                               sample_prompt_set)
+from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_path
+
+REPO = Path(__file__).resolve().parents[1]
+COCO, ADE = "coco_obj_comp_5_1k.json", "ade20k_obj_comp_5_1k.json"
+SCALE = SamplingScale(num_inference_steps=2, images_per_prompt=3, batch_size=3, resolution=None,
+                      dtype="float32", shard_size=3)
+
+
+# --- token indices (SPEC §6.3) --------------------------------------------------------------------------
+
+def test_head_word_rule():
+    assert head_word("surfboard") == (0, "surfboard")
+    assert head_word("wine glass") == (1, "glass")
+    assert head_word("chest of drawers") == (0, "chest")
+
+
+def test_token_indices_of_first_official_coco_prompts(shared_data, clip_tokenizer):
+    prompts = load_prompt_set(shared_data / "multigen" / COCO, max_prompts=2)
+    got = [ae_token_indices(clip_tokenizer, p.text, p.objects) for p in prompts]
+    assert got == [[5, 8, 11, 14, 18, 19], [6, 9, 12, 15, 19]]
+    alt = [ae_token_indices(clip_tokenizer, p.text, p.objects, rule="last_piece") for p in prompts]
+    assert alt == [[5, 8, 11, 14, 19], [6, 9, 12, 15, 19]]
+
+
+@pytest.mark.parametrize("name, low, high", [(COCO, 5, 7), (ADE, 5, 8)])
+def test_token_indices_resolve_for_all_official_prompts(shared_data, clip_tokenizer, name, low, high):
+    prompts = load_prompt_set(shared_data / "multigen" / name)
+    assert len(prompts) == 1000
+    counts = []
+    for p in prompts:
+        idx = ae_token_indices(clip_tokenizer, p.text, p.objects)
+        ids = clip_tokenizer(p.text).input_ids
+        assert idx == sorted(set(idx)) and max(idx) < len(ids) - 1 <= 76
+        heads = {head_word(o)[1] for o in p.objects}
+        assert {clip_tokenizer.decode([ids[i]]).strip() for i in idx} <= {
+            clip_tokenizer.decode(clip_tokenizer(h, add_special_tokens=False).input_ids[k : k + 1]).strip()
+            for h in heads for k in range(4)}
+        counts.append(len(idx))
+        assert len(ae_token_indices(clip_tokenizer, p.text, p.objects, rule="last_piece")) == 5
+    assert (min(counts), max(counts)) == (low, high)
+
+
+def test_chest_of_drawers_excites_only_chest(clip_tokenizer):
+    text = "a photo of a bed, a lamp, a sofa, a chest of drawers, and a ottoman."
+    objects = ("bed", "lamp", "sofa", "chest of drawers", "ottoman")
+    idx = ae_token_indices(clip_tokenizer, text, objects)
+    ids = clip_tokenizer(text).input_ids
+    assert [clip_tokenizer.decode([ids[i]]) for i in idx] == ["bed", "lamp", "sofa", "chest", "ottoman"]
+
+
+def test_token_indices_reject_an_object_missing_from_the_prompt(clip_tokenizer):
+    with pytest.raises(TokenIndexError, match="'kite'"):
+        ae_token_indices(clip_tokenizer, "a photo of a book, and a cup.", ("book", "kite"))
+
+
+# --- seeded batched sampling -----------------------------------------------------------------------------
+
+PROMPTS = [MultiGenPrompt(0, "a photo of a book, a cup, a kite, a mouse, and a surfboard.",
+                          ("book", "cup", "kite", "mouse", "surfboard")),
+           MultiGenPrompt(1, "a photo of a wine glass, a skateboard, a refrigerator, a boat, and a vase.",
+                          ("wine glass", "skateboard", "refrigerator", "boat", "vase"))]
+
+
+@pytest.fixture(scope="module")
+def models(embedded) -> Path:
+    embedded("tiny-sd")
+    embedded("tiny-sd-unet-a")
+    return embedded("tiny-sd").parent
+
+
+def make_sampler(models, kind="sd", unet=None, scale=SCALE, cfg=SamplingCfg()) -> Sampler:
+    pipe = load_pipeline(EvalModelRef("embedded:tiny-sd", unet), kind, models, cfg, torch.float32,
+                         torch.device("cpu"))
+    return Sampler(pipe, kind, cfg, scale, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd(models) -> Sampler:
+    """The plain tiny SD sampler (batch 3); tests vary ``scale`` with ``dataclasses.replace``."""
+    return make_sampler(models)
+
+
+@pytest.fixture(scope="module")
+def ae(models) -> Sampler:
+    """Attend-and-Excite on the tiny SD."""
+    return make_sampler(models, "attend_excite")
+
+
+def pixels(row) -> np.ndarray:
+    return np.asarray(image_from_bytes(row["image"]), dtype=np.int16)
+
+
+def test_initial_latents_do_not_depend_on_the_batch():
+    items = prompt_items("coco", PROMPTS, 3)
+    batch = initial_latents([image_generator(0, it) for it in items], (4, 16, 16))
+    alone = initial_latents([image_generator(0, items[4])], (4, 16, 16))
+    assert torch.equal(batch[4], alone[0])
+    assert not torch.equal(batch[3], batch[4])
+    other_seed = initial_latents([image_generator(1, items[4])], (4, 16, 16))
+    assert not torch.equal(other_seed[0], alone[0])
+
+
+def test_image_is_the_same_alone_and_in_a_batch(sd):
+    """Same noise in any batch; pixels agree up to float rounding of batched kernels (<= 1/255)."""
+    items = prompt_items("coco", PROMPTS, 3)
+    batched = sd.rows(items)                            # batches (0,0 0,1 0,2) (1,0 1,1 1,2)
+    alone = dataclasses.replace(sd, scale=dataclasses.replace(SCALE, batch_size=1)).rows([items[4]])
+    mixed = dataclasses.replace(sd, scale=dataclasses.replace(SCALE, batch_size=2)).rows([items[2], items[4]])
+    assert [r["status"] for r in batched] == [STATUS_OK] * 6
+    ref = pixels(batched[4])
+    assert np.abs(pixels(alone[0]) - ref).max() <= 1
+    assert np.abs(pixels(mixed[1]) - ref).max() <= 1
+    assert np.abs(pixels(mixed[0]) - pixels(batched[2])).max() <= 1
+    assert np.abs(pixels(batched[3]) - ref).mean() > 5      # another image index: other noise, other image
+    assert ref.shape == (128, 128, 3)                        # tiny-sd's default size (latent 16 x 8)
+
+
+def test_unet_swap_changes_only_the_unet(models, sd):
+    swapped = make_sampler(models, unet="embedded:tiny-sd-unet-a")
+    hb, hs = component_hashes(sd.pipe), component_hashes(swapped.pipe)
+    assert hb["unet"] != hs["unet"]
+    assert (hb["vae"], hb["text_encoder"]) == (hs["vae"], hs["text_encoder"])
+
+
+def test_attend_and_excite_runs_on_the_tiny_model(sd, ae):
+    """A&E without latent updates is plain SD from the same noise; with the default step it moves the image."""
+    items = prompt_items("coco", PROMPTS[:1], 1)
+    rows = ae.rows(items)
+    assert [r["status"] for r in rows] == [STATUS_OK]
+    assert rows[0]["token_indices"] == [5, 8, 11, 14, 18, 19]
+    no_update = AttendExciteCfg(scale_factor=0.0, thresholds={})
+    still = dataclasses.replace(ae, cfg=SamplingCfg(attend_excite=no_update)).rows(items)
+    plain = sd.rows(items)
+    assert np.abs(pixels(still[0]) - pixels(plain[0])).max() <= 1
+    assert np.abs(pixels(rows[0]) - pixels(plain[0])).mean() > 0.05
+
+
+def test_unalignable_prompt_is_recorded_not_dropped(ae):
+    bad = MultiGenPrompt(7, "a photo of something else.", ("kite", "cup", "book", "vase", "boat"))
+    rows = ae.rows(prompt_items("coco", [bad], 2))
+    assert [r["status"] for r in rows] == [STATUS_TOKENS_FAILED] * 2
+    assert "'kite'" in rows[0]["error"] and rows[0]["image"] is None
+
+
+def test_nan_image_is_recorded(sd, monkeypatch):
+    sampler = sd
+    monkeypatch.setattr(Sampler, "_call", lambda self, items, tok: np.full((len(items), 8, 8, 3), np.nan))
+    rows = sampler.rows(prompt_items("coco", PROMPTS[:1], 2))
+    assert [r["status"] for r in rows] == [STATUS_NAN] * 2 and "float32" in rows[0]["error"]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(sd, tmp_path, monkeypatch):
+    sampler = dataclasses.replace(sd, scale=dataclasses.replace(SCALE, images_per_prompt=2, shard_size=2))
+    full = tmp_path / "full"
+    sample_prompt_set(sampler, "coco", PROMPTS, full, {"w": "1"})
+    killed = tmp_path / "killed"
+    calls = {"n": 0}
+    real_rows = Sampler.rows
+
+    def dies_on_second_shard(self, items):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_rows(self, items)
+
+    monkeypatch.setattr(Sampler, "rows", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        sample_prompt_set(sampler, "coco", PROMPTS, killed, {"w": "1"})
+    first = shard_path(killed, 0)
+    assert first.exists() and not shard_path(killed, 1).exists()
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(Sampler, "rows", real_rows)
+    sample_prompt_set(sampler, "coco", PROMPTS, killed, {"w": "1"})
+    assert first.stat().st_mtime_ns == stamp                      # kept, not redone
+    a, b = read_shards(full), read_shards(killed)
+    assert a[["prompt_id", "image_index", "status"]].equals(b[["prompt_id", "image_index", "status"]])
+    assert all(np.abs(pixels(x) - pixels(y)).max() <= 1 for x, y in zip(a.to_dict("records"), b.to_dict("records")))
+    assert len(a) == 4
+
+
+def test_params_sections_parse_in_both_profiles():
+    params = load_params(REPO / "params.yaml")
+    section(params, "sampling", SamplingCfg)
+    for profile in params["profiles"]:
+        p = dict(params, profile=profile)
+        section(p, "profile.sampling", SamplingScale)
+        for key in params["eval_models"]:
+            section(p, f"eval_models.{key}", EvalModel)
+            section(p, f"profile.eval_models.{key}", EvalModelRef)
