@@ -24,5 +24,6 @@ browser:
 demo: setup
 	$(BIN)/dvc repro
 
+# One torch thread per test process: two processes on two cores, no oversubscription.
 test: setup browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -606,8 +607,10 @@ class Trainer:
 
         sched = get_scheduler(self.run.optim.lr_schedule, self.optimizer, num_warmup_steps=self.run.optim.warmup_steps,
                               num_training_steps=self.run.scale.max_steps)
-        for _ in range(start):
-            sched.step()
+        with warnings.catch_warnings():  # fast-forwarding a resumed schedule before any optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(start):
+                sched.step()
         return sched
 
     def _resume(self) -> int:
