@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -608,7 +609,7 @@ class Trainer:
         sched = get_scheduler(self.run.optim.lr_schedule, self.optimizer, num_warmup_steps=self.run.optim.warmup_steps,
                               num_training_steps=self.run.scale.max_steps)
         with warnings.catch_warnings():  # fast-forwarding a resumed schedule before any optimizer step
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(start):
                 sched.step()
         return sched
