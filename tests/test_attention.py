@@ -16,15 +16,6 @@ PAPER_GROUPS = ["mid_8", "up_16", "up_32", "up_64"]
 SD14_LAYOUT = {"down_64": 2, "down_32": 2, "down_16": 2, "mid_8": 1, "up_16": 3, "up_32": 3, "up_64": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)

@@ -77,3 +77,42 @@ def test_repository_params_profiles_define_the_same_sections():
     demo, paper = params["profiles"]["demo"], params["profiles"]["paper"]
     assert params["profile"] == "demo"
     assert set(demo) == set(paper), set(demo) ^ set(paper)
+
+
+def _all_sections():
+    """(dotted section, dataclass) of every params section a stage parses."""
+    from pipeline.attention_maps import AttentionMapsCfg, AttentionMapsScale, GroundingEvalCfg, GroundingEvalScale
+    from pipeline.benchmarks import EditDataScale, PromptsScale
+    from pipeline.demo_data import DemoDataScale
+    from pipeline.editing import EditingCfg, EditingScale
+    from pipeline.grounding import GroundingCfg, MasksScale
+    from pipeline.losses import LossCfg
+    from pipeline.multigen import MultiGenCfg, MultiGenScale
+    from pipeline.piebench import PieBenchCfg, PieBenchScale
+    from pipeline.sampling import EvalModel, EvalModelRef, SamplingCfg, SamplingScale
+    from pipeline.text import TextCfg, TextScale
+    from pipeline.training import OptimCfg, TrainCfg, TrainScale
+
+    fixed = [
+        ("text", TextCfg), ("profile.text", TextScale), ("profile.demo_data", DemoDataScale),
+        ("profile.prompts", PromptsScale), ("profile.edit_data", EditDataScale), ("grounding", GroundingCfg),
+        ("profile.masks", MasksScale), ("loss", LossCfg), ("optim", OptimCfg), ("train", TrainCfg),
+        ("profile.train", TrainScale), ("sampling", SamplingCfg), ("profile.sampling", SamplingScale),
+        ("multigen", MultiGenCfg), ("profile.multigen", MultiGenScale), ("editing", EditingCfg),
+        ("profile.editing", EditingScale), ("piebench", PieBenchCfg), ("profile.piebench", PieBenchScale),
+        ("attention_maps", AttentionMapsCfg), ("profile.attention_maps", AttentionMapsScale),
+        ("grounding_eval", GroundingEvalCfg), ("profile.grounding_eval", GroundingEvalScale),
+    ]
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    per_model = [(f"eval_models.{k}", EvalModel) for k in params["eval_models"]]
+    per_model += [(f"profile.eval_models.{k}", EvalModelRef) for k in params["eval_models"]]
+    return fixed + per_model
+
+
+@pytest.mark.parametrize("profile", ["demo", "paper"])
+def test_every_stage_section_parses_in_both_profiles(profile):
+    """A typo or a missing key in the paper profile fails here, not hours into a GPU run."""
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["profile"] = profile
+    for dotted, cls in _all_sections():
+        section(params, dotted, cls)

@@ -22,15 +22,6 @@ RES = 128
 LAYERS = ["mid_8", "up_16", "up_32", "up_64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def masks_rows(images_dir: Path, tokenizer, resolution: int) -> list[dict]:
     """``artifacts/masks`` rows from the demo images' true masks (one per object), plus broken rows."""
     rows = []
