@@ -1,7 +1,7 @@
 """Stage `train`: TokenCompose fine-tuning of the profile's Stable Diffusion UNet (SPEC §1.5).
 
 Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
-Outs: artifacts/train/unet/ (diffusers layout, safetensors), artifacts/train/checkpoints/ (persist: resumes
+Outs: artifacts/train/unet/ (diffusers layout, safetensors); artifacts/train/checkpoints/ (not a DVC output: resumes
 after a kill), metrics/train.json, plots/train_curves.csv. Multi-GPU: `accelerate launch stages/train.py`.
 """
 

@@ -102,3 +102,17 @@ def test_tiny_vae_scaling_gives_unit_variance_latents(tiny_sd):
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
     assert 0.7 < float(latents.std()) < 1.4
+
+
+def test_builds_do_not_depend_on_the_offline_setting(tmp_path):
+    """DVC hashes the models folder: an environment variable must not change its bytes."""
+    import os
+    import subprocess
+    import sys
+
+    for value in ("1", "0"):  # the hub reads the variable at import: build in fresh processes
+        code = f"from pipeline import zoo; zoo.build('tiny-sd', {str(tmp_path / value)!r}, seed=0)"
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": value})
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
+    for rel in files:
+        assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "0" / rel).read_bytes(), rel

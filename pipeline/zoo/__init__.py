@@ -52,8 +52,22 @@ def build(name: str, out_dir: Path, seed: int) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         REGISTRY[name].build(out_dir, seed)
+    _drop_runtime_keys(out_dir)
     (out_dir / "embedded.json").write_text(json.dumps({"name": name, "seed": seed}, indent=1) + "\n")
     return out_dir
+
+
+RUNTIME_KEYS = ("local_files_only",)  # written by transformers from the environment (HF_HUB_OFFLINE)
+
+
+def _drop_runtime_keys(out_dir: Path) -> None:
+    """Remove settings of the building process from saved configs, so a build is byte-identical anywhere."""
+    for path in sorted(out_dir.rglob("*_config.json")):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and any(k in config for k in RUNTIME_KEYS):
+            for key in RUNTIME_KEYS:
+                config.pop(key, None)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:
