@@ -82,7 +82,7 @@ class TrainScale:
     grad_accum: int
     max_steps: int
     checkpoint_every: int
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # not "no": YAML 1.1 reads a bare no as false
     gradient_checkpointing: bool = False
     num_workers: int = 0
 
@@ -554,6 +554,11 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def precision_name(accelerate_precision: str) -> str:
+    """accelerate's ``"no"`` / ``"fp16"`` / ``"bf16"`` in this project's vocabulary (``"fp32"`` for ``"no"``)."""
+    return "fp32" if accelerate_precision == "no" else accelerate_precision
+
+
 def make_accelerator(scale: TrainScale):
     """An ``Accelerator`` with the run's accumulation and precision (fp32 on CPU whatever is asked)."""
     from accelerate import Accelerator
@@ -562,10 +567,11 @@ def make_accelerator(scale: TrainScale):
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    precision = scale.mixed_precision if torch.cuda.is_available() else "no"
+    precision = scale.mixed_precision if torch.cuda.is_available() else "fp32"
     if precision != scale.mixed_precision:
         log.info("mixed_precision %s requested but no GPU: training in fp32", scale.mixed_precision)
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=scale.grad_accum,
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                       gradient_accumulation_steps=scale.grad_accum,
                        cpu=not torch.cuda.is_available())
 
 
@@ -714,7 +720,7 @@ class Trainer:
             "world_size": self.acc.num_processes, "effective_batch": s.batch_size * s.grad_accum * self.acc.num_processes,
             "samples_this_run": samples, "seconds_this_run": round(wall, 2),
             "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None,
-            "final_window_steps": len(window), **final, "mixed_precision": self.acc.mixed_precision,
+            "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
             "gradient_checkpointing": s.gradient_checkpointing, "ema": self.run.train.use_ema,
             "sd_model": self.run.sd_model, "resolution": self.run.resolution, "layers": ",".join(self.run.loss.layers),
             "token_weight": self.run.loss.token_weight, "pixel_weight": self.run.loss.pixel_weight,

@@ -116,3 +116,28 @@ def test_every_stage_section_parses_in_both_profiles(profile):
     params["profile"] = profile
     for dotted, cls in _all_sections():
         section(params, dotted, cls)
+
+
+def test_params_survive_dvc_set_rewrites():
+    """`dvc exp run -S k=v` rewrites params.yaml with ruamel.yaml; the result must still parse.
+
+    YAML 1.1 turns bare words like ``no``/``on`` into booleans, so a string value that DVC writes back
+    unquoted must not be one of them.
+    """
+    import io
+
+    import yaml
+    from ruamel.yaml import YAML
+
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    rt = YAML()
+    data = rt.load(path.read_text())
+    data["loss"]["pixel_weight"] = 1e-4  # what `-S loss.pixel_weight=1e-4` does
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    rewritten = yaml.safe_load(buf.getvalue())
+    assert rewritten["loss"]["pixel_weight"] == 1e-4
+    for profile in ("demo", "paper"):
+        rewritten["profile"] = profile
+        for dotted, cls in _all_sections():
+            section(rewritten, dotted, cls)
