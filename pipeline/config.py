@@ -82,6 +82,16 @@ def section(params: Mapping[str, Any], dotted: str, cls: type[T]) -> T:
     return parse(cls, node, where)
 
 
+def profile_fields(params: Mapping[str, Any], cls: type[T]) -> T:
+    """Parse the top-level keys of the active profile that ``cls`` declares (``models_dir``, ``sd_model``...).
+
+    Other keys of the profile (its sections) are ignored; a missing or mistyped key is a ConfigError.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    prof = active_profile(params)
+    return parse(cls, {k: v for k, v in prof.items() if k in names}, f"profiles.{params['profile']}")
+
+
 def parse(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from ``data``, checking keys and types recursively.
 

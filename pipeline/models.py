@@ -74,16 +74,6 @@ def resolve(ref: str, models_dir: str | Path) -> str:
     return parsed.name
 
 
-def embedded_names(refs: list[str]) -> list[str]:
-    """The embedded model names among ``refs`` (deduplicated, in order)."""
-    names: list[str] = []
-    for ref in refs:
-        parsed = parse_ref(ref)
-        if parsed.kind == "embedded" and parsed.name not in names:
-            names.append(parsed.name)
-    return names
-
-
 def from_pretrained(cls: Any, ref: str, models_dir: str | Path, **kwargs: Any) -> Any:
     """``cls.from_pretrained(resolve(ref), **kwargs)`` with an error that says how to fix a failed load."""
     target = resolve(ref, models_dir)

@@ -36,10 +36,3 @@ def numpy_rng(seed: int, *key: object) -> np.random.Generator:
 def python_rng(seed: int, *key: object) -> random.Random:
     """A ``random.Random`` seeded from (``seed``, ``key``)."""
     return random.Random(derive_seed(seed, *key))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global RNGs (torch, NumPy, ``random``) for code that cannot take a generator."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)

@@ -73,7 +73,7 @@ CAPTION_REASONS = {
 class TextCfg:
     """Top-level ``text`` params (identical in every profile)."""
 
-    max_token_index: int  # token positions past this are refused (76 = last of 77 incl. SOT)
+    max_token_index: int  # largest allowed position (75: SOT at 0, EOT at 76 after truncation)
     max_skip_rate: float  # the nouns stage fails when a larger share of captions is skipped
     tagger_iterations: int = 10  # training epochs of the embedded tagger
 
@@ -405,7 +405,7 @@ def decoded_text(tokenizer: Any, ids: Sequence[int]) -> str:
 
 def align_phrase(
     tokenizer: Any, tokens: CaptionTokens, phrase: Any, start: int | None = None,
-    max_token_index: int = 76, caption_id: str = "?",
+    max_token_index: int = 75, caption_id: str = "?",
 ) -> Alignment:
     """Positions of ``phrase``'s CLIP tokens in the 77-token sequence of ``tokens.caption``.
 
@@ -415,7 +415,8 @@ def align_phrase(
         phrase: the words to find (e.g. ``"teddy bear"``); lower-cased before tokenizing.
         start: character position of the phrase's occurrence in the caption; ``None`` uses the first
             match of its tokens (the original's behaviour).
-        max_token_index: largest allowed position (76: the last of 77 keys, SOT at 0).
+        max_token_index: largest allowed position (75: the text encoder's 77 positions hold SOT at
+            0 and, after truncation, EOT at 76, so a word at 76 would be supervised on EOT).
         caption_id: named in the error message.
 
     Returns:

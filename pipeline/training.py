@@ -134,7 +134,7 @@ def _word_problem(row: dict, caption: str | None, resolution: int) -> str | None
     indices = list(row.get("token_indices") or [])
     if not indices:
         return "no_token_indices"
-    if max(indices) >= MAX_TOKENS or min(indices) < 1:
+    if max(indices) >= MAX_TOKENS - 1 or min(indices) < 1:  # 76 holds EOT after truncation
         return "token_index_out_of_range"
     if list(row["train_mask"]["size"]) != [resolution, resolution]:
         return "train_mask_size"
@@ -539,8 +539,11 @@ def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
                                                                       "gradient_checkpointing")}
     if run.optim.lr_schedule not in ("constant", "constant_with_warmup"):
         scale["max_steps"] = run.scale.max_steps
+    train = {k: v for k, v in asdict(run.train).items() if k != "checkpoint_limit"}  # bookkeeping only
+    if not run.train.use_ema:
+        train.pop("ema_decay")
     blob = dict(sd_model=run.sd_model, resolution=run.resolution, seed=run.seed, loss=asdict(run.loss),
-                optim=asdict(run.optim), train=asdict(run.train), scale=scale, data=data_fp, world=world_size)
+                optim=asdict(run.optim), train=train, scale=scale, data=data_fp, world=world_size)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

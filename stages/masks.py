@@ -8,12 +8,13 @@ metrics/masks.json, plots/masks_overlay.png.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import grounding
-from pipeline.config import active_profile, load_params, section
+from pipeline.config import load_params, profile_fields, section
 from pipeline.runtime import dist_info, setup_logging, write_json
 from pipeline.shards import read_shards
 
@@ -23,20 +24,28 @@ NOUNS = Path("artifacts/nouns")
 IMAGES = Path("artifacts/data/images")
 
 
+@dataclass(frozen=True)
+class ProfileKeys:
+    """The top-level keys of ``profiles.<p>`` this stage reads."""
+
+    models_dir: Path
+    resolution: int
+
+
 def main() -> None:
     setup_logging()
     params = load_params()
     cfg = section(params, "grounding", grounding.GroundingCfg)
     scale = section(params, "profile.masks", grounding.MasksScale)
-    prof = active_profile(params)
+    prof = profile_fields(params, ProfileKeys)
     info = dist_info()
     barrier = None
     if info.world_size > 1:
         from accelerate import PartialState
 
         barrier = PartialState().wait_for_everyone
-    ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=Path(prof["models_dir"]),
-                               resolution=int(prof["resolution"]), device=grounding.rank_device(),
+    ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=prof.models_dir,
+                               resolution=prof.resolution, device=grounding.rank_device(),
                                rank=info.rank, world_size=info.world_size, barrier=barrier)
     if ctx.device.type == "cpu" and scale.cpu_threads > 0:
         torch.set_num_threads(scale.cpu_threads)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import zoo
-from pipeline.config import active_profile, load_params, parse
+from pipeline.config import load_params, profile_fields
 from pipeline.runtime import setup_logging, write_json
 
 log = logging.getLogger("stages.models")
@@ -28,9 +28,7 @@ class ModelsScale:
 def main() -> None:
     setup_logging()
     params = load_params()
-    prof = active_profile(params)
-    cfg = parse(ModelsScale, {k: prof[k] for k in ("models_dir", "embedded_seed", "embedded")},
-                f"profiles.{params['profile']}")
+    cfg = profile_fields(params, ModelsScale)
     if cfg.models_dir.exists():
         shutil.rmtree(cfg.models_dir)
     cfg.models_dir.mkdir(parents=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from pipeline import coco, text
-from pipeline.config import ConfigError, active_profile, load_params, parse, section
+from pipeline.config import ConfigError, load_params, profile_fields, section
 from pipeline.models import from_pretrained
 from pipeline.runtime import setup_logging, write_json
 from pipeline.shards import fingerprint_of, iter_rows, read_shards, write_shards
@@ -35,9 +35,7 @@ def main() -> None:
     params = load_params()
     cfg = section(params, "text", text.TextCfg)
     scale = section(params, "profile.text", text.TextScale)
-    prof = active_profile(params)
-    model = parse(TokenizerScale, {k: prof[k] for k in ("models_dir", "sd_model")},
-                  f"profiles.{params['profile']}")
+    model = profile_fields(params, TokenizerScale)
     tokenizer = from_pretrained(CLIPTokenizer, model.sd_model, model.models_dir, subfolder="tokenizer")
     images = read_shards(IMAGES, columns=["image_id", "caption", "status", "error"]).to_dict("records")
     if scale.phrases == "tagger":

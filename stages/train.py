@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import active_profile, load_params, parse, section
+from pipeline.config import load_params, profile_fields, section
 from pipeline.losses import LossCfg
 from pipeline.runtime import dist_info, setup_logging, write_json
 from pipeline.training import OptimCfg, TrainCfg, TrainRun, TrainScale, load_records, train, write_curves
@@ -34,9 +34,7 @@ class ModelScale:
 def main() -> None:
     setup_logging()
     params = load_params()
-    fields = ("sd_model", "models_dir", "resolution")
-    prof = {k: v for k, v in active_profile(params).items() if k in fields}
-    m = parse(ModelScale, prof, f"profiles.{params['profile']}")  # a missing key -> ConfigError naming it
+    m = profile_fields(params, ModelScale)  # a missing key -> ConfigError naming it
     run = TrainRun(
         sd_model=m.sd_model, models_dir=m.models_dir, resolution=m.resolution, seed=int(params["seed"]),
         loss=section(params, "loss", LossCfg), optim=section(params, "optim", OptimCfg),

@@ -241,7 +241,7 @@ def test_all_masked_pairs_of_the_tokencompose_metadata_align(metadata, clip_toke
         words = [w for w, mask in record["attn_list"] if mask]
         tokens = text.CaptionTokens.of(clip_tokenizer, record["text"])
         for word, start in zip(words, text.locate_phrases(record["text"], words)):
-            a = text.align_phrase(clip_tokenizer, tokens, word, start, 76, record["file_name"])
+            a = text.align_phrase(clip_tokenizer, tokens, word, start, 75, record["file_name"])
             assert a.status == STATUS_OK, a.error
             spelled = "".join(clip_tokenizer.decode([tokens.ids[i - 1]]).strip() for i in a.indices)
             assert spelled == word.lower().replace(" ", "")
@@ -269,12 +269,12 @@ def test_repeated_word_maps_to_its_own_occurrence(clip_tokenizer, tagger):
     fixed = text.align_phrase(clip_tokenizer, tokens, "bear", caption.rindex("bear"))
     assert original.indices == [3]  # SOT, a, teddy, bear -> the bear of "teddy bear"
     assert fixed.indices == [9]  # ..., next, to, a, brown, bear
-    row = text.tagger_nouns_rows([{"image_id": "x", "caption": caption, "status": "ok"}], tagger, clip_tokenizer, 76)[0]
+    row = text.tagger_nouns_rows([{"image_id": "x", "caption": caption, "status": "ok"}], tagger, clip_tokenizer, 75)[0]
     assert row["phrases"] == ["teddy bear", "bear"] and row["token_indices"] == [[2, 3], [9]]
 
 
 def test_each_failure_mode_has_its_reason_code(clip_tokenizer):
-    def align(caption, phrase, start=None, max_index=76):
+    def align(caption, phrase, start=None, max_index=75):
         tokens = text.CaptionTokens.of(clip_tokenizer, caption)
         return text.align_phrase(clip_tokenizer, tokens, phrase, start, max_index, "cap7")
 
@@ -305,7 +305,7 @@ def test_nouns_rows_record_failed_images_and_captions(clip_tokenizer):
         {"image_id": "d", "caption": "Two of them are very happy.", "status": "ok"},
         {"image_id": "e", "caption": "A 猫 on a rug.", "status": "ok"},
     ]
-    out = text.tagger_nouns_rows(rows, DictTagger({"cat": "NN", "mat": "NN", "猫": "NN"}), clip_tokenizer, 76)
+    out = text.tagger_nouns_rows(rows, DictTagger({"cat": "NN", "mat": "NN", "猫": "NN"}), clip_tokenizer, 75)
     assert [r["status"] for r in out] == ["ok", "image_failed", "empty_caption", "no_phrases", "no_aligned_phrases"]
     assert out[4]["phrase_status"] == ["decode_mismatch"] and out[4]["token_indices"] == [[]]
     assert out[0]["phrases"] == ["cat", "mat"] and out[0]["token_indices"] == [[2], [5]]
@@ -367,3 +367,15 @@ def test_nouns_stage_fails_loudly_past_the_skip_rate(tmp_path, monkeypatch):
     metrics = json.loads((root / "metrics" / "nouns.json").read_text())
     assert metrics["skipped_image_failed"] == 2  # written before failing, for inspection
     assert [r["status"] for r in iter_rows(root / "artifacts" / "nouns")] == ["image_failed", "image_failed", "ok"]
+
+
+def test_a_word_on_the_eot_position_is_refused(clip_tokenizer):
+    """77 positions = SOT + 75 tokens + EOT: position 76 holds EOT after truncation, never the word."""
+    def align(n_before):
+        caption = " ".join(["red"] * n_before) + " cat"
+        return text.align_phrase(clip_tokenizer, text.CaptionTokens.of(clip_tokenizer, caption), "cat", None, 75, "c")
+
+    assert align(74).indices == [75] and align(74).status == "ok"
+    assert align(75).status == "past_context"
+    ids = clip_tokenizer(" ".join(["red"] * 75) + " cat", truncation=True, max_length=77).input_ids
+    assert ids[76] == clip_tokenizer.eos_token_id

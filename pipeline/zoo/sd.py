@@ -84,7 +84,7 @@ def save_clip_tokenizer(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
     vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False))
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tok = CLIPTokenizer(
         str(vocab_file), str(merges_file), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
