@@ -31,7 +31,8 @@ from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
 from .sampling import (EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale, load_pipeline,
-                       rank_device, resolve_dtype)
+                       resolve_dtype)
+from .runtime import rank_device
 from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
 from .text import CaptionTokens, align_phrase, locate_phrases
 
@@ -446,9 +447,10 @@ def compare_with_samples(samples_dir: Path, samples: Sequence[dict], items: Sequ
     if not Path(samples_dir).is_dir():
         log.warning("%s absent: regenerated images not compared with the sample stage's", samples_dir)
         return {"images_compared": 0, "images_identical": 0, "max_pixel_diff": None}
+    wanted = {(item.prompt_id, item.image_index) for item in items}
     stored = {(r["prompt_id"], r["image_index"]): r["image"] for r in
               iter_rows(Path(samples_dir), columns=["prompt_id", "image_index", "image", "status"])
-              if r["status"] == STATUS_OK}
+              if r["status"] == STATUS_OK and (r["prompt_id"], r["image_index"]) in wanted}
     compared = identical = 0
     worst = 0
     for item, sample in zip(items, samples):

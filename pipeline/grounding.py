@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -849,8 +848,3 @@ def plot_overlay(rows: Sequence[dict[str, Any]], images: dict[str, Image.Image],
     return len(ids)
 
 
-def rank_device() -> torch.device:
-    """``cuda:<LOCAL_RANK>`` when CUDA is present (one process per GPU), else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")

@@ -311,6 +311,10 @@ def load_example(root: str | Path, entry: PieBenchEntry) -> tuple[np.ndarray, np
     if image.shape[0] != image.shape[1]:
         raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; PIE-Bench masks live on a "
                          f"square grid (512x512): resize the image to a square")
+    starts = entry.mask[0::2]
+    if starts and max(starts) >= image.shape[0] ** 2:
+        raise ValueError(f"{path}: its mask RLE addresses pixels past a {image.shape[0]}x{image.shape[0]} grid; "
+                         f"PIE-Bench masks are encoded on the original 512x512 images: use those, not a resized copy")
     return image, decode_mask(entry.mask, size=image.shape[0])
 
 

@@ -35,6 +35,13 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def rank_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is present (one process per GPU), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def default_device() -> torch.device:
     """CUDA if present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,6 @@ Attend-and-Excite (diffusers' ``StableDiffusionAttendAndExcitePipeline``) needs 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -182,11 +181,6 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def rank_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is present (one GPU per process), else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def load_pipeline(ref: EvalModelRef, sampler: SamplerKind, models_dir: str | Path, cfg: SamplingCfg,
@@ -290,11 +284,16 @@ class Sampler:
                 for n, it in enumerate(items)]
 
     def _batch(self, batch: list[tuple[int, SampleItem, list[int]]]) -> dict[int, tuple[Any, str, str]]:
-        """Sample one batch; an exception marks every image of the batch failed with its message."""
+        """Sample one batch. If the batch raises, each image is retried alone (seeds are per image, so a
+        retried image is the same image), and only the images that fail alone are marked failed."""
         try:
             images = self._call([it for _, it, _ in batch], [tok for _, _, tok in batch])
         except Exception as err:  # noqa: BLE001 - recorded per row, counted and checked by the stage
-            log.exception("sampling failed for prompts %s", sorted({it.prompt_id for _, it, _ in batch}))
+            if len(batch) > 1:
+                log.warning("batch of prompts %s failed (%s); retrying image by image",
+                            sorted({it.prompt_id for _, it, _ in batch}), err)
+                return {k: v for one in batch for k, v in self._batch([one]).items()}
+            log.exception("sampling failed for prompt %s image %s", batch[0][1].prompt_id, batch[0][1].image_index)
             return {n: (None, STATUS_FAILED, f"{type(err).__name__}: {err}") for n, _, _ in batch}
         out = {}
         for (n, it, _), img in zip(batch, images):
@@ -314,7 +313,10 @@ class Sampler:
     def fingerprint(self, weights: dict[str, str]) -> dict[str, Any]:
         """What the images depend on (batch size excluded: it does not change which noise an image gets)."""
         scale = {k: v for k, v in asdict(self.scale).items() if k != "batch_size"}
-        return {"kind": self.kind, "cfg": asdict(self.cfg), "scale": scale, "seed": self.seed,
+        cfg = asdict(self.cfg)
+        if self.kind != "attend_excite":
+            cfg.pop("attend_excite")  # A&E settings change no plain-SD image
+        return {"kind": self.kind, "cfg": cfg, "scale": scale, "seed": self.seed,
                 "size": self.size, "dtype": str(self.pipe.unet.dtype), "weights": weights,
                 "scheduler": type(self.pipe.scheduler).__name__}
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, load_detector, weights_digest
-from pipeline.runtime import dist_info, setup_logging
-from pipeline.sampling import rank_device
+from pipeline.runtime import dist_info, rank_device, setup_logging
 
 log = logging.getLogger("stages.detect")
 

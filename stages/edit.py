@@ -64,8 +64,8 @@ def main(name: str) -> None:
         "failed": len(rows) - ok, "resolution": editor.resolution, "steps": scale.num_inference_steps,
         "loop_steps": len(editor.loop_timesteps()), "init": cfg.init, "blend": cfg.blend,
         "guidance_scale": cfg.guidance_scale, "blending_start": cfg.blending_start,
-        "mean_latent_mask_fraction": float(rows["mask_fraction"].mean()) if ok else None,
-        "seconds": round(time.perf_counter() - start, 2)})
+        "mean_latent_mask_fraction": float(rows["mask_fraction"].mean()) if ok else None})
+    log.info("edit %s: %d images in %.1f s", name, len(rows), time.perf_counter() - start)
     if ok < len(rows):
         log.warning("%d of %d edits failed; see the status/error columns of %s", len(rows) - ok, len(rows), out_dir)
 

@@ -15,7 +15,7 @@ import torch
 
 from pipeline import grounding
 from pipeline.config import load_params, profile_fields, section
-from pipeline.runtime import dist_info, setup_logging, write_json
+from pipeline.runtime import dist_info, rank_device, setup_logging, write_json
 from pipeline.shards import read_shards
 
 log = logging.getLogger("stages.masks")
@@ -45,7 +45,7 @@ def main() -> None:
 
         barrier = PartialState().wait_for_everyone
     ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=prof.models_dir,
-                               resolution=prof.resolution, device=grounding.rank_device(),
+                               resolution=prof.resolution, device=rank_device(),
                                rank=info.rank, world_size=info.world_size, barrier=barrier)
     if ctx.device.type == "cpu" and scale.cpu_threads > 0:
         torch.set_num_threads(scale.cpu_threads)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, check_failure_rate, load_prompt_set
-from pipeline.runtime import dist_info, setup_logging, write_json
+from pipeline.runtime import dist_info, rank_device, setup_logging, write_json
 from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
-                               load_pipeline, rank_device, resolve_dtype, sample_prompt_set)
+                               load_pipeline, resolve_dtype, sample_prompt_set)
 from pipeline.shards import read_shards
 
 log = logging.getLogger("stages.sample")

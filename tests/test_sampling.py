@@ -166,6 +166,21 @@ def test_nan_image_is_recorded(sd, monkeypatch):
     assert [r["status"] for r in rows] == [STATUS_NAN] * 2 and "float32" in rows[0]["error"]
 
 
+def test_a_failing_batch_is_retried_image_by_image(sd, monkeypatch):
+    """One bad image must not take the other images of its batch down with it."""
+    from pipeline.sampling import STATUS_FAILED
+
+    def call(self, items, tok):
+        if any(it.image_index == 1 for it in items):
+            raise RuntimeError("out of memory")
+        return np.zeros((len(items), 8, 8, 3), dtype=np.float32)
+
+    monkeypatch.setattr(Sampler, "_call", call)
+    rows = sd.rows(prompt_items("coco", PROMPTS[:1], 3))
+    assert [r["status"] for r in rows] == [STATUS_OK, STATUS_FAILED, STATUS_OK]
+    assert "out of memory" in rows[1]["error"] and rows[0]["image"] is not None
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_result(sd, tmp_path, monkeypatch):
     sampler = dataclasses.replace(sd, scale=dataclasses.replace(SCALE, images_per_prompt=2, shard_size=2))
     full = tmp_path / "full"
