@@ -19,8 +19,6 @@ import logging
 import os
 import re
 import shutil
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -176,14 +174,14 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def read_source(source: str, timeout: float = 60.0) -> bytes:
-    """Bytes of ``source``: an http(s)/file URL (urllib) or a local path."""
-    scheme = urllib.parse.urlparse(source).scheme
-    if scheme in ("http", "https", "file"):
+    """Bytes of ``source``: an http(s)/file URL (fetched with retries by :func:`pipeline.coco.fetch`) or a path."""
+    from .coco import FetchError, fetch, is_url
+
+    if is_url(source):
         log.info("fetching %s", source)
         try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                return response.read()
-        except OSError as err:
+            return fetch(source, timeout=timeout, max_bytes=1 << 30)
+        except FetchError as err:
             raise OSError(f"{source}: download failed ({err}); check the URL and the network, "
                           f"or download the file and give its local path instead") from err
     path = Path(source)
