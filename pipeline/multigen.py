@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .shards import STATUS_OK, fingerprint_of
+from .shards import STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +285,6 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def weights_digest(ref: str, models_dir: str | Path) -> str:
-    """Digest of a model's weight files when ``ref`` resolves to a local folder, else the hub id itself."""
-    from .models import resolve
-
-    target = Path(resolve(ref, models_dir))
-    if not target.is_dir():
-        return str(target)
-    files = sorted(p for ext in ("*.safetensors", "*.bin") for p in target.rglob(ext))
-    return fingerprint_of([(str(f.relative_to(target)), file_digest(f)) for f in files])
 
 
 def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, template: str, scale: MultiGenScale,

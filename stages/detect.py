@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
-from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, load_detector, weights_digest
+from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, load_detector
+from pipeline.zoo import state_dict_hash
 from pipeline.runtime import dist_info, rank_device, setup_logging
 
 log = logging.getLogger("stages.detect")
@@ -25,7 +26,7 @@ def main(key: str) -> None:
     dist = dist_info()
     models_dir = Path(active_profile(params)["models_dir"])
     detector = load_detector(scale.detector, models_dir, rank_device(), scale.dtype)
-    fingerprint = {"detector": scale.detector, "weights": weights_digest(scale.detector, models_dir),
+    fingerprint = {"detector": scale.detector, "weights": state_dict_hash(detector.model),
                    "dtype": scale.dtype, "template": mg.query_template}
     for name in mg.prompt_sets:
         detect_prompt_set(detector, Path("artifacts/samples") / key / name, Path("artifacts/detections") / key / name,
