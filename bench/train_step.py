@@ -9,7 +9,12 @@ one change to the previous one:
   map cloned and stored, fp32, batch 1;
 * ``capture``  — only the 10 cross-attention layers the losses need are captured, SDPA elsewhere;
 * ``bf16``     — plus bf16 autocast (GPU only; CPU training stays fp32);
-* ``batch8``   — plus batch 8 (throughput per sample).
+* ``batch8``   — plus batch 8 (throughput per sample);
+* ``no_checkpointing`` — plus gradient checkpointing off (only when the earlier variants had it on: the
+  original trains with it; at batch 8 the activations fit, so the recomputation is pure cost);
+* ``batch16``  — plus batch 16;
+* ``compiled`` — plus ``torch.compile`` of the UNet, capture processors included
+  (:func:`pipeline.models.compile_unet`, the pipeline's ``train.compile``; compiled once, in warm-up).
 
 ``--device cpu`` uses the embedded tiny model (latent 16) and measures peak memory as the peak resident
 set of a fresh process per variant; ``--device cuda`` uses the SD1.4 UNet architecture (random weights) at
@@ -17,7 +22,7 @@ set of a fresh process per variant; ``--device cuda`` uses the SD1.4 UNet archit
 with per-variant numbers and one ratio per gain.
 
     python bench/train_step.py --device cpu
-    python bench/train_step.py --device cuda      # under a minute on an H200 (38 s), model build included
+    python bench/train_step.py --device cuda      # a few minutes on an H200 (the compiled variants compile)
 """
 
 from __future__ import annotations
@@ -32,23 +37,41 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.attention import AttentionStore, CaptureProcessor, capture_cross_attention, processor_group
 from pipeline.losses import GroundingTargets, LossCfg
+from pipeline.models import compile_unet
 from pipeline.runtime import setup_logging, write_json
 from pipeline.training import compute_losses
 
 log = logging.getLogger("bench.train_step")
 LOSS = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8", "up_16", "up_32", "up_64"])
-VARIANTS = {  # name: (store everything eagerly, bf16, batch)
-    "baseline": (True, False, 1),
-    "capture": (False, False, 1),
-    "bf16": (False, True, 1),
-    "batch8": (False, True, 8),
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmarked configuration; ``checkpointing=None`` keeps the run's ``--checkpointing`` setting."""
+
+    eager: bool              # the original's attention: eager in all layers, every map cloned and stored
+    bf16: bool
+    batch: int
+    checkpointing: bool | None = None
+    compiled: bool = False
+
+
+VARIANTS = {  # each adds one change to the one before it
+    "baseline": Variant(eager=True, bf16=False, batch=1),
+    "capture": Variant(eager=False, bf16=False, batch=1),
+    "bf16": Variant(eager=False, bf16=True, batch=1),
+    "batch8": Variant(eager=False, bf16=True, batch=8),
+    "no_checkpointing": Variant(eager=False, bf16=True, batch=8, checkpointing=False),
+    "batch16": Variant(eager=False, bf16=True, batch=16, checkpointing=False),
+    "compiled": Variant(eager=False, bf16=True, batch=16, checkpointing=False, compiled=True),
 }
+CPU_VARIANTS = ("baseline", "capture", "batch8", "no_checkpointing", "batch16", "compiled")
 
 
 class CloningStore(AttentionStore):
@@ -72,7 +95,7 @@ def install_baseline(unet) -> AttentionStore:
     return store
 
 
-def build_unet(device: str, checkpointing: bool):
+def build_unet(device: str):
     """Tiny UNet (CPU) or SD1.4's architecture (CUDA), random weights, in training mode."""
     from diffusers import UNet2DConditionModel
 
@@ -81,8 +104,6 @@ def build_unet(device: str, checkpointing: bool):
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**(SD14_UNET if device == "cuda" else TINY_UNET))
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
     return unet.train()
 
 
@@ -104,15 +125,33 @@ def synthetic_batch(unet, batch: int, device: str):
     return latents, states, targets
 
 
-def run_variant(unet, name: str, device: str, warmup: int, steps: int) -> dict:
-    """Time ``steps`` full training steps of variant ``name`` after ``warmup`` untimed ones."""
+def configure(unet, variant: Variant, checkpointing: bool) -> AttentionStore:
+    """Put ``unet`` in the variant's state (attention, checkpointing, compilation); returns its store.
+
+    Compilation is in place and stays on: compiled variants come last.
+    """
+    store = install_baseline(unet) if variant.eager else capture_cross_attention(unet, LOSS.layers)
+    ckpt = checkpointing if variant.checkpointing is None else variant.checkpointing
+    if ckpt:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    if variant.compiled and unet._compiled_call_impl is None:
+        compile_unet(unet)
+    return store
+
+
+def run_variant(unet, name: str, device: str, warmup: int, steps: int, checkpointing: bool) -> dict:
+    """Time ``steps`` full training steps of variant ``name`` after ``warmup`` untimed ones (compiling ones
+    included, so compile time is not timed)."""
     from diffusers import DDPMScheduler
 
     from pipeline.zoo.sd import SD14_SCHEDULER
 
-    eager, bf16, batch = VARIANTS[name]
-    bf16 = bf16 and device == "cuda"
-    store = install_baseline(unet) if eager else capture_cross_attention(unet, LOSS.layers)
+    variant = VARIANTS[name]
+    eager, batch = variant.eager, variant.batch
+    bf16 = variant.bf16 and device == "cuda"
+    store = configure(unet, variant, checkpointing)
     scheduler = DDPMScheduler.from_config(SD14_SCHEDULER)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
     latents, states, targets = synthetic_batch(unet, batch, device)
@@ -136,6 +175,7 @@ def run_variant(unet, name: str, device: str, warmup: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step_s = sum(times[warmup:]) / steps
     out = {"step_s": step_s, "batch": batch, "samples_per_s": batch / step_s, "bf16": bf16,
+           "checkpointing": unet.is_gradient_checkpointing, "compiled": variant.compiled,
            "stored_maps": "all 32 layers, cloned" if eager else "10 cross layers", "loss": losses.total.item()}
     if device == "cuda":
         out["fwd_bwd_peak_gib"] = activation / 2**30  # forward+backward peak above weights and optimizer state
@@ -164,6 +204,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def selected(names, checkpointing: bool) -> list[str]:
+    """Variants worth running: ``no_checkpointing`` only adds a change when checkpointing was on."""
+    return [n for n in names if n != "no_checkpointing" or checkpointing]
+
+
 def ratios(results: dict[str, dict], mem_key: str) -> dict[str, float]:
     """One ratio per gain: throughput and memory of each variant vs the previous one and vs the baseline."""
     names = [n for n in VARIANTS if n in results]
@@ -179,9 +224,9 @@ def ratios(results: dict[str, dict], mem_key: str) -> dict[str, float]:
 
 def cpu_child(name: str, warmup: int, steps: int, checkpointing: bool) -> None:
     """Run one variant in this (fresh) process and print its numbers as JSON, peak RSS included."""
-    unet = build_unet("cpu", checkpointing)
+    unet = build_unet("cpu")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = run_variant(unet, name, "cpu", warmup, steps)
+    out = run_variant(unet, name, "cpu", warmup, steps, checkpointing)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["rss_before_steps_gib"] = before
     out["step_rss_gib"] = out["peak_rss_gib"] - before  # what the steps added on top of model and imports
@@ -190,7 +235,7 @@ def cpu_child(name: str, warmup: int, steps: int, checkpointing: bool) -> None:
 
 def run_cpu(args) -> dict:
     results = {}
-    for name in ("baseline", "capture", "batch8"):
+    for name in selected(CPU_VARIANTS, args.checkpointing):
         cmd = [sys.executable, __file__, "--child", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--threads", str(args.threads)]
         cmd += ["--checkpointing"] if args.checkpointing else []
@@ -198,16 +243,23 @@ def run_cpu(args) -> dict:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         log.info("%s: %s", name, results[name])
     return {"model": "embedded tiny-sd UNet (latent 16, 128 px)", "variants": results,
-            "skipped": {"bf16": "CPU training runs in fp32"}, "ratios": ratios(results, "step_rss_gib"),
-            "memory": "peak resident set of a fresh process per variant minus its size before the steps"}
+            "skipped": {"bf16": "CPU training runs in fp32"},
+            "ratios": ratios(results, "step_rss_gib"),
+            "memory": "peak resident set of a fresh process per variant minus its size before the steps "
+                      "(for the compiled variant this includes the compiler's own memory during warm-up)"}
 
 
 def run_cuda(args) -> dict:
     results = {"device_name": torch.cuda.get_device_name()}
-    unet = build_unet("cuda", args.checkpointing)
+    unet = build_unet("cuda")
     variants = {}
-    for name in VARIANTS:
-        variants[name] = run_variant(unet, name, "cuda", args.warmup, args.steps)
+    for name in selected(VARIANTS, args.checkpointing):
+        try:
+            variants[name] = run_variant(unet, name, "cuda", args.warmup, args.steps, args.checkpointing)
+        except torch.OutOfMemoryError as err:
+            results.setdefault("skipped", {})[name] = f"out of memory: {str(err).splitlines()[0]}"
+            torch.cuda.empty_cache()
+            continue
         log.info("%s: %s", name, variants[name])
     results.update(model="SD1.4 UNet architecture, random weights (latent 64, 512 px)", variants=variants,
                    ratios=ratios(variants, "fwd_bwd_peak_gib"),

@@ -70,6 +70,7 @@ class SamplingScale:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     shard_size: int = 100             # images per Parquet shard (the unit of resume)
     max_prompts: int | None = None    # None: the whole prompt file
+    compile: bool = False             # torch.compile the UNet (channels_last); plain SD only, not A&E
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,16 @@ class Sampler:
     seed: int
     _tokens: dict[str, list[int] | str] = field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if not self.scale.compile:
+            return
+        if self.kind == "attend_excite":  # its latent updates differentiate through hooked attention
+            log.info("sampling.compile is ignored for Attend-and-Excite; it runs eagerly")
+            return
+        from .models import compile_unet
+
+        compile_unet(self.pipe.unet, channels_last=self.pipe.unet.device.type == "cuda")
+
     @property
     def size(self) -> int:
         """Image side in pixels (``scale.resolution`` or the model's default)."""
@@ -311,8 +322,9 @@ class Sampler:
                 "image": image, "status": status, "error": error}
 
     def fingerprint(self, weights: dict[str, str]) -> dict[str, Any]:
-        """What the images depend on (batch size excluded: it does not change which noise an image gets)."""
-        scale = {k: v for k, v in asdict(self.scale).items() if k != "batch_size"}
+        """What the images depend on. Batch size and compilation are excluded: they change no image's noise,
+        only float rounding (within 1/255 of the decoded pixels), so resumed shards stay valid."""
+        scale = {k: v for k, v in asdict(self.scale).items() if k not in ("batch_size", "compile")}
         cfg = asdict(self.cfg)
         if self.kind != "attend_excite":
             cfg.pop("attend_excite")  # A&E settings change no plain-SD image

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_cross_attention, restore_attention
 from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
-from .models import from_pretrained
+from .models import compile_unet, from_pretrained
 from .seeding import numpy_rng, torch_generator
 from .grounding import resize_center_crop, train_mask
 from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
@@ -84,6 +85,7 @@ class TrainScale:
     checkpoint_every: int
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # not "no": YAML 1.1 reads a bare no as false
     gradient_checkpointing: bool = False
+    compile: bool = False            # torch.compile the UNet (capture processors included); first step compiles
     num_workers: int = 0
 
 
@@ -405,12 +407,15 @@ def needs_capture(loss_cfg: LossCfg) -> bool:
     return bool(loss_cfg.layers) and (loss_cfg.token_weight > 0 or loss_cfg.pixel_weight > 0)
 
 
-def check_finite(losses: StepLosses, step: int, image_ids: Sequence[str]) -> None:
-    """Stop with a clear error when the loss is NaN or infinite (names the step and images)."""
-    if torch.isfinite(losses.total).item():
+def check_finite(values: dict[str, float], step: int, image_ids: Sequence[str]) -> None:
+    """Stop with a clear error when the loss is NaN or infinite (names the step, the parts and the images).
+
+    ``values`` are a micro-step's losses as floats (``loss``, ``denoise``, optionally ``token``, ``pixel``).
+    Called before the optimizer step, so the weights never take a non-finite update.
+    """
+    if math.isfinite(values["loss"]):
         return
-    g = losses.grounding
-    parts = f"denoise={losses.denoise.item()}" + (f", token={g.token.item()}, pixel={g.pixel.item()}" if g else "")
+    parts = ", ".join(f"{k}={values[k]}" for k in ("denoise", "token", "pixel") if k in values)
     raise FloatingPointError(
         f"non-finite loss at optimizer step {step} ({parts}) on images {list(image_ids)}; check these images' "
         "masks, lower optim.lr, or use mixed_precision bf16 instead of fp16")
@@ -536,7 +541,7 @@ def find_resume(ckpt_dir: Path, fingerprint: str, max_steps: int) -> Path | None
 def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
     """What a checkpoint's weights depend on: model, data, seed, method params, batch layout, precision."""
     scale = {k: v for k, v in asdict(run.scale).items() if k not in ("max_steps", "checkpoint_every", "num_workers",
-                                                                      "gradient_checkpointing")}
+                                                                      "gradient_checkpointing", "compile")}
     if run.optim.lr_schedule not in ("constant", "constant_with_warmup"):
         scale["max_steps"] = run.scale.max_steps
     train = {k: v for k, v in asdict(run.train).items() if k != "checkpoint_limit"}  # bookkeeping only
@@ -601,6 +606,8 @@ class Trainer:
         if run.scale.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.store = capture_cross_attention(unet, run.loss.layers) if needs_capture(run.loss) else None
+        if run.scale.compile:
+            compile_unet(unet)
         o = run.optim
         self.optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay, eps=o.eps)
@@ -675,7 +682,6 @@ class Trainer:
             latents, states = encode_batch(self.models, batch["pixel_values"], batch["input_ids"], gen)
             losses = compute_losses(unet, self.models.noise_scheduler, latents, states, batch["targets"],
                                     self.store, self.run.loss, gen)
-            check_finite(losses, step, batch["image_ids"])
             if self.store is not None:
                 self.store.reset()
                 with self.store.paused():
@@ -684,9 +690,11 @@ class Trainer:
                 self.acc.backward(losses.total)
             if self.acc.sync_gradients:
                 self.acc.clip_grad_norm_(unet.parameters(), self.run.optim.max_grad_norm)
+            values = _loss_values(losses)  # one device sync per micro-step, after the work is queued
+            check_finite(values, step, batch["image_ids"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return _loss_values(losses)
+        return values
 
     def _log_step(self, step: int, sums: dict[str, float], n: int, lr: float) -> None:
         keys = sorted(sums)
@@ -724,7 +732,7 @@ class Trainer:
             "samples_this_run": samples, "seconds_this_run": round(wall, 2),
             "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None,
             "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
-            "gradient_checkpointing": s.gradient_checkpointing, "ema": self.run.train.use_ema,
+            "gradient_checkpointing": s.gradient_checkpointing, "compiled": s.compile, "ema": self.run.train.use_ema,
             "sd_model": self.run.sd_model, "resolution": self.run.resolution, "layers": ",".join(self.run.loss.layers),
             "token_weight": self.run.loss.token_weight, "pixel_weight": self.run.loss.pixel_weight,
             "lr": self.run.optim.lr, "fingerprint": self.fingerprint,
@@ -732,13 +740,15 @@ class Trainer:
 
 
 def _loss_values(losses: StepLosses) -> dict[str, float]:
-    out = {"loss": losses.total.item(), "denoise": losses.denoise.item()}
+    """The step's losses as floats (total, denoise, token, pixel and per group), copied in one transfer."""
+    named = {"loss": losses.total, "denoise": losses.denoise}
     g = losses.grounding
     if g is not None:
-        out.update(token=g.token.item(), pixel=g.pixel.item())
-        out.update({f"token_{k}": v.item() for k, v in g.token_by_group.items()})
-        out.update({f"pixel_{k}": v.item() for k, v in g.pixel_by_group.items()})
-    return out
+        named.update(token=g.token, pixel=g.pixel)
+        named.update({f"token_{k}": v for k, v in g.token_by_group.items()})
+        named.update({f"pixel_{k}": v for k, v in g.pixel_by_group.items()})
+    values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
+    return dict(zip(named, values))
 
 
 def train(run: TrainRun, records: Sequence[TrainRecord]) -> TrainResult:

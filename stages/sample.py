@@ -34,11 +34,12 @@ def main(key: str) -> None:
     dist, device = dist_info(), rank_device()
     pipe = load_pipeline(ref, model.sampler, Path(active_profile(params)["models_dir"]), cfg,
                          resolve_dtype(scale.dtype, device), device)
-    sampler = Sampler(pipe, model.sampler, cfg, scale, int(params["seed"]))
     weights = component_hashes(pipe)
+    sampler = Sampler(pipe, model.sampler, cfg, scale, int(params["seed"]))
     metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
                "steps": scale.num_inference_steps, "guidance_scale": cfg.guidance_scale, "size": sampler.size,
-               "images_per_prompt": scale.images_per_prompt, "dtype": str(pipe.unet.dtype), "seed": sampler.seed}
+               "images_per_prompt": scale.images_per_prompt, "dtype": str(pipe.unet.dtype), "seed": sampler.seed,
+               "compiled": scale.compile and model.sampler == "sd"}
     for name in mg.prompt_sets:
         prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)
         out_dir = Path("artifacts/samples") / key / name

@@ -152,6 +152,7 @@ def reference_structure(model, source, edit, scale):
 @pytest.mark.parametrize("input_range,scale", [("0-255", 1.0), ("0-1", 1 / 255)])
 def test_structure_distance_matches_manual_keys(embedded, models_dir, images, input_range, scale):
     source, edit, _ = images
+    embedded("tiny-dino")
     metric = pb.StructureDistance.load("embedded:tiny-dino", models_dir, input_range)
     expected = reference_structure(metric.model, source, edit, scale)
     assert metric(source, edit) == pytest.approx(expected, rel=1e-4)

@@ -132,6 +132,23 @@ def test_image_is_the_same_alone_and_in_a_batch(sd):
     assert ref.shape == (128, 128, 3)                        # tiny-sd's default size (latent 16 x 8)
 
 
+def test_compiled_sampler_gives_the_eager_images(models, sd, monkeypatch):
+    """``compile: true`` changes only float rounding: same images within 1/255, same shard fingerprint."""
+    from pipeline import models as model_refs
+
+    monkeypatch.setattr(model_refs, "COMPILE_BACKEND", "aot_eager")  # dynamo tracing, no code generation
+    items = prompt_items("coco", PROMPTS[:1], 3)
+    compiled = make_sampler(models, scale=dataclasses.replace(SCALE, compile=True))
+    got = compiled.rows(items)
+    torch._dynamo.reset()
+    want = sd.rows(items)
+    assert [r["status"] for r in got] == [STATUS_OK] * 3
+    assert max(np.abs(pixels(g) - pixels(w)).max() for g, w in zip(got, want)) <= 1
+    weights = component_hashes(sd.pipe)
+    assert component_hashes(compiled.pipe) == weights
+    assert compiled.fingerprint(weights) == sd.fingerprint(weights)
+
+
 def test_unet_swap_changes_only_the_unet(models, sd):
     swapped = make_sampler(models, unet="embedded:tiny-sd-unet-a")
     hb, hs = component_hashes(sd.pipe), component_hashes(swapped.pipe)
