@@ -261,3 +261,35 @@ def test_compiled_training_equals_eager_training(data_dirs, tiny_sd, tmp_path, m
     assert max((ua[k] - ub[k]).abs().max().item() for k in ua) < 1e-5
     base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet").state_dict()
     assert max((base[k] - ub[k]).abs().max().item() for k in ua) > 1e-5  # training did move the weights
+
+
+def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
+    """Two CPU ranks under torchrun (accelerate DDP over gloo, the multi-GPU code path): both ranks end with
+    the same weights and curves; a run stopped at step 2 and resumed to 4 equals a straight run of 4."""
+    import os
+    import subprocess
+    import sys
+
+    driver = Path(__file__).with_name("dist_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, steps: int) -> list[dict]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(driver), *map(str, data_dirs), str(tiny_sd), str(out), str(steps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    straight = launch(tmp_path / "straight", 4)
+    launch(tmp_path / "resumed", 2)
+    resumed = launch(tmp_path / "resumed", 4)
+    for ranks in (straight, resumed):
+        assert ranks[0]["unet"] == ranks[1]["unet"] and ranks[0]["curves"] == ranks[1]["curves"]
+        assert ranks[0]["metrics"]["world_size"] == 2 and ranks[0]["metrics"]["effective_batch"] == 4
+    assert straight[0]["metrics"]["samples_this_run"] == 16          # 4 steps x 2 micro-steps x 2 ranks
+    assert resumed[0]["metrics"]["resumed_from_step"] == 2
+    assert resumed[0]["unet"] == straight[0]["unet"] and resumed[0]["curves"] == straight[0]["curves"]
+    from diffusers import UNet2DConditionModel
+
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet")
+    assert state_dict_hash(saved) == straight[0]["unet"]
