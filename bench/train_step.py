@@ -1,14 +1,18 @@
 """Training-step time and peak memory: this project's step vs what the original code does, in one run.
 
-Every variant runs the same step (:func:`pipeline.training.compute_losses`: noise, UNet forward with the
-paper's grounding losses on mid_8/up_16/up_32/up_64, backward, clipping, AdamW) on synthetic latents, text
-states and three masked words per sample, with gradient checkpointing as configured. Variants, each adding
-one change to the previous one:
+Every variant runs a whole training step as :class:`pipeline.training.Trainer` does (VAE encoding and
+posterior sample, text encoding, :func:`pipeline.training.compute_losses`: noise, UNet forward with the
+paper's grounding losses on mid_8/up_16/up_32/up_64, backward, clipping, AdamW) on synthetic images,
+captions and three masked words per sample, with gradient checkpointing as configured. Variants, each
+adding one change to the previous one:
 
 * ``baseline`` — what the original does: eager attention in all 32 layers, every self- and cross-attention
-  map cloned and stored, fp32, batch 1;
+  map cloned and stored, every image VAE-encoded at every step, fp32, batch 1;
 * ``capture``  — only the 10 cross-attention layers the losses need are captured, SDPA elsewhere;
-* ``bf16``     — plus bf16 autocast (GPU only; CPU training stays fp32);
+* ``cached_latents`` — plus the VAE posterior of each image kept from its first encoding
+  (:class:`pipeline.training.LatentCache`, ``train.cache_latents``). The bench repeats one batch, so this
+  is the steady state after the first epoch (the paper profile runs ~21 epochs; the first still encodes);
+* ``bf16``     — plus bf16 autocast, frozen encoders in bf16 (GPU only; CPU training stays fp32);
 * ``batch8``   — plus batch 8 (throughput per sample);
 * ``no_checkpointing`` — plus gradient checkpointing off (only when the earlier variants had it on: the
   original trains with it; at batch 8 the activations fit, so the recomputation is pure cost);
@@ -16,13 +20,13 @@ one change to the previous one:
 * ``compiled`` — plus ``torch.compile`` of the UNet, capture processors included
   (:func:`pipeline.models.compile_unet`, the pipeline's ``train.compile``; compiled once, in warm-up).
 
-``--device cpu`` uses the embedded tiny model (latent 16) and measures peak memory as the peak resident
-set of a fresh process per variant; ``--device cuda`` uses the SD1.4 UNet architecture (random weights) at
-512 px (latent 64) and ``torch.cuda.max_memory_allocated``. Writes bench/results/train_step_<device>.json
-with per-variant numbers and one ratio per gain.
+``--device cpu`` uses the embedded tiny model (128 px, latent 16) and measures peak memory as the peak
+resident set of a fresh process per variant; ``--device cuda`` uses the SD1.4 architecture (UNet, VAE,
+text encoder; random weights) at 512 px and ``torch.cuda.max_memory_allocated``. Writes
+bench/results/train_step_<device>.json with per-variant numbers and one ratio per gain.
 
     python bench/train_step.py --device cpu
-    python bench/train_step.py --device cuda      # a few minutes on an H200 (the compiled variants compile)
+    python bench/train_step.py --device cuda      # a few minutes on an H200 (the compiled variant compiles)
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from pipeline.attention import AttentionStore, CaptureProcessor, capture_cross_a
 from pipeline.losses import GroundingTargets, LossCfg
 from pipeline.models import compile_unet
 from pipeline.runtime import setup_logging, write_json
-from pipeline.training import compute_losses
+from pipeline.training import LatentCache, SDModels, compute_losses, encode_batch
 
 log = logging.getLogger("bench.train_step")
 LOSS = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8", "up_16", "up_32", "up_64"])
@@ -58,20 +62,22 @@ class Variant:
     eager: bool              # the original's attention: eager in all layers, every map cloned and stored
     bf16: bool
     batch: int
+    cached_latents: bool = True
     checkpointing: bool | None = None
     compiled: bool = False
 
 
 VARIANTS = {  # each adds one change to the one before it
-    "baseline": Variant(eager=True, bf16=False, batch=1),
-    "capture": Variant(eager=False, bf16=False, batch=1),
+    "baseline": Variant(eager=True, bf16=False, batch=1, cached_latents=False),
+    "capture": Variant(eager=False, bf16=False, batch=1, cached_latents=False),
+    "cached_latents": Variant(eager=False, bf16=False, batch=1),
     "bf16": Variant(eager=False, bf16=True, batch=1),
     "batch8": Variant(eager=False, bf16=True, batch=8),
     "no_checkpointing": Variant(eager=False, bf16=True, batch=8, checkpointing=False),
     "batch16": Variant(eager=False, bf16=True, batch=16, checkpointing=False),
     "compiled": Variant(eager=False, bf16=True, batch=16, checkpointing=False, compiled=True),
 }
-CPU_VARIANTS = ("baseline", "capture", "batch8", "no_checkpointing", "batch16", "compiled")
+CPU_VARIANTS = ("baseline", "capture", "cached_latents", "batch8", "no_checkpointing", "batch16", "compiled")
 
 
 class CloningStore(AttentionStore):
@@ -95,25 +101,31 @@ def install_baseline(unet) -> AttentionStore:
     return store
 
 
-def build_unet(device: str):
-    """Tiny UNet (CPU) or SD1.4's architecture (CUDA), random weights, in training mode."""
-    from diffusers import UNet2DConditionModel
+def build_models(device: str) -> SDModels:
+    """Tiny SD (CPU) or SD1.4's architecture (CUDA), random weights; UNet training, encoders frozen."""
+    from diffusers import DDPMScheduler
 
-    from pipeline.zoo.sd import SD14_UNET, TINY_UNET
+    from pipeline.zoo.sd import (SD14_SCHEDULER, SD14_TEXT, SD14_UNET, SD14_VAE, TINY_TEXT, TINY_UNET, TINY_VAE,
+                                 build_sd_components)
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**(SD14_UNET if device == "cuda" else TINY_UNET))
-    return unet.train()
+        parts = build_sd_components(*((SD14_UNET, SD14_VAE, SD14_TEXT) if device == "cuda"
+                                      else (TINY_UNET, TINY_VAE, TINY_TEXT)))
+    for frozen in (parts["vae"], parts["text_encoder"]):
+        frozen.requires_grad_(False).eval()
+    return SDModels(unet=parts["unet"].train(), vae=parts["vae"], text_encoder=parts["text_encoder"],
+                    tokenizer=None, noise_scheduler=DDPMScheduler.from_config(SD14_SCHEDULER))
 
 
-def synthetic_batch(unet, batch: int, device: str):
-    """Latents (B, 4, s, s), text states (B, 77, D) and three masked words per sample at 8·s px."""
+def synthetic_batch(models: SDModels, batch: int, device: str):
+    """Images (B, 3, R, R) in [-1, 1], token ids (B, 77), image ids and three masked words per sample."""
     gen = torch.Generator().manual_seed(batch)
-    side = unet.config.sample_size
-    latents = torch.randn(batch, 4, side, side, generator=gen).to(device)
-    states = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen).to(device)
-    res = side * 8
+    res = models.unet.config.sample_size * 8
+    pixels = (torch.rand(batch, 3, res, res, generator=gen) * 2 - 1).to(device)
+    ids = torch.full((batch, 77), 49407)
+    ids[:, 0] = 49406
+    ids[:, 1:12] = torch.randint(300, 49000, (batch, 11), generator=gen)
     masks = []
     for _ in range(batch):
         words = [torch.zeros(res, res) for _ in range(3)]
@@ -122,7 +134,7 @@ def synthetic_batch(unet, batch: int, device: str):
         words[2][res // 8 : res // 2, res // 2 :] = 1
         masks.append(words)
     targets = GroundingTargets.from_lists(masks, [[[2], [5, 6], [9]]] * batch, res).to(device)
-    return latents, states, targets
+    return pixels, ids.to(device), [f"image-{b}" for b in range(batch)], targets
 
 
 def configure(unet, variant: Variant, checkpointing: bool) -> AttentionStore:
@@ -141,29 +153,28 @@ def configure(unet, variant: Variant, checkpointing: bool) -> AttentionStore:
     return store
 
 
-def run_variant(unet, name: str, device: str, warmup: int, steps: int, checkpointing: bool) -> dict:
+def run_variant(models: SDModels, name: str, device: str, warmup: int, steps: int, checkpointing: bool) -> dict:
     """Time ``steps`` full training steps of variant ``name`` after ``warmup`` untimed ones (compiling ones
-    included, so compile time is not timed)."""
-    from diffusers import DDPMScheduler
-
-    from pipeline.zoo.sd import SD14_SCHEDULER
-
+    included, so compile time is not timed; with cached latents the warm-up fills the cache)."""
     variant = VARIANTS[name]
-    eager, batch = variant.eager, variant.batch
+    unet, batch = models.unet, variant.batch
     bf16 = variant.bf16 and device == "cuda"
     store = configure(unet, variant, checkpointing)
-    scheduler = DDPMScheduler.from_config(SD14_SCHEDULER)
+    for frozen in (models.vae, models.text_encoder):  # as Trainer: frozen models in the training precision
+        frozen.to(torch.bfloat16 if bf16 else torch.float32)
+    cache = LatentCache() if variant.cached_latents else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
-    latents, states, targets = synthetic_batch(unet, batch, device)
+    pixels, ids, image_ids, targets = synthetic_batch(models, batch, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     times, activation = [], 0.0
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
         resident = _reset_peak(device)
+        gen = torch.Generator().manual_seed(i)
+        latents, states = encode_batch(models, pixels, ids, gen, cache, image_ids)
         with autocast:
-            losses = compute_losses(unet, scheduler, latents, states, targets, store, LOSS,
-                                    torch.Generator().manual_seed(i))
+            losses = compute_losses(unet, models.noise_scheduler, latents, states, targets, store, LOSS, gen)
         store.reset()
         with store.paused():
             losses.total.backward()
@@ -176,7 +187,9 @@ def run_variant(unet, name: str, device: str, warmup: int, steps: int, checkpoin
     step_s = sum(times[warmup:]) / steps
     out = {"step_s": step_s, "batch": batch, "samples_per_s": batch / step_s, "bf16": bf16,
            "checkpointing": unet.is_gradient_checkpointing, "compiled": variant.compiled,
-           "stored_maps": "all 32 layers, cloned" if eager else "10 cross layers", "loss": losses.total.item()}
+           "vae_encodes_per_step": "none (cached)" if cache else batch,
+           "stored_maps": "all 32 layers, cloned" if variant.eager else "10 cross layers",
+           "loss": losses.total.item()}
     if device == "cuda":
         out["fwd_bwd_peak_gib"] = activation / 2**30  # forward+backward peak above weights and optimizer state
         out["step_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # whole step incl. AdamW
@@ -224,9 +237,9 @@ def ratios(results: dict[str, dict], mem_key: str) -> dict[str, float]:
 
 def cpu_child(name: str, warmup: int, steps: int, checkpointing: bool) -> None:
     """Run one variant in this (fresh) process and print its numbers as JSON, peak RSS included."""
-    unet = build_unet("cpu")
+    models = build_models("cpu")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = run_variant(unet, name, "cpu", warmup, steps, checkpointing)
+    out = run_variant(models, name, "cpu", warmup, steps, checkpointing)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["rss_before_steps_gib"] = before
     out["step_rss_gib"] = out["peak_rss_gib"] - before  # what the steps added on top of model and imports
@@ -242,7 +255,7 @@ def run_cpu(args) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         log.info("%s: %s", name, results[name])
-    return {"model": "embedded tiny-sd UNet (latent 16, 128 px)", "variants": results,
+    return {"model": "embedded tiny-sd (UNet, VAE, text encoder; 128 px, latent 16)", "variants": results,
             "skipped": {"bf16": "CPU training runs in fp32"},
             "ratios": ratios(results, "step_rss_gib"),
             "memory": "peak resident set of a fresh process per variant minus its size before the steps "
@@ -251,17 +264,17 @@ def run_cpu(args) -> dict:
 
 def run_cuda(args) -> dict:
     results = {"device_name": torch.cuda.get_device_name()}
-    unet = build_unet("cuda")
+    models = build_models("cuda")
     variants = {}
     for name in selected(VARIANTS, args.checkpointing):
         try:
-            variants[name] = run_variant(unet, name, "cuda", args.warmup, args.steps, args.checkpointing)
+            variants[name] = run_variant(models, name, "cuda", args.warmup, args.steps, args.checkpointing)
         except torch.OutOfMemoryError as err:
             results.setdefault("skipped", {})[name] = f"out of memory: {str(err).splitlines()[0]}"
             torch.cuda.empty_cache()
             continue
         log.info("%s: %s", name, variants[name])
-    results.update(model="SD1.4 UNet architecture, random weights (latent 64, 512 px)", variants=variants,
+    results.update(model="SD1.4 architecture (UNet, VAE, text encoder), random weights, 512 px", variants=variants,
                    ratios=ratios(variants, "fwd_bwd_peak_gib"),
                    memory="fwd_bwd_peak_gib: peak of forward+backward above the memory held before the step "
                           "(weights, optimizer state); step_peak_gib: peak of the last step incl. AdamW")

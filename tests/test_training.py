@@ -293,3 +293,34 @@ def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
 
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet")
     assert state_dict_hash(saved) == straight[0]["unet"]
+
+
+def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tiny_sd, tmp_path, monkeypatch):
+    """With ``cache_latents`` every image goes through the VAE encoder once; losses and weights equal the
+    run that encodes at every step (up to float rounding of batched kernels)."""
+    from diffusers import UNet2DConditionModel
+
+    records, _ = load_records(*data_dirs, RES)
+    encoded: list[int] = []
+    real = training.LatentCache.posterior
+
+    def counting(self, vae, pixel_values, image_ids):
+        before = self.encoded
+        out = real(self, vae, pixel_values, image_ids)
+        encoded.append(self.encoded - before)
+        return out
+
+    monkeypatch.setattr(training.LatentCache, "posterior", counting)
+    steps = 6  # 24 samples over 9 training images: every image comes back
+    plain = training.train(make_run(tmp_path / "plain", tiny_sd, max_steps=steps, cache_latents=False), records)
+    cached = training.train(make_run(tmp_path / "cached", tiny_sd, max_steps=steps, cache_latents=True), records)
+    assert sum(encoded) == cached.metrics["vae_encodes_rank0"] == len(records) == 9
+    assert plain.metrics["vae_encodes_rank0"] == 24 and len(encoded) == 12  # one call per micro-step
+    assert cached.metrics["fingerprint"] == plain.metrics["fingerprint"]
+    for a, b in zip(plain.curves, cached.curves):
+        assert all(np.isclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a), (a, b)
+    ua = UNet2DConditionModel.from_pretrained(tmp_path / "plain" / "unet").state_dict()
+    ub = UNet2DConditionModel.from_pretrained(tmp_path / "cached" / "unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet").state_dict()
+    moved = max((ua[k] - base[k]).abs().max().item() for k in ua)             # ~ steps x lr (Adam)
+    assert max((ua[k] - ub[k]).abs().max().item() for k in ua) < 0.01 * moved  # rounding, amplified by Adam
