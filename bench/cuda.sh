@@ -2,11 +2,12 @@
 # The CUDA benchmarks in one run: training step (bench/train_step.py) and MultiGen sampling
 # (bench/sampling_throughput.py), SD1.4 architecture with random weights, nothing downloaded.
 #
-#   bash bench/cuda.sh            # results in bench/results/, copied to $OUT when it is set
+#   bash bench/cuda.sh [train|sampling|all]   # default all; results in bench/results/ (and $OUT if set)
 #
 # On a machine without this project's dependencies, put their wheels in .whl/ (diffusers, transformers,
 # open_clip_torch, ftfy, wcwidth, importlib_metadata, pycocotools; torch from the machine): they are
-# installed into a private folder first. About 8-10 minutes on an H200, most of it the two compilations.
+# installed into a private folder first. Each part takes about 4-5 minutes on an H200, most of it the
+# compilation; run the parts separately where one command may run at most 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
@@ -14,9 +15,13 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="/tmp/bench-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+part="${1:-all}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python bench/train_step.py --device cuda
-python bench/sampling_throughput.py --device cuda
-if [ -n "${OUT:-}" ]; then
-  cp bench/results/train_step_cuda.json bench/results/sampling_throughput_cuda.json "$OUT"/
+if [ "$part" = train ] || [ "$part" = all ]; then
+  python bench/train_step.py --device cuda
+  [ -z "${OUT:-}" ] || cp bench/results/train_step_cuda.json "$OUT"/
+fi
+if [ "$part" = sampling ] || [ "$part" = all ]; then
+  python bench/sampling_throughput.py --device cuda
+  [ -z "${OUT:-}" ] || cp bench/results/sampling_throughput_cuda.json "$OUT"/
 fi

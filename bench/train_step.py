@@ -226,12 +226,11 @@ def ratios(results: dict[str, dict], mem_key: str) -> dict[str, float]:
     """One ratio per gain: throughput and memory of each variant vs the previous one and vs the baseline."""
     names = [n for n in VARIANTS if n in results]
     out = {}
-    for prev, cur in zip(names, names[1:]):
+    pairs = list(zip(names, names[1:])) + [("baseline", cur) for cur in names[2:]]
+    for prev, cur in pairs:
         out[f"{cur}_vs_{prev}_speedup"] = results[cur]["samples_per_s"] / results[prev]["samples_per_s"]
-        out[f"{cur}_vs_{prev}_memory"] = results[cur][mem_key] / results[prev][mem_key]
-    for cur in names[1:]:
-        out[f"{cur}_vs_baseline_speedup"] = results[cur]["samples_per_s"] / results["baseline"]["samples_per_s"]
-        out[f"{cur}_vs_baseline_memory"] = results[cur][mem_key] / results["baseline"][mem_key]
+        if mem_key in results[cur]:
+            out[f"{cur}_vs_{prev}_memory"] = results[cur][mem_key] / results[prev][mem_key]
     return out
 
 
@@ -262,18 +261,25 @@ def run_cpu(args) -> dict:
                       "(for the compiled variant this includes the compiler's own memory during warm-up)"}
 
 
-def run_cuda(args) -> dict:
-    results = {"device_name": torch.cuda.get_device_name()}
-    models = build_models("cuda")
-    variants = {}
+def run_in_process(models: SDModels, device: str, args) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every selected variant one after another on the same models: (numbers per variant, skipped ones)."""
+    variants, skipped = {}, {}
     for name in selected(VARIANTS, args.checkpointing):
         try:
-            variants[name] = run_variant(models, name, "cuda", args.warmup, args.steps, args.checkpointing)
+            variants[name] = run_variant(models, name, device, args.warmup, args.steps, args.checkpointing)
         except torch.OutOfMemoryError as err:
-            results.setdefault("skipped", {})[name] = f"out of memory: {str(err).splitlines()[0]}"
+            skipped[name] = f"out of memory: {str(err).splitlines()[0]}"
             torch.cuda.empty_cache()
             continue
         log.info("%s: %s", name, variants[name])
+    return variants, skipped
+
+
+def run_cuda(args) -> dict:
+    results = {"device_name": torch.cuda.get_device_name()}
+    variants, skipped = run_in_process(build_models("cuda"), "cuda", args)
+    if skipped:
+        results["skipped"] = skipped
     results.update(model="SD1.4 architecture (UNet, VAE, text encoder), random weights, 512 px", variants=variants,
                    ratios=ratios(variants, "fwd_bwd_peak_gib"),
                    memory="fwd_bwd_peak_gib: peak of forward+backward above the memory held before the step "

@@ -148,10 +148,13 @@ def compile_unet(unet: torch.nn.Module, channels_last: bool = False, backend: st
     rounding). Attention processors installed before the call (capture included) are traced into the
     compiled graph. ``channels_last`` also stores conv weights NHWC (faster convolutions on tensor cores).
     Shapes are static (``dynamic=False``): the first forward of each new input shape compiles anew rather
-    than switching to slower dynamic-shape kernels. A UNet that is already compiled is left as it is.
+    than switching to slower dynamic-shape kernels; on CUDA, for the same reason, cuDNN benchmarks its
+    convolution algorithms once per shape (``cudnn.benchmark``). A UNet already compiled is left as it is.
     """
     if getattr(unet, "_compiled_call_impl", None) is not None:
         return unet
+    if next(unet.parameters()).device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     unet.compile(backend=backend or COMPILE_BACKEND, dynamic=False)

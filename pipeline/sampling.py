@@ -14,6 +14,7 @@ Attend-and-Excite (diffusers' ``StableDiffusionAttendAndExcitePipeline``) needs 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -175,6 +176,14 @@ def prompt_items(promptset: str, prompts: Sequence[MultiGenPrompt], images_per_p
 
 # --- pipelines ----------------------------------------------------------------------------------------------
 
+PNG_THREADS = 4  # PNG encoders running beside the sampler (zlib releases the GIL)
+
+
+def _png_of(image: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) float image in [0, 1], rounded to 8 bits."""
+    return png_bytes((image * 255).round().astype(np.uint8))
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """``auto`` -> fp16 on CUDA, fp32 elsewhere; otherwise the named torch dtype."""
     if name == "auto":
@@ -289,21 +298,29 @@ class Sampler:
                 results[n] = (None, STATUS_TOKENS_FAILED, tok)
             else:
                 todo.append((n, it, tok))
-        for start in range(0, len(todo), self.scale.batch_size):
-            results.update(self._batch(todo[start : start + self.scale.batch_size]))
+        with ThreadPoolExecutor(max_workers=PNG_THREADS) as png_pool:
+            for start in range(0, len(todo), self.scale.batch_size):
+                results.update(self._batch(todo[start : start + self.scale.batch_size], png_pool))
+            results = {n: (image.result() if isinstance(image, Future) else image, status, error)
+                       for n, (image, status, error) in results.items()}
         return [self._row(it, self.token_indices(it) if self.kind == "attend_excite" else [], *results[n])
                 for n, it in enumerate(items)]
 
-    def _batch(self, batch: list[tuple[int, SampleItem, list[int]]]) -> dict[int, tuple[Any, str, str]]:
+    def _batch(self, batch: list[tuple[int, SampleItem, list[int]]],
+               png_pool: ThreadPoolExecutor) -> dict[int, tuple[Any, str, str]]:
         """Sample one batch. If the batch raises, each image is retried alone (seeds are per image, so a
-        retried image is the same image), and only the images that fail alone are marked failed."""
+        retried image is the same image), and only the images that fail alone are marked failed.
+
+        PNG encoding is handed to ``png_pool`` (the image slot holds a ``Future``), so it overlaps with
+        sampling the next batch instead of leaving the accelerator idle.
+        """
         try:
             images = self._call([it for _, it, _ in batch], [tok for _, _, tok in batch])
         except Exception as err:  # noqa: BLE001 - recorded per row, counted and checked by the stage
             if len(batch) > 1:
                 log.warning("batch of prompts %s failed (%s); retrying image by image",
                             sorted({it.prompt_id for _, it, _ in batch}), err)
-                return {k: v for one in batch for k, v in self._batch([one]).items()}
+                return {k: v for one in batch for k, v in self._batch([one], png_pool).items()}
             log.exception("sampling failed for prompt %s image %s", batch[0][1].prompt_id, batch[0][1].image_index)
             return {n: (None, STATUS_FAILED, f"{type(err).__name__}: {err}") for n, _, _ in batch}
         out = {}
@@ -312,7 +329,7 @@ class Sampler:
                 out[n] = (None, STATUS_NAN, f"{it.promptset} prompt {it.prompt_id} image {it.image_index}: "
                                             f"decoded image has NaN/inf (fp16 overflow?); try dtype float32")
             else:
-                out[n] = (png_bytes((img * 255).round().astype(np.uint8)), STATUS_OK, "")
+                out[n] = (png_pool.submit(_png_of, img), STATUS_OK, "")
         return out
 
     @staticmethod

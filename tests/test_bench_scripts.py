@@ -1,0 +1,57 @@
+"""The GPU benchmark scripts run every variant: exercised on the CPU with the tiny models, one step each,
+so a GPU session spends its time measuring rather than finding a broken variant."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def traced_compile(monkeypatch):
+    """``compile_unet`` traces with dynamo and AOT autograd but generates no code (fast on a CPU)."""
+    from pipeline import models
+
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")
+    yield
+    torch._dynamo.reset()
+
+
+def test_train_step_bench_runs_every_variant_in_one_process(traced_compile):
+    bench = load_script("train_step")
+    models = bench.build_models("cpu")
+    variants, skipped = bench.run_in_process(models, "cpu", Namespace(warmup=1, steps=1, checkpointing=True))
+    assert list(variants) == list(bench.VARIANTS) and not skipped
+    assert all(v["samples_per_s"] > 0 and math.isfinite(v["loss"]) for v in variants.values())
+    assert variants["baseline"]["vae_encodes_per_step"] == 1 and variants["baseline"]["checkpointing"]
+    assert variants["cached_latents"]["vae_encodes_per_step"] == "none (cached)"
+    assert not variants["no_checkpointing"]["checkpointing"] and variants["compiled"]["compiled"]
+    assert [v["batch"] for v in variants.values()] == [1, 1, 1, 1, 8, 8, 16, 16]
+    ratios = bench.ratios(variants, "fwd_bwd_peak_gib")
+    assert ratios["compiled_vs_batch16_speedup"] > 0 and "compiled_vs_baseline_speedup" in ratios
+
+
+def test_sampling_bench_runs_every_variant(traced_compile):
+    bench = load_script("sampling_throughput")
+    results = bench.run("cpu", num_prompts=2, images=2, steps=2)
+    names = [name for name, *_ in bench.variants("cpu", 2)]
+    assert names == ["seeded_fp32_batched", "seeded_fp32_batch4", "seeded_fp32_batch4_compiled"]
+    for name in names:
+        assert results[f"{name}_images_per_s"] > 0 and f"{name}_speedup" in results
+    assert results["nan_images"] == 0
