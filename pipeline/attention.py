@@ -100,7 +100,9 @@ class AttentionStore:
         self.detach = detach
         self.enabled = True
         self.maps: dict[str, list[torch.Tensor]] = {g: [] for g in self.groups}
-        self._seen_res: dict[str, int] = {}
+        # every group has an entry from the start (its size at the configured latent), so capturing never
+        # adds keys: a compiled UNet would otherwise recompile once the dict stops being empty
+        self._seen_res: dict[str, int] = {g: self._config_resolution(g) for g in self.groups}
 
     def reset(self) -> None:
         """Drop every stored map (call at the start of each UNet forward whose maps you want)."""
@@ -127,9 +129,11 @@ class AttentionStore:
         self.maps[group].append(probs.detach() if self.detach else probs)
 
     def resolution(self, group: str) -> int:
-        """Actual H (= W) of ``group``'s maps in this model: the captured size, else from the config."""
-        if group in self._seen_res:
-            return self._seen_res[group]
+        """Actual H (= W) of ``group``'s maps in this model: the last captured size, else from the config."""
+        return self._seen_res[group] if group in self._seen_res else self._config_resolution(group)
+
+    def _config_resolution(self, group: str) -> int:
+        """``group``'s map size at the configured latent size (``sample_size`` / 2**level)."""
         place, res = group.split("_")
         level = int(math.log2(64 // int(res)))
         return self.sample_size // 2**level

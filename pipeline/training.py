@@ -647,6 +647,10 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         self.store = capture_cross_attention(unet, run.loss.layers) if needs_capture(run.loss) else None
         if run.scale.compile:
+            if run.scale.gradient_checkpointing and self.store is not None:
+                log.warning("compile with gradient_checkpointing: the checkpointed blocks store attention maps "
+                            "(a side effect torch.compile cannot trace under checkpointing), so they run "
+                            "eagerly; set gradient_checkpointing: false for the whole gain")
             compile_unet(unet)
         o = run.optim
         self.optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),

@@ -138,8 +138,11 @@ def test_compiled_sampler_gives_the_eager_images(models, sd, monkeypatch):
 
     monkeypatch.setattr(model_refs, "COMPILE_BACKEND", "aot_eager")  # dynamo tracing, no code generation
     items = prompt_items("coco", PROMPTS[:1], 3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = make_sampler(models, scale=dataclasses.replace(SCALE, compile=True))
     got = compiled.rows(items)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # every step and CFG half: one graph
     torch._dynamo.reset()
     want = sd.rows(items)
     assert [r["status"] for r in got] == [STATUS_OK] * 3
