@@ -134,8 +134,8 @@ class AttentionStore:
 
     def _config_resolution(self, group: str) -> int:
         """``group``'s map size at the configured latent size (``sample_size`` / 2**level)."""
-        place, res = group.split("_")
-        level = int(math.log2(64 // int(res)))
+        res = int(group.rsplit("_", 1)[1])  # "up_64", or "self_up_64" for self-attention groups
+        level = int(math.log2(64 // res))
         return self.sample_size // 2**level
 
 

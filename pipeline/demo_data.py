@@ -18,7 +18,6 @@ Caption vocabulary (also listed in docs/data.md for the tagger corpus): :data:`V
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -402,11 +401,6 @@ def image_set_summary(out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def source_hash() -> str:
-    """SHA-256 of this module's source: part of the shard fingerprint, so changed drawings redraw."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
 def write_demo_training_set(out_dir: Path, num_images: int, image_size: int, seed: int,
                             shard_size: int, heldout_fraction: float) -> list[Path]:
     """Render ``num_images`` demo images into the shard directory ``out_dir`` (resumable).
@@ -422,7 +416,7 @@ def write_demo_training_set(out_dir: Path, num_images: int, image_size: int, see
                 for i in chunk]
 
     fingerprint = {"source": "demo", "num_images": num_images, "image_size": image_size, "seed": seed,
-                   "heldout_fraction": heldout_fraction, "code": source_hash()}
+                   "heldout_fraction": heldout_fraction}  # write_shards adds the code
     log.info("drawing %d demo images (%d held out) into %s", num_images, len(held), out_dir)
     return write_shards(Path(out_dir), ids, process, shard_size, fingerprint, desc="demo images")
 

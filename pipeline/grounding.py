@@ -594,11 +594,6 @@ def model_digest(ref: str, models_dir: str | Path) -> str:
     return ref
 
 
-def code_digest() -> str:
-    """SHA-256 of this module's source (a code change invalidates old shards)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
 # --- stage drivers ---------------------------------------------------------------------------------
 
 def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprint: Any, rank: int,
@@ -611,8 +606,7 @@ def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprin
     out_dir = Path(out_dir)
     if rank == 0:
         num_shards = (num_items + shard_size - 1) // shard_size
-        record = {"params": fingerprint, "num_items": num_items, "shard_size": shard_size}
-        shards.prepare_shard_dir(out_dir, record, num_shards, rank)
+        shards.prepare_shard_dir(out_dir, shards.shard_record(fingerprint, num_items, shard_size), num_shards, rank)
         for tmp in out_dir.glob(".tmp-*"):
             tmp.unlink()
     if barrier is not None:
@@ -641,7 +635,7 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
     fingerprint = {
         "source": "grounded_sam", "box_threshold": cfg.box_threshold, "text_threshold": cfg.text_threshold,
         "detector": scale.detector, "segmenter": scale.segmenter, "batch_size": scale.batch_size,
-        "resolution": ctx.resolution, "device": ctx.device.type, "dtype": str(dtype), "code": code_digest(),
+        "resolution": ctx.resolution, "device": ctx.device.type, "dtype": str(dtype),
         "cpu_threads": scale.cpu_threads if ctx.device.type == "cpu" else None,  # float sums depend on it
         "detector_files": model_digest(scale.detector, ctx.models_dir),
         "segmenter_files": model_digest(scale.segmenter, ctx.models_dir),
@@ -759,8 +753,7 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
     listing = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in sorted(dir_files(masks_dir))).encode())
     fingerprint = {"source": "authors", "metadata": files_digest([metadata]), "masks": listing.hexdigest()[:16],
-                   "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution,
-                   "code": code_digest()}
+                   "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
     prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier)
 
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:

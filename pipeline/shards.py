@@ -13,6 +13,7 @@ With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shard
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -97,6 +98,32 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of this package's source files: the code that computed a result.
+
+    Part of every shard and checkpoint fingerprint. DVC reruns a stage when its code changes, but its
+    persistent, resumable outputs would otherwise be resumed as they are; with the code in the
+    fingerprint, results written by other code are recomputed, and a rerun after a kill (same code) still
+    resumes.
+    """
+    return sources_digest(Path(__file__).resolve().parent)
+
+
+def sources_digest(directory: Path) -> str:
+    """SHA-256 (16 hex digits) over the relative paths and bytes of every ``*.py`` file under ``directory``."""
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*.py")):
+        h.update(path.relative_to(directory).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def shard_record(fingerprint: Any, num_items: int, shard_size: int) -> dict[str, Any]:
+    """What a shard directory's results depend on: the caller's fingerprint, the item count, the shard
+    size and the code (:func:`source_fingerprint`)."""
+    return {"params": fingerprint, "num_items": num_items, "shard_size": shard_size, "code": source_fingerprint()}
+
+
 def write_shards(
     out_dir: Path,
     items: Sequence[T],
@@ -115,7 +142,8 @@ def write_shards(
         process: maps one shard's items to its rows (a row per item, or several; failed items must come
             back as rows with a ``status`` and an ``error``, never be dropped).
         shard_size: items per shard (> 0).
-        fingerprint: JSON-serialisable description of params and inputs; a change invalidates old shards.
+        fingerprint: JSON-serialisable description of params and inputs; a change invalidates old shards
+            (as does a change of this package's code, :func:`source_fingerprint`).
         rank, world_size: this process's share of the shards.
         desc: progress-bar label.
 
@@ -125,8 +153,7 @@ def write_shards(
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
     num_shards = (len(items) + shard_size - 1) // shard_size
-    keys_fp = {"params": fingerprint, "num_items": len(items), "shard_size": shard_size}
-    prepare_shard_dir(out_dir, keys_fp, num_shards, rank)
+    prepare_shard_dir(out_dir, shard_record(fingerprint, len(items), shard_size), num_shards, rank)
     mine = [i for i in range(num_shards) if i % world_size == rank]
     todo = [i for i in mine if not shard_path(out_dir, i).exists()]
     if len(todo) < len(mine):

@@ -42,7 +42,7 @@ from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
 from .seeding import numpy_rng, torch_generator
 from .grounding import resize_center_crop, train_mask
-from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
+from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +577,8 @@ def find_resume(ckpt_dir: Path, fingerprint: str, max_steps: int) -> Path | None
 
 
 def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
-    """What a checkpoint's weights depend on: model, data, seed, method params, batch layout, precision."""
+    """What a checkpoint's weights depend on: model, data, seed, method params, batch layout, precision,
+    and the code (:func:`pipeline.shards.source_fingerprint`)."""
     scale = {k: v for k, v in asdict(run.scale).items() if k not in ("max_steps", "checkpoint_every", "num_workers",
                                                                       "gradient_checkpointing", "compile",
                                                                       "cache_latents")}
@@ -587,7 +588,8 @@ def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
     if not run.train.use_ema:
         train.pop("ema_decay")
     blob = dict(sd_model=run.sd_model, resolution=run.resolution, seed=run.seed, loss=asdict(run.loss),
-                optim=asdict(run.optim), train=train, scale=scale, data=data_fp, world=world_size)
+                optim=asdict(run.optim), train=train, scale=scale, data=data_fp, world=world_size,
+                code=source_fingerprint())  # a checkpoint of other code is not resumed
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,37 @@ def test_changed_fingerprint_drops_stale_shards(tmp_path):
     calls.clear()
     shards.write_shards(out, list(range(4)), _process(calls), 2, {"p": 2})
     assert len(calls) == 2 and len(shards.shard_files(out)) == 2
+
+
+def test_changed_code_drops_stale_shards(tmp_path, monkeypatch):
+    """Shards written by other code are recomputed (DVC reruns the stage, the persisted shards must not
+    survive); with the same code a rerun resumes."""
+    calls = []
+    out = tmp_path / "out"
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    calls.clear()
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    assert calls == []
+    monkeypatch.setattr(shards, "source_fingerprint", lambda: "edited-code")
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    assert len(calls) == 3
+
+
+def test_sources_digest_changes_with_any_source_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    base = shards.sources_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("edited, still not code")
+    assert shards.sources_digest(tmp_path) == base
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    edited = shards.sources_digest(tmp_path)
+    assert edited != base
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")
+    assert shards.sources_digest(tmp_path) not in (base, edited)
+    package = Path(shards.__file__).parent
+    assert shards.source_fingerprint() == shards.sources_digest(package)
 
 
 def test_ranks_write_disjoint_shards(tmp_path):

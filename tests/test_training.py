@@ -169,6 +169,14 @@ def test_changed_params_do_not_resume_stale_checkpoints(data_dirs, tiny_sd, tmp_
     assert state["fingerprint"] == result.metrics["fingerprint"]
 
 
+def test_checkpoints_of_other_code_are_not_resumed(data_dirs, tiny_sd, tmp_path, monkeypatch):
+    records, _ = load_records(*data_dirs, RES)
+    first = training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    monkeypatch.setattr(training, "source_fingerprint", lambda: "edited-code")
+    again = training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    assert again.metrics["resumed_from_step"] == 0 and again.metrics["fingerprint"] != first.metrics["fingerprint"]
+
+
 def test_non_finite_loss_stops_naming_step_and_images(data_dirs, tiny_sd, tmp_path, monkeypatch):
     records, _ = load_records(*data_dirs, RES)
     real = training.grounding_loss
