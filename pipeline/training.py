@@ -359,7 +359,6 @@ class LatentCache:
     def __init__(self) -> None:
         self.parameters: dict[str, torch.Tensor] = {}
         self.encoded = 0  # images run through the encoder
-        self.reused = 0   # images served from the cache
 
     @torch.no_grad()
     def posterior(self, vae: torch.nn.Module, pixel_values: torch.Tensor, image_ids: Sequence[str]):
@@ -371,7 +370,6 @@ class LatentCache:
             image = pixel_values[i : i + 1].to(vae.device, vae.dtype)
             self.parameters[image_ids[i]] = vae.encode(image).latent_dist.parameters[0].to("cpu", copy=True)
         self.encoded += len(missing)
-        self.reused += len(image_ids) - len(missing)
         stacked = torch.stack([self.parameters[key] for key in image_ids]).to(vae.device)
         return DiagonalGaussianDistribution(stacked)
 
@@ -780,7 +778,8 @@ class Trainer:
             "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None,
             "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
             "gradient_checkpointing": s.gradient_checkpointing, "compiled": s.compile,
-            "cache_latents": s.cache_latents,  # images through the VAE encoder on rank 0 this run:
+            "cache_latents": s.cache_latents,
+            # images through the VAE encoder on rank 0 this run
             "vae_encodes_rank0": self.latent_cache.encoded if self.latent_cache else samples // self.acc.num_processes,
             "ema": self.run.train.use_ema,
             "sd_model": self.run.sd_model, "resolution": self.run.resolution, "layers": ",".join(self.run.loss.layers),
