@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline import demo_data
+from pipeline.fetch import FetchError, fetch, is_url
 from pipeline.seeding import python_rng
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def read_source(source: str, timeout: float = 60.0) -> bytes:
-    """Bytes of ``source``: an http(s)/file URL (fetched with retries by :func:`pipeline.coco.fetch`) or a path."""
-    from .coco import FetchError, fetch, is_url
+    """Bytes of ``source``: an http(s)/file URL (fetched with retries by :func:`pipeline.fetch.fetch`) or a path."""
 
     if is_url(source):
         log.info("fetching %s", source)
@@ -390,7 +389,28 @@ def validate_piebench_root(root: Path) -> dict[str, PieBenchEntry]:
         raise FileNotFoundError(
             f"{root / IMAGES_DIR}: {len(missing)} of {len(entries)} images named in {MAPPING_FILE} are missing "
             f"(first: {missing[:3]}). {PIEBENCH_HELP}")
+    sizes = {e.image_path: Image.open(root / IMAGES_DIR / e.image_path).size for e in entries.values()}
+    wrong = {path: size for path, size in sizes.items() if size != (PIE_SIZE, PIE_SIZE)}
+    if wrong:
+        first = next(iter(wrong.items()))
+        raise ValueError(f"{root / IMAGES_DIR}: {len(wrong)} images are not {PIE_SIZE}x{PIE_SIZE} (first: {first[0]} "
+                         f"is {first[1][0]}x{first[1][1]}); the masks' RLE addresses the original {PIE_SIZE}x"
+                         f"{PIE_SIZE} images: use those, not a resized copy")
     return entries
+
+
+def load_example(root: str | Path, entry: PieBenchEntry) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 source and (H, W) uint8 mask (1 = edit, forced border) of a PIE-Bench entry."""
+    path = Path(root) / IMAGES_DIR / entry.image_path
+    image = np.asarray(Image.open(path).convert("RGB"))
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; PIE-Bench masks live on a "
+                         f"square grid (512x512): resize the image to a square")
+    starts = entry.mask[0::2]
+    if starts and max(starts) >= image.shape[0] ** 2:
+        raise ValueError(f"{path}: its mask RLE addresses pixels past a {image.shape[0]}x{image.shape[0]} grid; "
+                         f"PIE-Bench masks are encoded on the original 512x512 images: use those, not a resized copy")
+    return image, decode_mask(entry.mask, size=image.shape[0])
 
 
 def copy_piebench(root: Path, out_dir: Path) -> dict[str, PieBenchEntry]:
@@ -403,33 +423,6 @@ def copy_piebench(root: Path, out_dir: Path) -> dict[str, PieBenchEntry]:
         shutil.copyfile(Path(root) / IMAGES_DIR / entry.image_path, dest)
     shutil.copyfile(Path(root) / MAPPING_FILE, out_dir / MAPPING_FILE)
     log.info("copied %d PIE-Bench images from %s to %s", len(entries), root, out_dir)
-    return entries
-
-
-def demo_image_path(index: int, editing_type_id: str) -> tuple[str, str]:
-    """(12-digit id, path under annotation_images) of demo edit ``index``: artificial, indoor scene."""
-    image_id = f"{editing_type_id}13{index:09d}"
-    folder = EDITING_TYPES[editing_type_id][0]
-    if editing_type_id == "0":
-        return image_id, f"{folder}/{image_id}.jpg"
-    return image_id, f"{folder}/1_artificial/3_indoor/{image_id}.jpg"
-
-
-def write_demo_piebench(out_dir: Path, num_edits: int, seed: int, size: int = PIE_SIZE,
-                        jpeg_quality: int = 95) -> dict[str, PieBenchEntry]:
-    """Write ``num_edits`` drawn editing scenes in PIE-Bench layout (JPEG images + mapping_file.json)."""
-    out_dir = Path(out_dir)
-    entries = {}
-    for index in range(num_edits):
-        scene = demo_data.render_edit_scene(index, seed, size)
-        image_id, rel = demo_image_path(index, scene.editing_type_id)
-        dest = out_dir / IMAGES_DIR / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scene.pixels).save(dest, format="JPEG", quality=jpeg_quality)
-        entries[image_id] = PieBenchEntry(
-            rel, scene.original_prompt, scene.editing_prompt, scene.editing_instruction,
-            scene.editing_type_id, scene.blended_word, encode_mask(scene.mask))
-    write_mapping(out_dir / MAPPING_FILE, entries)
     return entries
 
 

@@ -12,21 +12,18 @@
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .fetch import FetchError, fetch, is_url
 from .seeding import numpy_rng
-from .shards import STATUS_OK, fingerprint_of, png_bytes, shard_files, write_shards
+from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, shard_files, write_shards
 from .text import Alignment, failed_row, image_row_failure, locate_phrases, nouns_row
 
 log = logging.getLogger(__name__)
@@ -36,62 +33,10 @@ TOKENCOMPOSE_METADATA_URL = (
     "https://raw.githubusercontent.com/mlpc-ucsd/TokenCompose/5633f816116fdf7de74d9055ff9666c5222416e2/"
     "train/data/coco_gsam_img/train/metadata.jsonl"
 )
-MAX_IMAGE_BYTES = 50 * 1024 * 1024  # COCO images are < 1 MB; anything this large is not an image
-RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
-BACKOFF_S = 0.5
 
 
 class MetadataError(ValueError):
     """A metadata file is missing, unreadable or has a malformed line (named in the message)."""
-
-
-class FetchError(RuntimeError):
-    """A URL could not be fetched; ``transient`` says whether another try may succeed."""
-
-    def __init__(self, message: str, transient: bool):
-        super().__init__(message)
-        self.transient = transient
-
-
-# --- fetching --------------------------------------------------------------------------------------
-
-def is_url(source: str | Path) -> bool:
-    """True for ``http://``, ``https://`` and ``file://`` sources."""
-    return str(source).startswith(("http://", "https://", "file://"))
-
-
-def _fetch_once(url: str, timeout: float, max_bytes: int) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            expected = response.headers.get("Content-Length")
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as err:
-        raise FetchError(f"{url}: HTTP {err.code} {err.reason}", err.code in RETRY_HTTP) from err
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        raise FetchError(f"{url}: {getattr(err, 'reason', err)}", True) from err
-    if len(data) > max_bytes:
-        raise FetchError(f"{url}: larger than {max_bytes} bytes", False)
-    if expected is not None and expected.isdigit() and int(expected) != len(data):
-        raise FetchError(f"{url}: got {len(data)} of {expected} bytes (connection cut)", True)
-    if not data:
-        raise FetchError(f"{url}: empty response", True)
-    return data
-
-
-def fetch(url: str, retries: int = 3, timeout: float = 30.0, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The body of ``url``, trying up to ``1 + retries`` times on transient errors (backoff 0.5 s, 1 s, ...).
-
-    Raises :class:`FetchError` naming the URL and the last error.
-    """
-    for attempt in range(retries + 1):
-        try:
-            return _fetch_once(url, timeout, max_bytes)
-        except FetchError as err:
-            if not err.transient or attempt == retries:
-                raise
-            log.info("%s; retrying (%d of %d)", err, attempt + 1, retries)
-            time.sleep(BACKOFF_S * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def read_source(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
@@ -245,17 +190,6 @@ def coco_image_row(record: dict[str, Any], base_url: str, heldout_fraction: floa
     return row
 
 
-def _drop_failed_shards(out_dir: Path) -> None:
-    """Remove shards holding ``download_failed`` rows, so a rerun fetches those images again."""
-    if not Path(out_dir).is_dir():
-        return
-    for path in shard_files(out_dir):
-        statuses = pq.read_table(path, columns=["status"]).column("status").to_pylist()
-        if "download_failed" in statuses:
-            log.info("%s: has failed downloads; fetching its images again", path)
-            path.unlink()
-
-
 def coco_set_metrics(out_dir: Path) -> dict[str, Any]:
     """Counts over the shards: images, ok, failures by status, train/heldout, bytes of image data."""
     counts: dict[str, Any] = {"images": 0, "ok": 0, "download_failed": 0, "decode_failed": 0, "train": 0,
@@ -295,12 +229,12 @@ def write_coco_training_set(metadata: str, image_base_url: str, out_dir: Path, s
     records = read_tokencompose_metadata(metadata, retries, timeout)
     fingerprint = {"records": fingerprint_of([[r["file_name"], r["text"]] for r in records]),
                    "base_url": base_url, "heldout_fraction": heldout_fraction, "seed": seed}
-    _drop_failed_shards(out_dir)
 
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [coco_image_row(r, base_url, heldout_fraction, seed, retries, timeout) for r in chunk]
 
-    write_shards(Path(out_dir), records, process, shard_size, fingerprint, desc="coco images")
+    write_shards(Path(out_dir), records, process, shard_size, fingerprint, code=code_digest(__name__),
+                 desc="coco images", redo_statuses=("download_failed",))
     metrics = coco_set_metrics(out_dir)
     metrics.update(metadata_records=len(records), image_base_url=base_url)
     log.info("COCO training set: %s", metrics)

@@ -27,8 +27,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.benchmarks import (EDITING_TYPES, IMAGES_DIR, MAPPING_FILE, PIE_SIZE, PieBenchEntry, encode_mask,
+                                 write_mapping)
 from pipeline.seeding import numpy_rng, python_rng
-from pipeline.shards import STATUS_OK, iter_rows, png_bytes, rle_encode, write_shards
+from pipeline.shards import STATUS_OK, code_digest, iter_rows, png_bytes, rle_encode, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -416,9 +418,10 @@ def write_demo_training_set(out_dir: Path, num_images: int, image_size: int, see
                 for i in chunk]
 
     fingerprint = {"source": "demo", "num_images": num_images, "image_size": image_size, "seed": seed,
-                   "heldout_fraction": heldout_fraction}  # write_shards adds the code
+                   "heldout_fraction": heldout_fraction}
     log.info("drawing %d demo images (%d held out) into %s", num_images, len(held), out_dir)
-    return write_shards(Path(out_dir), ids, process, shard_size, fingerprint, desc="demo images")
+    return write_shards(Path(out_dir), ids, process, shard_size, fingerprint, code=code_digest(__name__),
+                        desc="demo images")
 
 
 # --- editing scenes --------------------------------------------------------------------------------
@@ -452,3 +455,30 @@ def render_edit_scene(index: int, seed: int, size: int = 512) -> EditScene:
         prompts = (f"a {colour} [{noun}] on a table", f"a {colour} [{target}] on a table",
                    f"Replace the {noun} with a {target}.", f"{noun} {target}")
     return EditScene(pixels, body | accent, edit_type, *prompts)
+
+
+def demo_image_path(index: int, editing_type_id: str) -> tuple[str, str]:
+    """(12-digit id, path under annotation_images) of demo edit ``index``: artificial, indoor scene."""
+    image_id = f"{editing_type_id}13{index:09d}"
+    folder = EDITING_TYPES[editing_type_id][0]
+    if editing_type_id == "0":
+        return image_id, f"{folder}/{image_id}.jpg"
+    return image_id, f"{folder}/1_artificial/3_indoor/{image_id}.jpg"
+
+
+def write_demo_piebench(out_dir: Path, num_edits: int, seed: int, size: int = PIE_SIZE,
+                        jpeg_quality: int = 95) -> dict[str, PieBenchEntry]:
+    """Write ``num_edits`` drawn editing scenes in PIE-Bench layout (JPEG images + mapping_file.json)."""
+    out_dir = Path(out_dir)
+    entries = {}
+    for index in range(num_edits):
+        scene = render_edit_scene(index, seed, size)
+        image_id, rel = demo_image_path(index, scene.editing_type_id)
+        dest = out_dir / IMAGES_DIR / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.pixels).save(dest, format="JPEG", quality=jpeg_quality)
+        entries[image_id] = PieBenchEntry(
+            rel, scene.original_prompt, scene.editing_prompt, scene.editing_instruction,
+            scene.editing_type_id, scene.blended_word, encode_mask(scene.mask))
+    write_mapping(out_dir / MAPPING_FILE, entries)
+    return entries

@@ -44,6 +44,9 @@ from .shards import STATUS_OK, png_bytes
 
 log = logging.getLogger(__name__)
 
+STATUS_BAD_INPUT = "bad_input"  # the source image or mask could not be loaded (not retried)
+STATUS_EDIT_FAILED = "edit_failed"  # the edit raised (e.g. out of memory): a rerun tries it again
+
 # The BLD SD script's scheduler (SPEC §4.1); all other keys at diffusers' defaults (steps_offset 0,
 # "leading" spacing, 1000 training steps, epsilon prediction).
 BLD_DDIM_CONFIG = dict(
@@ -62,6 +65,15 @@ class EditingCfg:
     init: Literal["noise", "noised_source"] = "noise"
     blend: Literal["after_step", "before_step"] = "after_step"
     mask_threshold: float = 0.5
+    max_failed_rate: float = 0.01  # the edit stage fails when more edits than this failed (not in the fingerprint)
+
+    def __post_init__(self) -> None:
+        if self.init not in ("noise", "noised_source"):
+            raise ValueError(f"editing.init must be 'noise' or 'noised_source', got {self.init!r}")
+        if self.blend not in ("after_step", "before_step"):
+            raise ValueError(f"editing.blend must be 'after_step' or 'before_step', got {self.blend!r}")
+        if not 0.0 <= self.blending_start < 1.0:
+            raise ValueError(f"editing.blending_start must be in [0, 1), got {self.blending_start}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +280,7 @@ def edit_rows(
             ready.append((i, load(image_id, payload)))
         except (OSError, ValueError, KeyError) as err:
             log.warning("%s: cannot load the edit inputs (%s); row kept with status bad_input", image_id, err)
-            rows[i] = _row(editor, image_id, "", status="bad_input", error=str(err))
+            rows[i] = _row(editor, image_id, "", status=STATUS_BAD_INPUT, error=str(err))
     for start in range(0, len(ready), batch_size):
         batch = ready[start:start + batch_size]
         for (i, _), row in zip(batch, _edit_batch(editor, [it for _, it in batch])):
@@ -277,6 +289,8 @@ def edit_rows(
 
 
 def _edit_batch(editor: BlendedLatentEditor, items: list[EditItem]) -> list[dict[str, Any]]:
+    """Rows of one batch of edits; a batch that raises is retried item by item, and an item that fails
+    alone becomes an ``edit_failed`` row (retried by the next run of the stage)."""
     try:
         edits = editor.edit(items)
     except (RuntimeError, ValueError) as err:
@@ -284,17 +298,19 @@ def _edit_batch(editor: BlendedLatentEditor, items: list[EditItem]) -> list[dict
             log.warning("batch of %d failed (%s); retrying image by image", len(items), err)
             return [r for it in items for r in _edit_batch(editor, [it])]
         log.error("%s: edit failed (%s); row kept with status edit_failed", items[0].image_id, err)
-        return [_row(editor, items[0].image_id, items[0].prompt, status="edit_failed", error=str(err))]
+        return [_row(editor, items[0].image_id, items[0].prompt, status=STATUS_EDIT_FAILED, error=str(err))]
     return [_row(editor, it.image_id, it.prompt, png_bytes(e), _mask_fraction(editor, it.mask))
             for it, e in zip(items, edits)]
 
 
 def _mask_fraction(editor: BlendedLatentEditor, mask: np.ndarray) -> float:
+    """Share of latent pixels the (H, W) pixel mask ``mask`` lets the edit change."""
     return float(latent_mask(mask, editor.latent_size, editor.cfg.mask_threshold).mean())
 
 
 def _row(editor: BlendedLatentEditor, image_id: str, prompt: str, image: bytes | None = None,
          mask_fraction: float | None = None, status: str = STATUS_OK, error: str = "") -> dict[str, Any]:
+    """One ``artifacts/edits`` row (columns in :func:`edit_rows`)."""
     return {"image_id": image_id, "image": image, "prompt": prompt, "seed": editor.image_seed(image_id),
             "mask_fraction": mask_fraction, "status": status, "error": error}
 
@@ -316,5 +332,6 @@ def edit_fingerprint(editor: BlendedLatentEditor, scale: EditingScale, backbone:
     """
     from .sampling import component_hashes
 
-    return {"editing": asdict(editor.cfg), "steps": editor.steps, "dtype": scale.dtype, "seed": editor.seed,
+    method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
+    return {"editing": method, "steps": editor.steps, "dtype": scale.dtype, "seed": editor.seed,
             "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": tree_digest(data_root)}

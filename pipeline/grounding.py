@@ -596,23 +596,6 @@ def model_digest(ref: str, models_dir: str | Path) -> str:
 
 # --- stage drivers ---------------------------------------------------------------------------------
 
-def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprint: Any, rank: int,
-                      barrier: Callable[[], None] | None) -> None:
-    """Before several ranks write: rank 0 drops stale shards (and temporary files of a killed run), then all
-    ranks meet at ``barrier``, so no rank skips a stale shard that rank 0 is about to delete.
-
-    The record is the one :func:`pipeline.shards.write_shards` writes, so its own check is then a no-op.
-    """
-    out_dir = Path(out_dir)
-    if rank == 0:
-        num_shards = (num_items + shard_size - 1) // shard_size
-        shards.prepare_shard_dir(out_dir, shards.shard_record(fingerprint, num_items, shard_size), num_shards, rank)
-        for tmp in out_dir.glob(".tmp-*"):
-            tmp.unlink()
-    if barrier is not None:
-        barrier()
-
-
 @dataclass(frozen=True)
 class RunContext:
     """Where a stage run reads and writes, and how it is split: paths, rank, device."""
@@ -641,7 +624,8 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
         "segmenter_files": model_digest(scale.segmenter, ctx.models_dir),
         "inputs": files_digest(shards.shard_files(ctx.nouns_dir) + shards.shard_files(ctx.images_dir)),
     }
-    prepare_for_ranks(ctx.out_dir, len(items), scale.shard_size, fingerprint, ctx.rank, ctx.barrier)
+    code = shards.code_digest(__name__)
+    shards.prepare_for_ranks(ctx.out_dir, len(items), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)
     store = ImageStore(ctx.images_dir)
     grounder: list[Grounder] = []  # loaded on the first shard to compute (a finished run loads nothing)
 
@@ -655,7 +639,7 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
         return grounder[0].run([make_job(item, *loaded[str(item["image_id"])]) for item in chunk])
 
     return write_shards(ctx.out_dir, items, process, scale.shard_size, fingerprint, ctx.rank, ctx.world_size,
-                        desc="masks")
+                        code=code, desc="masks", redo_statuses=("inference_failed",))
 
 
 # --- the authors' released masks -------------------------------------------------------------------
@@ -754,14 +738,15 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
     listing = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in sorted(dir_files(masks_dir))).encode())
     fingerprint = {"source": "authors", "metadata": files_digest([metadata]), "masks": listing.hexdigest()[:16],
                    "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
-    prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier)
+    code = shards.code_digest(__name__)
+    shards.prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)
 
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [row for e in chunk for row in
                 authors_rows(e, lookup.get(Path(e.get("file_name", "")).stem), masks_dir, ctx.resolution)]
 
     return write_shards(ctx.out_dir, entries, process, scale.shard_size, fingerprint, ctx.rank, ctx.world_size,
-                        desc="authors masks")
+                        code=code, desc="authors masks")
 
 
 # --- metrics and figure ----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .benchmarks import IMAGES_DIR, PieBenchEntry, decode_mask, strip_brackets
+from .benchmarks import PieBenchEntry, load_example, strip_brackets
 from .models import ModelLoadError, from_pretrained, parse_ref, resolve
 from .seeding import derive_seed
 
@@ -303,20 +303,6 @@ class PieBenchScorer:
 
 
 # --- a benchmark run ------------------------------------------------------------------------------
-
-def load_example(root: str | Path, entry: PieBenchEntry) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 source and (H, W) uint8 mask (1 = edit, forced border) of a PIE-Bench entry."""
-    path = Path(root) / IMAGES_DIR / entry.image_path
-    image = np.asarray(Image.open(path).convert("RGB"))
-    if image.shape[0] != image.shape[1]:
-        raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; PIE-Bench masks live on a "
-                         f"square grid (512x512): resize the image to a square")
-    starts = entry.mask[0::2]
-    if starts and max(starts) >= image.shape[0] ** 2:
-        raise ValueError(f"{path}: its mask RLE addresses pixels past a {image.shape[0]}x{image.shape[0]} grid; "
-                         f"PIE-Bench masks are encoded on the original 512x512 images: use those, not a resized copy")
-    return image, decode_mask(entry.mask, size=image.shape[0])
-
 
 def score_edits(
     scorer: PieBenchScorer,

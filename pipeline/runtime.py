@@ -35,6 +35,17 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def check_failure_rate(failed: int, total: int, limit: float, where: str, param: str) -> None:
+    """Raise when more than ``limit`` of ``total`` items failed (DESIGN §5: a stage fails loudly).
+
+    ``param`` names the params key that sets ``limit``, so the message says how to accept more failures.
+    Finished rows are kept in the stage's shards: a rerun retries only the failed ones.
+    """
+    if total and failed / total > limit:
+        raise RuntimeError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); see the rows' `error` "
+                           f"column, fix the cause and rerun (failed rows are retried), or raise {param}")
+
+
 def rank_device() -> torch.device:
     """``cuda:<LOCAL_RANK>`` when CUDA is present (one process per GPU), else CPU."""
     if torch.cuda.is_available():

@@ -24,7 +24,7 @@ import torch
 
 from .multigen import MultiGenPrompt
 from .seeding import torch_generator
-from .shards import STATUS_OK, png_bytes, write_shards
+from .shards import STATUS_OK, code_digest, png_bytes, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -357,5 +357,6 @@ def sample_prompt_set(sampler: Sampler, promptset: str, prompts: Sequence[MultiG
     fingerprint = {"sampler": sampler.fingerprint(weights), "promptset": promptset,
                    "prompts": [(p.prompt_id, p.text, p.objects) for p in prompts]}
     return write_shards(out_dir, items, sampler.rows, sampler.scale.shard_size, fingerprint, rank, world_size,
-                        desc=f"sample {promptset}")
+                        code=code_digest(__name__), desc=f"sample {promptset}",
+                        redo_statuses=(STATUS_FAILED,))
 

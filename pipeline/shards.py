@@ -4,7 +4,8 @@ A shard directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... and 
 Work items are split into fixed, ordered shards of ``shard_size`` items; shard ``i`` always holds items
 ``[i*S, (i+1)*S)``. Each shard is written to a temporary file and renamed into place, so a shard file
 either exists complete or not at all. A rerun after a kill skips the shards that exist and produces
-exactly the files an uninterrupted run would have (no row lost, none duplicated). The fingerprint records
+exactly the files an uninterrupted run would have (no row lost, none duplicated); shards whose rows record
+a retryable failure (``redo_statuses``, e.g. out of memory) are computed again. The fingerprint records
 what the shards were computed from; if it changes (other params, other inputs), stale shards are removed.
 
 With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shards ``i`` with
@@ -13,7 +14,6 @@ With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shard
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,8 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     if rank != 0:
         _wait_for_fingerprint(fp_file, record)
         return
+    for tmp in out_dir.glob(f".tmp-*-{FINGERPRINT_FILE}"):  # only rank 0 writes it: a killed run's leftover
+        tmp.unlink(missing_ok=True)
     if fp_file.exists():
         previous = json.loads(fp_file.read_text())
         if previous == record:
@@ -98,30 +100,121 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-@functools.lru_cache(maxsize=1)
-def source_fingerprint() -> str:
-    """SHA-256 (16 hex digits) of this package's source files: the code that computed a result.
+PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE = PACKAGE_DIR.name
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of ``module`` ("pipeline.text", "pipeline.zoo") inside this package, else None."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(path: Path) -> str | None:
+    """``pipeline.x.y`` for a file of this package (``pipeline.zoo`` for its ``__init__.py``), else None."""
+    try:
+        rel = path.resolve().relative_to(PACKAGE_DIR).with_suffix("")
+    except ValueError:
+        return None
+    parts = [PACKAGE, *rel.parts]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module name an ``import`` statement of ``path`` may load (top-level and inside functions),
+    with the parent packages Python runs first; ``from m import x`` also names ``m.x`` in case x is a
+    submodule."""
+    import ast
+
+    name = _module_name(path) or ""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    parents = {".".join(m.split(".")[:k]) for m in found for k in range(1, m.count(".") + 1)}
+    return found | parents
+
+
+def import_closure(*roots: str | Path) -> list[Path]:
+    """Source files of this package that ``roots`` import, directly or through each other (static).
+
+    Args:
+        roots: module names ("pipeline.training") or paths of Python files (a stage script).
+    Returns:
+        Sorted paths: the roots that lie in this package and every package file they may import.
+    """
+    todo = [Path(r) if isinstance(r, Path) or str(r).endswith(".py") else module_file(str(r)) for r in roots]
+    if any(t is None or not t.is_file() for t in todo):
+        raise ValueError(f"import_closure: {roots} must be modules of {PACKAGE} or existing .py files")
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop().resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [f for f in map(module_file, _imported_modules(path)) if f is not None]
+    return sorted(p for p in seen if _module_name(p) is not None)
+
+
+def code_digest(*roots: str | Path) -> str:
+    """SHA-256 (16 hex digits) of the code that computes a result: the files of :func:`import_closure`.
 
     Part of every shard and checkpoint fingerprint. DVC reruns a stage when its code changes, but its
     persistent, resumable outputs would otherwise be resumed as they are; with the code in the
     fingerprint, results written by other code are recomputed, and a rerun after a kill (same code) still
-    resumes.
+    resumes. Only the modules the work imports count, so editing an unrelated module (the report, say)
+    keeps a half-finished training run's checkpoints.
     """
-    return sources_digest(Path(__file__).resolve().parent)
+    return _files_digest(tuple(import_closure(*roots)))
 
 
-def sources_digest(directory: Path) -> str:
-    """SHA-256 (16 hex digits) over the relative paths and bytes of every ``*.py`` file under ``directory``."""
+def _files_digest(files: tuple[Path, ...]) -> str:
+    """SHA-256 (16 hex digits) over the package-relative paths and bytes of ``files``."""
     h = hashlib.sha256()
-    for path in sorted(Path(directory).rglob("*.py")):
-        h.update(path.relative_to(directory).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in files:
+        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
-def shard_record(fingerprint: Any, num_items: int, shard_size: int) -> dict[str, Any]:
+def shard_record(fingerprint: Any, num_items: int, shard_size: int, code: str) -> dict[str, Any]:
     """What a shard directory's results depend on: the caller's fingerprint, the item count, the shard
-    size and the code (:func:`source_fingerprint`)."""
-    return {"params": fingerprint, "num_items": num_items, "shard_size": shard_size, "code": source_fingerprint()}
+    size and the code that computes the rows (``code``, from :func:`code_digest`)."""
+    return {"params": fingerprint, "num_items": num_items, "shard_size": shard_size, "code": code}
+
+
+def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprint: Any, rank: int,
+                      barrier: Callable[[], None] | None, code: str) -> None:
+    """Before several ranks write: rank 0 drops stale shards (and temporary files of a killed run), then all
+    ranks meet at ``barrier``, so no rank skips a stale shard that rank 0 is about to delete.
+
+    The record is the one :func:`write_shards` writes (same ``fingerprint`` and ``code``),
+    so its own check is then a no-op.
+    """
+    out_dir = Path(out_dir)
+    if rank == 0:
+        num_shards = (num_items + shard_size - 1) // shard_size
+        prepare_shard_dir(out_dir, shard_record(fingerprint, num_items, shard_size, code), num_shards, rank)
+        for tmp in out_dir.glob(".tmp-*"):
+            tmp.unlink()
+    if barrier is not None:
+        barrier()
 
 
 def write_shards(
@@ -132,7 +225,10 @@ def write_shards(
     fingerprint: Any,
     rank: int = 0,
     world_size: int = 1,
+    *,
+    code: str,
     desc: str = "shards",
+    redo_statuses: Collection[str] = (),
 ) -> list[Path]:
     """Process ``items`` shard by shard and write each shard's rows; skip shards already written.
 
@@ -142,10 +238,13 @@ def write_shards(
         process: maps one shard's items to its rows (a row per item, or several; failed items must come
             back as rows with a ``status`` and an ``error``, never be dropped).
         shard_size: items per shard (> 0).
-        fingerprint: JSON-serialisable description of params and inputs; a change invalidates old shards
-            (as does a change of this package's code, :func:`source_fingerprint`).
+        fingerprint: JSON-serialisable description of params and inputs; a change invalidates old shards.
+        code: :func:`code_digest` of the module whose code computes the rows; a change invalidates them too.
         rank, world_size: this process's share of the shards.
         desc: progress-bar label.
+        redo_statuses: row statuses that record a failure worth retrying (an exception while processing,
+            e.g. out of memory or a network error): a rerun computes the written shards holding such rows
+            again. Deterministic outcomes (bad input, an empty mask) are kept.
 
     Returns:
         The paths of the shards this rank is responsible for.
@@ -153,16 +252,43 @@ def write_shards(
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
     num_shards = (len(items) + shard_size - 1) // shard_size
-    prepare_shard_dir(out_dir, shard_record(fingerprint, len(items), shard_size), num_shards, rank)
+    prepare_shard_dir(out_dir, shard_record(fingerprint, len(items), shard_size, code), num_shards, rank)
     mine = [i for i in range(num_shards) if i % world_size == rank]
+    _remove_partial_writes(out_dir, mine)
     todo = [i for i in mine if not shard_path(out_dir, i).exists()]
+    redo = [i for i in mine if i not in todo and _has_status(shard_path(out_dir, i), redo_statuses)]
     if len(todo) < len(mine):
         log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo), len(mine))
+    if redo:
+        log.info("%s: %d written shards have rows with status %s; computing them again", out_dir, len(redo),
+                 "/".join(sorted(redo_statuses)))
+        todo = sorted(todo + redo)
     for index in tqdm(todo, desc=desc, unit="shard", disable=not todo):
         chunk = list(items[index * shard_size : (index + 1) * shard_size])
         rows = process(chunk)
         write_table(rows, shard_path(out_dir, index))
     return [shard_path(out_dir, i) for i in mine]
+
+
+def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
+    """Delete temporary files a killed run left for shards ``indices``.
+
+    Only the rank that owns a shard ever writes it, and this rank has not started writing yet, so every
+    such file is a leftover (never a write in progress).
+    """
+    for index in indices:
+        for tmp in Path(out_dir).glob(f".tmp-*-{shard_path(out_dir, index).name}"):
+            tmp.unlink(missing_ok=True)
+
+
+def _has_status(path: Path, statuses: Collection[str]) -> bool:
+    """Whether the shard at ``path`` has a row whose ``status`` is in ``statuses``."""
+    if not statuses:
+        return False
+    schema = pq.read_schema(path)
+    if "status" not in schema.names:
+        return False
+    return any(s in statuses for s in pq.read_table(path, columns=["status"]).column("status").to_pylist())
 
 
 def shard_files(out_dir: Path) -> list[Path]:

@@ -42,7 +42,7 @@ from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
 from .seeding import numpy_rng, torch_generator
 from .grounding import resize_center_crop, train_mask
-from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode, source_fingerprint
+from .shards import STATUS_OK, code_digest, image_from_bytes, iter_rows, rle_decode
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class TrainCfg:
     use_ema: bool = False
     ema_decay: float = 0.9999
     checkpoint_limit: int = 10
+    max_word_skip_rate: float = 0.01  # fail when more usable-status mask rows than this do not fit the images
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,15 @@ def _word_problem(row: dict, caption: str | None, resolution: int) -> str | None
     return None
 
 
-def load_records(images_dir: Path, masks_dir: Path | None, resolution: int,
-                 skip_ungrounded: bool = False) -> tuple[list[TrainRecord], dict[str, int]]:
+def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip_ungrounded: bool = False,
+                 max_word_skip_rate: float | None = None) -> tuple[list[TrainRecord], dict[str, int]]:
     """Training images (split "train", status ok) joined by ``image_id`` with their usable mask rows.
 
     Returns the records (sorted by image id) and counts: images, grounded/ungrounded images, words used,
     and one ``words_skipped_<reason>`` count per reason a mask row was not used. Images without any usable
-    word train on the denoising loss only, or are left out when ``skip_ungrounded``.
+    word train on the denoising loss only, or are left out when ``skip_ungrounded``. With
+    ``max_word_skip_rate``, raises when a larger share of the ``ok`` mask rows of training images does not
+    fit them (:data:`MISMATCH_REASONS`: masks made for other captions, resolution or tokenizer).
     """
     records: dict[str, TrainRecord] = {}
     stats: dict[str, int] = {"images_not_ok": 0, "images_other_split": 0}
@@ -165,7 +168,27 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int,
             records[str(row["image_id"])] = TrainRecord(str(row["image_id"]), row["image"], row["caption"])
     if masks_dir is not None:
         _attach_words(records, masks_dir, resolution, stats)
-    return _select(records, skip_ungrounded, stats)
+    used, stats = _select(records, skip_ungrounded, stats)
+    if masks_dir is not None and max_word_skip_rate is not None:
+        check_word_skips(stats, max_word_skip_rate, masks_dir)
+    return used, stats
+
+
+# Reasons an ``ok`` mask row of a training image cannot be used: the masks do not fit the images (other
+# captions, resolution or tokenizer), not an outcome of masking; a few of them mean stale or foreign masks.
+MISMATCH_REASONS = ("no_train_mask", "no_token_indices", "token_index_out_of_range", "train_mask_size",
+                    "caption_mismatch")
+
+
+def check_word_skips(stats: dict[str, int], limit: float, masks_dir: Path) -> None:
+    """Raise when more than ``limit`` of the joinable mask rows were dropped for a :data:`MISMATCH_REASONS`."""
+    dropped = {r: stats.get(f"words_skipped_{r}", 0) for r in MISMATCH_REASONS}
+    dropped = {r: n for r, n in dropped.items() if n}
+    total = stats.get("words_used", 0) + sum(dropped.values())
+    if total and sum(dropped.values()) / total > limit:
+        raise ValueError(f"{masks_dir}: {sum(dropped.values())} of {total} mask rows of training images do not fit "
+                         f"them ({dropped}; limit train.max_word_skip_rate={limit:.1%}). The masks were made for "
+                         f"other captions, resolution or tokenizer: rerun `dvc repro masks`")
 
 
 def _attach_words(records: dict[str, TrainRecord], masks_dir: Path, resolution: int, stats: dict) -> None:
@@ -561,33 +584,47 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _checkpoint_fingerprint(path: Path) -> str | None:
+    """The fingerprint in a checkpoint's ``state.json`` (None when unreadable: a checkpoint cut short)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def remove_stale_checkpoints(ckpt_dir: Path, fingerprint: str) -> None:
+    """Delete the checkpoints of another run (other params, data or code). One process only (the main one):
+    the others wait, so none reads a checkpoint that is being deleted."""
+    for _, path in list_checkpoints(ckpt_dir):
+        if _checkpoint_fingerprint(path) != fingerprint:
+            log.warning("%s: made with other params, data or code; removing it", path)
+            shutil.rmtree(path)
+
+
 def find_resume(ckpt_dir: Path, fingerprint: str, max_steps: int) -> Path | None:
-    """Latest checkpoint of this run (same fingerprint, step <= ``max_steps``); stale ones are removed."""
+    """Latest checkpoint of this run (same fingerprint, step <= ``max_steps``), or None; reads only."""
     usable = None
     for step, path in list_checkpoints(ckpt_dir):
-        state = json.loads((path / "state.json").read_text())
-        if state.get("fingerprint") != fingerprint:
-            log.warning("%s: made with other params or data; removing it", path)
-            shutil.rmtree(path)
-        elif step <= max_steps:
+        if _checkpoint_fingerprint(path) == fingerprint and step <= max_steps:
             usable = path
     return usable
 
 
 def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
     """What a checkpoint's weights depend on: model, data, seed, method params, batch layout, precision,
-    and the code (:func:`pipeline.shards.source_fingerprint`)."""
+    and the code of this module and what it imports (:func:`pipeline.shards.code_digest`)."""
     scale = {k: v for k, v in asdict(run.scale).items() if k not in ("max_steps", "checkpoint_every", "num_workers",
                                                                       "gradient_checkpointing", "compile",
                                                                       "cache_latents")}
     if run.optim.lr_schedule not in ("constant", "constant_with_warmup"):
         scale["max_steps"] = run.scale.max_steps
-    train = {k: v for k, v in asdict(run.train).items() if k != "checkpoint_limit"}  # bookkeeping only
+    train = {k: v for k, v in asdict(run.train).items()
+             if k not in ("checkpoint_limit", "max_word_skip_rate")}  # bookkeeping only
     if not run.train.use_ema:
         train.pop("ema_decay")
     blob = dict(sd_model=run.sd_model, resolution=run.resolution, seed=run.seed, loss=asdict(run.loss),
                 optim=asdict(run.optim), train=train, scale=scale, data=data_fp, world=world_size,
-                code=source_fingerprint())  # a checkpoint of other code is not resumed
+                code=code_digest(__name__))  # a checkpoint of other code is not resumed
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -675,6 +712,10 @@ class Trainer:
         return sched
 
     def _resume(self) -> int:
+        """Load the latest checkpoint of this run into every process; return its step (0: from scratch)."""
+        if self.acc.is_main_process:
+            remove_stale_checkpoints(self.ckpt_dir, self.fingerprint)
+        self.acc.wait_for_everyone()
         path = find_resume(self.ckpt_dir, self.fingerprint, self.run.scale.max_steps)
         if path is None:
             return 0

@@ -16,15 +16,13 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
-from pipeline.benchmarks import MAPPING_FILE, read_mapping, strip_brackets
+from pipeline.benchmarks import MAPPING_FILE, load_example, read_mapping, strip_brackets
 from pipeline.config import ConfigError, active_profile, load_params, section
-from pipeline.editing import (BlendedLatentEditor, EditingCfg, EditingScale, EditItem, edit_fingerprint,
-                              edit_rows)
-from pipeline.grounding import prepare_for_ranks
+from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
+                              edit_fingerprint, edit_rows)
 from pipeline.models import load_sd_pipeline
-from pipeline.piebench import load_example
-from pipeline.runtime import setup_logging, write_json
-from pipeline.shards import STATUS_OK, read_shards, write_shards
+from pipeline.runtime import check_failure_rate, setup_logging, write_json
+from pipeline.shards import STATUS_OK, code_digest, prepare_for_ranks, read_shards, write_shards
 
 log = logging.getLogger("stages.edit")
 DATA = Path("artifacts/data/piebench")
@@ -51,9 +49,11 @@ def main(name: str) -> None:
     out_dir = Path("artifacts/edits") / name
     start, fingerprint = time.perf_counter(), edit_fingerprint(editor, scale, backbone, DATA)
     rank, world = state.process_index, state.num_processes
-    prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, state.wait_for_everyone)
+    code = code_digest(__file__)
+    prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, state.wait_for_everyone, code)
     write_shards(out_dir, records, lambda chunk: edit_rows(editor, chunk, load, scale.batch_size),
-                 scale.shard_size, fingerprint, rank, world, desc=f"edit {name}")
+                 scale.shard_size, fingerprint, rank, world, code=code,
+                 desc=f"edit {name}", redo_statuses=(STATUS_EDIT_FAILED,))
     state.wait_for_everyone()
     if not state.is_main_process:
         return
@@ -68,6 +68,7 @@ def main(name: str) -> None:
     log.info("edit %s: %d images in %.1f s", name, len(rows), time.perf_counter() - start)
     if ok < len(rows):
         log.warning("%d of %d edits failed; see the status/error columns of %s", len(rows) - ok, len(rows), out_dir)
+    check_failure_rate(len(rows) - ok, len(rows), cfg.max_failed_rate, f"edit {name}", "editing.max_failed_rate")
 
 
 if __name__ == "__main__":

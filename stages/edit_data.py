@@ -11,10 +11,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.benchmarks import (PIE_SIZE, PIEBENCH_HELP, EditDataScale, copy_piebench, piebench_summary,
-                                 sha256_bytes, write_demo_piebench)
+from pipeline.benchmarks import PIE_SIZE, PIEBENCH_HELP, EditDataScale, copy_piebench, piebench_summary, sha256_bytes
 from pipeline.config import ConfigError, load_params, section
-from pipeline.demo_data import DemoDataScale
+from pipeline.demo_data import DemoDataScale, write_demo_piebench
 from pipeline.runtime import setup_logging, write_json
 
 log = logging.getLogger("stages.edit_data")

@@ -18,7 +18,7 @@ from pipeline import coco, text
 from pipeline.config import ConfigError, load_params, profile_fields, section
 from pipeline.models import from_pretrained
 from pipeline.runtime import setup_logging, write_json
-from pipeline.shards import fingerprint_of, iter_rows, read_shards, write_shards
+from pipeline.shards import code_digest, fingerprint_of, iter_rows, read_shards, write_shards
 
 log = logging.getLogger("stages.nouns")
 IMAGES, OUT, METRICS = Path("artifacts/data/images"), Path("artifacts/nouns"), Path("metrics/nouns.json")
@@ -58,7 +58,7 @@ def main() -> None:
 
     fingerprint = {"images": fingerprint_of(images), "source": source, "max_token_index": cfg.max_token_index,
                    "tokenizer": model.sd_model}
-    write_shards(OUT, images, process, scale.shard_size, fingerprint, desc="nouns")
+    write_shards(OUT, images, process, scale.shard_size, fingerprint, code=code_digest(__file__), desc="nouns")
     metrics = text.summarize(iter_rows(OUT, columns=["status", "phrase_status"]))
     metrics.update(profile=params["profile"], phrases_source=scale.phrases, tagger=scale.tagger,
                    tokenizer=model.sd_model, max_token_index=cfg.max_token_index, max_skip_rate=cfg.max_skip_rate)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
-from pipeline.multigen import MultiGenCfg, check_failure_rate, load_prompt_set
-from pipeline.runtime import dist_info, rank_device, setup_logging, write_json
+from pipeline.multigen import MultiGenCfg, load_prompt_set
+from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, write_json
 from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
                                load_pipeline, resolve_dtype, sample_prompt_set)
 from pipeline.shards import read_shards
@@ -58,7 +58,8 @@ def main(key: str) -> None:
         metrics[f"{name}_images"], metrics[f"{name}_failed"] = len(status), int((status != "ok").sum())
     write_json(f"metrics/sample/{key}.json", metrics)
     for name in mg.prompt_sets:
-        check_failure_rate(metrics[f"{name}_failed"], metrics[f"{name}_images"], mg.max_failed_rate, f"{key}/{name}")
+        check_failure_rate(metrics[f"{name}_failed"], metrics[f"{name}_images"], mg.max_failed_rate, f"{key}/{name} images",
+                           "multigen.max_failed_rate")
 
 
 if __name__ == "__main__":

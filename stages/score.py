@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_params, section
-from pipeline.multigen import (MultiGenCfg, MultiGenScale, check_failure_rate, format_row, load_prompt_set,
+from pipeline.multigen import (MultiGenCfg, MultiGenScale, format_row, load_prompt_set,
                                score_records)
-from pipeline.runtime import setup_logging, write_json
+from pipeline.runtime import check_failure_rate, setup_logging, write_json
 from pipeline.sampling import EvalModel, EvalModelRef, SamplingScale
 from pipeline.shards import iter_rows
 
@@ -43,7 +43,8 @@ def main(key: str) -> None:
     write_json(f"metrics/multigen/{key}.json", metrics)
     for name in mg.prompt_sets:
         lost = metrics[f"{name}_images_failed"] + metrics[f"{name}_images_missing"]
-        check_failure_rate(lost, metrics[f"{name}_images_expected"], mg.max_failed_rate, f"{key}/{name}")
+        check_failure_rate(lost, metrics[f"{name}_images_expected"], mg.max_failed_rate, f"{key}/{name} images",
+                           "multigen.max_failed_rate")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def main() -> None:
         loss=section(params, "loss", LossCfg), optim=section(params, "optim", OptimCfg),
         train=section(params, "train", TrainCfg), scale=section(params, "profile.train", TrainScale), out_dir=OUT,
     )
-    records, data_stats = load_records(IMAGES, MASKS, run.resolution, run.train.skip_ungrounded)
+    records, data_stats = load_records(IMAGES, MASKS, run.resolution, run.train.skip_ungrounded,
+                                       run.train.max_word_skip_rate)
     log.info("training on %d images (%d with masks, %d words)", data_stats["images_used"],
              data_stats["images_grounded"], data_stats["words_used"])
     result = train(run, records)

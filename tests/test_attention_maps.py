@@ -257,7 +257,7 @@ def test_compare_with_samples(tmp_path):
     other[0, 0] = 7
     items = [SampleItem("coco", 0, j, "t", ()) for j in range(3)]
     stored = [{"prompt_id": 0, "image_index": j, "image": png_bytes(img), "status": "ok"} for j in range(2)]
-    write_shards(tmp_path / "s", stored, lambda chunk: chunk, 2, {})
+    write_shards(tmp_path / "s", stored, lambda chunk: chunk, 2, {}, code="test")
     samples = [{"image": png_bytes(img), "status": "ok"}, {"image": png_bytes(other), "status": "ok"},
                {"image": png_bytes(img), "status": "ok"}]  # the third has no stored counterpart
     assert am.compare_with_samples(tmp_path / "s", samples, items) == {

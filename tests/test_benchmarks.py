@@ -304,7 +304,7 @@ def test_mapping_errors_name_entry_and_field(key, value, message):
 
 def test_demo_piebench_layout(tmp_path):
     out = tmp_path / "piebench"
-    entries = bm.write_demo_piebench(out, 4, seed=0, size=512)
+    entries = dd.write_demo_piebench(out, 4, seed=0, size=512)
     assert len(entries) == 4
     assert bm.read_mapping(out / "mapping_file.json") == entries
     for image_id, entry in entries.items():
@@ -323,7 +323,7 @@ def test_demo_piebench_layout(tmp_path):
 
 def test_copy_piebench_validates_and_copies(tmp_path):
     root = tmp_path / "PIE-Bench"
-    written = bm.write_demo_piebench(root, 2, seed=0, size=64)
+    written = dd.write_demo_piebench(root, 2, seed=0, size=512)
     out = tmp_path / "out"
     assert bm.copy_piebench(root, out) == written
     assert (out / "mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
@@ -332,11 +332,19 @@ def test_copy_piebench_validates_and_copies(tmp_path):
         assert (out / rel).read_bytes() == (root / rel).read_bytes()
 
 
+def test_piebench_copy_of_another_size_is_refused(tmp_path):
+    """The masks' RLE indexes a 512x512 grid; a resized copy would decode to wrong masks without error."""
+    root = tmp_path / "PIE-Bench"
+    dd.write_demo_piebench(root, 2, seed=0, size=768)
+    with pytest.raises(ValueError, match=r"2 images are not 512x512 .* is 768x768.*resized copy"):
+        bm.copy_piebench(root, tmp_path / "out")
+
+
 def test_piebench_missing_root_and_images(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"PIE-Bench.*not found.*PnPInversion"):
         bm.validate_piebench_root(tmp_path / "PIE-Bench")
     root = tmp_path / "pb"
-    entries = bm.write_demo_piebench(root, 2, seed=0, size=64)
+    entries = dd.write_demo_piebench(root, 2, seed=0, size=64)
     first = next(iter(entries.values()))
     (root / "annotation_images" / first.image_path).unlink()
     with pytest.raises(FileNotFoundError, match=rf"1 of 2 images .*{re.escape(first.image_path)}.*PnPInversion"):
@@ -390,7 +398,7 @@ def test_prompts_stage_paper_fetches_official_files(shared_data, http_root, tmp_
 
 def test_edit_data_stage_paper_copies_given_root(tmp_path):
     root = tmp_path / "PIE-Bench"
-    bm.write_demo_piebench(root, 2, seed=3, size=512)
+    dd.write_demo_piebench(root, 2, seed=3, size=512)
     params = _params("paper")
     params["profiles"]["paper"]["edit_data"]["root"] = str(root)
     work = tmp_path / "work"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import coco, text
+from pipeline import coco, fetch, text
 from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_files, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _record(name: str, caption: str) -> dict:
 @pytest.fixture
 def served(tmp_path, monkeypatch):
     """A folder with 2 good JPEGs (RGB, grayscale), a corrupt file, a flaky file; one name is missing (404)."""
-    monkeypatch.setattr(coco, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(fetch, "BACKOFF_S", 0.0)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     root = tmp_path / "train2017"
@@ -241,6 +241,6 @@ def test_heldout_split_is_seeded_per_image():
 
 
 def test_fetch_gives_up_after_retries_naming_the_url(monkeypatch):
-    monkeypatch.setattr(coco, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(fetch, "BACKOFF_S", 0.0)
     with pytest.raises(coco.FetchError, match=r"http://127\.0\.0\.1:9/x\.jpg"):
         coco.fetch("http://127.0.0.1:9/x.jpg", retries=1, timeout=2.0)

@@ -190,7 +190,7 @@ def test_edit_rows_keep_bad_inputs_and_resume_identically(pipe, tmp_path):
         return edit_rows(editor, chunk, load, batch_size=2)
 
     out = tmp_path / "edits"
-    write_shards(out, records, process, shard_size=2, fingerprint={"v": 1})
+    write_shards(out, records, process, shard_size=2, fingerprint={"v": 1}, code="test")
     first = read_shards(out)
     assert list(first["image_id"]) == [r[0] for r in records]
     assert list(first["status"]) == ["ok", "ok", "bad_input", "ok", "ok"]
@@ -198,7 +198,7 @@ def test_edit_rows_keep_bad_inputs_and_resume_identically(pipe, tmp_path):
     assert image_from_bytes(first.loc[0, "image"]).size == (128, 128)
     assert first.loc[0, "mask_fraction"] == pytest.approx(0.25)
     (out / "part-00001.parquet").unlink()  # a killed run: resume writes the same bytes
-    write_shards(out, records, process, shard_size=2, fingerprint={"v": 1})
+    write_shards(out, records, process, shard_size=2, fingerprint={"v": 1}, code="test")
     again = read_shards(out)
     assert list(again["image"]) == list(first["image"])
 

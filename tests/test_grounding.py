@@ -54,8 +54,8 @@ def nouns_row(image_id: str, phrases: list[str], statuses: list[str] | None = No
 
 def write_inputs(root: Path, images: list[dict], nouns: list[dict]) -> None:
     """artifacts/data/images and artifacts/nouns shard folders under ``root`` (preamble schemas)."""
-    shards.write_shards(root / "artifacts/data/images", images, lambda c: c, 4, "fixture")
-    shards.write_shards(root / "artifacts/nouns", nouns, lambda c: c, 4, "fixture")
+    shards.write_shards(root / "artifacts/data/images", images, lambda c: c, 4, "fixture", code="test")
+    shards.write_shards(root / "artifacts/nouns", nouns, lambda c: c, 4, "fixture", code="test")
 
 
 def good_inputs(n: int) -> tuple[list[dict], list[dict]]:
@@ -447,18 +447,6 @@ def test_ranks_split_shards_and_together_equal_one_process(tmp_path, tiny_refs):
         assert p.read_bytes() == (tmp_path / "two" / p.name).read_bytes()
 
 
-def test_prepared_record_is_the_one_write_shards_keeps(tmp_path):
-    items, fp = list(range(5)), {"x": 1}
-    grounding.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None)
-    shards.write_table([{"v": -1}], shards.shard_path(tmp_path, 0))  # a shard "another rank" finished
-    (tmp_path / ".tmp-123-part-00001.parquet").write_bytes(b"partial")
-    grounding.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None)
-    assert not list(tmp_path.glob(".tmp-*"))
-    calls = []
-    shards.write_shards(tmp_path, items, lambda c: calls.append(c) or [{"v": x} for x in c], 2, fp)
-    assert calls == [[2, 3], [4]]  # shard 0 kept: no stale-shard wipe after the pre-barrier preparation
-
-
 STAGE_PARAMS = """
 profile: demo
 seed: 0
@@ -566,7 +554,7 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
     metadata.write_text("\n".join(lines) + "\n{broken json\n")
     nouns = [nouns_row(Path(e["file_name"]).stem, [w for w, _ in e["attn_list"]]) for e in entries]
     nouns[0]["phrase_status"][4] = "past_context"
-    shards.write_shards(tmp_path / "nouns", nouns, lambda c: c, 4, "fixture")
+    shards.write_shards(tmp_path / "nouns", nouns, lambda c: c, 4, "fixture", code="test")
     ctx = RunContext(tmp_path / "masks", tmp_path / "nouns", tmp_path / "images", tmp_path, 64)
     scale = scale_for("unused", "unused", source="authors", authors_metadata=str(metadata), authors_masks=str(masks_dir))
     grounding.write_authors_masks(ctx, scale)

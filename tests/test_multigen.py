@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.multigen import (STATUS_DETECT_FAILED, STATUS_SAMPLE_FAILED, MultiGenScale, detect_batch,
+from pipeline.multigen import (STATUS_DETECT_FAILED, STATUS_NO_IMAGE, MultiGenScale, detect_batch,
                                detect_prompt_set, detect_rows, format_row, label_max_scores, load_detector,
                                load_prompt_set, mg_scores, objects_found, queries_for, score_records)
 from pipeline.shards import STATUS_OK, png_bytes, read_shards, write_table
@@ -82,7 +82,7 @@ def test_scorer_matches_an_independent_computation(threshold):
 
 def test_failed_and_missing_images_are_counted_not_scored():
     rows = worked_records()
-    rows[1] = record(0, 1, WORKED[0], [], [], status=STATUS_SAMPLE_FAILED)
+    rows[1] = record(0, 1, WORKED[0], [], [], status=STATUS_NO_IMAGE)
     del rows[3]                                                   # image 1_1 missing
     scores = score_records(rows, 0.1, num_prompts=2, images_per_prompt=2)
     assert (scores["images_scored"], scores["images_failed"], scores["images_missing"]) == (2, 1, 1)
@@ -153,11 +153,36 @@ def test_detect_rows_keep_failed_samples(detector, monkeypatch):
     samples.append({"prompt_id": 0, "image_index": 2, "objects": WORKED[0], "status": "nan_image",
                     "error": "decoded image has NaN", "image": None})
     rows = detect_rows(detector, samples, TEMPLATE, batch_size=2)
-    assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK, STATUS_SAMPLE_FAILED]
+    assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK, STATUS_NO_IMAGE]
     assert "nan_image" in rows[2]["error"] and rows[0]["queries"][1] == "a photo of a cup"
     monkeypatch.setattr("pipeline.multigen.detect_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("oom")))
     failed = detect_rows(detector, samples[:2], TEMPLATE, batch_size=2)
     assert [r["status"] for r in failed] == [STATUS_DETECT_FAILED] * 2 and "oom" in failed[0]["error"]
+
+
+def test_one_bad_image_fails_only_itself(detector, monkeypatch):
+    """A corrupt PNG and an image whose detection raises even alone cost only their own rows: the batch is
+    retried image by image, and the other images get the same detections as an undisturbed run."""
+    from pipeline import multigen
+
+    samples = [{"prompt_id": 0, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
+                "image": png_bytes(a)} for j, a in enumerate(random_images(4))]
+    clean = detect_rows(detector, samples, TEMPLATE, batch_size=4)
+    samples[1] = dict(samples[1], image=b"\x89PNG truncated")
+    poison = samples[2]["image"]
+    real = multigen.detect_batch
+
+    def failing(det, images, queries):
+        if any(png_bytes(im) == poison for im in images):
+            raise RuntimeError("CUDA out of memory")
+        return real(det, images, queries)
+
+    monkeypatch.setattr(multigen, "detect_batch", failing)
+    rows = detect_rows(detector, samples, TEMPLATE, batch_size=4)
+    assert [r["status"] for r in rows] == [STATUS_OK, multigen.STATUS_CORRUPT_IMAGE, STATUS_DETECT_FAILED, STATUS_OK]
+    assert "out of memory" in rows[2]["error"] and "decode" in rows[1]["error"]
+    for j in (0, 3):
+        np.testing.assert_allclose(rows[j]["label_max_scores"], clean[j]["label_max_scores"], atol=1e-5)
 
 
 def test_detections_follow_new_samples(detector, tmp_path):

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from pipeline import piebench as pb
-from pipeline.benchmarks import decode_mask, read_mapping, write_demo_piebench
+from pipeline.benchmarks import decode_mask, load_example, read_mapping
+from pipeline.demo_data import write_demo_piebench
 from pipeline.seeding import derive_seed
 from pipeline.shards import png_bytes
 
@@ -219,7 +220,7 @@ def test_score_edits_keeps_every_entry_with_a_status(scorer, tmp_path):
     write_demo_piebench(tmp_path, 4, seed=0, size=64)
     entries = read_mapping(tmp_path / "mapping_file.json")
     ids = sorted(entries)
-    sources = {i: pb.load_example(tmp_path, entries[i])[0] for i in ids}
+    sources = {i: load_example(tmp_path, entries[i])[0] for i in ids}
     edits = {ids[0]: {"image": png_bytes(sources[ids[0]]), "status": "ok", "error": ""},
              ids[1]: {"image": None, "status": "edit_failed", "error": "boom"},
              ids[2]: {"image": png_bytes(sources[ids[2]][:32, :32]), "status": "ok", "error": ""}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +20,12 @@ def _process(calls):
 def test_write_and_resume_skip_finished_shards(tmp_path):
     calls = []
     out = tmp_path / "out"
-    shards.write_shards(out, list(range(10)), _process(calls), 3, {"p": 1})
+    shards.write_shards(out, list(range(10)), _process(calls), 3, {"p": 1}, code="test")
     assert len(calls) == 4
     first = {p.name: p.read_bytes() for p in shards.shard_files(out)}
     shards.shard_path(out, 2).unlink()  # as if killed before shard 2 was renamed into place
     calls.clear()
-    shards.write_shards(out, list(range(10)), _process(calls), 3, {"p": 1})
+    shards.write_shards(out, list(range(10)), _process(calls), 3, {"p": 1}, code="test")
     assert calls == [[6, 7, 8]]
     assert {p.name: p.read_bytes() for p in shards.shard_files(out)} == first
     df = shards.read_shards(out)
@@ -36,48 +35,91 @@ def test_write_and_resume_skip_finished_shards(tmp_path):
 def test_changed_fingerprint_drops_stale_shards(tmp_path):
     calls = []
     out = tmp_path / "out"
-    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1}, code="test")
     calls.clear()
-    shards.write_shards(out, list(range(4)), _process(calls), 2, {"p": 2})
+    shards.write_shards(out, list(range(4)), _process(calls), 2, {"p": 2}, code="test")
     assert len(calls) == 2 and len(shards.shard_files(out)) == 2
 
 
-def test_changed_code_drops_stale_shards(tmp_path, monkeypatch):
+def test_changed_code_drops_stale_shards(tmp_path):
     """Shards written by other code are recomputed (DVC reruns the stage, the persisted shards must not
     survive); with the same code a rerun resumes."""
     calls = []
     out = tmp_path / "out"
-    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1}, code="v1")
     calls.clear()
-    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1}, code="v1")
     assert calls == []
-    monkeypatch.setattr(shards, "source_fingerprint", lambda: "edited-code")
-    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1})
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1}, code="v2")
     assert len(calls) == 3
 
 
-def test_sources_digest_changes_with_any_source_file(tmp_path):
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.py").write_text("x = 1\n")
-    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
-    (tmp_path / "notes.txt").write_text("not code")
-    base = shards.sources_digest(tmp_path)
-    (tmp_path / "notes.txt").write_text("edited, still not code")
-    assert shards.sources_digest(tmp_path) == base
-    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
-    edited = shards.sources_digest(tmp_path)
-    assert edited != base
-    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")
-    assert shards.sources_digest(tmp_path) not in (base, edited)
-    package = Path(shards.__file__).parent
-    assert shards.source_fingerprint() == shards.sources_digest(package)
+def test_code_digest_covers_exactly_the_imported_modules(tmp_path, monkeypatch):
+    """A module's digest changes with the module, with what it imports (relative, absolute, lazily inside a
+    function, a package's submodule) and with its package's ``__init__``; not with a module it never imports."""
+    package = tmp_path / "pipeline"
+    (package / "sub").mkdir(parents=True)
+    files = {"__init__.py": "", "a.py": "from .b import f\nfrom . import sub\n\ndef g():\n    import pipeline.c\n",
+             "b.py": "def f():\n    return 1\n", "c.py": "X = 1\n", "unrelated.py": "Y = 1\n",
+             "sub/__init__.py": "from .d import Z\n", "sub/d.py": "Z = 1\n"}
+    for name, text in files.items():
+        (package / name).write_text(text)
+    monkeypatch.setattr(shards, "PACKAGE_DIR", package)
+    assert [p.relative_to(package).as_posix() for p in shards.import_closure("pipeline.a")] == [
+        "__init__.py", "a.py", "b.py", "c.py", "sub/__init__.py", "sub/d.py"]
+    digest = shards.code_digest("pipeline.a")
+    (package / "unrelated.py").write_text("Y = 2\n")
+    (package / "notes.txt").write_text("not code")
+    assert shards.code_digest("pipeline.a") == digest
+    for name in ("b.py", "c.py", "sub/d.py", "__init__.py"):
+        (package / name).write_text(files[name] + "# edited\n")
+        assert shards.code_digest("pipeline.a") != digest, name
+        (package / name).write_text(files[name])
+    assert shards.code_digest("pipeline.a") == digest
+    stage = tmp_path / "stage.py"
+    stage.write_text("from pipeline.b import f\n")
+    assert [p.name for p in shards.import_closure(stage)] == ["__init__.py", "b.py"]
+
+
+def test_failed_rows_are_retried_and_finished_ones_kept(tmp_path):
+    """A shard holding a row with a retryable status is computed again on the next run; shards without one,
+    and rows with other failure statuses, are kept."""
+    attempts = {}
+
+    def flaky(chunk):
+        rows = []
+        for k in chunk:
+            attempts[k] = attempts.get(k, 0) + 1
+            status = "oom" if k == 3 and attempts[k] == 1 else ("bad_input" if k == 5 else "ok")
+            rows.append({"key": k, "status": status, "error": ""})
+        return rows
+
+    out = tmp_path / "out"
+    shards.write_shards(out, list(range(6)), flaky, 2, {}, code="c", redo_statuses=("oom",))
+    assert shards.read_shards(out)["status"].tolist() == ["ok", "ok", "ok", "oom", "ok", "bad_input"]
+    shards.write_shards(out, list(range(6)), flaky, 2, {}, code="c", redo_statuses=("oom",))
+    assert shards.read_shards(out)["status"].tolist() == ["ok", "ok", "ok", "ok", "ok", "bad_input"]
+    assert attempts == {0: 1, 1: 1, 2: 2, 3: 2, 4: 1, 5: 1}  # only shard 1 (items 2, 3) ran again
+    shards.write_shards(out, list(range(6)), flaky, 2, {}, code="c", redo_statuses=("oom",))
+    assert attempts == {0: 1, 1: 1, 2: 2, 3: 2, 4: 1, 5: 1}
+
+
+def test_resume_removes_partial_writes_of_a_killed_run(tmp_path):
+    """A temporary shard file a kill left behind is deleted on resume (DVC must not cache it)."""
+    out = tmp_path / "out"
+    shards.write_shards(out, list(range(4)), _process([]), 2, {}, code="c")
+    (out / ".tmp-999-part-00001.parquet").write_bytes(b"partial")
+    (out / f".tmp-999-{shards.FINGERPRINT_FILE}").write_text("{")
+    shards.write_shards(out, list(range(4)), _process([]), 2, {}, code="c")
+    assert sorted(p.name for p in out.iterdir()) == [shards.FINGERPRINT_FILE, "part-00000.parquet",
+                                                      "part-00001.parquet"]
 
 
 def test_ranks_write_disjoint_shards(tmp_path):
     out = tmp_path / "out"
     items = list(range(7))
     for rank in (0, 1):
-        shards.write_shards(out, items, _process([]), 2, {}, rank=rank, world_size=2)
+        shards.write_shards(out, items, _process([]), 2, {}, rank=rank, world_size=2, code="test")
     assert sorted(shards.read_shards(out)["key"]) == items
 
 
@@ -104,16 +146,28 @@ def test_other_ranks_wait_for_rank0_cleanup(tmp_path):
 
     out = tmp_path / "out"
     items = list(range(4))
-    shards.write_shards(out, items, _process([]), 1, {"p": 1}, rank=0, world_size=2)
-    shards.write_shards(out, items, _process([]), 1, {"p": 1}, rank=1, world_size=2)
+    shards.write_shards(out, items, _process([]), 1, {"p": 1}, rank=0, world_size=2, code="test")
+    shards.write_shards(out, items, _process([]), 1, {"p": 1}, rank=1, world_size=2, code="test")
     calls_rank1: list = []
     rank1 = threading.Thread(
         target=shards.write_shards, args=(out, items, _process(calls_rank1), 1, {"p": 2}),
-        kwargs={"rank": 1, "world_size": 2},
+        kwargs={"rank": 1, "world_size": 2, "code": "test"},
     )
     rank1.start()
     rank1.join(timeout=0.5)
     assert rank1.is_alive() and calls_rank1 == []  # waiting: the fingerprint on disk is still the old one
-    shards.write_shards(out, items, _process([]), 1, {"p": 2}, rank=0, world_size=2)
+    shards.write_shards(out, items, _process([]), 1, {"p": 2}, rank=0, world_size=2, code="test")
     rank1.join(timeout=10)
     assert calls_rank1 == [[1], [3]]  # rank 1 recomputed its shards instead of keeping stale ones
+
+
+def test_prepared_record_is_the_one_write_shards_keeps(tmp_path):
+    items, fp = list(range(5)), {"x": 1}
+    shards.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None, code="c")
+    shards.write_table([{"v": -1}], shards.shard_path(tmp_path, 0))  # a shard "another rank" finished
+    (tmp_path / ".tmp-123-part-00001.parquet").write_bytes(b"partial")
+    shards.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None, code="c")
+    assert not list(tmp_path.glob(".tmp-*"))
+    calls = []
+    shards.write_shards(tmp_path, items, lambda c: calls.append(c) or [{"v": x} for x in c], 2, fp, code="c")
+    assert calls == [[2, 3], [4]]  # shard 0 kept: no stale-shard wipe after the pre-barrier preparation

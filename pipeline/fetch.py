@@ -1,0 +1,67 @@
+"""Downloads with retries: a URL's bytes, or a :class:`FetchError` that names the URL and the last error.
+
+Used for the paper profile's inputs (TokenCompose metadata, COCO images, the official prompt files).
+``file://`` URLs work too, which tests and offline mirrors use.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # COCO images are < 1 MB; anything this large is not an image
+RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
+BACKOFF_S = 0.5
+
+
+class FetchError(RuntimeError):
+    """A URL could not be fetched; ``transient`` says whether another try may succeed."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def is_url(source: str | Path) -> bool:
+    """True for ``http://``, ``https://`` and ``file://`` sources."""
+    return str(source).startswith(("http://", "https://", "file://"))
+
+
+def _fetch_once(url: str, timeout: float, max_bytes: int) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as err:
+        raise FetchError(f"{url}: HTTP {err.code} {err.reason}", err.code in RETRY_HTTP) from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise FetchError(f"{url}: {getattr(err, 'reason', err)}", True) from err
+    if len(data) > max_bytes:
+        raise FetchError(f"{url}: larger than {max_bytes} bytes", False)
+    if expected is not None and expected.isdigit() and int(expected) != len(data):
+        raise FetchError(f"{url}: got {len(data)} of {expected} bytes (connection cut)", True)
+    if not data:
+        raise FetchError(f"{url}: empty response", True)
+    return data
+
+
+def fetch(url: str, retries: int = 3, timeout: float = 30.0, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The body of ``url``, trying up to ``1 + retries`` times on transient errors (backoff 0.5 s, 1 s, ...).
+
+    Raises :class:`FetchError` naming the URL and the last error.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return _fetch_once(url, timeout, max_bytes)
+        except FetchError as err:
+            if not err.transient or attempt == retries:
+                raise
+            log.info("%s; retrying (%d of %d)", err, attempt + 1, retries)
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")

@@ -1,0 +1,45 @@
+"""dvc.yaml against the code: DVC reruns a stage only when a listed dependency changes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from pipeline.shards import PACKAGE_DIR, import_closure
+
+REPO = PACKAGE_DIR.parent
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_cover_the_code_it_imports(name):
+    """Every package file a stage script may import (statically, also inside functions) is a dependency, and
+    no other package file is."""
+    stage = STAGES[name].get("do", STAGES[name])
+    script = re.search(r"stages/\w+\.py", stage["cmd"]).group(0)
+    deps = [str(d) for d in stage["deps"]]
+    needed = [script] + [p.relative_to(REPO).as_posix() for p in import_closure(REPO / script)
+                         if p != PACKAGE_DIR / "__init__.py"]
+    missing = [f for f in needed if not _covered(f, deps)]
+    assert not missing, f"dvc.yaml stage {name}: add to deps {missing}"
+    unused = [d for d in deps if d.startswith("pipeline/") and not any(_covered(f, [d]) for f in needed)]
+    assert not unused, f"dvc.yaml stage {name}: its script never imports {unused} (a change there reruns it)"
+
+
+def test_import_closure_follows_relative_lazy_and_package_imports(tmp_path):
+    """The closure of the training module holds what it imports directly (losses), through another module
+    (attention via losses or training), lazily inside functions, and the zoo package's submodules."""
+    names = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("pipeline.training")}
+    assert {"training.py", "losses.py", "attention.py", "shards.py", "zoo/__init__.py", "zoo/sd.py"} <= names
+    assert not names & {"report.py", "piebench.py", "editing.py", "multigen.py"}
+    script = tmp_path / "stage.py"
+    script.write_text("def main():\n    from pipeline.report import build_report\n")
+    assert PACKAGE_DIR / "report.py" in import_closure(script)
+    with pytest.raises(ValueError, match="must be modules"):
+        import_closure("pipeline.no_such_module")
