@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.benchmarks import decode_mask
-from pipeline.editing import (BLD_DDIM_CONFIG, BlendedLatentEditor, EditingCfg, EditItem, blended_latent_loop,
+from pipeline.editing import (BlendedLatentEditor, bld_scheduler, EditingCfg, EditItem, blended_latent_loop,
                               decode_latents, edit_rows, encode_prompts, encode_source, latent_mask, source_tensor)
 from pipeline.models import load_sd_pipeline
 from pipeline.shards import image_from_bytes, read_shards, write_shards
@@ -103,12 +103,15 @@ def test_latent_mask_is_pil_nearest_sampling_of_centres():
 
 
 def test_scheduler_is_the_bld_script_ddim():
-    from diffusers import DDIMScheduler
-
-    assert BLD_DDIM_CONFIG["steps_offset"] == 0 and BLD_DDIM_CONFIG["set_alpha_to_one"] is False
-    sched = DDIMScheduler(**BLD_DDIM_CONFIG)
+    """The editor's scheduler: SD's scaled-linear betas (0.00085 -> 0.012), no clipping, no alpha-one final
+    step, leading spacing from 0 (SPEC §4.1); its cumulative alphas equal a NumPy computation."""
+    sched = bld_scheduler()
+    assert sched.config.steps_offset == 0 and sched.config.set_alpha_to_one is False
+    assert sched.config.clip_sample is False and sched.config.prediction_type == "epsilon"
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-5)
     sched.set_timesteps(50)
-    assert sched.timesteps[0] == 980 and sched.timesteps[-1] == 0
+    assert sched.timesteps.tolist() == list(range(980, -1, -20))
     assert math.isclose(float(sched.final_alpha_cumprod), 1 - 0.00085, rel_tol=1e-6)
 
 
