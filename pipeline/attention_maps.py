@@ -30,8 +30,8 @@ from .config import active_profile, section
 from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
-from .sampling import (EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale, load_pipeline,
-                       resolve_dtype)
+from .sampling import (STATUS_FAILED, EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale,
+                       load_pipeline, resolve_dtype)
 from .runtime import rank_device
 from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
 from .text import CaptionTokens, align_phrase, locate_phrases
@@ -194,7 +194,8 @@ class RecordingPipe:
     It forwards every attribute to the wrapped pipeline, so it can stand in for it wherever a pipeline is
     expected (e.g. ``pipeline.sampling.Sampler.pipe``); each ``__call__`` runs the real pipeline with a
     :class:`StepRecorder` as ``callback_on_step_end`` and appends one :class:`ImageAttention` per image
-    to :attr:`records` (``None`` per image of a call that raised), in call order.
+    to :attr:`records`, in call order; a call that raises records nothing (the sampler retries its images
+    one by one, and :func:`sample_with_attention` pairs records with the rows that were sampled).
     """
 
     def __init__(self, pipe, store, keep_steps: Sequence[int] = ()):
@@ -218,11 +219,7 @@ class RecordingPipe:
         total = self.num_timesteps(kwargs.get("num_inference_steps", 50))
         recorder = StepRecorder(self._store, num_images, resolve_steps(self._keep_steps, total))
         self._store.reset()
-        try:
-            out = self._pipe(*args, callback_on_step_end=recorder, **kwargs)
-        except Exception:
-            self.records.extend([None] * num_images)
-            raise
+        out = self._pipe(*args, callback_on_step_end=recorder, **kwargs)
         for b in range(num_images):
             steps = {s: {g: m[b] for g, m in maps.items()} for s, maps in recorder.steps.items()}
             self.records.append(ImageAttention(steps, dict(recorder.timesteps),
@@ -339,9 +336,17 @@ def sample_with_attention(sampler: Sampler, items: Sequence[SampleItem], groups:
         rows = Sampler(recording, sampler.kind, sampler.cfg, sampler.scale, sampler.seed).rows(list(items))
     finally:
         restore_attention(sampler.pipe.unet)
-    if len(recording.records) != len(rows):
-        raise RuntimeError(f"recorded attention for {len(recording.records)} images but sampled {len(rows)}")
-    return rows, recording.records
+    return rows, pair_records(rows, recording.records)
+
+
+def pair_records(rows: Sequence[dict], records: Sequence[ImageAttention]) -> list[ImageAttention | None]:
+    """One record per sampler row: rows whose sampling call raised (``sample_failed``) get None, the others
+    take the records of the successful calls in order (the sampler calls in item order, retries included)."""
+    sampled = [row["status"] != STATUS_FAILED for row in rows]
+    if sum(sampled) != len(records):
+        raise RuntimeError(f"recorded attention for {len(records)} images but sampled {sum(sampled)}")
+    found = iter(records)
+    return [next(found) if ok else None for ok in sampled]
 
 
 def write_attention_figures(sampler: Sampler, model: str, prompts: Sequence[str], groups: Sequence[str],

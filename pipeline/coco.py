@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .fetch import FetchError, fetch, is_url
+from .metadata import MetadataError, check_record
 from .seeding import numpy_rng
 from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, shard_files, write_shards
 from .text import Alignment, failed_row, image_row_failure, locate_phrases, nouns_row
@@ -33,10 +34,6 @@ TOKENCOMPOSE_METADATA_URL = (
     "https://raw.githubusercontent.com/mlpc-ucsd/TokenCompose/5633f816116fdf7de74d9055ff9666c5222416e2/"
     "train/data/coco_gsam_img/train/metadata.jsonl"
 )
-
-
-class MetadataError(ValueError):
-    """A metadata file is missing, unreadable or has a malformed line (named in the message)."""
 
 
 def read_source(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
@@ -54,26 +51,6 @@ def read_source(source: str | Path, retries: int = 3, timeout: float = 30.0) -> 
 
 # --- metadata --------------------------------------------------------------------------------------
 
-def _check_record(record: Any, where: str) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise MetadataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key in ("file_name", "text", "attn_list"):
-        if key not in record:
-            raise MetadataError(f"{where}: missing key {key!r} (expected file_name, text, attn_list)")
-    if not isinstance(record["file_name"], str) or not record["file_name"].strip():
-        raise MetadataError(f"{where}: file_name must be a non-empty string")
-    if not isinstance(record["text"], str):
-        raise MetadataError(f"{where}: text must be a string")
-    pairs = record["attn_list"]
-    ok = isinstance(pairs, list) and all(
-        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and (p[1] is None or isinstance(p[1], str))
-        for p in pairs
-    )
-    if not ok:
-        raise MetadataError(f"{where}: attn_list must be a list of [phrase, mask path or null] pairs")
-    return record
-
-
 def parse_metadata(text: str, source: str = "metadata") -> list[dict[str, Any]]:
     """Records of a ``metadata.jsonl`` text, in file order; blank lines skipped."""
     records = []
@@ -85,7 +62,7 @@ def parse_metadata(text: str, source: str = "metadata") -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-        records.append(_check_record(record, where))
+        records.append(check_record(record, where))
     if not records:
         raise MetadataError(f"{source}: no records")
     return records

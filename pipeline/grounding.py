@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from . import shards
+from .metadata import MetadataError, check_record
 from .models import from_pretrained, parse_ref, resolve
 from .shards import STATUS_OK, image_from_bytes, rle_decode, rle_encode, write_shards
 
@@ -63,7 +64,7 @@ MASK_STATUSES = {
     "blank_mask": "authors: the PNG is all black (empty, or whole-image: plt.imsave quirk, SPEC §1.6 item 7)",
     "bad_metadata": "authors: the metadata line is not valid JSON with file_name/text/attn_list",
 }
-INPUT_ERRORS = ("missing_image", "corrupt_image", "bad_metadata")
+INPUT_ERRORS = ("missing_image", "corrupt_image", "bad_metadata", "missing_mask_file", "corrupt_mask")
 ROW_COLUMNS = ("image_id", "caption", "phrase", "token_indices", "mask", "train_mask", "box", "score", "status",
                "error")
 
@@ -74,7 +75,7 @@ class GroundingCfg:
 
     box_threshold: float  # keep a box when its best token's sigmoid passes this (SPEC §2.4: 0.25)
     text_threshold: float  # tokens of a kept box above this form its label (SPEC §2.4: 0.25)
-    max_input_error_rate: float  # fail when more rows than this have a missing/corrupt image or bad metadata
+    max_input_error_rate: float  # fail when more rows than this have bad input (INPUT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -681,11 +682,10 @@ def read_authors_metadata(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-            if not isinstance(entry.get("file_name"), str) or not isinstance(entry.get("attn_list"), list):
-                raise ValueError("needs file_name (str) and attn_list (list)")
-            out.append(entry)
-        except (ValueError, AttributeError) as err:
+            out.append(check_record(json.loads(line), f"{path}:{n}"))
+        except MetadataError as err:
+            out.append({"bad_line": n, "error": str(err)})
+        except ValueError as err:  # not JSON
             out.append({"bad_line": n, "error": f"{path}:{n}: {err}"})
     return out
 
@@ -729,13 +729,18 @@ def authors_rows(entry: dict[str, Any], nouns: dict[str, tuple[list[int], str, s
 
 def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
     """Convert the authors' metadata + mask PNGs into ``ctx.out_dir`` shards (resumable)."""
+    for key in ("authors_metadata", "authors_masks"):
+        if not str(getattr(scale, key)).strip():
+            raise FileNotFoundError(f"profiles.<p>.masks.{key} is empty: masks.source: authors needs the path of "
+                                    f"the authors' {'metadata.jsonl' if key == 'authors_metadata' else 'mask folder'}")
     metadata, masks_dir = Path(scale.authors_metadata), Path(scale.authors_masks)
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"{masks_dir}: authors' mask folder not found; unpack coco_gsam_seg.tar there "
                                 f"or set profiles.<p>.masks.authors_masks")
     entries = read_authors_metadata(metadata)
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
-    listing = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in sorted(dir_files(masks_dir))).encode())
+    listing = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                        for p in sorted(dir_files(masks_dir))).encode())  # a replaced PNG counts
     fingerprint = {"source": "authors", "metadata": files_digest([metadata]), "masks": listing.hexdigest()[:16],
                    "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
     code = shards.code_digest(__name__)
@@ -784,8 +789,8 @@ def check_input_errors(metrics: dict[str, Any], max_rate: float) -> None:
         raise RuntimeError("masks: no rows; run the nouns and train_data stages first")
     if metrics["input_error_rate"] > max_rate:
         raise RuntimeError(
-            f"masks: {metrics['input_errors']} of {metrics['rows']} rows have a missing/corrupt image or bad "
-            f"metadata ({metrics['input_error_rate']:.1%} > grounding.max_input_error_rate={max_rate:.1%}); "
+            f"masks: {metrics['input_errors']} of {metrics['rows']} rows have a missing/corrupt image, bad "
+            f"metadata or a missing/corrupt authors' mask file ({metrics['input_error_rate']:.1%} > grounding.max_input_error_rate={max_rate:.1%}); "
             f"see status/error in artifacts/masks/")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline import grounding
-from pipeline.config import load_params, profile_fields, section
+from pipeline.config import ConfigError, active_profile, load_params, profile_fields, section
 from pipeline.runtime import dist_info, rank_device, setup_logging, write_json
 from pipeline.shards import read_shards
 
@@ -52,6 +52,12 @@ def main() -> None:
     if scale.source == "grounded_sam":
         grounding.write_grounded_masks(ctx, cfg, scale)
     else:
+        phrases = active_profile(params).get("text", {}).get("phrases")
+        if phrases != "authors":  # the authors' words must be aligned where they are, not re-tagged
+            raise ConfigError(f"profiles.{params['profile']}.masks.source: authors needs "
+                              f"profiles.{params['profile']}.text.phrases: authors (it is {phrases!r}): the "
+                              f"authors' mask words are looked up in artifacts/nouns, and the tagger misses "
+                              f"about a tenth of them")
         grounding.write_authors_masks(ctx, scale)
     if barrier is not None:
         barrier()
@@ -65,7 +71,8 @@ def main() -> None:
     drawn = grounding.plot_overlay(rows, {k: v[0] for k, v in images.items() if v[0] is not None},
                                    Path("plots/masks_overlay.png"), scale.overlay_images)
     metrics.update(profile=params["profile"], source=scale.source, box_threshold=cfg.box_threshold,
-                   text_threshold=cfg.text_threshold, detector=scale.detector, segmenter=scale.segmenter,
+                   text_threshold=cfg.text_threshold, detector=scale.detector if scale.source != "authors" else "",
+                   segmenter=scale.segmenter if scale.source != "authors" else "",
                    resolution=ctx.resolution, device=str(ctx.device), world_size=info.world_size,
                    half_precision=scale.half_precision, overlay_images=drawn)
     write_json("metrics/masks.json", metrics)

@@ -173,6 +173,41 @@ def test_recording_pipe_serves_the_sampler_per_image(tiny_sd, models_dir):
     assert not torch.allclose(records[1][0].mean["up_64"], records[1][2].mean["up_64"])  # other prompt
 
 
+class FlakyPipe:
+    """A pipeline that raises on chosen calls (by call number) and otherwise runs the real one."""
+
+    def __init__(self, pipe, failing_calls):
+        self._pipe, self._failing, self.calls = pipe, set(failing_calls), 0
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self._failing:
+            raise RuntimeError("CUDA out of memory")
+        return self._pipe(*args, **kwargs)
+
+
+def test_records_follow_rows_when_a_batch_fails(tiny_sd, models_dir):
+    """The batch of four raises (call 1), the sampler retries image by image, and image 1 fails alone too
+    (call 3): rows and records stay paired, image 1 has no record, and the others carry their own maps."""
+    from pipeline.sampling import STATUS_FAILED, SampleItem
+
+    items = [SampleItem("coco", p, j, text, ()) for p, text in enumerate(["a cat", "a red cup"]) for j in range(2)]
+    alone = _tiny_sampler(tiny_sd, models_dir, batch_size=1)
+    _, expected = am.sample_with_attention(alone, items, ["up_64"])
+    sampler = _tiny_sampler(tiny_sd, models_dir, batch_size=4)
+    sampler.pipe = FlakyPipe(sampler.pipe, failing_calls=[1, 3])
+    rows, records = am.sample_with_attention(sampler, items, ["up_64"])
+    assert [r["status"] for r in rows] == ["ok", STATUS_FAILED, "ok", "ok"]
+    assert records[1] is None and sampler.pipe.calls == 5
+    for j in (0, 2, 3):
+        torch.testing.assert_close(records[j].mean["up_64"], expected[j].mean["up_64"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="recorded attention for 2 images but sampled 3"):
+        am.pair_records(rows, records[2:])
+
+
 def test_word_tokens_and_figure_maps(clip_tokenizer):
     positions, labels = am.word_tokens(clip_tokenizer, "a photo of a surfboard, and a cat.")
     assert labels == ["a", "photo", "of", "a", "surf", "board", "and", "a", "cat"]

@@ -116,6 +116,7 @@ def test_shipped_metadata_counts_match_spec(records):
     ('{"file_name": "a.jpg", "attn_list": []}', "missing key 'text'"),
     ('{"file_name": "a.jpg", "text": "x", "attn_list": [["cat"]]}', "attn_list must be a list"),
     ('["a.jpg", "x"]', "expected a JSON object"),
+    ('{"file_name": "a.jpg", "text": ["A cat.", "A kitten."], "attn_list": []}', "text is a list of captions"),
 ])
 def test_malformed_metadata_names_the_line(tmp_path, line, message):
     good = json.dumps(_record("b.jpg", "A cat."))

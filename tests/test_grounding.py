@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import torch
 from PIL import Image, ImageDraw
 
@@ -522,6 +524,18 @@ def test_stage_resumes_after_kill_with_identical_shards(tmp_path, tiny_refs):
     assert (killed / "plots/masks_overlay.png").is_file()
 
 
+def test_stage_refuses_authors_masks_on_tagger_phrases(tmp_path, tiny_refs):
+    """masks.source: authors with phrases from the tagger would lose the authors' words the tagger missed."""
+    root = make_project(tmp_path / "p", tiny_refs[2], 2)
+    params = yaml.safe_load(STAGE_PARAMS)
+    params["profiles"]["demo"]["masks"].update(source="authors", authors_metadata="m.jsonl", authors_masks="seg")
+    params["profiles"]["demo"]["text"] = {"phrases": "tagger"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run_stage(root)
+    assert proc.wait(timeout=300) != 0
+    assert "masks.source: authors needs profiles.demo.text.phrases: authors" in proc.stderr.read().decode()
+
+
 # --- the authors' released masks -------------------------------------------------------------------
 
 def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
@@ -551,7 +565,8 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
     grounding.authors_mask_path(first["attn_list"][2][1], masks_dir).write_bytes(b"not a png")
     assert Image.open(grounding.authors_mask_path(first["attn_list"][3][1], masks_dir)).mode == "RGBA"
     metadata = tmp_path / "metadata.jsonl"
-    metadata.write_text("\n".join(lines) + "\n{broken json\n")
+    bad_pair = json.dumps({"file_name": "x.jpg", "text": "A cat.", "attn_list": [["cat"]]})
+    metadata.write_text("\n".join(lines) + "\n{broken json\n" + bad_pair + "\n")
     nouns = [nouns_row(Path(e["file_name"]).stem, [w for w, _ in e["attn_list"]]) for e in entries]
     nouns[0]["phrase_status"][4] = "past_context"
     shards.write_shards(tmp_path / "nouns", nouns, lambda c: c, 4, "fixture", code="test")
@@ -559,12 +574,20 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
     scale = scale_for("unused", "unused", source="authors", authors_metadata=str(metadata), authors_masks=str(masks_dir))
     grounding.write_authors_masks(ctx, scale)
     rows = shards.read_shards(ctx.out_dir)
-    assert len(rows) == sum(len(e["attn_list"]) for e in entries) + 1
+    assert len(rows) == sum(len(e["attn_list"]) for e in entries) + 2
     status = {(r.image_id, r.phrase): r.status for r in rows.itertuples()}
     words = [w for w, _ in first["attn_list"]]
     assert [status[(stem, w)] for w in words[:5]] == ["blank_mask", "missing_mask_file", "corrupt_mask", "ok", "not_aligned"]
     assert status[("000000000370", "piece")] == "no_detection"  # null path in the metadata
-    assert status[("line7", "")] == "bad_metadata"
+    assert status[("line7", "")] == "bad_metadata" and status[("line8", "")] == "bad_metadata"
+    assert "attn_list must be a list of [phrase, mask path or null] pairs" in rows[rows.image_id == "line8"].error.item()
+    summary = grounding.summarize(rows.to_dict("records"))
+    assert summary["input_errors"] == 4  # two bad lines, the missing and the corrupt mask file
+    with pytest.raises(RuntimeError, match="4 of .* rows have a missing/corrupt image"):
+        grounding.check_input_errors(summary, 0.05)
+    for empty in ("authors_metadata", "authors_masks"):
+        with pytest.raises(FileNotFoundError, match=f"masks.{empty} is empty"):
+            grounding.write_authors_masks(ctx, dataclasses.replace(scale, **{empty: ""}))
     for r in rows[rows.status == "ok"].itertuples():
         mask = truth[(r.image_id, r.phrase)]
         assert np.array_equal(shards.rle_decode(r.mask), mask)

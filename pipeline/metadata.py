@@ -1,0 +1,38 @@
+"""Records of TokenCompose's ``metadata.jsonl`` (SPEC §2.7): one JSON object per line with ``file_name``,
+``text`` (the caption) and ``attn_list`` = ``[[phrase, mask path or null], ...]``.
+
+Both readers of the file (the COCO training set and the authors' masks) check records here, so a malformed
+line is reported the same way whichever stage meets it first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MetadataError(ValueError):
+    """A metadata file is missing, unreadable or has a malformed line (named in the message)."""
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` if it is a well-formed metadata record, else :class:`MetadataError` naming ``where``."""
+    if not isinstance(record, dict):
+        raise MetadataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("file_name", "text", "attn_list"):
+        if key not in record:
+            raise MetadataError(f"{where}: missing key {key!r} (expected file_name, text, attn_list)")
+    if not isinstance(record["file_name"], str) or not record["file_name"].strip():
+        raise MetadataError(f"{where}: file_name must be a non-empty string")
+    if isinstance(record["text"], list):
+        raise MetadataError(f"{where}: text is a list of captions; the original picks one with CLIP "
+                            f"ViT-L/14@336 (SPEC §2.2), which is not re-run here: give the chosen caption")
+    if not isinstance(record["text"], str):
+        raise MetadataError(f"{where}: text must be a string")
+    pairs = record["attn_list"]
+    ok = isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and (p[1] is None or isinstance(p[1], str))
+        for p in pairs
+    )
+    if not ok:
+        raise MetadataError(f"{where}: attn_list must be a list of [phrase, mask path or null] pairs")
+    return record
