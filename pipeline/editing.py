@@ -29,7 +29,6 @@ background.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .seeding import derive_seed
-from .shards import STATUS_OK, png_bytes
+from .seeding import derive_seed, standard_normal, torch_generator
+from .shards import STATUS_OK, dir_files, files_digest, png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +170,6 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
     return torch.cat([embed([""] * len(prompts)), embed(list(prompts))])
 
 
-def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
-    """One N(0, I) draw of ``shape`` (per image) from each image's CPU generator → (B, *shape)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
-
-
 # --- the loop --------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -210,9 +204,9 @@ def blended_latent_loop(
         return scheduler.add_noise(z_src, noise.to(device=device, dtype=dtype), t.reshape(1))
 
     def blend(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return z * masks + noised_source(t, draw_noise(generators, shape)) * (1 - masks)
+        return z * masks + noised_source(t, standard_normal(generators, shape)) * (1 - masks)
 
-    init_noise = draw_noise(generators, shape).to(device=device, dtype=dtype)
+    init_noise = standard_normal(generators, shape).to(device=device, dtype=dtype)
     z = noised_source(timesteps[0], init_noise) if cfg.init == "noised_source" else init_noise
     for t in timesteps:
         if cfg.blend == "before_step":
@@ -252,7 +246,7 @@ class BlendedLatentEditor:
         pipe = self.pipe
         images = torch.stack([source_tensor(it.image, self.resolution) for it in items])
         masks = torch.stack([latent_mask(it.mask, self.latent_size, self.cfg.mask_threshold) for it in items])
-        gens = [torch.Generator().manual_seed(self.image_seed(it.image_id)) for it in items]
+        gens = [torch_generator(self.seed, SEED_KEY, it.image_id) for it in items]
         z_src = encode_source(pipe.vae, images)
         text = encode_prompts(pipe.tokenizer, pipe.text_encoder, [it.prompt for it in items])
         z = blended_latent_loop(pipe.unet, self.scheduler, z_src, masks, text, gens, self.cfg, self.steps)
@@ -315,15 +309,6 @@ def _row(editor: BlendedLatentEditor, image_id: str, prompt: str, image: bytes |
             "mask_fraction": mask_fraction, "status": status, "error": error}
 
 
-def tree_digest(root: str | Path) -> str:
-    """SHA-256 over the relative paths and bytes of every file under ``root`` (inputs of a shard run)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def edit_fingerprint(editor: BlendedLatentEditor, scale: EditingScale, backbone: Backbone,
                      data_root: str | Path) -> dict[str, Any]:
     """What the edits depend on: method params, steps, dtype, seed, backbone weights and input files.
@@ -334,4 +319,4 @@ def edit_fingerprint(editor: BlendedLatentEditor, scale: EditingScale, backbone:
 
     method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
     return {"editing": method, "steps": editor.steps, "dtype": scale.dtype, "seed": editor.seed,
-            "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": tree_digest(data_root)}
+            "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": files_digest(dir_files(data_root), relative_to=Path(data_root))}

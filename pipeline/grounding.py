@@ -43,7 +43,7 @@ from PIL import Image
 from . import shards
 from .metadata import MetadataError, check_record
 from .models import from_pretrained, parse_ref, resolve
-from .shards import STATUS_OK, image_from_bytes, rle_decode, rle_encode, write_shards
+from .shards import STATUS_OK, dir_files, files_digest, image_from_bytes, rle_decode, rle_encode, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -561,30 +561,6 @@ def _decode_image_row(row: dict[str, Any]) -> tuple[Image.Image | None, str, str
         return image_from_bytes(row["image"]), STATUS_OK, ""
     except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes
         return None, "corrupt_image", f"image {image_id}: bytes do not decode ({type(err).__name__}: {err})"
-
-
-def files_digest(paths: Iterable[Path], full_hash_limit: int = 256 << 20) -> str:
-    """SHA-256 over files (by name, so a moved copy hashes the same): content for files up to
-    ``full_hash_limit`` bytes, (size, mtime) above."""
-    h = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        h.update(path.name.encode())
-        stat = path.stat()
-        if stat.st_size <= full_hash_limit:
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        else:
-            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-def dir_files(path: Path) -> list[Path]:
-    """Regular files under ``path`` (a file itself when ``path`` is one; [] when missing)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
 
 
 def model_digest(ref: str, models_dir: str | Path) -> str:

@@ -285,17 +285,6 @@ def _detect_batch_rows(detector: Detector, batch: list[tuple[tuple[int, int], An
         return {batch[0][0]: _failed_row(STATUS_DETECT_FAILED, f"{type(err).__name__}: {err}")}
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (what a detection shard was computed from)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, template: str, scale: MultiGenScale,
                       fingerprint: Any, rank: int = 0, world_size: int = 1) -> list[Path]:
     """Detect on every sample shard of ``sample_dir``; write detection shards to ``out_dir`` (resumable).
@@ -306,12 +295,12 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
     """
     import pyarrow.parquet as pq
 
-    from .shards import code_digest, shard_files, write_shards
+    from .shards import code_digest, files_digest, shard_files, write_shards
 
     files = shard_files(sample_dir)
     if not files:
         raise FileNotFoundError(f"{sample_dir}: no sample shards; run the `sample` stage first")
-    full_fp = {"params": fingerprint, "samples": [file_digest(f) for f in files]}
+    full_fp = {"params": fingerprint, "samples": files_digest(files)}
 
     def process(chunk: list[Path]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []

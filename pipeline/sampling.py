@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .multigen import MultiGenPrompt
-from .seeding import torch_generator
+from .seeding import standard_normal, torch_generator
 from .shards import STATUS_OK, code_digest, png_bytes, write_shards
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,6 @@ def image_generator(seed: int, item: SampleItem) -> torch.Generator:
     return torch_generator(seed, "multigen", item.promptset, item.prompt_id, item.image_index)
 
 
-def initial_latents(generators: Sequence[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, h, w) fp32 CPU standard normal latents, image ``b`` drawn from ``generators[b]`` alone."""
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-
-
 def prompt_items(promptset: str, prompts: Sequence[MultiGenPrompt], images_per_prompt: int) -> list[SampleItem]:
     """All (prompt, image index) items of a prompt set, prompt-major, image indices 0..J-1."""
     return [SampleItem(promptset, p.prompt_id, j, p.text, p.objects)
@@ -236,6 +231,7 @@ class Sampler:
     _tokens: dict[str, list[int] | str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        """Compile the UNet once when ``sampling.compile`` is on (plain SD only)."""
         if not self.scale.compile:
             return
         if self.kind == "attend_excite":  # its latent updates differentiate through hooked attention
@@ -271,7 +267,7 @@ class Sampler:
         """One pipeline call; returns (B, H, W, 3) float images in [0, 1] (NaN where decoding overflowed)."""
         device = self.pipe.unet.device
         gens = [image_generator(self.seed, it) for it in items]
-        latents = initial_latents(gens, self.latent_shape()).to(device, self.pipe.unet.dtype)
+        latents = standard_normal(gens, self.latent_shape()).to(device, self.pipe.unet.dtype)
         kwargs: dict[str, Any] = dict(
             prompt=[it.text for it in items], height=self.size, width=self.size,
             num_inference_steps=self.scale.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
@@ -334,6 +330,7 @@ class Sampler:
 
     @staticmethod
     def _row(item: SampleItem, tokens: Any, image: Any, status: str, error: str) -> dict[str, Any]:
+        """One ``artifacts/samples`` row (columns in docs/multigen.md); A&E token indices when resolved."""
         return {"prompt_id": item.prompt_id, "image_index": item.image_index, "prompt": item.text,
                 "objects": list(item.objects), "token_indices": tokens if isinstance(tokens, list) else [],
                 "image": image, "status": status, "error": error}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -19,6 +21,12 @@ def derive_seed(seed: int, *key: object) -> int:
     text = "/".join([str(seed), *map(str, key)])
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def standard_normal(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """(B, *shape) fp32 CPU draws from N(0, I): row ``b`` comes from ``generators[b]`` alone, so an image's
+    noise does not depend on the batch it is drawn in."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators])
 
 
 def torch_generator(seed: int, *key: object, device: str | torch.device = "cpu") -> torch.Generator:

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -173,6 +173,33 @@ def import_closure(*roots: str | Path) -> list[Path]:
     return sorted(p for p in seen if _module_name(p) is not None)
 
 
+def files_digest(paths: Iterable[Path], relative_to: Path | None = None, full_hash_limit: int = 256 << 20) -> str:
+    """SHA-256 (16 hex digits) over files: each one's name (its path relative to ``relative_to`` when given,
+    else the bare name, so a moved copy hashes the same) and its bytes; files above ``full_hash_limit``
+    bytes (model weights) count by size and modification time instead of content."""
+    h = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        name = path.relative_to(relative_to).as_posix() if relative_to is not None else path.name
+        h.update(name.encode() + b"\0")
+        stat = path.stat()
+        if stat.st_size <= full_hash_limit:
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def dir_files(path: Path) -> list[Path]:
+    """Regular files under ``path`` (a file itself when ``path`` is one; [] when missing)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+
+
 def code_digest(*roots: str | Path) -> str:
     """SHA-256 (16 hex digits) of the code that computes a result: the files of :func:`import_closure`.
 
@@ -182,15 +209,7 @@ def code_digest(*roots: str | Path) -> str:
     resumes. Only the modules the work imports count, so editing an unrelated module (the report, say)
     keeps a half-finished training run's checkpoints.
     """
-    return _files_digest(tuple(import_closure(*roots)))
-
-
-def _files_digest(files: tuple[Path, ...]) -> str:
-    """SHA-256 (16 hex digits) over the package-relative paths and bytes of ``files``."""
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return files_digest(import_closure(*roots), relative_to=PACKAGE_DIR)
 
 
 def shard_record(fingerprint: Any, num_items: int, shard_size: int, code: str) -> dict[str, Any]:

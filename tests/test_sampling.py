@@ -13,8 +13,9 @@ from pipeline.config import load_params, section
 from pipeline.multigen import MultiGenPrompt, load_prompt_set
 from pipeline.sampling import (STATUS_NAN, STATUS_TOKENS_FAILED, AttendExciteCfg, EvalModel, EvalModelRef, Sampler,
                                SamplingCfg, SamplingScale, TokenIndexError, ae_token_indices, component_hashes,
-                               head_word, image_generator, initial_latents, load_pipeline, prompt_items,
+                               head_word, image_generator, load_pipeline, prompt_items,
                                sample_prompt_set)
+from pipeline.seeding import standard_normal
 from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,11 +110,11 @@ def pixels(row) -> np.ndarray:
 
 def test_initial_latents_do_not_depend_on_the_batch():
     items = prompt_items("coco", PROMPTS, 3)
-    batch = initial_latents([image_generator(0, it) for it in items], (4, 16, 16))
-    alone = initial_latents([image_generator(0, items[4])], (4, 16, 16))
+    batch = standard_normal([image_generator(0, it) for it in items], (4, 16, 16))
+    alone = standard_normal([image_generator(0, items[4])], (4, 16, 16))
     assert torch.equal(batch[4], alone[0])
     assert not torch.equal(batch[3], batch[4])
-    other_seed = initial_latents([image_generator(1, items[4])], (4, 16, 16))
+    other_seed = standard_normal([image_generator(1, items[4])], (4, 16, 16))
     assert not torch.equal(other_seed[0], alone[0])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import pytest
@@ -171,3 +172,24 @@ def test_prepared_record_is_the_one_write_shards_keeps(tmp_path):
     calls = []
     shards.write_shards(tmp_path, items, lambda c: calls.append(c) or [{"v": x} for x in c], 2, fp, code="c")
     assert calls == [[2, 3], [4]]  # shard 0 kept: no stale-shard wipe after the pre-barrier preparation
+
+
+def test_files_digest_content_names_and_large_files(tmp_path):
+    """Content and names count; a moved copy hashes the same by bare name but not by relative path; files
+    above the limit count by size and modification time."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"12345")
+    base = shards.files_digest([tmp_path / "a" / "x.bin"])
+    rel = shards.files_digest([tmp_path / "a" / "x.bin"], relative_to=tmp_path)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.bin").rename(tmp_path / "b" / "x.bin")
+    assert shards.files_digest([tmp_path / "b" / "x.bin"]) == base
+    assert shards.files_digest([tmp_path / "b" / "x.bin"], relative_to=tmp_path) != rel
+    (tmp_path / "b" / "x.bin").write_bytes(b"12346")
+    assert shards.files_digest([tmp_path / "b" / "x.bin"]) != base
+    big = tmp_path / "b" / "x.bin"
+    by_stat = shards.files_digest([big], full_hash_limit=2)
+    os.utime(big, ns=(0, 0))
+    assert shards.files_digest([big], full_hash_limit=2) != by_stat
+    assert shards.dir_files(tmp_path) == [big] and shards.dir_files(big) == [big]
+    assert shards.dir_files(tmp_path / "missing") == []
