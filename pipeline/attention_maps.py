@@ -432,7 +432,7 @@ def summarize_grounding(rows: Sequence[dict], groups: Sequence[str]) -> dict:
     ``mask_area_mean`` is the share a spatially uniform attention map would get (the chance level).
     """
     table = pd.DataFrame(list(rows), columns=["status", "mask_area", *[f"share_{g}" for g in groups]])
-    scored = table[table["status"] == "ok"]
+    scored = table[table["status"] == STATUS_OK]
     out: dict = {"categories": int(len(table)), "categories_scored": int(len(scored))}
     out.update({f"status_{k}": int(v) for k, v in table["status"].value_counts().items()})
     for g in groups:

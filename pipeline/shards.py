@@ -92,12 +92,23 @@ def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write ``rows`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    """Write ``rows`` to ``path`` atomically (temporary file in the same directory, synced, then renamed)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     pq.write_table(table, tmp)
+    _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves no half-written shard
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ import torch
 from pipeline import grounding
 from pipeline.config import ConfigError, active_profile, load_params, profile_fields, section
 from pipeline.runtime import dist_info, rank_device, setup_logging, write_json
-from pipeline.shards import read_shards
+from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
 OUT = Path("artifacts/masks")
@@ -65,7 +65,7 @@ def main() -> None:
         return
     rows = read_shards(OUT).to_dict("records")
     metrics = grounding.summarize(rows)
-    shown = [r for r in rows if r["status"] == "ok"][: 20 * scale.overlay_images]
+    shown = [r for r in rows if r["status"] == STATUS_OK][: 20 * scale.overlay_images]
     images = {} if scale.source == "authors" and not IMAGES.is_dir() else grounding.ImageStore(IMAGES).load(
         r["image_id"] for r in shown)
     drawn = grounding.plot_overlay(rows, {k: v[0] for k, v in images.items() if v[0] is not None},

@@ -19,7 +19,7 @@ from pipeline.multigen import MultiGenCfg, load_prompt_set
 from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, write_json
 from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
                                load_pipeline, resolve_dtype, sample_prompt_set)
-from pipeline.shards import read_shards
+from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.sample")
 
@@ -55,7 +55,7 @@ def main(key: str) -> None:
         return
     for name in mg.prompt_sets:
         status = read_shards(Path("artifacts/samples") / key / name, columns=["status"])["status"]
-        metrics[f"{name}_images"], metrics[f"{name}_failed"] = len(status), int((status != "ok").sum())
+        metrics[f"{name}_images"], metrics[f"{name}_failed"] = len(status), int((status != STATUS_OK).sum())
     write_json(f"metrics/sample/{key}.json", metrics)
     for name in mg.prompt_sets:
         check_failure_rate(metrics[f"{name}_failed"], metrics[f"{name}_images"], mg.max_failed_rate, f"{key}/{name} images",
