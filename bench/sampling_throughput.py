@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -156,7 +157,7 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": "tiny-sd (128 px)" if args.device == "cpu" else "SD1.4 architecture, random weights (512 px)",
             "steps": steps, "prompts": prompts, "images_per_prompt": images,
-            "quick": args.quick}
+            "quick": args.quick, "load_average_1min": round(os.getloadavg()[0], 2)}
     name = f"sampling_throughput_{args.device}{'_quick' if args.quick else ''}.json"
     out = args.out or REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)

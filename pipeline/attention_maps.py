@@ -330,6 +330,11 @@ def sample_with_attention(sampler: Sampler, items: Sequence[SampleItem], groups:
     if sampler.kind != "sd":
         raise ValueError(f"attention capture needs a plain SD sampler, got {sampler.kind!r}: the "
                          "Attend-and-Excite pipeline installs its own attention processors")
+    total = RecordingPipe(sampler.pipe, None).num_timesteps(sampler.scale.num_inference_steps)
+    try:
+        resolve_steps(keep_steps, total)  # a bad step is a config error, not a failure of every image
+    except ValueError as err:
+        raise ValueError(f"profiles.<p>.attention_maps.steps: {err}") from err
     store = capture_cross_attention(sampler.pipe.unet, groups, detach=True)
     recording = RecordingPipe(sampler.pipe, store, keep_steps)
     try:

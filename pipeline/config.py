@@ -25,6 +25,15 @@ import yaml
 T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The keys params.yaml may hold at the top level and in each profile: a misspelled section name is an
+# error instead of a section that is silently ignored (tests check these against the repository's file).
+TOP_LEVEL_KEYS = frozenset({
+    "profile", "seed", "launcher", "profiles", "text", "loss", "optim", "train", "sampling", "multigen",
+    "eval_models", "editing", "piebench", "grounding", "attention_maps", "grounding_eval", "report"})
+PROFILE_KEYS = frozenset({
+    "models_dir", "embedded", "embedded_seed", "sd_model", "resolution", "data", "demo_data", "text", "masks",
+    "train", "prompts", "sampling", "eval_models", "multigen", "attention_maps", "grounding_eval", "edit_data",
+    "editing", "piebench"})
 
 
 class ConfigError(ValueError):
@@ -34,8 +43,8 @@ class ConfigError(ValueError):
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read ``params.yaml`` with ``yaml.safe_load`` and check the profile switch.
 
-    Raises :class:`ConfigError` when the file is missing, is not a mapping, or names a profile that
-    ``profiles`` does not define.
+    Raises :class:`ConfigError` when the file is missing, is not a mapping, names a profile that
+    ``profiles`` does not define, or has a top-level or profile-level key this project does not know.
     """
     path = Path(path)
     if not path.is_file():
@@ -53,7 +62,23 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
             f"{path}: profile: {profile!r} is not one of {sorted(profiles)}; "
             f"set 'profile' to one of them (e.g. dvc exp run -S profile=paper)"
         )
+    _check_keys(params, TOP_LEVEL_KEYS, f"{path}: top-level key")
+    for name, prof in profiles.items():
+        if not isinstance(prof, dict):
+            raise ConfigError(f"{path}: profiles.{name} must be a mapping")
+        _check_keys(prof, PROFILE_KEYS, f"{path}: profiles.{name}.")
     return params
+
+
+def _check_keys(node: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    """Raise naming the first key of ``node`` outside ``known``, with the closest known spelling."""
+    import difflib
+
+    for key in node:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+            raise ConfigError(f"{where}{'' if where.endswith('.') else ' '}{key!r} is not a params key; {hint}")
 
 
 def active_profile(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,7 +102,8 @@ def section(params: Mapping[str, Any], dotted: str, cls: type[T]) -> T:
     for part in parts:
         where = f"{where}.{part}" if where else part
         if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(f"{where}: missing section; add it to params.yaml")
+            known = f" (known: {', '.join(map(str, node))})" if isinstance(node, Mapping) and node else ""
+            raise ConfigError(f"{where}: missing section; add it to params.yaml{known}")
         node = node[part]
     return parse(cls, node, where)
 

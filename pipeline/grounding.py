@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from . import shards
+from .fetch import FetchError, fetch, is_url
 from .metadata import MetadataError, check_record
 from .models import from_pretrained, parse_ref, resolve
 from .shards import STATUS_OK, dir_files, files_digest, image_from_bytes, rle_decode, rle_encode, write_shards
@@ -648,21 +649,32 @@ def read_authors_mask(path: Path) -> tuple[np.ndarray | None, str, str]:
     return mask, STATUS_OK, ""
 
 
-def read_authors_metadata(path: Path) -> list[dict[str, Any]]:
-    """Lines of the authors' metadata.jsonl as dicts; a bad line becomes ``{"bad_line": n, "error": ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: authors' metadata not found; set profiles.<p>.masks.authors_metadata")
+def authors_metadata_text(source: str) -> str:
+    """The authors' metadata.jsonl from a local path or an http(s)/file URL (fetched with retries)."""
+    if is_url(source):
+        try:
+            return fetch(source, max_bytes=1 << 30).decode("utf-8")
+        except FetchError as err:
+            raise FileNotFoundError(f"{err}; download it and set profiles.<p>.masks.authors_metadata to its path") from err
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: authors' metadata not found; set profiles.<p>.masks.authors_metadata "
+                                f"to its path or URL")
+    return Path(source).read_text(encoding="utf-8")
+
+
+def read_authors_metadata(text: str, source: str) -> list[dict[str, Any]]:
+    """Lines of the authors' metadata.jsonl ``text`` as dicts; a bad line becomes ``{"bad_line": n, "error": ...}``
+    (``source`` names the file in the errors)."""
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            out.append(check_record(json.loads(line), f"{path}:{n}"))
+            out.append(check_record(json.loads(line), f"{source}:{n}"))
         except MetadataError as err:
             out.append({"bad_line": n, "error": str(err)})
         except ValueError as err:  # not JSON
-            out.append({"bad_line": n, "error": f"{path}:{n}: {err}"})
+            out.append({"bad_line": n, "error": f"{source}:{n}: {err}"})
     return out
 
 
@@ -709,15 +721,17 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
         if not str(getattr(scale, key)).strip():
             raise FileNotFoundError(f"profiles.<p>.masks.{key} is empty: masks.source: authors needs the path of "
                                     f"the authors' {'metadata.jsonl' if key == 'authors_metadata' else 'mask folder'}")
-    metadata, masks_dir = Path(scale.authors_metadata), Path(scale.authors_masks)
+    masks_dir = Path(scale.authors_masks)
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"{masks_dir}: authors' mask folder not found; unpack coco_gsam_seg.tar there "
                                 f"or set profiles.<p>.masks.authors_masks")
-    entries = read_authors_metadata(metadata)
+    text = authors_metadata_text(scale.authors_metadata)
+    entries = read_authors_metadata(text, scale.authors_metadata)
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
     listing = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                                         for p in sorted(dir_files(masks_dir))).encode())  # a replaced PNG counts
-    fingerprint = {"source": "authors", "metadata": files_digest([metadata]), "masks": listing.hexdigest()[:16],
+    fingerprint = {"source": "authors", "metadata": hashlib.sha256(text.encode()).hexdigest()[:16],
+                   "masks": listing.hexdigest()[:16],
                    "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
     code = shards.code_digest(__name__)
     shards.prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)

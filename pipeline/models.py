@@ -49,8 +49,9 @@ def parse_ref(ref: str) -> ModelRef:
             raise ValueError(f"{ref!r}: unknown embedded model; known: {', '.join(sorted(zoo.REGISTRY))}")
         return ModelRef(ref, "embedded", name)
     path = Path(ref).expanduser()
-    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        return ModelRef(ref, "local", str(path))
+    first = Path(ref.split("/")[0])
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1 or first.is_dir():
+        return ModelRef(ref, "local", str(path))  # "artifacts/train" is a (maybe missing) folder, not a hub id
     return ModelRef(ref, "hub", ref)
 
 
@@ -80,13 +81,16 @@ def from_pretrained(cls: Any, ref: str, models_dir: str | Path, **kwargs: Any) -
     try:
         return cls.from_pretrained(target, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        hint = (
-            f"download it once where there is network (`hf download {target}`) and set HF_HOME, "
-            f"or point the parameter at a local directory"
-            if parse_ref(ref).kind == "hub"
-            else "check that the directory holds a save_pretrained layout"
-        )
-        raise ModelLoadError(f"could not load {cls.__name__} from {ref!r} ({target}): {err}; {hint}") from err
+        raise ModelLoadError(f"could not load {cls.__name__} from {ref!r} ({target}): {err}; "
+                             f"{load_hint(ref, target)}") from err
+
+
+def load_hint(ref: str, target: str) -> str:
+    """How to fix a failed load of ``ref``: download a hub id, or check a local folder's layout."""
+    if parse_ref(ref).kind == "hub":
+        return (f"download it once where there is network (`hf download {target}`) and set HF_HOME, "
+                f"or point the parameter at a local directory")
+    return "check that the directory holds a save_pretrained layout"
 
 
 def unet_location(ref: str, models_dir: str | Path) -> tuple[str, str | None]:
@@ -103,13 +107,15 @@ def load_unet(ref: str, models_dir: str | Path, torch_dtype: torch.dtype = torch
     from diffusers import UNet2DConditionModel
 
     path, subfolder = unet_location(ref, models_dir)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if subfolder:
-        kwargs["subfolder"] = subfolder
     try:
-        return UNet2DConditionModel.from_pretrained(path, **kwargs)
+        return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype, **({"subfolder": subfolder} if subfolder else {}))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load a UNet from {ref!r} ({path}): {err}") from err
+        if subfolder:  # a hub repo that holds a bare UNet, not a pipeline
+            try:
+                return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype)
+            except (OSError, ValueError):
+                pass
+        raise ModelLoadError(f"could not load a UNet from {ref!r} ({path}): {err}; {load_hint(ref, path)}") from err
 
 
 def load_sd_pipeline(

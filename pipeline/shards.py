@@ -321,11 +321,18 @@ def _has_status(path: Path, statuses: Collection[str]) -> bool:
     return any(s in statuses for s in pq.read_table(path, columns=["status"]).column("status").to_pylist())
 
 
+# The stage that writes each shard directory (named in the error when one is missing).
+PRODUCERS = {"artifacts/data/images": "train_data", "artifacts/nouns": "nouns", "artifacts/masks": "masks",
+             "artifacts/samples": "sample", "artifacts/detections": "detect", "artifacts/edits": "edit"}
+
+
 def shard_files(out_dir: Path) -> list[Path]:
-    """Sorted shard files of ``out_dir``; a clear error when the directory is missing."""
+    """Sorted shard files of ``out_dir``; a clear error, naming the stage to run, when it is missing."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir}: shard directory not found; run the stage that writes it")
+        stage = next((s for prefix, s in PRODUCERS.items() if prefix in out_dir.as_posix()), None)
+        todo = f"run `dvc repro {stage}`" if stage else "run the stage that writes it"
+        raise FileNotFoundError(f"{out_dir}: shard directory not found; {todo}")
     return sorted(out_dir.glob("part-*.parquet"))
 
 

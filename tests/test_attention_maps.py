@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -212,13 +213,48 @@ def test_word_tokens_and_figure_maps(clip_tokenizer):
     positions, labels = am.word_tokens(clip_tokenizer, "a photo of a surfboard, and a cat.")
     assert labels == ["a", "photo", "of", "a", "surf", "board", "and", "a", "cat"]
     assert positions == [1, 2, 3, 4, 5, 6, 8, 9, 10]  # 7 is the comma, 11 the period
-    gen = torch.Generator().manual_seed(0)
-    record = am.ImageAttention({0: {"up_16": torch.rand(4, 77, generator=gen)}}, {0: 981},
-                               {"up_16": torch.rand(4, 77, generator=gen)})
-    maps = am.figure_maps(record, ["up_16"], [1, 5], (8, 8))
-    assert maps.shape == (1, 1, 2, 8, 8) and maps.min() == 0.0 and maps.max() == 1.0
-    shares = am.image_shares(record, ["up_16"], [[5, 6]], torch.ones(1, 8, 8, dtype=torch.bool))
-    assert torch.allclose(shares["up_16"], torch.ones(1))  # a mask covering the image holds all attention
+    # One-hot maps: token t attends only to pixel t mod 16 of a 4x4 grid, step 0 and step 1 swapped.
+    onehot = torch.zeros(16, 77)
+    onehot[torch.arange(77) % 16, torch.arange(77)] = 1.0
+    record = am.ImageAttention({0: {"up_16": onehot}, 1: {"up_16": onehot.flip(0)}}, {0: 981, 1: 961},
+                               {"up_16": onehot})
+    maps = am.figure_maps(record, ["up_16"], [1, 5], (4, 4))
+    assert maps.shape == (1, 2, 2, 4, 4)
+    for k, pos in enumerate([1, 5]):
+        assert maps[0, 0, k].reshape(-1).argmax() == pos % 16 and maps[0, 0, k].max() == 1.0
+        assert maps[0, 1, k].reshape(-1).argmax() == 15 - pos % 16  # the second kept step, not the first
+    half = torch.zeros(2, 4, 4, dtype=torch.bool)
+    half[:, :2] = True  # top half: pixels 0..7
+    shares = am.image_shares(record, ["up_16"], [[5, 6], [9, 10]], half)
+    # word 1 (tokens 5, 6 -> pixels 5, 6) lies inside; word 2 (tokens 9, 10 -> pixels 9, 10) outside
+    assert shares["up_16"].tolist() == [1.0, 0.0]
+
+
+def test_capture_keeps_the_conditional_half_of_guidance(tiny_sd, models_dir):
+    """Under classifier-free guidance the recorder keeps the text-conditioned branch: step-0 maps (same
+    noise) equal the maps of a run without guidance, where the UNet sees the conditional input only."""
+    from pipeline.sampling import SampleItem
+
+    items = [SampleItem("coco", 0, j, "a red cup and a cat", ()) for j in range(2)]
+    maps = {}
+    for guidance in (7.5, 1.0):
+        sampler = _tiny_sampler(tiny_sd, models_dir, batch_size=2)
+        sampler.cfg = dataclasses.replace(sampler.cfg, guidance_scale=guidance)
+        _, records = am.sample_with_attention(sampler, items, ["up_64"], keep_steps=[0])
+        maps[guidance] = [r.steps[0]["up_64"] for r in records]
+    for with_cfg, without in zip(maps[7.5], maps[1.0]):
+        torch.testing.assert_close(with_cfg, without, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(maps[7.5][0], maps[7.5][1])  # two images, two noises
+
+
+def test_bad_step_is_a_config_error_before_sampling(tiny_sd, models_dir):
+    from pipeline.sampling import SampleItem
+
+    sampler = _tiny_sampler(tiny_sd, models_dir, batch_size=1)
+    sampler.pipe = FlakyPipe(sampler.pipe, failing_calls=[])
+    with pytest.raises(ValueError, match=r"attention_maps.steps: denoising step 9 is outside"):
+        am.sample_with_attention(sampler, [SampleItem("coco", 0, 0, "a cat", ())], ["up_64"], keep_steps=[9])
+    assert sampler.pipe.calls == 0
 
 
 def test_category_tokens_match_spec_examples(clip_tokenizer):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, load_params, parse, section
 
@@ -77,6 +78,36 @@ def test_repository_params_profiles_define_the_same_sections():
     demo, paper = params["profiles"]["demo"], params["profiles"]["paper"]
     assert params["profile"] == "demo"
     assert set(demo) == set(paper), set(demo) ^ set(paper)
+
+
+def test_known_keys_are_exactly_the_repository_params_keys():
+    """The key lists that catch misspelled sections name what params.yaml holds, no more, no less."""
+    from pipeline.config import PROFILE_KEYS, TOP_LEVEL_KEYS
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert set(params) == TOP_LEVEL_KEYS
+    assert set(params["profiles"]["demo"]) == PROFILE_KEYS
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p.update(los={"token_weight": 1.0}), r"top-level key 'los' is not a params key; did you mean 'loss'\?"),
+    (lambda p: p["profiles"]["demo"].update(resolutoin=64), r"profiles.demo.'resolutoin' is not a params key; did you mean 'resolution'\?"),
+])
+def test_misspelled_sections_are_errors(tmp_path, edit, message):
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=message):
+        load_params(path)
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    from pipeline.sampling import EvalModel
+
+    with pytest.raises(ConfigError, match=r"eval_models.sd41: missing section; .*\(known: sd14, "):
+        section(params, "eval_models.sd41", EvalModel)
 
 
 def _all_sections():

@@ -139,6 +139,8 @@ def test_rle_round_trip_and_png(tmp_path):
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         shards.read_shards(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"artifacts/nouns: shard directory not found; run `dvc repro nouns`"):
+        shards.read_shards(tmp_path / "artifacts/nouns")
 
 
 def test_other_ranks_wait_for_rank0_cleanup(tmp_path):

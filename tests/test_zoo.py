@@ -72,6 +72,29 @@ def test_reference_errors_are_actionable(tmp_path):
     assert models.resolve("CompVis/stable-diffusion-v1-4", tmp_path) == "CompVis/stable-diffusion-v1-4"
 
 
+def test_mistyped_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """"runs/unett" looks like an org/name hub id; its first folder exists here, so it is a missing local path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert models.parse_ref("runs/unett").kind == "local"
+    with pytest.raises(models.ModelLoadError, match="local model path does not exist"):
+        models.resolve("runs/unett", tmp_path)
+
+
+def test_uncached_hub_unet_says_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(models.ModelLoadError, match=r"hf download mlpc-lab/TokenCompose_SD14_A`\) and set HF_HOME"):
+        models.load_unet("mlpc-lab/TokenCompose_SD14_A", tmp_path)
+
+
+def test_bare_unet_folder_and_pipeline_folder_both_load(tiny_sd):
+    """A UNet reference may name a pipeline (its unet/) or a UNet saved on its own."""
+    from_pipeline = models.load_unet(str(tiny_sd), tiny_sd.parent)
+    bare = models.load_unet(str(tiny_sd / "unet"), tiny_sd.parent)
+    assert zoo.state_dict_hash(from_pipeline) == zoo.state_dict_hash(bare)
+
+
 @pytest.mark.slow
 def test_sd14_architecture_parameter_count():
     from pipeline.zoo.sd import build_sd14_unet

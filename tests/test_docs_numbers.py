@@ -1,0 +1,69 @@
+"""The benchmark numbers quoted in README.md are the ones in bench/results/*.json (no stale table cells)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def readme_row(start: str) -> str:
+    """The README table row that begins with ``start`` (exactly one)."""
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(start)]
+    assert len(rows) == 1, f"README: {len(rows)} rows start with {start!r}"
+    return rows[0]
+
+
+def result(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def cited(row: str, *cells: str) -> None:
+    missing = [c for c in cells if c not in row]
+    assert not missing, f"README row does not quote {missing} from bench/results:\n{row}"
+
+
+def test_sampling_cpu_row():
+    r = result("sampling_throughput_cpu.json")
+    speed = {k: r[f"seeded_fp32_{k}_speedup"] for k in ("batched", "batch8", "batch8_compiled")}
+    cited(readme_row("| `bench/sampling_throughput.py`"), f"{r['original_fp32_batch1_images_per_s']:.2f} images/s",
+          f"batched {speed['batched']:.2f}×", f"two prompts per call {speed['batch8']:.2f}×",
+          f"**{speed['batch8_compiled']:.2f}×**")
+
+
+def test_sampling_cuda_row():
+    r = result("sampling_throughput_cuda.json")
+    cited(readme_row("| same, SD1.4 architecture, 512 px, 50 steps"),
+          f"{r['original_fp32_batch1_images_per_s']:.2f} images/s", f"fp32 batched {r['seeded_fp32_batched_speedup']:.2f}×",
+          f"fp16 batched **{r['seeded_float16_batched_speedup']:.1f}×**")
+
+
+@pytest.mark.parametrize("device,start", [("cpu", "| `bench/train_step.py`"), ("cuda", "| same, SD1.4 UNet at 512 px")])
+def test_training_rows(device, start):
+    r = result(f"train_step_{device}.json")
+    ratios, base = r["ratios"], r["variants"]["baseline"]["samples_per_s"]
+    row = readme_row(start)
+    cited(row, f"{base:.1f} samples/s" if device == "cpu" else f"{base:.2f} samples/s",
+          f"capture{' only needed layers' if device == 'cpu' else ''} {ratios['capture_vs_baseline_speedup']:.2f}× "
+          f"({ratios['capture_vs_baseline_memory']:.2f}× memory)")
+    if device == "cpu":
+        cited(row, f"latent cache {ratios['cached_latents_vs_baseline_speedup']:.2f}×",
+              f"batch 8 {ratios['batch8_vs_baseline_speedup']:.2f}×", f"batch 16 {ratios['batch16_vs_baseline_speedup']:.2f}×",
+              f"**{ratios['compiled_vs_baseline_speedup']:.2f}×**")
+    else:
+        cited(row, f"bf16 {ratios['bf16_vs_baseline_speedup']:.2f}×", f"**{ratios['batch8_vs_baseline_speedup']:.1f}×**",
+              f"({ratios['batch8_vs_baseline_memory']:.2f}× memory)")
+
+
+def test_masks_rows():
+    cpu, gpu = result("masks_throughput.json"), result("masks_throughput_gpu_h200_fp16.json")
+    cited(readme_row("| `bench/masks_throughput.py`"), f"{cpu['single_images_per_s']:.2f} images/s",
+          f"{cpu['batched_images_per_s']:.1f} images/s (**{cpu['speedup_batched_vs_single']:.1f}×**)")
+    cited(readme_row("| same, real architectures"),
+          f"detector {gpu['detector_single_images_per_s']:.1f}, SAM-HQ {gpu['segmenter_single_images_per_s']:.1f} images/s",
+          f"detector {gpu['detector_batched_images_per_s']:.1f} images/s (**{gpu['detector_speedup_batched_vs_single']:.2f}×**)",
+          f"SAM-HQ {gpu['segmenter_batched_images_per_s']:.1f} images/s ({gpu['segmenter_speedup_batched_vs_single']:.2f}×)")
