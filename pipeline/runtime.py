@@ -73,3 +73,15 @@ class DistInfo:
 def dist_info() -> DistInfo:
     """Rank and world size from the environment ``accelerate launch``/``torchrun`` set (else 0 of 1)."""
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def wait_for_everyone() -> None:
+    """Block until every process of a multi-process run gets here (returns at once for one process).
+
+    On a machine without CUDA the processes meet over gloo: accelerate's plain ``PartialState()`` would
+    see one process per rank there, and its barrier would not wait.
+    """
+    if dist_info().world_size > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()

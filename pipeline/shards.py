@@ -70,9 +70,9 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
             return
         log.warning("%s: inputs or params changed since the last run; removing stale shards", out_dir)
     for stale in out_dir.glob("part-*.parquet"):
-        stale.unlink()
+        stale.unlink(missing_ok=True)
     for tmp in out_dir.glob(".tmp-*"):
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
     tmp = fp_file.with_name(f".tmp-{os.getpid()}-{FINGERPRINT_FILE}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, fp_file)
@@ -242,7 +242,7 @@ def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprin
         num_shards = (num_items + shard_size - 1) // shard_size
         prepare_shard_dir(out_dir, shard_record(fingerprint, num_items, shard_size, code), num_shards, rank)
         for tmp in out_dir.glob(".tmp-*"):
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
     if barrier is not None:
         barrier()
 

@@ -610,7 +610,7 @@ def find_resume(ckpt_dir: Path, fingerprint: str, max_steps: int) -> Path | None
     return usable
 
 
-def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
+def run_fingerprint(run: TrainRun, data_fp: str) -> str:
     """What a checkpoint's weights depend on: model, data, seed, method params, batch layout, precision,
     and the code of this module and what it imports (:func:`pipeline.shards.code_digest`)."""
     scale = {k: v for k, v in asdict(run.scale).items() if k not in ("max_steps", "checkpoint_every", "num_workers",
@@ -623,7 +623,7 @@ def run_fingerprint(run: TrainRun, data_fp: str, world_size: int) -> str:
     if not run.train.use_ema:
         train.pop("ema_decay")
     blob = dict(sd_model=run.sd_model, resolution=run.resolution, seed=run.seed, loss=asdict(run.loss),
-                optim=asdict(run.optim), train=train, scale=scale, data=data_fp, world=world_size,
+                optim=asdict(run.optim), train=train, scale=scale, data=data_fp,
                 code=code_digest(__name__))  # a checkpoint of other code is not resumed
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -667,7 +667,7 @@ class Trainer:
         self.acc = make_accelerator(run.scale)
         self.models = load_models(run.sd_model, run.models_dir)
         self.ckpt_dir = Path(run.out_dir) / "checkpoints"
-        self.fingerprint = run_fingerprint(run, data_fingerprint(self.records), self.acc.num_processes)
+        self.fingerprint = run_fingerprint(run, data_fingerprint(self.records))
         self.curves: list[dict[str, float]] = []
         self.latent_cache = LatentCache() if run.scale.cache_latents else None
         self._setup_models()
@@ -719,6 +719,11 @@ class Trainer:
         path = find_resume(self.ckpt_dir, self.fingerprint, self.run.scale.max_steps)
         if path is None:
             return 0
+        made_by = json.loads((path / "state.json").read_text()).get("world_size")
+        if made_by != self.acc.num_processes:  # data order and effective batch depend on it: not this run
+            raise RuntimeError(f"{path} was made by {made_by} processes and this run has {self.acc.num_processes}: "
+                               f"resume with {made_by} (e.g. accelerate launch --num_processes {made_by}), or "
+                               f"delete {self.ckpt_dir} to start over with {self.acc.num_processes}")
         state = load_checkpoint(path, self.models.unet, self.optimizer, self.ema, self.acc.scaler)
         self.curves = state["curves"]
         log.info("resuming from %s (step %d)", path, state["step"])
@@ -792,7 +797,8 @@ class Trainer:
     def _checkpoint(self, unet, optimizer, step: int) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            state = {"step": step, "fingerprint": self.fingerprint, "curves": self.curves}
+            state = {"step": step, "fingerprint": self.fingerprint, "world_size": self.acc.num_processes,
+                     "curves": self.curves}
             save_checkpoint(self.ckpt_dir, step, self.acc.unwrap_model(unet), optimizer, state, self.ema,
                             self.acc.scaler, self.run.train.checkpoint_limit)
         self.acc.wait_for_everyone()

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from PIL import Image
 
 from pipeline.benchmarks import MAPPING_FILE, load_example, read_mapping, strip_brackets
@@ -21,7 +20,7 @@ from pipeline.config import ConfigError, active_profile, load_params, section
 from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
                               edit_fingerprint, edit_rows)
 from pipeline.models import load_sd_pipeline
-from pipeline.runtime import check_failure_rate, setup_logging, write_json
+from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, wait_for_everyone, write_json
 from pipeline.shards import STATUS_OK, code_digest, prepare_for_ranks, read_shards, write_shards
 
 log = logging.getLogger("stages.edit")
@@ -41,21 +40,21 @@ def main(name: str) -> None:
     if name not in scale.backbones:
         raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r} "
                           f"(known: {', '.join(scale.backbones)})")
-    backbone, state = scale.backbones[name], PartialState()  # one process, or one per GPU under accelerate
+    backbone, dist = scale.backbones[name], dist_info()  # one process, or one per GPU under accelerate
     pipe = load_sd_pipeline(backbone.model, active_profile(params)["models_dir"], unet_ref=backbone.unet,
-                            torch_dtype=getattr(torch, scale.dtype), device=state.device)
+                            torch_dtype=getattr(torch, scale.dtype), device=rank_device())
     editor = BlendedLatentEditor(pipe, cfg, scale.num_inference_steps, params["seed"])
     records = sorted(read_mapping(DATA / MAPPING_FILE).items())
     out_dir = Path("artifacts/edits") / name
     start, fingerprint = time.perf_counter(), edit_fingerprint(editor, scale, backbone, DATA)
-    rank, world = state.process_index, state.num_processes
+    rank, world = dist.rank, dist.world_size
     code = code_digest(__file__)
-    prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, state.wait_for_everyone, code)
+    prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, wait_for_everyone, code)
     write_shards(out_dir, records, lambda chunk: edit_rows(editor, chunk, load, scale.batch_size),
                  scale.shard_size, fingerprint, rank, world, code=code,
                  desc=f"edit {name}", redo_statuses=(STATUS_EDIT_FAILED,))
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    wait_for_everyone()
+    if not dist.is_main:
         return
     rows = read_shards(out_dir, columns=["image_id", "status", "mask_fraction"])
     ok = int((rows["status"] == STATUS_OK).sum())

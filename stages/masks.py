@@ -15,7 +15,7 @@ import torch
 
 from pipeline import grounding
 from pipeline.config import ConfigError, active_profile, load_params, profile_fields, section
-from pipeline.runtime import dist_info, rank_device, setup_logging, write_json
+from pipeline.runtime import dist_info, rank_device, setup_logging, wait_for_everyone, write_json
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
@@ -39,11 +39,7 @@ def main() -> None:
     scale = section(params, "profile.masks", grounding.MasksScale)
     prof = profile_fields(params, ProfileKeys)
     info = dist_info()
-    barrier = None
-    if info.world_size > 1:
-        from accelerate import PartialState
-
-        barrier = PartialState().wait_for_everyone
+    barrier = wait_for_everyone if info.world_size > 1 else None
     ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=prof.models_dir,
                                resolution=prof.resolution, device=rank_device(),
                                rank=info.rank, world_size=info.world_size, barrier=barrier)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, write_json
+from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, wait_for_everyone, write_json
 from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
                                load_pipeline, resolve_dtype, sample_prompt_set)
 from pipeline.shards import STATUS_OK, read_shards
@@ -47,10 +47,7 @@ def main(key: str) -> None:
         sample_prompt_set(sampler, name, prompts, out_dir, weights, dist.rank, dist.world_size)
         log.info("%s/%s: %d prompts sampled in %.1fs", key, name, len(prompts), time.perf_counter() - start)
         metrics[f"{name}_prompts"] = len(prompts)
-    if dist.world_size > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+    wait_for_everyone()
     if not dist.is_main:
         return
     for name in mg.prompt_sets:

@@ -464,7 +464,7 @@ profiles:
 STAGE_RUNNER = """
 import os, sys, time, runpy
 from pipeline import grounding
-if os.environ.get("SLOW_SHARDS"):
+if os.environ.get("SLOW_SHARDS") and os.environ.get("RANK", "0") in os.environ.get("SLOW_RANKS", "0").split(","):
     original = grounding.Grounder.run
     def slow(self, jobs):
         time.sleep(float(os.environ["SLOW_SHARDS"]))
@@ -522,6 +522,27 @@ def test_stage_resumes_after_kill_with_identical_shards(tmp_path, tiny_refs):
     assert metrics == json.loads((reference / "metrics/masks.json").read_text())
     assert metrics["rows"] == sum(len(n["phrases"]) for n in good_inputs(n)[1]) and metrics["box_threshold"] == 0.25
     assert (killed / "plots/masks_overlay.png").is_file()
+
+
+def test_stage_under_two_processes_equals_one_process(tmp_path, tiny_refs):
+    """torchrun with two CPU ranks (gloo): the ranks split the shards, rank 0 waits for rank 1 (slowed down)
+    before it reads all shards, and shards and metrics equal a one-process run's."""
+    _, _, models_dir = tiny_refs
+    one, two = make_project(tmp_path / "one", models_dir, 6), make_project(tmp_path / "two", models_dir, 6)
+    proc = run_stage(one)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLOW_SHARDS": "1.0", "SLOW_RANKS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "runner.py",
+           str(REPO / "stages/masks.py")]
+    done = subprocess.run(cmd, cwd=two, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(p.name for p in (one / "artifacts/masks").glob("part-*.parquet"))
+    assert files == sorted(p.name for p in (two / "artifacts/masks").glob("part-*.parquet")) and len(files) == 6
+    for name in files:
+        assert (one / "artifacts/masks" / name).read_bytes() == (two / "artifacts/masks" / name).read_bytes()
+    m1, m2 = (json.loads((root / "metrics/masks.json").read_text()) for root in (one, two))
+    assert m2.pop("world_size") == 2 and m1.pop("world_size") == 1
+    assert m1 == m2
 
 
 def test_stage_refuses_authors_masks_on_tagger_phrases(tmp_path, tiny_refs):

@@ -331,10 +331,13 @@ def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
     driver = Path(__file__).with_name("dist_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def launch(out: Path, steps: int) -> list[dict]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    def run(out: Path, steps: int, processes: int = 2) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                str(driver), *map(str, data_dirs), str(tiny_sd), str(out), str(steps)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    def launch(out: Path, steps: int) -> list[dict]:
+        proc = run(out, steps)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -356,6 +359,10 @@ def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
 
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet")
     assert state_dict_hash(saved) == straight[0]["unet"]
+    # One process cannot continue a two-process run (other data order and effective batch): refused, kept.
+    alone = run(tmp_path / "resumed", 6, processes=1)
+    assert alone.returncode != 0 and "was made by 2 processes and this run has 1" in alone.stderr
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "state.json").is_file()
 
 
 def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tiny_sd, tmp_path, monkeypatch):
