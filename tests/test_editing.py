@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from pipeline.editing import (BlendedLatentEditor, bld_scheduler, EditingCfg, Ed
                               decode_latents, edit_rows, encode_prompts, encode_source, latent_mask, source_tensor)
 from pipeline.models import load_sd_pipeline
 from pipeline.shards import image_from_bytes, read_shards, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +218,44 @@ def test_edit_failure_becomes_a_row(pipe):
     rows = edit_rows(editor, [("ok", good), ("bad", bad)], lambda _id, item: item, batch_size=2)
     assert [r["status"] for r in rows] == ["ok", "edit_failed"]
     assert "mask must be" in rows[1]["error"] and rows[1]["image"] is None and rows[0]["image"]
+
+
+def _edit_project(root: Path, tiny_sd: Path) -> Path:
+    """A scratch project for `stages/edit.py base`: the repository's params (demo, shard size 1, 10 steps),
+    three drawn PIE-Bench scenes, and the embedded models."""
+    import yaml
+
+    from pipeline.demo_data import write_demo_piebench
+
+    root.mkdir(parents=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["demo"]["editing"].update(shard_size=1, batch_size=1, num_inference_steps=10)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_demo_piebench(root / "artifacts/data/piebench", 3, seed=0, size=512)
+    os.symlink(tiny_sd.parent, root / "artifacts/models")
+    return root
+
+
+def test_edit_stage_under_two_processes_equals_one_process(tiny_sd, tmp_path):
+    """torchrun with two CPU ranks: the ranks split the three shards (not both doing all of them), and the
+    shards and metrics equal a one-process run's."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = str(REPO / "stages/edit.py")
+    runs = {}
+    for processes in (1, 2):
+        root = _edit_project(tmp_path / f"p{processes}", tiny_sd)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               script, "base"]
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = root
+    # progress bars of the two-process run: rank 0 edits shards 0 and 2, rank 1 shard 1; nobody all three
+    assert "| 2/2" in done.stderr and "| 1/1" in done.stderr and "| 3/3" not in done.stderr, done.stderr[-2000:]
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
+        one, two = (runs[n] / "artifacts/edits/base" / name for n in (1, 2))
+        assert one.read_bytes() == two.read_bytes()
+    m1, m2 = (json.loads((runs[n] / "metrics/edit/base.json").read_text()) for n in (1, 2))
+    assert m1 == m2 and m1["ok"] == 3
