@@ -259,3 +259,35 @@ def test_edit_stage_under_two_processes_equals_one_process(tiny_sd, tmp_path):
         assert one.read_bytes() == two.read_bytes()
     m1, m2 = (json.loads((runs[n] / "metrics/edit/base.json").read_text()) for n in (1, 2))
     assert m1 == m2 and m1["ok"] == 3
+
+
+def test_source_tensor_maps_0_255_to_minus_1_1():
+    img = Image.fromarray(np.tile(np.array([0, 255, 51], np.uint8), (4, 4, 1)))
+    assert source_tensor(img, 4)[:, 0, 0].tolist() == pytest.approx([-1.0, 1.0, -0.6])
+
+
+def test_decode_latents_rounds_to_the_nearest_level(pipe):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
+    expected = ((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(decode_latents(pipe.vae, z), expected)
+
+
+def test_guidance_follows_the_conditional_branch(pipe):
+    """eps = eps_u + g (eps_c - eps_u) with the unconditional (empty prompt) half first: at g = 1 the result
+    does not depend on the unconditional embedding at all."""
+    cfg = EditingCfg(guidance_scale=1.0)
+    editor = BlendedLatentEditor(pipe, cfg, 4, seed=0)
+    z_src = encode_source(pipe.vae, source_tensor(Image.new("RGB", (128, 128), (90, 30, 200)), 128)[None])
+    masks = latent_mask(np.ones((128, 128), np.uint8), 16)[None]
+    text = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red ball"])
+    torch.testing.assert_close(text[:1], encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])[:1])
+    other = text.clone()
+    other[0] = torch.randn_like(other[0])
+
+    def run(embeddings):
+        gens = [torch.Generator().manual_seed(1)]
+        return blended_latent_loop(pipe.unet, editor.scheduler, z_src, masks, embeddings, gens, cfg, 4)
+
+    torch.testing.assert_close(run(text), run(other))

@@ -233,3 +233,12 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     assert keys == [(p, j) for p in range(prompts) for j in range(images)]
     detections = read_shards(Path("artifacts/detections/tokencompose_a/ade20k"))
     assert (detections.status == STATUS_OK).all() and len(detections.box_scores[0]) == (96 // 16) ** 2
+
+
+def test_mg_std_uses_valid_images_per_index_and_skips_empty_indices():
+    """Per-index rates divide by that index's valid images (not by P); an index without one is skipped."""
+    found = np.array([[5, 0], [0, 5]])
+    scores = mg_scores(found, np.array([[True, True], [False, True]]))
+    assert scores["mg1"] == pytest.approx(200 / 3)
+    assert scores["mg1_std"] == pytest.approx(25.0)  # np.std([100 (1 of 1), 50 (1 of 2)])
+    assert mg_scores(found, np.array([[True, False], [True, False]]))["mg1_std"] == 0.0

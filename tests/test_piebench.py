@@ -212,6 +212,7 @@ def test_summarize_scales_skips_nan_and_counts():
     assert out["lpips_unedit_part_x1e3"] == pytest.approx(2000.0)
     assert out["ssim_unedit_part_x1e2"] == pytest.approx(200.0)
     assert out["clip_whole"] == pytest.approx(2.0) and out["clip_edited"] == pytest.approx(2.0)
+    assert out["clip_similarity_source_image"] == pytest.approx(2.0)  # not rescaled
     assert out["type_9.scored"] == 1 and out["type_9.structure_distance_x1e3"] == pytest.approx(3.0)
     assert math.isnan(out["type_9.mse_unedit_part_x1e4"])
 
@@ -266,3 +267,30 @@ def test_embedded_metric_models_are_seeded(tmp_path, name, weights):
     blobs = [(zoo.build(name, tmp_path / f"{name}-{i}", seed) / weights).read_bytes()
              for i, seed in enumerate((0, 0, 1))]
     assert blobs[0] == blobs[1] and blobs[0] != blobs[2]
+
+
+def test_prepare_edit_resizes_to_height_width_and_uses_the_configured_quality():
+    img = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert pb.prepare_edit(img, (48, 64), pb.PieBenchCfg(jpeg_roundtrip=False)).shape == (48, 64, 3)
+    for quality in (75, 90):
+        np.testing.assert_array_equal(pb.prepare_edit(img, (32, 32), pb.PieBenchCfg(jpeg_quality=quality)),
+                                      pb.jpeg_roundtrip(img, quality))
+
+
+def test_clip_scores_use_each_prompt_where_the_benchmark_does(scorer, images, monkeypatch):
+    """Whole image: original prompt on the source, editing prompt on the edit; edited part: editing prompt
+    on the edit with everything outside the mask zeroed."""
+    source, edit, mask = images
+    calls = []
+    monkeypatch.setattr(scorer, "clip", lambda image, text: calls.append((image.copy(), text)) or 1.0)
+    scorer.score(source, edit, mask, "original prompt", "editing prompt")
+    assert [t for _, t in calls] == ["original prompt", "editing prompt", "editing prompt"]
+    np.testing.assert_array_equal(calls[2][0], edit * mask[..., None])
+
+
+def test_background_metrics_exist_while_one_pixel_is_unedited(scorer, images):
+    """The NaN rule applies only when the mask covers the whole image."""
+    source, edit, _ = images
+    mask = np.ones(source.shape[:2], np.uint8)
+    mask[0, 0] = 0
+    assert not math.isnan(scorer.score(source, edit, mask, "a", "b")["mse_unedit_part"])

@@ -195,3 +195,22 @@ def test_files_digest_content_names_and_large_files(tmp_path):
     assert shards.files_digest([big], full_hash_limit=2) != by_stat
     assert shards.dir_files(tmp_path) == [big] and shards.dir_files(big) == [big]
     assert shards.dir_files(tmp_path / "missing") == []
+
+
+def test_missing_and_retryable_shards_are_both_computed(tmp_path):
+    """A shard lost to a kill and a shard with a retryable row, in the same rerun: both are written."""
+    attempts = {}
+
+    def flaky(chunk):
+        rows = []
+        for k in chunk:
+            attempts[k] = attempts.get(k, 0) + 1
+            rows.append({"key": k, "status": "oom" if k == 1 and attempts[k] == 1 else "ok", "error": ""})
+        return rows
+
+    out = tmp_path / "out"
+    shards.write_shards(out, list(range(6)), flaky, 2, {}, code="c", redo_statuses=("oom",))
+    shards.shard_path(out, 2).unlink()  # killed before shard 2 was renamed into place
+    shards.write_shards(out, list(range(6)), flaky, 2, {}, code="c", redo_statuses=("oom",))
+    df = shards.read_shards(out)
+    assert df["key"].tolist() == list(range(6)) and set(df["status"]) == {"ok"}
