@@ -13,7 +13,7 @@ Baseline measured in the same run: NLTK's unigram tagger (most frequent tag of e
 corpus, unknown words NN) through the same code. NLTK's released tagger is added when its files are in
 ``nltk_data/``. Writes ``bench/results/nouns_agreement.json``.
 
-    python bench/nouns_agreement.py [--metadata PATH]
+    python bench/nouns_agreement.py [--metadata PATH_OR_URL]
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from pipeline.runtime import setup_logging, write_json
 from pipeline.zoo.sd import clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_METADATA = REPO.parent / "shared" / "data" / "tokencompose" / "coco_gsam_metadata.jsonl"
+LOCAL_METADATA = REPO.parent / "shared" / "data" / "tokencompose" / "coco_gsam_metadata.jsonl"
+# the copy beside the checkout when there is one, else the authors' file at its pinned commit
+DEFAULT_METADATA = str(LOCAL_METADATA) if LOCAL_METADATA.is_file() else coco.TOKENCOMPOSE_METADATA_URL
 OUT = REPO / "bench" / "results" / "nouns_agreement.json"
 log = logging.getLogger("bench.nouns_agreement")
 
@@ -77,7 +79,7 @@ def run(name: str, tagger: Any, records: list[dict], tokenizer: Any) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--metadata", default=str(DEFAULT_METADATA))
+    parser.add_argument("--metadata", default=DEFAULT_METADATA)
     args = parser.parse_args()
     setup_logging()
     logging.getLogger("pipeline.text").setLevel(logging.WARNING)
