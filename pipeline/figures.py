@@ -31,6 +31,28 @@ def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.6, cmap: str = 
     return alpha * colours + (1.0 - alpha) * grey[..., None]
 
 
+def attention_mosaic(image: np.ndarray, maps: np.ndarray, alpha: float = 0.6, gap: int = 4) -> np.ndarray:
+    """The pixels of :func:`attention_grid`: (K (h + gap) - gap, C (w + gap) - gap, 3) float RGB in [0, 1].
+
+    ``maps`` (G, S, K, h, w); C = 1 + G·S columns. Token ``k``'s row starts at ``k (h + gap)``; the final
+    image (h, w, 3 uint8) fills the first cell of row 0 (the first column is white below it), and the map of
+    group ``g`` at step ``s`` lies in column ``1 + g·S + s`` over the grey image.
+    """
+    groups, steps, tokens, h, w = maps.shape
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"image {image.shape[:2]} and maps {(h, w)} must have the same size")
+    cols = 1 + groups * steps
+    mosaic = np.ones((tokens * (h + gap) - gap, cols * (w + gap) - gap, 3))
+    mosaic[:h, :w] = image / 255.0
+    grey = image.astype(np.float64).mean(axis=-1) / 255.0
+    for k in range(tokens):
+        for g in range(groups):
+            for s in range(steps):
+                y, x = k * (h + gap), (1 + g * steps + s) * (w + gap)
+                mosaic[y:y + h, x:x + w] = overlay(grey, maps[g, s, k], alpha)
+    return mosaic
+
+
 def attention_grid(
     image: np.ndarray,
     maps: np.ndarray,
@@ -60,17 +82,7 @@ def attention_grid(
     if (groups, steps, tokens) != (len(group_labels), len(step_labels), len(token_labels)):
         raise ValueError(f"maps of shape {maps.shape} do not match {len(group_labels)} groups, "
                          f"{len(step_labels)} steps and {len(token_labels)} tokens")
-    if image.shape[:2] != (h, w):
-        raise ValueError(f"image {image.shape[:2]} and maps {(h, w)} must have the same size")
-    cols = 1 + groups * steps
-    mosaic = np.ones((tokens * (h + gap) - gap, cols * (w + gap) - gap, 3))
-    mosaic[:h, :w] = image / 255.0
-    grey = image.astype(np.float64).mean(axis=-1) / 255.0
-    for k in range(tokens):
-        for g in range(groups):
-            for s in range(steps):
-                y, x = k * (h + gap), (1 + g * steps + s) * (w + gap)
-                mosaic[y:y + h, x:x + w] = overlay(grey, maps[g, s, k], alpha)
+    mosaic = attention_mosaic(image, maps, alpha, gap)
     height, width = mosaic.shape[:2]
     fig = plt.figure(figsize=(width / DPI + 1.0, height / DPI + 1.0), dpi=DPI)
     ax = fig.add_axes((0.8 / (width / DPI + 1.0), 0.05 / (height / DPI + 1.0), width / DPI / (width / DPI + 1.0),

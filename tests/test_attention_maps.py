@@ -93,6 +93,20 @@ def test_attention_grid_layout():
     png = figures.attention_grid(image, maps, ["up_16", "up_64"], ["s0", "s1", "s2"], list("abcd"), "title")
     figure = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert figure.shape[1] > 7 * 32 and figure.shape[0] > 4 * 32  # 4 token rows by 7 cells (image + 2 x 3)
+    # cells: constant maps, value 0.1*(g*12 + s*4 + k) -> the cell of row k, column 1 + 3g + s shows it
+    const = np.array([[[np.full((8, 8), 0.1 * (g * 12 + s * 4 + k) / 2.4) for k in range(4)] for s in range(3)]
+                      for g in range(2)])
+    small = np.full((8, 8, 3), 200, np.uint8)
+    mosaic = figures.attention_mosaic(small, const, alpha=0.6, gap=2)
+    assert mosaic.shape == (4 * 10 - 2, 7 * 10 - 2, 3)
+    np.testing.assert_allclose(mosaic[:8, :8], 200 / 255)
+    assert (mosaic[10:, :8] == 1.0).all()  # only the first row shows the image
+    grey = np.full((8, 8), 200 / 255)
+    for g in range(2):
+        for s in range(3):
+            for k in range(4):
+                y, x = k * 10, (1 + 3 * g + s) * 10
+                np.testing.assert_allclose(mosaic[y:y + 8, x:x + 8], figures.overlay(grey, const[g, s, k], 0.6))
     with pytest.raises(ValueError, match="do not match"):
         figures.attention_grid(image, maps, ["up_16"], ["s0", "s1", "s2"], list("abcd"))
     with pytest.raises(ValueError, match="same size"):
