@@ -77,6 +77,7 @@ class GroundingCfg:
     box_threshold: float  # keep a box when its best token's sigmoid passes this (SPEC §2.4: 0.25)
     text_threshold: float  # tokens of a kept box above this form its label (SPEC §2.4: 0.25)
     max_input_error_rate: float  # fail when more rows than this have bad input (INPUT_ERRORS)
+    max_failed_rate: float = 0.01  # fail when more rows than this are inference_failed (a rerun retries them)
 
 
 @dataclass(frozen=True)

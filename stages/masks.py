@@ -15,7 +15,7 @@ import torch
 
 from pipeline import grounding
 from pipeline.config import ConfigError, active_profile, load_params, profile_fields, section
-from pipeline.runtime import dist_info, rank_device, setup_logging, wait_for_everyone, write_json
+from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, wait_for_everyone, write_json
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
@@ -75,6 +75,8 @@ def main() -> None:
     log.info("masks: %d rows, %d with a mask, %d images", metrics["rows"], metrics["phrases_with_mask"],
              metrics["images"])
     grounding.check_input_errors(metrics, cfg.max_input_error_rate)
+    check_failure_rate(metrics.get("status_inference_failed", 0), metrics["rows"], cfg.max_failed_rate,
+                       "masks rows (Grounding DINO or SAM raised)", "grounding.max_failed_rate")
 
 
 if __name__ == "__main__":
