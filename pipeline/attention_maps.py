@@ -208,9 +208,8 @@ class RecordingPipe:
         return getattr(self._pipe, name)
 
     def num_timesteps(self, num_inference_steps: int) -> int:
-        """Denoising iterations of a call (PNDM with ``skip_prk_steps`` runs one more than asked)."""
-        self._pipe.scheduler.set_timesteps(num_inference_steps)
-        return len(self._pipe.scheduler.timesteps)
+        """Denoising iterations of a call (:func:`denoising_iterations` of the wrapped pipeline)."""
+        return denoising_iterations(self._pipe, num_inference_steps)
 
     def __call__(self, *args, **kwargs):
         prompt = kwargs.get("prompt", args[0] if args else None)
@@ -256,6 +255,12 @@ def image_shares(record: ImageAttention, groups: Sequence[str], token_lists: Seq
                  masks: torch.Tensor) -> dict[str, torch.Tensor]:
     """group -> (K,) grounding shares of K words of one image, on its all-step mean maps; masks (K, H, W)."""
     return {g: grounding_share(token_maps(record.mean[g][None], token_lists)[0], masks) for g in groups}
+
+
+def denoising_iterations(pipe, num_inference_steps: int) -> int:
+    """Denoising iterations of a pipeline call (PNDM with ``skip_prk_steps`` runs one more than asked)."""
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    return len(pipe.scheduler.timesteps)
 
 
 def resolve_steps(steps: Sequence[int], num_steps: int) -> list[int]:
@@ -330,9 +335,8 @@ def sample_with_attention(sampler: Sampler, items: Sequence[SampleItem], groups:
     if sampler.kind != "sd":
         raise ValueError(f"attention capture needs a plain SD sampler, got {sampler.kind!r}: the "
                          "Attend-and-Excite pipeline installs its own attention processors")
-    total = RecordingPipe(sampler.pipe, None).num_timesteps(sampler.scale.num_inference_steps)
-    try:
-        resolve_steps(keep_steps, total)  # a bad step is a config error, not a failure of every image
+    try:  # a bad step is a config error, not a failure of every image
+        resolve_steps(keep_steps, denoising_iterations(sampler.pipe, sampler.scale.num_inference_steps))
     except ValueError as err:
         raise ValueError(f"profiles.<p>.attention_maps.steps: {err}") from err
     store = capture_cross_attention(sampler.pipe.unet, groups, detach=True)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.fetch import FetchError, fetch, is_url
+from pipeline.fetch import read_source
 from pipeline.seeding import python_rng
 
 log = logging.getLogger(__name__)
@@ -171,22 +171,6 @@ def write_multigen(entries: list[dict[str, Any]], path: Path) -> None:
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-def read_source(source: str, timeout: float = 60.0) -> bytes:
-    """Bytes of ``source``: an http(s)/file URL (fetched with retries by :func:`pipeline.fetch.fetch`) or a path."""
-
-    if is_url(source):
-        log.info("fetching %s", source)
-        try:
-            return fetch(source, timeout=timeout, max_bytes=1 << 30)
-        except FetchError as err:
-            raise OSError(f"{source}: download failed ({err}); check the URL and the network, "
-                          f"or download the file and give its local path instead") from err
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{source}: file not found (give an http(s):// URL or an existing local path)")
-    return path.read_bytes()
 
 
 def read_verified(source: str, sha256: str) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .fetch import FetchError, fetch, is_url
+from .fetch import FetchError, fetch, read_source
 from .metadata import MetadataError, check_record
 from .seeding import numpy_rng
 from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, shard_files, write_shards
@@ -36,17 +36,14 @@ TOKENCOMPOSE_METADATA_URL = (
 )
 
 
-def read_source(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
-    """Text of a local file or a URL (UTF-8)."""
-    if is_url(source):
-        try:
-            return fetch(str(source), retries, timeout, max_bytes=1 << 30).decode("utf-8")
-        except FetchError as err:
-            raise MetadataError(f"{err}; download it by hand and give its path instead") from err
-    path = Path(source)
-    if not path.is_file():
-        raise MetadataError(f"{path}: metadata file not found; give a path or an http(s) URL")
-    return path.read_text(encoding="utf-8")
+def read_metadata_text(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
+    """Text of a metadata file at a local path or a URL (UTF-8); a :class:`MetadataError` when unreadable."""
+    try:
+        return read_source(source, retries, timeout).decode("utf-8")
+    except FileNotFoundError as err:
+        raise MetadataError(f"{source}: metadata file not found; give a path or an http(s) URL") from err
+    except OSError as err:
+        raise MetadataError(str(err)) from err
 
 
 # --- metadata --------------------------------------------------------------------------------------
@@ -74,7 +71,7 @@ def read_tokencompose_metadata(path: str | Path, retries: int = 3, timeout: floa
     Each record is ``{"file_name": str, "text": str, "attn_list": [[phrase, mask path | None], ...]}``.
     Raises :class:`MetadataError` naming the file and line of a malformed record.
     """
-    return parse_metadata(read_source(path, retries, timeout), str(path))
+    return parse_metadata(read_metadata_text(path, retries, timeout), str(path))
 
 
 def image_id_of(file_name: str) -> str:

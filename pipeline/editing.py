@@ -318,5 +318,6 @@ def edit_fingerprint(editor: BlendedLatentEditor, scale: EditingScale, backbone:
     from .sampling import component_hashes
 
     method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
+    data = files_digest(dir_files(data_root), relative_to=Path(data_root))
     return {"editing": method, "steps": editor.steps, "dtype": scale.dtype, "seed": editor.seed,
-            "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": files_digest(dir_files(data_root), relative_to=Path(data_root))}
+            "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": data}

@@ -65,3 +65,23 @@ def fetch(url: str, retries: int = 3, timeout: float = 30.0, max_bytes: int = MA
             log.info("%s; retrying (%d of %d)", err, attempt + 1, retries)
             time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def read_source(source: str | Path, retries: int = 3, timeout: float = 60.0) -> bytes:
+    """Bytes of ``source``: an http(s)/file URL (fetched with retries by :func:`fetch`) or a local path.
+
+    Raises :class:`OSError` naming the URL when the download fails, :class:`FileNotFoundError` when the
+    path does not exist.
+    """
+    source = str(source)
+    if is_url(source):
+        log.info("fetching %s", source)
+        try:
+            return fetch(source, retries, timeout, max_bytes=1 << 30)
+        except FetchError as err:
+            raise OSError(f"{source}: download failed ({err}); check the URL and the network, "
+                          f"or download the file and give its local path instead") from err
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: file not found (give an http(s):// URL or an existing local path)")
+    return path.read_bytes()

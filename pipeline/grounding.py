@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from . import shards
-from .fetch import FetchError, fetch, is_url
+from .fetch import read_source
 from .metadata import MetadataError, check_record
 from .models import from_pretrained, parse_ref, resolve
 from .shards import STATUS_OK, dir_files, files_digest, image_from_bytes, rle_decode, rle_encode, write_shards
@@ -650,19 +650,6 @@ def read_authors_mask(path: Path) -> tuple[np.ndarray | None, str, str]:
     return mask, STATUS_OK, ""
 
 
-def authors_metadata_text(source: str) -> str:
-    """The authors' metadata.jsonl from a local path or an http(s)/file URL (fetched with retries)."""
-    if is_url(source):
-        try:
-            return fetch(source, max_bytes=1 << 30).decode("utf-8")
-        except FetchError as err:
-            raise FileNotFoundError(f"{err}; download it and set profiles.<p>.masks.authors_metadata to its path") from err
-    if not Path(source).is_file():
-        raise FileNotFoundError(f"{source}: authors' metadata not found; set profiles.<p>.masks.authors_metadata "
-                                f"to its path or URL")
-    return Path(source).read_text(encoding="utf-8")
-
-
 def read_authors_metadata(text: str, source: str) -> list[dict[str, Any]]:
     """Lines of the authors' metadata.jsonl ``text`` as dicts; a bad line becomes ``{"bad_line": n, "error": ...}``
     (``source`` names the file in the errors)."""
@@ -726,13 +713,14 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"{masks_dir}: authors' mask folder not found; unpack coco_gsam_seg.tar there "
                                 f"or set profiles.<p>.masks.authors_masks")
-    text = authors_metadata_text(scale.authors_metadata)
+    try:
+        text = read_source(scale.authors_metadata).decode("utf-8")
+    except OSError as err:
+        raise FileNotFoundError(f"authors' metadata: {err}; set profiles.<p>.masks.authors_metadata") from err
     entries = read_authors_metadata(text, scale.authors_metadata)
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
-    listing = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                        for p in sorted(dir_files(masks_dir))).encode())  # a replaced PNG counts
-    fingerprint = {"source": "authors", "metadata": hashlib.sha256(text.encode()).hexdigest()[:16],
-                   "masks": listing.hexdigest()[:16],
+    masks = files_digest(dir_files(masks_dir), relative_to=masks_dir, full_hash_limit=-1)  # size and mtime
+    fingerprint = {"source": "authors", "metadata": hashlib.sha256(text.encode()).hexdigest()[:16], "masks": masks,
                    "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
     code = shards.code_digest(__name__)
     shards.prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)
@@ -781,7 +769,8 @@ def check_input_errors(metrics: dict[str, Any], max_rate: float) -> None:
     if metrics["input_error_rate"] > max_rate:
         raise RuntimeError(
             f"masks: {metrics['input_errors']} of {metrics['rows']} rows have a missing/corrupt image, bad "
-            f"metadata or a missing/corrupt authors' mask file ({metrics['input_error_rate']:.1%} > grounding.max_input_error_rate={max_rate:.1%}); "
+            f"metadata or a missing/corrupt authors' mask file ({metrics['input_error_rate']:.1%} > "
+            f"grounding.max_input_error_rate={max_rate:.1%}); "
             f"see status/error in artifacts/masks/")
 
 
