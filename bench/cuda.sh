@@ -7,7 +7,8 @@
 # On a machine without this project's dependencies, put their wheels in .whl/ (diffusers, transformers,
 # open_clip_torch, ftfy, wcwidth, importlib_metadata, pycocotools; torch from the machine): they are
 # installed into a private folder first. Each part takes about 4-5 minutes on an H200, most of it the
-# compilation; run the parts separately where one command may run at most 10 minutes.
+# compilation; run the parts separately where one command may run at most 10 minutes. With $OUT set, the
+# JSON is written there (after every variant, "complete": false until the last), else to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
@@ -18,10 +19,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 part="${1:-all}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$part" = train ] || [ "$part" = all ]; then
-  python bench/train_step.py --device cuda
-  [ -z "${OUT:-}" ] || cp bench/results/train_step_cuda.json "$OUT"/
+  python bench/train_step.py --device cuda --out "${OUT:-bench/results}/train_step_cuda.json"
 fi
 if [ "$part" = sampling ] || [ "$part" = all ]; then
-  python bench/sampling_throughput.py --device cuda
-  [ -z "${OUT:-}" ] || cp bench/results/sampling_throughput_cuda.json "$OUT"/
+  python bench/sampling_throughput.py --device cuda --out "${OUT:-bench/results}/sampling_throughput_cuda.json"
 fi

@@ -104,20 +104,23 @@ def variants(device: str, images: int) -> list[tuple[str, torch.dtype, int, bool
     return out
 
 
-def run(device: str, num_prompts: int, images: int, steps: int) -> dict:
+def run(device: str, num_prompts: int, images: int, steps: int, on_result=None) -> dict:
     """Measure the original loop and each seeded variant on the same prompts.
 
     Every variant first runs one untimed call of its batch shape (2 steps), so compilation is not timed.
+    ``on_result(results)``, when given, receives the numbers so far after the original loop and after each
+    variant (a run cut short by a time limit keeps what it measured).
     """
     cats = load_categories("coco")
     prompts = [MultiGenPrompt(e["unique_id"], e["text"], tuple(e[f"obj_{k}_attributes"][0] for k in range(1, 6)))
                for e in generate_multigen(cats, num_prompts, seed=0, set_name="coco")]
     pipe = build_pipeline(device)
     n = num_prompts * images
-    results: dict = {}
     nan: list[int] = []
     original(pipe, prompts[:1], 1, steps, device)                       # warm-up
-    results["original_fp32_batch1_s"] = original(pipe, prompts, images, steps, device)
+    seconds = {"original_fp32_batch1": original(pipe, prompts, images, steps, device)}
+    if on_result is not None:
+        on_result(throughput(seconds, n, sum(nan)))
     for name, dtype, per_call, compiled in variants(device, images):
         pipe.to(dtype)
         scale = SamplingScale(num_inference_steps=steps, images_per_prompt=images, batch_size=per_call,
@@ -125,14 +128,21 @@ def run(device: str, num_prompts: int, images: int, steps: int) -> dict:
         sampler = Sampler(pipe, "sd", SamplingCfg(), scale, seed=0)
         warm = dataclasses.replace(sampler, scale=dataclasses.replace(scale, num_inference_steps=2))
         batched(warm, prompts[: max(1, per_call // images)], device)
-        results[f"{name}_s"] = batched(sampler, prompts, device, nan)
-        log.info("%s: %.2f images/s", name, n / results[f"{name}_s"])
-    for key in list(results):
-        results[key[: -len("_s")] + "_images_per_s"] = n / results[key]
+        seconds[name] = batched(sampler, prompts, device, nan)
+        log.info("%s: %.2f images/s", name, n / seconds[name])
+        if on_result is not None:
+            on_result(throughput(seconds, n, sum(nan)))
+    return throughput(seconds, n, sum(nan))
+
+
+def throughput(seconds: dict[str, float], images: int, nan_images: int) -> dict:
+    """Seconds, images/s and speedup over the original loop for each measured variant."""
+    results = {f"{name}_s": s for name, s in seconds.items()}
+    results.update({f"{name}_images_per_s": images / s for name, s in seconds.items()})
     base = results["original_fp32_batch1_images_per_s"]
-    for key in [k for k in results if k.endswith("_images_per_s") and not k.startswith("original")]:
-        results[key.replace("_images_per_s", "_speedup")] = results[key] / base
-    results["nan_images"] = sum(nan)  # random weights can overflow in fp16; such images still count in timing
+    results.update({f"{name}_speedup": images / s / base
+                    for name, s in seconds.items() if name != "original_fp32_batch1"})
+    results["nan_images"] = nan_images  # random weights can overflow in fp16; such images still count in timing
     return results
 
 
@@ -152,7 +162,6 @@ def main() -> None:
     if prompts % 2:
         sys.exit("--prompts must be even: the two-prompts-per-call variants would compile a second shape")
     images = args.images or (4 if args.device == "cpu" else 10)
-    results = run(args.device, prompts, images, steps=steps)
     info = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": "tiny-sd (128 px)" if args.device == "cpu" else "SD1.4 architecture, random weights (512 px)",
@@ -161,7 +170,13 @@ def main() -> None:
     name = f"sampling_throughput_{args.device}{'_quick' if args.quick else ''}.json"
     out = args.out or REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, **{k: round(v, 4) for k, v in results.items()}}, indent=2) + "\n")
+
+    def save(results: dict, complete: bool = False) -> None:
+        body = {**info, "complete": complete, **{k: round(v, 4) for k, v in results.items()}}
+        out.write_text(json.dumps(body, indent=2) + "\n")
+
+    results = run(args.device, prompts, images, steps=steps, on_result=save)
+    save(results, complete=True)
     log.info("%s", json.dumps(results, indent=1))
     log.info("wrote %s", out)
 

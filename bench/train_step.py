@@ -23,7 +23,8 @@ adding one change to the previous one:
 ``--device cpu`` uses the embedded tiny model (128 px, latent 16) and measures peak memory as the peak
 resident set of a fresh process per variant; ``--device cuda`` uses the SD1.4 architecture (UNet, VAE,
 text encoder; random weights) at 512 px and ``torch.cuda.max_memory_allocated``. Writes
-bench/results/train_step_<device>.json with per-variant numbers and one ratio per gain.
+bench/results/train_step_<device>.json with per-variant numbers and one ratio per gain; on CUDA after every
+variant, with ``complete: false`` until the last, so a run cut short by a time limit keeps what it measured.
 
     python bench/train_step.py --device cpu
     python bench/train_step.py --device cuda      # a few minutes on an H200 (the compiled variant compiles)
@@ -261,23 +262,27 @@ def run_cpu(args) -> dict:
                       "(for the compiled variant this includes the compiler's own memory during warm-up)"}
 
 
-def run_in_process(models: SDModels, device: str, args) -> tuple[dict[str, dict], dict[str, str]]:
-    """Every selected variant one after another on the same models: (numbers per variant, skipped ones)."""
+def run_in_process(models: SDModels, device: str, args, on_variant=None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every selected variant one after another on the same models: (numbers per variant, skipped ones).
+
+    ``on_variant(variants, skipped)``, when given, is called after each variant with the numbers so far.
+    """
     variants, skipped = {}, {}
     for name in selected(VARIANTS, args.checkpointing):
         try:
             variants[name] = run_variant(models, name, device, args.warmup, args.steps, args.checkpointing)
+            log.info("%s: %s", name, variants[name])
         except torch.OutOfMemoryError as err:
             skipped[name] = f"out of memory: {str(err).splitlines()[0]}"
             torch.cuda.empty_cache()
-            continue
-        log.info("%s: %s", name, variants[name])
+        if on_variant is not None:
+            on_variant(variants, skipped)
     return variants, skipped
 
 
-def run_cuda(args) -> dict:
+def cuda_results(variants: dict[str, dict], skipped: dict[str, str]) -> dict:
+    """The CUDA run's JSON body for the variants measured so far."""
     results = {"device_name": torch.cuda.get_device_name()}
-    variants, skipped = run_in_process(build_models("cuda"), "cuda", args)
     if skipped:
         results["skipped"] = skipped
     results.update(model="SD1.4 architecture (UNet, VAE, text encoder), random weights, 512 px", variants=variants,
@@ -285,6 +290,14 @@ def run_cuda(args) -> dict:
                    memory="fwd_bwd_peak_gib: peak of forward+backward above the memory held before the step "
                           "(weights, optimizer state); step_peak_gib: peak of the last step incl. AdamW")
     return results
+
+
+def run_cuda(args, save) -> dict:
+    """All variants on the SD1.4 architecture; ``save(partial_results)`` after each, so a run stopped by a
+    time limit keeps what it measured."""
+    variants, skipped = run_in_process(build_models("cuda"), "cuda", args,
+                                       lambda v, s: save(cuda_results(v, s), complete=False))
+    return cuda_results(variants, skipped)
 
 
 def main() -> None:
@@ -306,13 +319,17 @@ def main() -> None:
         cpu_child(args.child, args.warmup, args.steps, args.checkpointing)
         return
     setup_logging()
-    out = run_cuda(args) if args.device == "cuda" else run_cpu(args)
-    out.update(device=args.device, threads=torch.get_num_threads() if args.device == "cpu" else None,
-               load_average_1min=os.getloadavg()[0],
-               warmup_steps=args.warmup, timed_steps=args.steps,
-               gradient_checkpointing=args.checkpointing, torch=torch.__version__,
-               losses="token 1e-3 + pixel 5e-5 on mid_8, up_16, up_32, up_64; 3 words per sample")
-    write_json(args.out or Path(f"bench/results/train_step_{args.device}.json"), out)
+    path = args.out or Path(f"bench/results/train_step_{args.device}.json")
+
+    def save(results: dict, complete: bool) -> None:
+        results = dict(results, device=args.device, complete=complete,
+                       threads=torch.get_num_threads() if args.device == "cpu" else None,
+                       load_average_1min=os.getloadavg()[0], warmup_steps=args.warmup, timed_steps=args.steps,
+                       gradient_checkpointing=args.checkpointing, torch=torch.__version__,
+                       losses="token 1e-3 + pixel 5e-5 on mid_8, up_16, up_32, up_64; 3 words per sample")
+        write_json(path, results)
+
+    save(run_cuda(args, save) if args.device == "cuda" else run_cpu(args), complete=True)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ def traced_compile(monkeypatch):
 def test_train_step_bench_runs_every_variant_in_one_process(traced_compile):
     bench = load_script("train_step")
     models = bench.build_models("cpu")
-    variants, skipped = bench.run_in_process(models, "cpu", Namespace(warmup=1, steps=1, checkpointing=True))
+    saved = []  # what a run stopped by a time limit would have kept after each variant
+    variants, skipped = bench.run_in_process(models, "cpu", Namespace(warmup=1, steps=1, checkpointing=True),
+                                             lambda v, s: saved.append(list(v)))
     assert list(variants) == list(bench.VARIANTS) and not skipped
+    assert saved == [list(bench.VARIANTS)[: i + 1] for i in range(len(bench.VARIANTS))]
     assert all(v["samples_per_s"] > 0 and math.isfinite(v["loss"]) for v in variants.values())
     assert variants["baseline"]["vae_encodes_per_step"] == 1 and variants["baseline"]["checkpointing"]
     assert variants["cached_latents"]["vae_encodes_per_step"] == "none (cached)"
@@ -49,9 +52,13 @@ def test_train_step_bench_runs_every_variant_in_one_process(traced_compile):
 
 def test_sampling_bench_runs_every_variant(traced_compile):
     bench = load_script("sampling_throughput")
-    results = bench.run("cpu", num_prompts=2, images=2, steps=2)
+    saved = []  # what a run stopped by a time limit would have kept after each variant
+    results = bench.run("cpu", num_prompts=2, images=2, steps=2, on_result=saved.append)
     names = [name for name, *_ in bench.variants("cpu", 2)]
     assert names == ["seeded_fp32_batched", "seeded_fp32_batch4", "seeded_fp32_batch4_compiled"]
+    assert [sorted(k[: -len("_speedup")] for k in r if k.endswith("_speedup")) for r in saved] == [
+        sorted(names[:i]) for i in range(len(names) + 1)]
+    assert saved[-1] == results and saved[0]["original_fp32_batch1_images_per_s"] > 0
     for name in names:
         assert results[f"{name}_images_per_s"] > 0 and f"{name}_speedup" in results
     assert results["nan_images"] == 0
