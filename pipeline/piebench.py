@@ -231,6 +231,17 @@ def open_clip_name(ref: str, models_dir: str | Path) -> tuple[str, str | None]:
                      f"embedded:NAME or an existing open_clip folder")
 
 
+def trained_with_quick_gelu(name: str, tag: str | None) -> bool:
+    """Whether open_clip's pretrained tag was trained with QuickGELU (``ViT-L-14:openai`` was).
+
+    open_clip's built-in ``ViT-L-14`` config uses plain GELU and only warns when ``openai`` weights are
+    loaded into it; without forcing QuickGELU the scorer would not be OpenAI's CLIP.
+    """
+    import open_clip
+
+    return bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+
+
 class ClipSimilarity:
     """CLIP score ``max(100 · cos(image, text), 0)`` with an open_clip model and its own preprocessing."""
 
@@ -245,7 +256,8 @@ class ClipSimilarity:
 
         name, tag = open_clip_name(ref, models_dir)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, force_quick_gelu=trained_with_quick_gelu(name, tag))
         except (OSError, RuntimeError, ValueError) as err:
             raise ModelLoadError(f"could not load CLIP model {ref!r} ({name}, {tag}): {err}; download it once "
                                  f"where there is network (HF_HOME cache) or give a local open_clip folder") from err

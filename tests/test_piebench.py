@@ -238,6 +238,23 @@ def test_open_clip_references(tmp_path, models_dir, embedded):
         pb.open_clip_name("ViT-L-14", models_dir)
 
 
+@pytest.mark.parametrize("ref, quick_gelu", [("ViT-B-32:openai", True), ("ViT-B-32:laion2b_s34b_b79k", False)])
+def test_clip_activation_is_the_one_the_weights_were_trained_with(monkeypatch, tmp_path, ref, quick_gelu):
+    """OpenAI's weights need QuickGELU, which open_clip's built-in configs lack (it only warns)."""
+    import open_clip
+
+    real = open_clip.create_model_and_transforms
+
+    def without_download(name, pretrained=None, **kwargs):  # same config path, random weights
+        assert pretrained == ref.split(":")[1]
+        return real(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", without_download)
+    model = pb.ClipSimilarity.load(ref, tmp_path).model
+    activations = {type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__}
+    assert activations == ({"QuickGELU"} if quick_gelu else {"GELU"})
+
+
 def test_score_edits_keeps_every_entry_with_a_status(scorer, tmp_path):
     write_demo_piebench(tmp_path, 4, seed=0, size=64)
     entries = read_mapping(tmp_path / "mapping_file.json")
