@@ -277,9 +277,11 @@ class SegmentAnythingSegmenter:
     """Meta's ``segment_anything`` ``Sam`` (original ``.pth`` checkpoints), batched like ``SamPredictor``."""
 
     def __init__(self, sam: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        """``dtype`` below float32 runs the model under autocast; its weights stay float32, because
+        ``segment_anything`` builds its positional-encoding grids and box coordinates in float32."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.sam, self.device, self.dtype = sam.to(device, dtype).eval(), torch.device(device), dtype
+        self.sam, self.device, self.dtype = sam.to(device).float().eval(), torch.device(device), dtype
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
 
     @classmethod
@@ -294,6 +296,9 @@ class SegmentAnythingSegmenter:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SAM checkpoint not found; download it (e.g. sam_vit_h_4b8939.pth)")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if "sam_hq" in path.name or any(".hf_token." in k or "compress_vit_feat" in k for k in state):
+            raise ValueError(f"{path}: a SAM-HQ checkpoint, which segment_anything cannot load; give the "
+                             f"transformers SAM-HQ folder or hub id instead (e.g. syscv-community/sam-hq-vit-huge)")
         variant = sam_variant(path.name, state)
         sam = sam_model_registry[variant]()
         sam.load_state_dict(state)
@@ -312,18 +317,21 @@ class SegmentAnythingSegmenter:
             resized = self.transform.apply_image(np.asarray(images[i].convert("RGB")))
             input_sizes.append(resized.shape[:2])
             tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-            batch.append(self.sam.preprocess(tensor.to(self.dtype)))
-        embeddings = self.sam.image_encoder(torch.cat(batch))
-        dense_pe = self.sam.prompt_encoder.get_dense_pe()
-        for j, i in enumerate(todo):
-            size = (images[i].height, images[i].width)
-            box = self.transform.apply_boxes_torch(torch.as_tensor(boxes[i], dtype=torch.float32, device=self.device), size)
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=box.to(self.dtype), masks=None)
-            low_res, _ = self.sam.mask_decoder(image_embeddings=embeddings[j : j + 1], image_pe=dense_pe,
-                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                               multimask_output=False)
-            masks = self.sam.postprocess_masks(low_res.float(), input_sizes[j], size) > self.sam.mask_threshold
-            out[i] = masks[:, 0].cpu().numpy()
+            batch.append(self.sam.preprocess(tensor.float()))
+        half = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+            embeddings = self.sam.image_encoder(torch.cat(batch))
+            dense_pe = self.sam.prompt_encoder.get_dense_pe()
+            for j, i in enumerate(todo):
+                size = (images[i].height, images[i].width)
+                box = torch.as_tensor(boxes[i], dtype=torch.float32, device=self.device)
+                sparse, dense = self.sam.prompt_encoder(points=None, boxes=self.transform.apply_boxes_torch(box, size),
+                                                        masks=None)
+                low_res, _ = self.sam.mask_decoder(image_embeddings=embeddings[j : j + 1], image_pe=dense_pe,
+                                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                                   multimask_output=False)
+                masks = self.sam.postprocess_masks(low_res.float(), input_sizes[j], size) > self.sam.mask_threshold
+                out[i] = masks[:, 0].cpu().numpy()
         return out
 
 

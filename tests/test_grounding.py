@@ -373,6 +373,26 @@ def test_pth_checkpoint_matches_sam_predictor(tmp_path, monkeypatch):
             _assert_masks_close(got[k], ref[0])
 
 
+def test_pth_checkpoint_in_half_precision_runs_and_agrees_with_float32(tmp_path):
+    """Half precision (float16 on CUDA; bfloat16 here, where CPU autocast supports it) must not break
+    segment_anything's float32 positional encodings; masks agree with float32 almost everywhere."""
+    torch.manual_seed(0)
+    sam = tiny_segment_anything_sam()
+    images = [Image.fromarray(scene(90, 60, 10)), Image.fromarray(scene(50, 70, 11))]
+    boxes = [np.array([[5, 5, 50, 40], [20, 10, 89, 59]], np.float32), np.array([[0, 0, 30, 60]], np.float32)]
+    full = grounding.SegmentAnythingSegmenter(sam, torch.device("cpu"), torch.float32).segment(images, boxes)
+    half = grounding.SegmentAnythingSegmenter(sam, torch.device("cpu"), torch.bfloat16).segment(images, boxes)
+    for a, b in zip(full, half):
+        assert a.shape == b.shape and (a == b).mean() > 0.98
+
+
+def test_sam_hq_pth_is_refused_with_the_folder_to_use(tmp_path):
+    path = tmp_path / "sam_hq_vit_h.pth"
+    torch.save({"mask_decoder.hf_token.weight": torch.zeros(1, 4)}, path)
+    with pytest.raises(ValueError, match="SAM-HQ checkpoint.*sam-hq-vit-huge"):
+        grounding.SegmentAnythingSegmenter.load(path, torch.device("cpu"), False)
+
+
 def test_sam_variant_from_name_or_width():
     assert grounding.sam_variant("sam_vit_h_4b8939.pth", {}) == "vit_h"
     width = {"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}
