@@ -13,12 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples, grounding_rows,
-                                     load_sampler, summarize_grounding)
+from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples, grounding_failures,
+                                     grounding_rows, load_sampler, summarize_grounding)
 from pipeline.config import active_profile, load_params, section
 from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import setup_logging, write_json
+from pipeline.runtime import check_failure_rate, setup_logging, write_json
 from pipeline.sampling import prompt_items
 
 log = logging.getLogger("stages.grounding_eval")
@@ -50,6 +50,8 @@ def main(key: str) -> None:
         same = compare_with_samples(Path("artifacts/samples") / key / name, samples, items)
         metrics.update({f"{name}_prompts": len(prompts), **{f"{name}_{k}": v for k, v in same.items()}})
     metrics.update(summarize_grounding(rows, cfg.groups))
+    check_failure_rate(grounding_failures(metrics), metrics["categories"], gsam.max_failed_rate,
+                       f"grounding_eval {key} categories", "grounding.max_failed_rate")
     write_json(f"metrics/grounding/{key}.json", metrics)
     log.info("%s: %d of %d categories scored; mean share %.3f (uniform attention: %.3f)", key,
              metrics["categories_scored"], metrics["categories"], metrics["share_mean"], metrics["mask_area_mean"])

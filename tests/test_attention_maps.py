@@ -333,6 +333,15 @@ def test_summarize_grounding_known_answer():
     assert empty["categories"] == 0 and math.isnan(empty["share_mean"])
 
 
+def test_grounding_failures_count_errors_not_empty_detections():
+    nan = math.nan
+    rows = [{"status": s, "mask_area": nan, "share_up_16": nan}
+            for s in ["no_detection", "inference_failed", "missing_image", "not_in_caption", "inference_failed"]]
+    summary = am.summarize_grounding(rows, ["up_16"])
+    assert am.grounding_failures(summary) == 3
+    assert am.grounding_failures(am.summarize_grounding(rows[:1], ["up_16"])) == 0
+
+
 def test_compare_with_samples(tmp_path):
     from pipeline.sampling import SampleItem
     from pipeline.shards import png_bytes, write_shards
