@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,12 @@ def dist_info() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
+# How long a rank that finished its shards waits for the others at a stage's final barrier. NCCL's default,
+# 10 minutes, is shorter than one uneven shard of Attend-and-Excite sampling; a crashed rank still ends the
+# run at once (torchrun stops the others).
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
 def wait_for_everyone() -> None:
     """Block until every process of a multi-process run gets here (returns at once for one process).
 
@@ -84,4 +91,4 @@ def wait_for_everyone() -> None:
     if dist_info().world_size > 1:
         from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+        PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT).wait_for_everyone()

@@ -1,4 +1,6 @@
-"""Stage helpers: the failure-rate check every stage uses."""
+"""Stage helpers: the failure-rate check every stage uses, the final barrier."""
+
+from datetime import timedelta
 
 import pytest
 
@@ -10,3 +12,27 @@ def test_failure_rate_limit_is_inclusive_and_names_the_param():
     check_failure_rate(0, 0, 0.0, "nothing", "p")  # no items: nothing to judge
     with pytest.raises(RuntimeError, match=r"masks rows: 2 of 100 failed \(limit 1.0%\).*raise grounding.max_failed_rate"):
         check_failure_rate(2, 100, 0.01, "masks rows", "grounding.max_failed_rate")
+
+
+def test_final_barrier_outlasts_nccl_default_timeout(monkeypatch):
+    """Ranks that finish early wait at the stage's last barrier far longer than NCCL's 10 minutes."""
+    import accelerate
+
+    from pipeline import runtime
+
+    made = []
+
+    class RecordingState:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def wait_for_everyone(self):
+            made.append("waited")
+
+    monkeypatch.setattr(accelerate, "PartialState", RecordingState)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    runtime.wait_for_everyone()
+    assert made == []  # one process: no process group at all
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    runtime.wait_for_everyone()
+    assert made[-1] == "waited" and made[0]["timeout"] >= timedelta(hours=1)
