@@ -48,10 +48,10 @@ def build_pipeline(device: str):
     from pipeline.zoo.sd import SD14_TEXT, SD14_UNET, SD14_VAE, build_sd_components, clip_tokenizer
 
     if device == "cpu":
-        folder = Path(tempfile.mkdtemp(prefix="bench-tiny-sd-"))
-        build("tiny-sd", folder, seed=0)
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                       requires_safety_checker=False)
+        with tempfile.TemporaryDirectory(prefix="bench-tiny-sd-") as folder:
+            build("tiny-sd", Path(folder), seed=0)
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                           requires_safety_checker=False)
     else:
         torch.manual_seed(0)
         pipe = StableDiffusionPipeline(tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,

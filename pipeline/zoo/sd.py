@@ -95,14 +95,14 @@ def save_clip_tokenizer(out_dir: Path) -> None:
 
 @lru_cache(maxsize=1)
 def clip_tokenizer():
-    """The real CLIP tokenizer, built once per process in a temporary folder (for tests and text code)."""
+    """The real CLIP tokenizer, built once per process through a temporary folder (for tests and text code)."""
     import tempfile
 
     from transformers import CLIPTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix="clip-tokenizer-"))
-    save_clip_tokenizer(tmp)
-    return CLIPTokenizer.from_pretrained(str(tmp))
+    with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as tmp:
+        save_clip_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp)
 
 
 def build_sd_components(unet_cfg: dict, vae_cfg: dict, text_cfg: dict) -> dict:
