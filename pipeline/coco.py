@@ -18,13 +18,12 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .fetch import FetchError, fetch, read_source
 from .metadata import MetadataError, check_record
 from .seeding import numpy_rng
-from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, shard_files, write_shards
+from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, read_table, shard_files, write_shards
 from .text import Alignment, failed_row, image_row_failure, locate_phrases, nouns_row
 
 log = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ def coco_set_metrics(out_dir: Path) -> dict[str, Any]:
     counts: dict[str, Any] = {"images": 0, "ok": 0, "download_failed": 0, "decode_failed": 0, "train": 0,
                               "heldout": 0, "image_bytes": 0}
     for path in shard_files(out_dir):
-        table = pq.read_table(path, columns=["status", "split", "image"])
+        table = read_table(path, columns=["status", "split", "image"])
         counts["image_bytes"] += sum(len(b) for b in table["image"].to_pylist() if b)
         for status, split in zip(table["status"].to_pylist(), table["split"].to_pylist()):
             counts["images"] += 1

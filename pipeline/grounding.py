@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -540,7 +539,7 @@ class ImageStore:
     def __init__(self, images_dir: Path):
         self.files: dict[str, Path] = {}
         for path in shards.shard_files(Path(images_dir)):
-            for image_id in pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist():
+            for image_id in shards.read_table(path, columns=["image_id"]).column("image_id").to_pylist():
                 if str(image_id) in self.files:
                     log.warning("%s: duplicate image_id %s; using the first", images_dir, image_id)
                     continue
@@ -556,8 +555,8 @@ class ImageStore:
             if i in self.files:
                 by_file.setdefault(self.files[i], []).append(i)
         for path, wanted in by_file.items():
-            table = pq.read_table(path, columns=["image_id", "image", "status", "error"],
-                                  filters=[("image_id", "in", wanted)])
+            table = shards.read_table(path, columns=["image_id", "image", "status", "error"],
+                                      filters=[("image_id", "in", wanted)])
             for row in table.to_pylist():
                 out.setdefault(str(row["image_id"]), _decode_image_row(row))
         return out

@@ -293,9 +293,7 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
     sample shard's images are in memory at a time. The fingerprint includes the sample shards' digests:
     new samples invalidate old detections.
     """
-    import pyarrow.parquet as pq
-
-    from .shards import code_digest, files_digest, shard_files, write_shards
+    from .shards import code_digest, files_digest, read_table, shard_files, write_shards
 
     files = shard_files(sample_dir)
     if not files:
@@ -305,7 +303,7 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
     def process(chunk: list[Path]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for f in chunk:
-            rows += detect_rows(detector, pq.read_table(f).to_pylist(), template, scale.batch_size)
+            rows += detect_rows(detector, read_table(f).to_pylist(), template, scale.batch_size)
         return rows
 
     return write_shards(out_dir, files, process, scale.shard_size, full_fp, rank, world_size,

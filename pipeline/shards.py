@@ -286,9 +286,15 @@ def write_shards(
     mine = [i for i in range(num_shards) if i % world_size == rank]
     _remove_partial_writes(out_dir, mine)
     todo = [i for i in mine if not shard_path(out_dir, i).exists()]
+    broken = [i for i in mine if i not in todo and not _readable(shard_path(out_dir, i))]
+    if len(todo) + len(broken) < len(mine):
+        log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo) - len(broken),
+                 len(mine))
+    if broken:
+        log.warning("%s: %s unreadable (damaged after it was written); computing it again", out_dir,
+                    ", ".join(shard_path(out_dir, i).name for i in broken))
+        todo = sorted(todo + broken)
     redo = [i for i in mine if i not in todo and _has_status(shard_path(out_dir, i), redo_statuses)]
-    if len(todo) < len(mine):
-        log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo), len(mine))
     if redo:
         log.info("%s: %d written shards have rows with status %s; computing them again", out_dir, len(redo),
                  "/".join(sorted(redo_statuses)))
@@ -309,6 +315,31 @@ def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
     for index in indices:
         for tmp in Path(out_dir).glob(f".tmp-*-{shard_path(out_dir, index).name}"):
             tmp.unlink(missing_ok=True)
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` has a Parquet footer (shards are renamed into place whole: a file without one was
+    truncated or overwritten afterwards)."""
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError):
+        return False
+    return True
+
+
+def read_table(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """One shard as a table (``pq.read_table`` arguments); an unreadable file is an error naming it and the
+    stage to rerun."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters)
+    except (pa.ArrowInvalid, OSError) as err:
+        stage = next((s for prefix, s in PRODUCERS.items() if prefix in Path(path).as_posix()), None)
+        todo = f"`dvc repro -s {stage}`" if stage else "the stage that wrote it"
+        raise ShardReadError(f"{path}: unreadable shard ({err}); rerun {todo}, which computes it again") from err
+
+
+class ShardReadError(RuntimeError):
+    """A shard file exists but cannot be read as Parquet (the message names it and the stage to rerun)."""
 
 
 def _has_status(path: Path, statuses: Collection[str]) -> bool:
@@ -339,7 +370,7 @@ def shard_files(out_dir: Path) -> list[Path]:
 def read_shards(out_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """All rows of a shard directory as one DataFrame, in shard order."""
     files = shard_files(out_dir)
-    frames = [pq.read_table(f, columns=columns).to_pandas() for f in files]
+    frames = [read_table(f, columns).to_pandas() for f in files]
     frames = [f for f in frames if len(f.columns)]
     if not frames:
         return pd.DataFrame(columns=columns or [])
@@ -349,7 +380,7 @@ def read_shards(out_dir: Path, columns: list[str] | None = None) -> pd.DataFrame
 def iter_rows(out_dir: Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Rows of a shard directory one at a time (memory stays at one shard)."""
     for f in shard_files(out_dir):
-        yield from pq.read_table(f, columns=columns).to_pylist()
+        yield from read_table(f, columns).to_pylist()
 
 
 # --- images ----------------------------------------------------------------------------------------

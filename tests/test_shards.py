@@ -136,6 +136,23 @@ def test_rle_round_trip_and_png(tmp_path):
         shards.rle_encode(np.zeros((2, 2, 2)))
 
 
+def test_damaged_shard_is_computed_again_and_a_clear_error_until_then(tmp_path):
+    """A shard truncated after it was written fails readers with its name and stage; a rerun redoes it."""
+    out = tmp_path / "artifacts/samples/m/coco"
+    shards.write_shards(out, list(range(6)), _process([]), 2, {}, code="c")
+    first = {p.name: p.read_bytes() for p in shards.shard_files(out)}
+    damaged = shards.shard_path(out, 1)
+    damaged.write_bytes(first[damaged.name][: len(first[damaged.name]) // 2])
+    with pytest.raises(shards.ShardReadError, match=r"part-00001.parquet: unreadable shard.*dvc repro -s sample"):
+        shards.read_shards(out)
+    with pytest.raises(shards.ShardReadError, match="part-00001.parquet"):
+        list(shards.iter_rows(out))
+    calls = []
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {}, code="c", redo_statuses=("failed",))
+    assert calls == [[2, 3]]
+    assert {p.name: p.read_bytes() for p in shards.shard_files(out)} == first
+
+
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         shards.read_shards(tmp_path / "nope")
