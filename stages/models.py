@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import zoo
-from pipeline.config import load_params, profile_fields
+from pipeline.config import ConfigError, load_params, profile_fields
 from pipeline.runtime import setup_logging, write_json
 
 log = logging.getLogger("stages.models")
+OUT = Path("artifacts/models")  # this stage's out in dvc.yaml, replaced whole on every run
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,13 @@ def main() -> None:
     setup_logging()
     params = load_params()
     cfg = profile_fields(params, ModelsScale)
-    if cfg.models_dir.exists():
-        shutil.rmtree(cfg.models_dir)
-    cfg.models_dir.mkdir(parents=True)
+    if cfg.models_dir.resolve() != OUT.resolve():  # never empty a folder that is not this stage's output
+        raise ConfigError(f"profiles.{params['profile']}.models_dir: {cfg.models_dir} is not {OUT}, the folder the "
+                          f"models stage writes (its out in dvc.yaml); keep models_dir: {OUT} and give other "
+                          f"local models by their own path in the model references")
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
     for name in cfg.embedded:
         start = time.perf_counter()
         zoo.build(name, cfg.models_dir / name, cfg.embedded_seed)

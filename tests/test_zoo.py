@@ -139,3 +139,25 @@ def test_builds_do_not_depend_on_the_offline_setting(tmp_path):
     files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
     for rel in files:
         assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "0" / rel).read_bytes(), rel
+
+
+def test_models_stage_never_empties_a_folder_that_is_not_its_output(tmp_path):
+    """profiles.<p>.models_dir pointing at a user's folder: the stage refuses instead of deleting it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    mine = tmp_path / "my-models"
+    (mine / "sd-v1-4").mkdir(parents=True)
+    (mine / "sd-v1-4" / "model.safetensors").write_text("weights")
+    params["profiles"]["demo"]["models_dir"] = str(mine)
+    params["profiles"]["demo"]["embedded"] = []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(repo / "stages/models.py")], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "is not artifacts/models" in proc.stderr
+    assert (mine / "sd-v1-4" / "model.safetensors").read_text() == "weights"
