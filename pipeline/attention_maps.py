@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import capture_cross_attention, restore_attention
-from .config import active_profile, section
+from .config import NonEmpty, PositiveInt, active_profile, section
 from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
@@ -280,33 +280,33 @@ def resolve_steps(steps: Sequence[int], num_steps: int) -> list[int]:
 class AttentionMapsCfg:
     """Top-level ``attention_maps``: which resolution groups the figures show (one block of rows each)."""
 
-    groups: list[str]
-    cell_size: int  # pixels per cell of the figure (image and maps are resized to it)
+    groups: Annotated[list[str], NonEmpty()]
+    cell_size: PositiveInt  # pixels per cell of the figure (image and maps are resized to it)
 
 
 @dataclass(frozen=True)
 class AttentionMapsScale:
     """``profiles.<p>.attention_maps``: models (keys of ``eval_models``), prompts and denoising steps shown."""
 
-    models: list[str]
-    prompts: list[str]
-    steps: list[int]  # step indices; negative counts from the end (-1: the last step)
+    models: Annotated[list[str], NonEmpty()]
+    prompts: Annotated[list[str], NonEmpty()]
+    steps: Annotated[list[int], NonEmpty()]  # step indices; negative counts from the end (-1: the last step)
 
 
 @dataclass(frozen=True)
 class GroundingEvalCfg:
     """Top-level ``grounding_eval``: the groups whose attention share is measured."""
 
-    groups: list[str]
+    groups: Annotated[list[str], NonEmpty()]
 
 
 @dataclass(frozen=True)
 class GroundingEvalScale:
     """``profiles.<p>.grounding_eval``: how many MultiGen images are regenerated with capture."""
 
-    prompt_sets: list[str]
-    num_prompts: int  # the first prompts of each set (the sampler's prompt ids)
-    images_per_prompt: int  # image indices 0..J-1 (the sampler's seeds)
+    prompt_sets: Annotated[list[str], NonEmpty()]
+    num_prompts: PositiveInt  # the first prompts of each set (the sampler's prompt ids)
+    images_per_prompt: PositiveInt  # image indices 0..J-1 (the sampler's seeds)
 
 
 def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRef]:

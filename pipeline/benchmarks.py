@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.config import Pixels
 from pipeline.fetch import read_source
 from pipeline.seeding import python_rng
 
@@ -244,7 +245,7 @@ class EditDataScale:
     """``profiles.<p>.edit_data``: the demo editing set or a local PIE-Bench copy at ``root``."""
 
     source: Literal["demo", "piebench"]
-    size: int = PIE_SIZE  # image side of the demo set (PIE-Bench itself is 512)
+    size: Pixels = PIE_SIZE  # image side of the demo set (PIE-Bench itself is 512)
     root: str = ""  # PIE-Bench folder (mapping_file.json + annotation_images/) when source is piebench
 
 

@@ -15,10 +15,11 @@ Unknown keys, missing keys and wrong types raise :class:`ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Annotated, Any, Mapping, TypeVar
 
 import yaml
 
@@ -40,11 +41,59 @@ class ConfigError(ValueError):
     """A params section does not match its dataclass; the message names the key and the fix."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a number in params.yaml must lie in, checked by :func:`parse`.
+
+    Attach it to a field type: ``batch_size: Annotated[int, Bounds(low=1)]`` (or one of the aliases
+    below); ``open_low`` / ``open_high`` exclude the end points, ``multiple_of`` asks for a multiple.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    multiple_of: int | None = None
+
+    def check(self, value: float, where: str) -> None:
+        """Raise :class:`ConfigError` naming ``where`` when ``value`` is outside the range."""
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        finite = math.isfinite(value)
+        if not (low_ok and high_ok and finite):
+            raise ConfigError(f"{where}: {value!r} is out of range; expected {self.describe()}")
+        if self.multiple_of and value % self.multiple_of:
+            raise ConfigError(f"{where}: {value!r} is not a multiple of {self.multiple_of}")
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.open_low else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.open_high else '<='} {self.high:g}")
+        return " and ".join(parts) or "a finite number"
+
+
+@dataclasses.dataclass(frozen=True)
+class NonEmpty:
+    """A list in params.yaml that must have at least one entry, checked by :func:`parse`."""
+
+
+# Field types with bounds, for the dataclasses that read params sections.
+PositiveInt = Annotated[int, Bounds(low=1)]
+NonNegativeInt = Annotated[int, Bounds(low=0)]
+NonNegativeFloat = Annotated[float, Bounds(low=0)]
+PositiveFloat = Annotated[float, Bounds(low=0, open_low=True)]
+Fraction = Annotated[float, Bounds(low=0, high=1)]  # a share, rate, probability or threshold in [0, 1]
+Pixels = Annotated[int, Bounds(low=8, multiple_of=8)]  # an image side the VAE divides by 8
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read ``params.yaml`` with ``yaml.safe_load`` and check the profile switch.
 
     Raises :class:`ConfigError` when the file is missing, is not a mapping, names a profile that
-    ``profiles`` does not define, or has a top-level or profile-level key this project does not know.
+    ``profiles`` does not define, has a top-level or profile-level key this project does not know, or its
+    ``seed`` is not a non-negative integer (every stage derives its seeds from it).
     """
     path = Path(path)
     if not path.is_file():
@@ -63,6 +112,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
             f"set 'profile' to one of them (e.g. dvc exp run -S profile=paper)"
         )
     _check_keys(params, TOP_LEVEL_KEYS, f"{path}: top-level key")
+    seed = params.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{path}: seed: expected a non-negative integer, got {seed!r}")
     for name, prof in profiles.items():
         if not isinstance(prof, dict):
             raise ConfigError(f"{path}: profiles.{name} must be a mapping")
@@ -122,14 +174,16 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from ``data``, checking keys and types recursively.
 
     Supported field types: ``bool``, ``int``, ``float`` (ints are accepted), ``str``, ``Path``,
-    ``Optional[X]``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Literal[...]`` and
-    nested dataclasses. Fields with defaults may be omitted; every other missing key is an error.
+    ``Optional[X]``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Literal[...]``,
+    nested dataclasses, and ``Annotated[X, Bounds(...) | NonEmpty()]`` (range and non-empty checks).
+    Fields with defaults may be omitted; every other missing key is an error. A ``ValueError`` raised by
+    the dataclass's own ``__post_init__`` checks becomes a :class:`ConfigError` naming the section.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -148,7 +202,12 @@ def parse(cls: type[T], data: Any, where: str) -> T:
                 continue
             raise ConfigError(f"{key}: missing key; add it to params.yaml")
         kwargs[name] = _coerce(hints[name], data[name], key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -156,6 +215,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        value = _coerce(args[0], value, where)
+        for rule in tp.__metadata__:
+            if isinstance(rule, Bounds):
+                rule.check(value, where)
+            elif isinstance(rule, NonEmpty) and not value:
+                raise ConfigError(f"{where}: empty; give at least one entry")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

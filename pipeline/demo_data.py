@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.benchmarks import (EDITING_TYPES, IMAGES_DIR, MAPPING_FILE, PIE_SIZE, PieBenchEntry, encode_mask,
                                  write_mapping)
+from pipeline.config import Pixels, PositiveInt
 from pipeline.seeding import numpy_rng, python_rng
 from pipeline.shards import STATUS_OK, code_digest, iter_rows, png_bytes, rle_encode, write_shards
 
@@ -82,10 +83,10 @@ MIN_SCALE, MAX_SCALE = 0.55, 0.95  # object side as a fraction of its cell's sho
 class DemoDataScale:
     """``profiles.<p>.demo_data``: sizes of the synthetic demo sets."""
 
-    num_images: int  # captioned training images
-    image_size: int  # shorter side in pixels; non-square images are 5/4 as long
-    num_prompts: int  # prompts per generated MultiGen set
-    num_edits: int  # editing examples in the demo PIE-Bench set
+    num_images: PositiveInt  # captioned training images
+    image_size: Pixels  # shorter side in pixels; non-square images are 5/4 as long
+    num_prompts: PositiveInt  # prompts per generated MultiGen set
+    num_edits: PositiveInt  # editing examples in the demo PIE-Bench set
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .config import Bounds, Fraction, PositiveInt
 from .seeding import derive_seed, standard_normal, torch_generator
 from .shards import STATUS_OK, dir_files, files_digest, png_bytes
 
@@ -63,16 +64,16 @@ class EditingCfg:
     blending_start: float = 0.25  # fraction of the DDIM steps skipped at the noisy end
     init: Literal["noise", "noised_source"] = "noise"
     blend: Literal["after_step", "before_step"] = "after_step"
-    mask_threshold: float = 0.5
-    max_failed_rate: float = 0.01  # the edit stage fails when more edits than this failed (not in the fingerprint)
+    mask_threshold: Annotated[float, Bounds(low=0, high=1, open_low=True)] = 0.5
+    max_failed_rate: Fraction = 0.01  # the edit stage fails when more edits than this failed (not in the fingerprint)
 
     def __post_init__(self) -> None:
         if self.init not in ("noise", "noised_source"):
-            raise ValueError(f"editing.init must be 'noise' or 'noised_source', got {self.init!r}")
+            raise ValueError(f"init must be 'noise' or 'noised_source', got {self.init!r}")
         if self.blend not in ("after_step", "before_step"):
-            raise ValueError(f"editing.blend must be 'after_step' or 'before_step', got {self.blend!r}")
+            raise ValueError(f"blend must be 'after_step' or 'before_step', got {self.blend!r}")
         if not 0.0 <= self.blending_start < 1.0:
-            raise ValueError(f"editing.blending_start must be in [0, 1), got {self.blending_start}")
+            raise ValueError(f"blending_start must be in [0, 1), got {self.blending_start}")
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,9 @@ class EditingScale:
     """Params section ``profiles.<p>.editing`` (scale-bound values)."""
 
     backbones: dict[str, Backbone]
-    num_inference_steps: int = 50
-    batch_size: int = 4
-    shard_size: int = 16
+    num_inference_steps: PositiveInt = 50
+    batch_size: PositiveInt = 4
+    shard_size: PositiveInt = 16
     dtype: Literal["float32", "float16"] = "float32"
 
 
@@ -116,7 +117,7 @@ def bld_scheduler(prediction_type: str = "epsilon"):
 def blend_timesteps(scheduler, num_inference_steps: int, blending_start: float) -> torch.Tensor:
     """The loop's timesteps: ``timesteps[int(steps · blending_start):]`` (740 ... 0 for 50 and 0.25)."""
     if not 0.0 <= blending_start < 1.0:
-        raise ValueError(f"editing.blending_start must be in [0, 1), got {blending_start}")
+        raise ValueError(f"blending_start must be in [0, 1), got {blending_start}")
     scheduler.set_timesteps(num_inference_steps)
     return scheduler.timesteps[int(num_inference_steps * blending_start):]
 

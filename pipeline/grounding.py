@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import Fraction, NonNegativeInt, PositiveInt
 from . import shards
 from .fetch import read_source
 from .metadata import MetadataError, check_record
@@ -73,10 +74,10 @@ ROW_COLUMNS = ("image_id", "caption", "phrase", "token_indices", "mask", "train_
 class GroundingCfg:
     """Top-level ``grounding`` params (method hyperparameters, identical in every profile)."""
 
-    box_threshold: float  # keep a box when its best token's sigmoid passes this (SPEC §2.4: 0.25)
-    text_threshold: float  # tokens of a kept box above this form its label (SPEC §2.4: 0.25)
-    max_input_error_rate: float  # fail when more rows than this have bad input (INPUT_ERRORS)
-    max_failed_rate: float = 0.01  # fail when more rows than this are inference_failed (a rerun retries them)
+    box_threshold: Fraction  # keep a box when its best token's sigmoid passes this (SPEC §2.4: 0.25)
+    text_threshold: Fraction  # tokens of a kept box above this form its label (SPEC §2.4: 0.25)
+    max_input_error_rate: Fraction  # fail when more rows than this have bad input (INPUT_ERRORS)
+    max_failed_rate: Fraction = 0.01  # fail when more rows than this are inference_failed (a rerun retries them)
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,11 @@ class MasksScale:
     source: Literal["grounded_sam", "authors"]
     detector: str  # Grounding DINO reference (hub id, local dir, embedded:NAME)
     segmenter: str  # SAM / SAM-HQ reference, or a segment-anything ``.pth`` checkpoint
-    batch_size: int  # images per forward pass
-    shard_size: int  # captions per shard
+    batch_size: PositiveInt  # images per forward pass
+    shard_size: PositiveInt  # captions per shard
     half_precision: bool  # float16 on CUDA (ignored on CPU)
-    cpu_threads: int  # torch intra-op threads when running on CPU (0: torch's default)
-    overlay_images: int  # images drawn in plots/masks_overlay.png
+    cpu_threads: NonNegativeInt  # torch intra-op threads when running on CPU (0: torch's default)
+    overlay_images: NonNegativeInt  # images drawn in plots/masks_overlay.png
     authors_metadata: str = ""  # source authors: the authors' metadata.jsonl
     authors_masks: str = ""  # source authors: folder <img_id>/mask_<img_id>_<word>.png
 

@@ -21,14 +21,21 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import NonNegativeFloat
+
 
 @dataclass(frozen=True)
 class LossCfg:
     """Params section ``loss``: grounding loss weights and the cross-attention groups they use."""
 
-    token_weight: float
-    pixel_weight: float
+    token_weight: NonNegativeFloat
+    pixel_weight: NonNegativeFloat
     layers: list[str]
+
+    def __post_init__(self) -> None:
+        if not self.layers and (self.token_weight or self.pixel_weight):
+            raise ValueError("layers is empty but a grounding weight is not 0: name the cross-attention groups "
+                             "the losses use (e.g. [mid_8, up_16, up_32, up_64]), or set both weights to 0")
 
 
 @dataclass

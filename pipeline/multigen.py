@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from .config import Bounds, Fraction, NonEmpty, PositiveInt
 from .shards import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,22 @@ STATUS_DETECT_FAILED = "detect_failed"
 class MultiGenCfg:
     """Top-level ``multigen`` params: method settings shared by every profile (SPEC §3.3-3.4)."""
 
-    threshold: float = 0.1                  # a box counts when its score is > threshold (strict)
+    threshold: Annotated[float, Bounds(low=0, high=1, open_high=True)] = 0.1  # found: a box scores > this
     query_template: str = "a photo of a {name}"
-    prompt_sets: tuple[str, ...] = ("coco", "ade20k")
+    prompt_sets: Annotated[tuple[str, ...], NonEmpty()] = ("coco", "ade20k")
     prompts_dir: Path = Path("artifacts/data/multigen")
-    max_failed_rate: float = 0.01           # a stage fails when more images than this failed
+    max_failed_rate: Fraction = 0.01        # a stage fails when more images than this failed
+
+    def __post_init__(self) -> None:
+        import string
+
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.query_template) if f is not None]
+        except ValueError:  # unbalanced braces
+            fields = []
+        if fields != ["name"]:
+            raise ValueError(f"query_template {self.query_template!r} must hold the object name once as {{name}} "
+                             f"(e.g. 'a photo of a {{name}}')")
 
 
 @dataclass(frozen=True)
@@ -49,9 +61,9 @@ class MultiGenScale:
     """``profiles.<p>.multigen``: the detector reference and how detection is run."""
 
     detector: str                           # google/owlv2-large-patch14-ensemble | embedded:tiny-owlv2
-    batch_size: int                         # images per detector call
-    dtype: str = "float32"                  # float32 (as the original) | float16 | bfloat16
-    shard_size: int = 1                     # sample shards per detection shard
+    batch_size: PositiveInt                 # images per detector call
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # float32: as the original
+    shard_size: PositiveInt = 1             # sample shards per detection shard
 
 
 @dataclass(frozen=True)

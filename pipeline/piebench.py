@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import Bounds, NonNegativeInt
 from .benchmarks import PieBenchEntry, load_example, strip_brackets
 from .models import ModelLoadError, from_pretrained, parse_ref, resolve
 from .seeding import derive_seed
@@ -65,7 +66,7 @@ class PieBenchCfg:
     """Params section ``piebench`` (evaluation conventions, identical in every profile)."""
 
     jpeg_roundtrip: bool = True  # edits saved as JPEG before scoring, as the benchmark's editors did
-    jpeg_quality: int = 75  # PIL's default quality
+    jpeg_quality: Annotated[int, Bounds(low=1, high=100)] = 75  # PIL's default quality
     structure_input_range: Literal["0-255", "0-1"] = "0-255"  # "0-255": the benchmark's quirk
 
 
@@ -76,7 +77,7 @@ class PieBenchScale:
     dino_model: str  # facebook/dino-vitb8 | embedded:tiny-dino | local ViTModel folder
     clip_model: str  # ARCH:TAG (ViT-L-14:openai) | hf-hub:ORG/REPO | embedded:NAME | local open_clip folder
     lpips_backbone: Literal["pretrained", "random"]  # random: seeded SqueezeNet, works offline
-    panels: int = 4  # images shown in plots/edits_<backbone>.png
+    panels: NonNegativeInt = 4  # images shown in plots/edits_<backbone>.png
 
 
 # --- pixel metrics ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
+from .config import NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt
 from .multigen import MultiGenPrompt
 from .seeding import standard_normal, torch_generator
 from .shards import STATUS_OK, code_digest, png_bytes, write_shards
@@ -44,10 +45,10 @@ class TokenIndexError(ValueError):
 class AttendExciteCfg:
     """``sampling.attend_excite``: diffusers' A&E arguments (SPEC §6.1 defaults) and the token rule."""
 
-    max_iter_to_alter: int = 25
+    max_iter_to_alter: NonNegativeInt = 25
     thresholds: dict[str, float] = field(default_factory=lambda: {"0": 0.05, "10": 0.5, "20": 0.8})
-    scale_factor: float = 20.0
-    attn_res: tuple[int, ...] | None = None  # None: ceil(size / 32) per side (16 x 16 at 512 px)
+    scale_factor: NonNegativeFloat = 20.0
+    attn_res: tuple[PositiveInt, ...] | None = None  # None: ceil(size / 32) per side (16 x 16 at 512 px)
     token_rule: TokenRule = "head_word"      # head_word: all BPE pieces of the head word; last_piece: SPEC alt. A
 
 
@@ -64,13 +65,13 @@ class SamplingCfg:
 class SamplingScale:
     """``profiles.<p>.sampling``: how much is sampled and how."""
 
-    num_inference_steps: int = 50
-    images_per_prompt: int = 10
-    batch_size: int = 10              # images per pipeline call
-    resolution: int | None = None     # None: the model's default (unet sample_size x 8)
+    num_inference_steps: PositiveInt = 50
+    images_per_prompt: PositiveInt = 10
+    batch_size: PositiveInt = 10      # images per pipeline call
+    resolution: Pixels | None = None  # None: the model's default (unet sample_size x 8)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
-    shard_size: int = 100             # images per Parquet shard (the unit of resume)
-    max_prompts: int | None = None    # None: the whole prompt file
+    shard_size: PositiveInt = 100     # images per Parquet shard (the unit of resume)
+    max_prompts: PositiveInt | None = None  # None: the whole prompt file
     compile: bool = False             # torch.compile the UNet (channels_last); plain SD only, not A&E
 
 
@@ -205,10 +206,11 @@ def load_pipeline(ref: EvalModelRef, sampler: SamplerKind, models_dir: str | Pat
     if cfg.scheduler != "default":
         import diffusers
 
-        if not hasattr(diffusers, cfg.scheduler):
+        found = getattr(diffusers, cfg.scheduler, None)
+        if not (isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin)):
             raise ValueError(f"sampling.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class "
                              f"(e.g. DDIMScheduler) or 'default'")
-        pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = found.from_config(pipe.scheduler.config)
     return pipe
 
 

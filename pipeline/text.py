@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
+from .config import Fraction, PositiveInt
 from .seeding import derive_seed
 from .shards import STATUS_OK
 
@@ -73,9 +74,9 @@ CAPTION_REASONS = {
 class TextCfg:
     """Top-level ``text`` params (identical in every profile)."""
 
-    max_token_index: int  # largest allowed position (75: SOT at 0, EOT at 76 after truncation)
-    max_skip_rate: float  # the nouns stage fails when a larger share of captions is skipped
-    tagger_iterations: int = 10  # training epochs of the embedded tagger
+    max_token_index: PositiveInt  # largest allowed position (75: SOT at 0, EOT at 76 after truncation)
+    max_skip_rate: Fraction  # the nouns stage fails when a larger share of captions is skipped
+    tagger_iterations: PositiveInt = 10  # training epochs of the embedded tagger
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class TextScale:
     tagger: Literal["embedded", "pretrained"]
     phrases: Literal["tagger", "authors"]
     metadata: str | None = None  # authors' metadata.jsonl (path or URL), for phrases: authors
-    shard_size: int = 1000
+    shard_size: PositiveInt = 1000
 
 
 class TaggerUnavailable(RuntimeError):

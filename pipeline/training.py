@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from .config import Bounds, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from .attention import AttentionStore, capture_cross_attention, restore_attention
 from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
@@ -55,14 +56,14 @@ MAX_TOKENS = 77
 class OptimCfg:
     """Params section ``optim`` (AdamW, clipping, schedule)."""
 
-    lr: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    eps: float
-    max_grad_norm: float
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat
+    beta1: Annotated[float, Bounds(low=0, high=1, open_high=True)]
+    beta2: Annotated[float, Bounds(low=0, high=1, open_high=True)]
+    eps: PositiveFloat
+    max_grad_norm: PositiveFloat
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
@@ -71,24 +72,24 @@ class TrainCfg:
 
     skip_ungrounded: bool = False
     use_ema: bool = False
-    ema_decay: float = 0.9999
-    checkpoint_limit: int = 10
-    max_word_skip_rate: float = 0.01  # fail when more usable-status mask rows than this do not fit the images
+    ema_decay: Fraction = 0.9999
+    checkpoint_limit: PositiveInt = 10
+    max_word_skip_rate: Fraction = 0.01  # fail when more usable-status mask rows than this do not fit the images
 
 
 @dataclass(frozen=True)
 class TrainScale:
     """Params section ``profiles.<p>.train`` (sizes, steps, hardware options)."""
 
-    batch_size: int
-    grad_accum: int
-    max_steps: int
-    checkpoint_every: int
+    batch_size: PositiveInt
+    grad_accum: PositiveInt
+    max_steps: PositiveInt
+    checkpoint_every: PositiveInt
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # not "no": YAML 1.1 reads a bare no as false
     gradient_checkpointing: bool = False
     compile: bool = False            # torch.compile the UNet (capture processors included); first step compiles
     cache_latents: bool = True       # encode each image once per run (LatentCache), not at every step
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,16 @@ def _select(records: dict[str, TrainRecord], skip_ungrounded: bool, stats: dict)
     if not used:
         raise ValueError("no training images: the images stage wrote no ok rows with split 'train'"
                          + (" that have an aligned mask (train.skip_ungrounded is on)" if skip_ungrounded else ""))
-    if not grounded:
-        log.warning("no image has an aligned mask: training uses the denoising loss only")
     return used, stats
+
+
+def check_grounded(stats: dict, loss: LossCfg) -> None:
+    """Refuse a run whose grounding losses could never apply: weights > 0 but no image has an aligned mask
+    (``stats`` from :func:`load_records`), which would silently be plain fine-tuning."""
+    if stats["images_grounded"] == 0 and (loss.token_weight or loss.pixel_weight):
+        raise ValueError("no training image has an aligned mask, so the token and pixel losses would never apply; "
+                         "check the masks stage (status counts in metrics/masks.json), or set loss.token_weight=0 "
+                         "and loss.pixel_weight=0 to fine-tune on the denoising loss only")
 
 
 def object_mask_records(images_dir: Path, tokenizer: Any, resolution: int, split: str) -> tuple[list[TrainRecord], int]:

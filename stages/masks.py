@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline import grounding
-from pipeline.config import ConfigError, active_profile, load_params, profile_fields, section
+from pipeline.config import ConfigError, Pixels, active_profile, load_params, profile_fields, section
 from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, wait_for_everyone, write_json
 from pipeline.shards import STATUS_OK, read_shards
 
@@ -29,7 +29,7 @@ class ProfileKeys:
     """The top-level keys of ``profiles.<p>`` this stage reads."""
 
     models_dir: Path
-    resolution: int
+    resolution: Pixels
 
 
 def main() -> None:

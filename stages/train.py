@@ -11,10 +11,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import load_params, profile_fields, section
+from pipeline.config import Pixels, load_params, profile_fields, section
 from pipeline.losses import LossCfg
 from pipeline.runtime import dist_info, setup_logging, write_json
-from pipeline.training import OptimCfg, TrainCfg, TrainRun, TrainScale, load_records, train, write_curves
+from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded, load_records, train,
+                               write_curves)
 
 log = logging.getLogger("stages.train")
 
@@ -28,7 +29,7 @@ class ModelScale:
 
     sd_model: str
     models_dir: Path
-    resolution: int
+    resolution: Pixels
 
 
 def main() -> None:
@@ -42,6 +43,7 @@ def main() -> None:
     )
     records, data_stats = load_records(IMAGES, MASKS, run.resolution, run.train.skip_ungrounded,
                                        run.train.max_word_skip_rate)
+    check_grounded(data_stats, run.loss)
     log.info("training on %d images (%d with masks, %d words)", data_stats["images_used"],
              data_stats["images_grounded"], data_stats["words_used"])
     result = train(run, records)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import load_params, section
+from pipeline.config import Fraction, PositiveInt, load_params, section
 from pipeline.demo_data import DemoDataScale, image_set_summary, write_demo_training_set
-from pipeline.runtime import setup_logging, write_json
+from pipeline.runtime import check_failure_rate, setup_logging, write_json
 
 log = logging.getLogger("stages.train_data")
 OUT = Path("artifacts/data/images")
@@ -25,8 +25,9 @@ class TrainDataScale:
     """``profiles.<p>.data``: where the training images come from and how they are sharded."""
 
     source: Literal["demo", "coco"]
-    shard_size: int
-    heldout_fraction: float
+    shard_size: PositiveInt
+    heldout_fraction: Fraction
+    max_failed_rate: Fraction = 0.01  # fail when more images than this could not be downloaded or decoded
     tokencompose_metadata: str = ""  # coco: URL or path of TokenCompose's train metadata.jsonl
     image_base_url: str = ""  # coco: URL or folder the COCO train2017 file names are joined to
 
@@ -47,6 +48,8 @@ def main() -> None:
                                 heldout_fraction=cfg.heldout_fraction, seed=seed)
     summary = image_set_summary(OUT)
     log.info("train_data: %s", summary)
+    check_failure_rate(summary["failed"], summary["images"], cfg.max_failed_rate, "train_data images",
+                       f"profiles.{params['profile']}.data.max_failed_rate")
     write_json("metrics/train_data.json", {"profile": params["profile"], "source": cfg.source, "seed": seed,
                                            "heldout_fraction": cfg.heldout_fraction, **summary})
 

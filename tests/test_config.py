@@ -1,15 +1,15 @@
-"""Config parsing: unknown, missing and mistyped keys are errors that name the key."""
+"""Config parsing: unknown, missing, mistyped and out-of-range keys are errors that name the key."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_params, parse, section
+from pipeline.config import Bounds, ConfigError, Fraction, NonEmpty, Pixels, PositiveInt, load_params, parse, section
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,14 @@ def test_parse_errors_name_the_key(data, message):
 
 def test_load_params_rejects_unknown_profile(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("profile: huge\nprofiles:\n  demo: {}\n")
+    p.write_text("profile: huge\nseed: 0\nprofiles:\n  demo: {}\n")
     with pytest.raises(ConfigError, match="profile: 'huge' is not one of"):
         load_params(p)
 
 
 def test_section_reads_active_profile(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("profile: paper\nloss: {lr: 0.5}\nprofiles:\n  demo: {train: {lr: 1}}\n  paper: {train: {lr: 2}}\n")
+    p.write_text("profile: paper\nseed: 0\nloss: {lr: 0.5}\nprofiles:\n  demo: {train: {lr: 1}}\n  paper: {train: {lr: 2}}\n")
     params = load_params(p)
     assert section(params, "profile.train", Inner).lr == 2.0
     assert section(params, "loss", Inner).lr == 0.5
@@ -172,3 +172,87 @@ def test_params_survive_dvc_set_rewrites():
         rewritten["profile"] = profile
         for dotted, cls in _all_sections():
             section(rewritten, dotted, cls)
+
+
+@dataclass(frozen=True)
+class Bounded:
+    steps: PositiveInt = 1
+    rate: Fraction = 0.5
+    size: Pixels = 64
+    limit: PositiveInt | None = None
+    names: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["a"])
+    below_one: Annotated[float, Bounds(low=0, high=1, open_high=True)] = 0.0
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"steps": 0}, r"sec.steps: 0 is out of range; expected >= 1"),
+    ({"steps": -5}, r"sec.steps: -5 is out of range"),
+    ({"rate": 1.5}, r"sec.rate: 1.5 is out of range; expected >= 0 and <= 1"),
+    ({"rate": float("nan")}, r"sec.rate: nan is out of range"),
+    ({"size": 100}, r"sec.size: 100 is not a multiple of 8"),
+    ({"limit": -1}, r"sec.limit: -1 is out of range; expected >= 1"),
+    ({"names": []}, r"sec.names: empty; give at least one entry"),
+    ({"below_one": 1.0}, r"sec.below_one: 1.0 is out of range; expected >= 0 and < 1"),
+    ({"steps": "3"}, r"sec.steps: expected int, got str"),
+])
+def test_out_of_range_values_are_errors_naming_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(Bounded, data, "sec")
+
+
+def test_values_at_the_bounds_are_accepted():
+    got = parse(Bounded, {"steps": 1, "rate": 1, "size": 8, "limit": None, "names": ["x"], "below_one": 0.99}, "s")
+    assert (got.steps, got.rate, got.size, got.limit, got.below_one) == (1, 1.0, 8, None, 0.99)
+
+
+@pytest.mark.parametrize("dotted,key,value,message", [
+    ("profile.train", "batch_size", 0, r"profiles.demo.train.batch_size: 0 is out of range"),
+    ("profile.train", "max_steps", -5, r"profiles.demo.train.max_steps: -5 is out of range"),
+    ("profile.train", "checkpoint_every", 0, r"checkpoint_every: 0 is out of range"),
+    ("profile.sampling", "max_prompts", -1, r"profiles.demo.sampling.max_prompts: -1 is out of range"),
+    ("profile.sampling", "resolution", 100, r"resolution: 100 is not a multiple of 8"),
+    ("profile.editing", "num_inference_steps", -5, r"profiles.demo.editing.num_inference_steps: -5 is out of range"),
+    ("profile.multigen", "dtype", "fp16", r"profiles.demo.multigen.dtype: expected one of \['float32'"),
+    ("grounding", "box_threshold", 2.0, r"grounding.box_threshold: 2.0 is out of range"),
+    ("multigen", "threshold", 1.0, r"multigen.threshold: 1.0 is out of range; expected >= 0 and < 1"),
+    ("multigen", "query_template", "a photo of a {object}", r"multigen: query_template .* must hold the object name"),
+    ("editing", "mask_threshold", 2.0, r"editing.mask_threshold: 2.0 is out of range"),
+    ("editing", "init", "zero", r"editing.init: expected one of"),
+    ("loss", "layers", [], r"loss: layers is empty but a grounding weight is not 0"),
+    ("grounding_eval", "groups", [], r"grounding_eval.groups: empty"),
+])
+def test_repository_sections_reject_values_that_would_fail_late_or_silently(dotted, key, value, message):
+    """Each of these used to crash deep inside a stage, after deleting finished work, or to run and write
+    meaningless numbers."""
+    from pipeline.editing import EditingCfg, EditingScale
+    from pipeline.grounding import GroundingCfg
+    from pipeline.losses import LossCfg
+    from pipeline.multigen import MultiGenCfg, MultiGenScale
+    from pipeline.attention_maps import GroundingEvalCfg
+    from pipeline.sampling import SamplingScale
+    from pipeline.training import TrainScale
+
+    classes = {"profile.train": TrainScale, "profile.sampling": SamplingScale, "profile.editing": EditingScale,
+               "profile.multigen": MultiGenScale, "grounding": GroundingCfg, "multigen": MultiGenCfg,
+               "editing": EditingCfg, "loss": LossCfg, "grounding_eval": GroundingEvalCfg}
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    node = params["profiles"]["demo"] if dotted.startswith("profile.") else params
+    node[dotted.split(".")[-1]][key] = value
+    with pytest.raises(ConfigError, match=message):
+        section(params, dotted, classes[dotted])
+
+
+def test_plain_fine_tuning_may_have_no_layers():
+    from pipeline.losses import LossCfg
+
+    assert parse(LossCfg, {"token_weight": 0, "pixel_weight": 0, "layers": []}, "loss").layers == []
+
+
+@pytest.mark.parametrize("seed", [1.5, "abc", -1, True, None])
+def test_seed_must_be_a_non_negative_integer(tmp_path, seed):
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["seed"] = seed
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"seed: expected a non-negative integer"):
+        load_params(path)

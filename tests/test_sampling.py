@@ -153,6 +153,13 @@ def test_compiled_sampler_gives_the_eager_images(models, sd, monkeypatch):
     assert compiled.fingerprint(weights) == sd.fingerprint(weights)
 
 
+@pytest.mark.parametrize("name", ["DDIMScheuler", "AutoencoderKL"])
+def test_scheduler_must_be_a_diffusers_scheduler_class(models, name):
+    with pytest.raises(ValueError, match=f"sampling.scheduler: '{name}' is not a diffusers scheduler class"):
+        make_sampler(models, cfg=SamplingCfg(scheduler=name))
+    assert type(make_sampler(models, cfg=SamplingCfg(scheduler="DDIMScheduler")).pipe.scheduler).__name__ == "DDIMScheduler"
+
+
 def test_unet_swap_changes_only_the_unet(models, sd):
     swapped = make_sampler(models, unet="embedded:tiny-sd-unet-a")
     hb, hs = component_hashes(sd.pipe), component_hashes(swapped.pipe)

@@ -394,3 +394,14 @@ def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tin
     base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet").state_dict()
     moved = max((ua[k] - base[k]).abs().max().item() for k in ua)             # ~ steps x lr (Adam)
     assert max((ua[k] - ub[k]).abs().max().item() for k in ua) < 0.01 * moved  # rounding, amplified by Adam
+
+
+def test_grounding_losses_without_any_mask_are_refused():
+    """Weights > 0 and no image with an aligned mask would silently be plain fine-tuning."""
+    from pipeline.training import check_grounded
+
+    loss = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8"])
+    with pytest.raises(ValueError, match="no training image has an aligned mask"):
+        check_grounded({"images_grounded": 0}, loss)
+    check_grounded({"images_grounded": 3}, loss)
+    check_grounded({"images_grounded": 0}, LossCfg(token_weight=0.0, pixel_weight=0.0, layers=[]))
