@@ -178,6 +178,18 @@ def coco_set_metrics(out_dir: Path) -> dict[str, Any]:
     return counts
 
 
+FIRST_IMAGES_CHECKED = 16  # when all of a run's first 16 downloads fail, the source is unreachable
+
+
+def check_first_downloads(rows: list[dict[str, Any]], base_url: str) -> None:
+    """Stop the run when its first :data:`FIRST_IMAGES_CHECKED` downloads all failed (no network, wrong
+    ``image_base_url``) instead of trying the other images one by one for hours."""
+    if len(rows) == FIRST_IMAGES_CHECKED and all(r["status"] == "download_failed" for r in rows):
+        raise FetchError(f"the first {FIRST_IMAGES_CHECKED} COCO images all failed to download from {base_url} "
+                         f"(last: {rows[-1]['error']}); check the network, or point "
+                         f"profiles.<p>.data.image_base_url at a local train2017 folder (file:///path/)", False)
+
+
 def write_coco_training_set(metadata: str, image_base_url: str, out_dir: Path, shard_size: int,
                             heldout_fraction: float, seed: int, retries: int = 3, timeout: float = 30.0) -> dict:
     """Fetch the COCO train2017 images named in TokenCompose's metadata into ``artifacts/data/images`` shards.
@@ -203,8 +215,16 @@ def write_coco_training_set(metadata: str, image_base_url: str, out_dir: Path, s
     fingerprint = {"records": fingerprint_of([[r["file_name"], r["text"]] for r in records]),
                    "base_url": base_url, "heldout_fraction": heldout_fraction, "seed": seed}
 
+    first: list[dict[str, Any]] = []  # the first rows this run fetched, to stop early when none worked
+
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [coco_image_row(r, base_url, heldout_fraction, seed, retries, timeout) for r in chunk]
+        rows = []
+        for record in chunk:
+            rows.append(coco_image_row(record, base_url, heldout_fraction, seed, retries, timeout))
+            if len(first) < FIRST_IMAGES_CHECKED:
+                first.append(rows[-1])
+                check_first_downloads(first, base_url)
+        return rows
 
     write_shards(Path(out_dir), records, process, shard_size, fingerprint, code=code_digest(__name__),
                  desc="coco images", redo_statuses=("download_failed",))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +42,10 @@ def _fetch_once(url: str, timeout: float, max_bytes: int) -> bytes:
     except urllib.error.HTTPError as err:
         raise FetchError(f"{url}: HTTP {err.code} {err.reason}", err.code in RETRY_HTTP) from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        raise FetchError(f"{url}: {getattr(err, 'reason', err)}", True) from err
+        reason = getattr(err, "reason", err)
+        # An unknown host (no network, no DNS) or a missing local file does not come back on a retry.
+        lasting = isinstance(reason, (socket.gaierror, FileNotFoundError, NotADirectoryError))
+        raise FetchError(f"{url}: {reason}", not lasting) from err
     if len(data) > max_bytes:
         raise FetchError(f"{url}: larger than {max_bytes} bytes", False)
     if expected is not None and expected.isdigit() and int(expected) != len(data):

@@ -245,3 +245,37 @@ def test_fetch_gives_up_after_retries_naming_the_url(monkeypatch):
     monkeypatch.setattr(fetch, "BACKOFF_S", 0.0)
     with pytest.raises(coco.FetchError, match=r"http://127\.0\.0\.1:9/x\.jpg"):
         coco.fetch("http://127.0.0.1:9/x.jpg", retries=1, timeout=2.0)
+
+
+def test_unreachable_image_source_stops_after_the_first_images(served, tmp_path, monkeypatch):
+    """All of the first 16 downloads failing (no network, wrong base URL) stops the run at once instead of
+    trying thousands of images; nothing is written for the unfinished shard."""
+    server, root, _ = served
+    records = [_record(f"{i:012d}.jpg", f"A cat number {i}.") for i in range(100, 140)]
+    (root / "many.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "images"
+    with pytest.raises(coco.FetchError, match=r"first 16 COCO images all failed to download from .*HTTP 404"):
+        coco.write_coco_training_set(str(root / "many.jsonl"), server.url, out, shard_size=40,
+                                     heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    assert sum(server.requests.values()) == 16 and not shard_files(out)
+
+
+def test_unknown_host_and_missing_local_file_are_not_retried(monkeypatch, tmp_path):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    calls = []
+
+    def no_dns(url, timeout):
+        calls.append(url)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    with pytest.raises(coco.FetchError, match="Name or service not known") as err:
+        coco.fetch("http://images.example/x.jpg", retries=3)
+    assert not err.value.transient and len(calls) == 1
+    monkeypatch.undo()
+    with pytest.raises(coco.FetchError) as err:
+        coco.fetch((tmp_path / "absent.jpg").as_uri(), retries=3)
+    assert not err.value.transient
