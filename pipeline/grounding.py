@@ -612,18 +612,16 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
         "inputs": files_digest(shards.shard_files(ctx.nouns_dir) + shards.shard_files(ctx.images_dir)),
     }
     code = shards.code_digest(__name__)
+    # Models load before stale shards are dropped: a reference that does not load loses no finished work.
+    grounder = Grounder(GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
+                        load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
+                        cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution)
     shards.prepare_for_ranks(ctx.out_dir, len(items), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)
     store = ImageStore(ctx.images_dir)
-    grounder: list[Grounder] = []  # loaded on the first shard to compute (a finished run loads nothing)
 
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not grounder:
-            grounder.append(Grounder(
-                GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
-                load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
-                cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution))
         loaded = store.load(str(item["image_id"]) for item in chunk)
-        return grounder[0].run([make_job(item, *loaded[str(item["image_id"])]) for item in chunk])
+        return grounder.run([make_job(item, *loaded[str(item["image_id"])]) for item in chunk])
 
     return write_shards(ctx.out_dir, items, process, scale.shard_size, fingerprint, ctx.rank, ctx.world_size,
                         code=code, desc="masks", redo_statuses=("inference_failed",))

@@ -453,6 +453,22 @@ def test_demo_thresholds_give_some_masks_with_train_masks(tmp_path, tiny_refs):
     assert Image.open(out).size[0] > 100
 
 
+def test_a_model_that_does_not_load_loses_no_finished_masks(tmp_path, tiny_refs, monkeypatch):
+    """Models load before stale shards are dropped: a mistyped reference leaves the finished run intact."""
+    det_ref, seg_ref, models_dir = tiny_refs
+    images, nouns = good_inputs(4)
+    write_inputs(tmp_path, images, nouns)
+    ctx = RunContext(tmp_path / "masks", tmp_path / "artifacts/nouns", tmp_path / "artifacts/data/images", models_dir, 64)
+    cfg = GroundingCfg(0.25, 0.25, 0.5)
+    grounding.write_grounded_masks(ctx, cfg, scale_for(det_ref, seg_ref))
+    finished = {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(Exception, match="syscv-community/sam-hq-vit-hug"):  # a hub id, not in the cache
+        grounding.write_grounded_masks(ctx, cfg, scale_for(det_ref, "syscv-community/sam-hq-vit-hug"))
+    assert {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
+
+
 def test_ranks_split_shards_and_together_equal_one_process(tmp_path, tiny_refs):
     det_ref, seg_ref, models_dir = tiny_refs
     images, nouns = good_inputs(5)
