@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import capture_cross_attention, restore_attention
-from .config import NonEmpty, PositiveInt, active_profile, section
+from .config import ConfigError, NonEmpty, PositiveInt, active_profile, section
 from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
@@ -316,6 +316,9 @@ def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRe
     """
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
     model = section(params, f"eval_models.{key}", EvalModel)
+    if model.sampler != "sd":  # its pipeline installs its own attention processors over the capture
+        raise ConfigError(f"eval_models.{key}: attention is recorded with the plain SD sampler only, and this "
+                          f"model uses {model.sampler!r}; list plain SD models (e.g. sd14, trained)")
     ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
     device = rank_device()
     pipe = load_pipeline(ref, model.sampler, Path(active_profile(params)["models_dir"]), cfg,

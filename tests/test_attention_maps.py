@@ -357,3 +357,14 @@ def test_compare_with_samples(tmp_path):
     assert am.compare_with_samples(tmp_path / "s", samples, items) == {
         "images_compared": 2, "images_identical": 1, "max_pixel_diff": 7}
     assert am.compare_with_samples(tmp_path / "absent", samples, items)["images_compared"] == 0
+
+
+def test_attention_is_recorded_with_the_plain_sampler_only():
+    """Attend-and-Excite replaces the attention processors, so its maps would not be recorded."""
+    from pathlib import Path
+
+    from pipeline.config import ConfigError, load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    with pytest.raises(ConfigError, match="eval_models.attend_excite: attention is recorded with the plain SD"):
+        am.load_sampler(params, "attend_excite")
