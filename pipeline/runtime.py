@@ -14,6 +14,19 @@ from typing import Any
 import torch
 
 
+def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") -> str | None:
+    """Parse a stage script's command line: ``-h``/``--help`` prints the script's docstring and exits;
+    the stage takes one positional argument ``name`` (described by ``meaning``) or none. A wrong command
+    line exits with the usage before anything runs (``dvc.yaml`` runs the scripts with their arguments)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if name:
+        parser.add_argument(name, help=meaning)
+    args = parser.parse_args()
+    return getattr(args, name) if name else None
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log ``time level name: message`` to stderr (stages call this once)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

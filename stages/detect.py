@@ -8,13 +8,12 @@ one row per image with every box's score and label, so MG can be rescored at any
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, load_detector
 from pipeline.zoo import state_dict_hash
-from pipeline.runtime import dist_info, rank_device, setup_logging
+from pipeline.runtime import dist_info, rank_device, setup_logging, stage_argument
 
 log = logging.getLogger("stages.detect")
 
@@ -35,6 +34,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python stages/detect.py MODEL   (MODEL: a key of eval_models in params.yaml)")
-    main(sys.argv[1])
+    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

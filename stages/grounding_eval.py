@@ -10,7 +10,6 @@ per resolution group. Outs: metrics/grounding/<MODEL>.json.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples, grounding_failures,
@@ -18,7 +17,7 @@ from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compa
 from pipeline.config import active_profile, load_params, section
 from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import check_failure_rate, setup_logging, write_json
+from pipeline.runtime import check_failure_rate, setup_logging, stage_argument, write_json
 from pipeline.sampling import prompt_items
 
 log = logging.getLogger("stages.grounding_eval")
@@ -58,6 +57,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python stages/grounding_eval.py MODEL   (MODEL: a key of eval_models, plain SD sampler)")
-    main(sys.argv[1])
+    main(stage_argument(__doc__, "MODEL", "a key of eval_models with the plain SD sampler"))

@@ -8,7 +8,6 @@ plots/piebench_<backbone>.csv (raw metrics per image), plots/edits_<backbone>.pn
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from pipeline.benchmarks import MAPPING_FILE, read_mapping
 from pipeline.config import ConfigError, active_profile, load_params, section
 from pipeline.editing import EditingScale
 from pipeline.piebench import PieBenchCfg, PieBenchScale, PieBenchScorer, edits_figure, score_edits, summarize
-from pipeline.runtime import default_device, setup_logging, write_json
+from pipeline.runtime import default_device, setup_logging, stage_argument, write_json
 from pipeline.shards import iter_rows
 
 log = logging.getLogger("stages.piebench")
@@ -48,6 +47,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python stages/piebench.py <backbone>   (a key of profiles.<p>.editing.backbones)")
-    main(sys.argv[1])
+    main(stage_argument(__doc__, "BACKBONE", "a key of profiles.<p>.editing.backbones"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import report
 from pipeline.config import load_params, section
-from pipeline.runtime import setup_logging, write_json
+from pipeline.runtime import setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.report")
 
@@ -42,4 +42,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stage_argument(__doc__)
     main()

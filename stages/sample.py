@@ -10,13 +10,13 @@ metrics/sample/<MODEL>.json.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import check_failure_rate, dist_info, rank_device, setup_logging, wait_for_everyone, write_json
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, setup_logging, stage_argument,
+                              wait_for_everyone, write_json)
 from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
                                load_pipeline, resolve_dtype, sample_prompt_set)
 from pipeline.shards import STATUS_OK, read_shards
@@ -60,6 +60,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python stages/sample.py MODEL   (MODEL: a key of eval_models in params.yaml)")
-    main(sys.argv[1])
+    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

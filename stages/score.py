@@ -9,13 +9,12 @@ missing images).
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from pipeline.config import load_params, section
 from pipeline.multigen import (MultiGenCfg, MultiGenScale, format_row, load_prompt_set,
                                score_records)
-from pipeline.runtime import check_failure_rate, setup_logging, write_json
+from pipeline.runtime import check_failure_rate, setup_logging, stage_argument, write_json
 from pipeline.sampling import EvalModel, EvalModelRef, SamplingScale
 from pipeline.shards import iter_rows
 
@@ -48,6 +47,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python stages/score.py MODEL   (MODEL: a key of eval_models in params.yaml)")
-    main(sys.argv[1])
+    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -43,3 +44,17 @@ def test_import_closure_follows_relative_lazy_and_package_imports(tmp_path):
     assert PACKAGE_DIR / "report.py" in import_closure(script)
     with pytest.raises(ValueError, match="must be modules"):
         import_closure("pipeline.no_such_module")
+
+
+def test_every_stage_script_answers_help_without_running(tmp_path):
+    """`python stages/X.py --help` prints the script's docstring and exits; it must not run the stage
+    (which would rebuild models, delete checkpoints or rewrite the report)."""
+    import subprocess
+    import sys
+
+    for script in sorted((REPO / "stages").glob("*.py")):
+        proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        first_line = ast.get_docstring(ast.parse(script.read_text())).splitlines()[0]
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (script.name, proc.stderr[-500:])
+        assert first_line.split(":")[0] in proc.stdout, script.name
+    assert not any(tmp_path.iterdir())  # nothing was written
