@@ -91,10 +91,12 @@ def test_multigen_section_lines_up_run_and_published_rows():
     published = report.load_published(PUBLISHED)
     section = report.multigen_section({"sd14": _mg_metrics(60.0)}, published["multigen"], "demo")
     coco = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "multigen_coco")
-    assert coco.columns == ["Model", "Source", "MG2", "MG3", "MG4", "MG5", "OA"]
+    assert coco.columns == ["Model", "Source", "MG2", "MG3", "MG4", "MG5"]
     assert coco.rows[0] == ["sd14", "this run (demo)", "30.00(0.50)", "20.00(0.33)", "15.00(0.25)",
-                            "12.00(0.20)", "—"]
-    assert coco.rows[3][0] == "TokenCompose" and coco.rows[3][2] == "98.08(0.40)" and coco.rows[3][6] == "52.15"
+                            "12.00(0.20)"]
+    assert coco.rows[3][0] == "TokenCompose" and coco.rows[3][2] == "98.08(0.40)"
+    oa = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "visor_oa")
+    assert oa.rows[2] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] and len(oa.rows) == 3
     prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("MultiGen: what"))
     assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
                                   "num_prompts = 6"]]
