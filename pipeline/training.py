@@ -640,10 +640,12 @@ def run_fingerprint(run: TrainRun, data_fp: str) -> str:
 
 @dataclass
 class TrainResult:
-    """What a run produced: per-step curve rows and summary metrics (flat)."""
+    """What a run produced: per-step curve rows, summary metrics (flat, deterministic) and this run's
+    timing (``seconds_this_run``, ``samples_per_s``: they differ from run to run, so they are kept apart)."""
 
     curves: list[dict[str, float]]
     metrics: dict[str, Any]
+    timing: dict[str, Any] = field(default_factory=dict)
 
 
 def precision_name(accelerate_precision: str) -> str:
@@ -818,10 +820,11 @@ class Trainer:
             self.ema.copy_to(model.parameters())
         if self.acc.is_main_process:
             model.save_pretrained(Path(self.run.out_dir) / "unet", safe_serialization=True)
-        metrics = self._metrics(start, step, samples, wall)
-        return TrainResult(self.curves, metrics)
+        timing = {"samples_this_run": samples, "seconds_this_run": round(wall, 2),
+                  "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None}
+        return TrainResult(self.curves, self._metrics(start, step, samples), timing)
 
-    def _metrics(self, start: int, step: int, samples: int, wall: float) -> dict[str, Any]:
+    def _metrics(self, start: int, step: int, samples: int) -> dict[str, Any]:
         s = self.run.scale
         window = self.curves[-max(1, len(self.curves) // 10):]
         final = {f"final_{k}": float(np.mean([r[k] for r in window if k in r]))
@@ -829,9 +832,7 @@ class Trainer:
         return {
             "steps": step, "resumed_from_step": start, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
             "world_size": self.acc.num_processes, "effective_batch": s.batch_size * s.grad_accum * self.acc.num_processes,
-            "samples_this_run": samples, "seconds_this_run": round(wall, 2),
-            "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None,
-            "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
+            "samples_this_run": samples, "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
             "gradient_checkpointing": s.gradient_checkpointing, "compiled": s.compile,
             "cache_latents": s.cache_latents,
             # images through the VAE encoder on rank 0 this run

@@ -2,7 +2,8 @@
 
 Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
 Outs: artifacts/train/unet/ (diffusers layout, safetensors); artifacts/train/checkpoints/ (not a DVC output: resumes
-after a kill), metrics/train.json, plots/train_curves.csv. Multi-GPU: `accelerate launch stages/train.py`.
+after a kill), metrics/train.json, plots/train_curves.csv; artifacts/train/timing.json (this run's
+throughput, not a DVC output). Multi-GPU: `accelerate launch stages/train.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ log = logging.getLogger("stages.train")
 
 IMAGES, MASKS, OUT = Path("artifacts/data/images"), Path("artifacts/masks"), Path("artifacts/train")
 METRICS, CURVES = Path("metrics/train.json"), Path("plots/train_curves.csv")
+TIMING = OUT / "timing.json"  # this run's seconds and samples/s: not a DVC output (they differ every run)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ def main() -> None:
         return
     write_curves(CURVES, result.curves)
     write_json(METRICS, {"profile": params["profile"], **result.metrics, **data_stats})
+    write_json(TIMING, result.timing)
+    log.info("train: %s", result.timing)
 
 
 if __name__ == "__main__":
