@@ -75,8 +75,20 @@ def resolve(ref: str, models_dir: str | Path) -> str:
     return parsed.name
 
 
+def quiet_loading() -> None:
+    """Turn off transformers' and diffusers' progress bars for loading and saving weights ("Loading
+    weights", "Loading pipeline components", "Writing model shards"): stages load several models each, and
+    their own bars already say how far the work is."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def from_pretrained(cls: Any, ref: str, models_dir: str | Path, **kwargs: Any) -> Any:
     """``cls.from_pretrained(resolve(ref), **kwargs)`` with an error that says how to fix a failed load."""
+    quiet_loading()
     target = resolve(ref, models_dir)
     try:
         return cls.from_pretrained(target, **kwargs)
@@ -106,6 +118,7 @@ def load_unet(ref: str, models_dir: str | Path, torch_dtype: torch.dtype = torch
     """Load a ``UNet2DConditionModel`` from a pipeline folder/id (its ``unet/``) or a bare UNet folder."""
     from diffusers import UNet2DConditionModel
 
+    quiet_loading()
     path, subfolder = unet_location(ref, models_dir)
     try:
         return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype, **({"subfolder": subfolder} if subfolder else {}))

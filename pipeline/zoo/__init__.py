@@ -47,6 +47,9 @@ def build(name: str, out_dir: Path, seed: int) -> Path:
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown embedded model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    from ..models import quiet_loading
+
+    quiet_loading()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
