@@ -309,17 +309,23 @@ class GroundingEvalScale:
     images_per_prompt: PositiveInt  # image indices 0..J-1 (the sampler's seeds)
 
 
+def recordable_model(params: dict[str, Any], key: str) -> tuple[EvalModel, EvalModelRef]:
+    """The ``eval_models`` entry ``key`` and its references, checked to use the plain SD sampler (stages call
+    this for every model before sampling any, so a bad key fails at once)."""
+    model = section(params, f"eval_models.{key}", EvalModel)
+    if model.sampler != "sd":  # its pipeline installs its own attention processors over the capture
+        raise ConfigError(f"eval_models.{key}: attention is recorded with the plain SD sampler only, and this "
+                          f"model uses {model.sampler!r}; list plain SD models (e.g. sd14, trained)")
+    return model, section(params, f"profile.eval_models.{key}", EvalModelRef)
+
+
 def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRef]:
     """The ``sample`` stage's sampler of model ``key`` (same pipeline, settings and seed) and its references.
 
     Returns (:class:`pipeline.sampling.Sampler`, :class:`pipeline.sampling.EvalModelRef`).
     """
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
-    model = section(params, f"eval_models.{key}", EvalModel)
-    if model.sampler != "sd":  # its pipeline installs its own attention processors over the capture
-        raise ConfigError(f"eval_models.{key}: attention is recorded with the plain SD sampler only, and this "
-                          f"model uses {model.sampler!r}; list plain SD models (e.g. sd14, trained)")
-    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    model, ref = recordable_model(params, key)
     device = rank_device()
     pipe = load_pipeline(ref, model.sampler, Path(active_profile(params)["models_dir"]), cfg,
                          resolve_dtype(scale.dtype, device), device)

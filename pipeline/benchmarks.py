@@ -362,6 +362,17 @@ def write_mapping(path: Path, entries: dict[str, PieBenchEntry]) -> None:
     _atomic_write(Path(path), json.dumps({k: asdict(v) for k, v in entries.items()}).encode("utf-8"))
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file; an unreadable one is an error naming it and the fix."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return image.size
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable image ({err}); replace it with the file from PIE-Bench. "
+                         f"{PIEBENCH_HELP}") from err
+
+
 def validate_piebench_root(root: Path) -> dict[str, PieBenchEntry]:
     """Check a PIE-Bench folder: mapping file valid and every image present; return its entries."""
     root = Path(root)
@@ -374,7 +385,7 @@ def validate_piebench_root(root: Path) -> dict[str, PieBenchEntry]:
         raise FileNotFoundError(
             f"{root / IMAGES_DIR}: {len(missing)} of {len(entries)} images named in {MAPPING_FILE} are missing "
             f"(first: {missing[:3]}). {PIEBENCH_HELP}")
-    sizes = {e.image_path: Image.open(root / IMAGES_DIR / e.image_path).size for e in entries.values()}
+    sizes = {e.image_path: _image_size(root / IMAGES_DIR / e.image_path) for e in entries.values()}
     wrong = {path: size for path, size in sizes.items() if size != (PIE_SIZE, PIE_SIZE)}
     if wrong:
         first = next(iter(wrong.items()))

@@ -101,7 +101,8 @@ def load_hint(ref: str, target: str) -> str:
     """How to fix a failed load of ``ref``: download a hub id, or check a local folder's layout."""
     if parse_ref(ref).kind == "hub":
         return (f"download it once where there is network (`hf download {target}`) and set HF_HOME, "
-                f"or point the parameter at a local directory")
+                f"or point the parameter at a local directory (no folder {ref} exists here, so it was "
+                f"taken for a hub id)")
     return "check that the directory holds a save_pretrained layout"
 
 

@@ -93,6 +93,9 @@ class Section:
 def load_published(path: str | Path) -> dict[str, Any]:
     """``data/published.yaml`` with its three parts (``multigen``, ``piebench``, ``study``) checked."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: published numbers not found; set report.published in params.yaml to "
+                                f"the project's data/published.yaml (or a copy in its layout)")
     data = yaml.safe_load(path.read_text())
     for part in ("multigen", "piebench", "study"):
         if not isinstance(data, dict) or part not in data:

@@ -11,7 +11,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.attention_maps import AttentionMapsCfg, AttentionMapsScale, load_sampler, write_attention_figures
+from pipeline.attention_maps import (AttentionMapsCfg, AttentionMapsScale, load_sampler, recordable_model,
+                                     write_attention_figures)
 from pipeline.config import load_params, section
 from pipeline.runtime import setup_logging, stage_argument, write_json
 
@@ -24,6 +25,8 @@ def main() -> None:
     params = load_params()
     cfg = section(params, "attention_maps", AttentionMapsCfg)
     scale = section(params, "profile.attention_maps", AttentionMapsScale)
+    for key in scale.models:  # every model checked before any is sampled
+        recordable_model(params, key)
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     metrics = {"prompts": len(scale.prompts), "groups": ",".join(cfg.groups), "steps": ",".join(map(str, scale.steps))}

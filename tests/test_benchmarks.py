@@ -340,6 +340,15 @@ def test_piebench_copy_of_another_size_is_refused(tmp_path):
         bm.copy_piebench(root, tmp_path / "out")
 
 
+def test_piebench_unreadable_image_is_named(tmp_path):
+    root = tmp_path / "PIE-Bench"
+    entries = dd.write_demo_piebench(root, 2, seed=0, size=512)
+    damaged = root / "annotation_images" / next(iter(entries.values())).image_path
+    damaged.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{damaged.name}: not a readable image.*replace it"):
+        bm.validate_piebench_root(root)
+
+
 def test_piebench_missing_root_and_images(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"PIE-Bench.*not found.*PnPInversion"):
         bm.validate_piebench_root(tmp_path / "PIE-Bench")

@@ -262,3 +262,8 @@ def test_build_sections_names_every_missing_input(tmp_path):
                  "metrics/grounding/<model>.json"):
         assert path in notes
     assert "meaningless" in report.profile_banner("demo") and "meaningless" not in report.profile_banner("paper")
+
+
+def test_missing_published_file_names_the_param(tmp_path):
+    with pytest.raises(FileNotFoundError, match="set report.published in params.yaml"):
+        report.load_published(tmp_path / "publshed.yaml")
