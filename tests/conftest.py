@@ -30,6 +30,12 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def bare_argv(monkeypatch):
+    """Stage scripts run in-process (``runpy``) parse ``sys.argv``: give them a bare one, not pytest's."""
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real public files); tests that need it skip with a message when it is absent."""

@@ -506,7 +506,8 @@ if os.environ.get("SLOW_SHARDS") and os.environ.get("RANK", "0") in os.environ.g
         time.sleep(float(os.environ["SLOW_SHARDS"]))
         return original(self, jobs)
     grounding.Grounder.run = slow
-runpy.run_path(sys.argv[1], run_name="__main__")
+script = sys.argv.pop(1)  # the stage script sees its own command line, as under dvc
+runpy.run_path(script, run_name="__main__")
 """
 
 
