@@ -1,6 +1,6 @@
 """Stage `detect@<model>`: OWLv2 detections on one model's MultiGen images (SPEC §3.3).
 
-Usage: ``python stages/detect.py MODEL`` (or ``accelerate launch``; ranks split the shards).
+Usage: ``python -m stages.detect MODEL`` (or ``accelerate launch``; ranks split the shards).
 Deps: artifacts/samples/<MODEL>/. Outs: artifacts/detections/<MODEL>/<set>/ (Parquet shards, persist),
 one row per image with every box's score and label, so MG can be rescored at any threshold.
 """

@@ -1,6 +1,6 @@
 """Stage `edit@<backbone>`: Blended Latent Diffusion on the PIE-Bench set with one backbone (SPEC §4).
 
-Usage: ``python stages/edit.py <backbone>`` with a backbone named in ``profiles.<p>.editing.backbones``.
+Usage: ``python -m stages.edit <backbone>`` with a backbone named in ``profiles.<p>.editing.backbones``.
 Outs: artifacts/edits/<backbone>/ (shards: image_id, image (PNG), prompt, seed, mask_fraction, status,
 error; resumable), metrics/edit/<backbone>.json.
 """

@@ -1,6 +1,6 @@
 """Stage `grounding_eval@<model>`: how much of each category token's attention lies on that category.
 
-Usage: ``python stages/grounding_eval.py MODEL`` (MODEL a key of ``eval_models`` with the plain SD sampler).
+Usage: ``python -m stages.grounding_eval MODEL`` (MODEL a key of ``eval_models`` with the plain SD sampler).
 The first ``num_prompts`` MultiGen prompts x ``images_per_prompt`` images are generated again by the
 sampler (same seeds as the ``sample`` stage) while cross-attention is recorded; Grounded-SAM segments each
 category on the generated image; the share of the category tokens' attention inside its mask is averaged

@@ -1,6 +1,6 @@
 """Stage `masks`: one row per (image, phrase) with its mask (SPEC §2), from Grounded-SAM or the authors' PNGs.
 
-Runs as one process (CPU or one GPU) or under ``accelerate launch stages/masks.py`` with one process per
+Runs as one process (CPU or one GPU) or under ``accelerate launch -m stages.masks`` with one process per
 GPU, each writing its own shards. Outs: artifacts/masks/ (persistent, resumable shards),
 metrics/masks.json, plots/masks_overlay.png.
 """

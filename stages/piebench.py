@@ -1,6 +1,6 @@
 """Stage `piebench@<backbone>`: PIE-Bench metrics of one backbone's edits (SPEC §5.4-5.6).
 
-Usage: ``python stages/piebench.py <backbone>``.
+Usage: ``python -m stages.piebench <backbone>``.
 Outs: metrics/piebench/<backbone>.json (table-scaled means, overall and per editing type, with counts),
 plots/piebench_<backbone>.csv (raw metrics per image), plots/edits_<backbone>.png (source / mask / edit).
 """

@@ -1,7 +1,7 @@
 """Stage `sample@<model>`: MultiGen images of one evaluated model for every prompt set (SPEC §3.2).
 
-Usage: ``python stages/sample.py MODEL`` (MODEL a key of ``eval_models``); multi-GPU:
-``accelerate launch stages/sample.py MODEL`` (each rank writes its own shards).
+Usage: ``python -m stages.sample MODEL`` (MODEL a key of ``eval_models``); multi-GPU:
+``accelerate launch -m stages.sample MODEL`` (each rank writes its own shards).
 Deps: artifacts/data/multigen/<set>.json, the model's weights (``eval_models.<MODEL>.dep``).
 Outs: artifacts/samples/<MODEL>/<set>/ (Parquet shards, persist: resumes after a kill),
 metrics/sample/<MODEL>.json.

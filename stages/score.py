@@ -1,6 +1,6 @@
 """Stage `score@<model>`: MG1-MG5 (mean and std over image index) of one model (SPEC §3.4).
 
-Usage: ``python stages/score.py MODEL``. Deps: artifacts/detections/<MODEL>/, the prompt files.
+Usage: ``python -m stages.score MODEL``. Deps: artifacts/detections/<MODEL>/, the prompt files.
 Outs: metrics/multigen/<MODEL>.json with flat keys ``<set>_mg1`` ... ``<set>_mg5``, ``<set>_mg1_std`` ...,
 and what they were computed over (prompts, images per prompt, threshold, model references, failed and
 missing images).

@@ -3,7 +3,7 @@
 Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
 Outs: artifacts/train/unet/ (diffusers layout, safetensors); artifacts/train/checkpoints/ (not a DVC output: resumes
 after a kill), metrics/train.json, plots/train_curves.csv; artifacts/train/timing.json (this run's
-throughput, not a DVC output). Multi-GPU: `accelerate launch stages/train.py`.
+throughput, not a DVC output). Multi-GPU: `accelerate launch -m stages.train`.
 """
 
 from __future__ import annotations

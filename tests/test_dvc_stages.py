@@ -23,7 +23,7 @@ def test_stage_deps_cover_the_code_it_imports(name):
     """Every package file a stage script may import (statically, also inside functions) is a dependency, and
     no other package file is."""
     stage = STAGES[name].get("do", STAGES[name])
-    script = re.search(r"stages/\w+\.py", stage["cmd"]).group(0)
+    script = "stages/{}.py".format(re.search(r"-m stages\.(\w+)", stage["cmd"]).group(1))
     deps = [str(d) for d in stage["deps"]]
     needed = [script] + [p.relative_to(REPO).as_posix() for p in import_closure(REPO / script)
                          if p != PACKAGE_DIR / "__init__.py"]
@@ -58,3 +58,12 @@ def test_every_stage_script_answers_help_without_running(tmp_path):
         assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (script.name, proc.stderr[-500:])
         assert first_line.split(":")[0] in proc.stdout, script.name
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_stages_run_as_modules_of_the_checkout():
+    """`python -m stages.X` from the repository root imports this checkout's `pipeline/`, never another
+    checkout's that an editable install points at (e.g. a `dvc exp run --temp` copy)."""
+    for name, stage in STAGES.items():
+        cmd = stage.get("do", stage)["cmd"]
+        assert re.match(r"(python|\$\{launcher\}) -m stages\.\w+", cmd), (name, cmd)
+        assert (REPO / "stages" / (re.search(r"-m stages\.(\w+)", cmd).group(1) + ".py")).is_file(), name
