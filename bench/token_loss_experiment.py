@@ -62,7 +62,7 @@ def fine_tune(args, root: Path, model_dir: Path, records, token_weight: float, n
     )
     result = train(run, records)
     return {"final_token": result.metrics.get("final_token"), "final_denoise": result.metrics["final_denoise"],
-            "seconds": result.timing["seconds_this_run"], "unet": str(root / name / "unet")}
+            "seconds": result.this_run["seconds_this_run"], "unet": str(root / name / "unet")}
 
 
 def share_of(models, unet, records, seed: int) -> dict[str, float]:

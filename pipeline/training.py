@@ -640,12 +640,13 @@ def run_fingerprint(run: TrainRun, data_fp: str) -> str:
 
 @dataclass
 class TrainResult:
-    """What a run produced: per-step curve rows, summary metrics (flat, deterministic) and this run's
-    timing (``seconds_this_run``, ``samples_per_s``: they differ from run to run, so they are kept apart)."""
+    """What a run produced: per-step curve rows, summary metrics (flat; the same for the same params, data
+    and code) and facts about this run only (where it resumed, how much it computed, how fast), kept apart
+    because they differ between an uninterrupted run and a resumed one that ends with the same weights."""
 
     curves: list[dict[str, float]]
     metrics: dict[str, Any]
-    timing: dict[str, Any] = field(default_factory=dict)
+    this_run: dict[str, Any] = field(default_factory=dict)
 
 
 def precision_name(accelerate_precision: str) -> str:
@@ -820,23 +821,24 @@ class Trainer:
             self.ema.copy_to(model.parameters())
         if self.acc.is_main_process:
             model.save_pretrained(Path(self.run.out_dir) / "unet", safe_serialization=True)
-        timing = {"samples_this_run": samples, "seconds_this_run": round(wall, 2),
-                  "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None}
-        return TrainResult(self.curves, self._metrics(start, step, samples), timing)
+        this_run = {"resumed_from_step": start, "samples_this_run": samples, "seconds_this_run": round(wall, 2),
+                    "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None,
+                    # images through the VAE encoder on rank 0 in this run
+                    "vae_encodes_rank0": self.latent_cache.encoded if self.latent_cache
+                    else samples // self.acc.num_processes}
+        return TrainResult(self.curves, self._metrics(step), this_run)
 
-    def _metrics(self, start: int, step: int, samples: int) -> dict[str, Any]:
+    def _metrics(self, step: int) -> dict[str, Any]:
         s = self.run.scale
         window = self.curves[-max(1, len(self.curves) // 10):]
         final = {f"final_{k}": float(np.mean([r[k] for r in window if k in r]))
                  for k in ("loss", "denoise", "token", "pixel") if any(k in r for r in window)}
         return {
-            "steps": step, "resumed_from_step": start, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
+            "steps": step, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
             "world_size": self.acc.num_processes, "effective_batch": s.batch_size * s.grad_accum * self.acc.num_processes,
-            "samples_this_run": samples, "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
+            "final_window_steps": len(window), **final, "mixed_precision": precision_name(self.acc.mixed_precision),
             "gradient_checkpointing": s.gradient_checkpointing, "compiled": s.compile,
             "cache_latents": s.cache_latents,
-            # images through the VAE encoder on rank 0 this run
-            "vae_encodes_rank0": self.latent_cache.encoded if self.latent_cache else samples // self.acc.num_processes,
             "ema": self.run.train.use_ema,
             "sd_model": self.run.sd_model, "resolution": self.run.resolution, "layers": ",".join(self.run.loss.layers),
             "token_weight": self.run.loss.token_weight, "pixel_weight": self.run.loss.pixel_weight,

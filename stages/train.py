@@ -2,8 +2,8 @@
 
 Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
 Outs: artifacts/train/unet/ (diffusers layout, safetensors); artifacts/train/checkpoints/ (not a DVC output: resumes
-after a kill), metrics/train.json, plots/train_curves.csv; artifacts/train/timing.json (this run's
-throughput, not a DVC output). Multi-GPU: `accelerate launch -m stages.train`.
+after a kill), metrics/train.json, plots/train_curves.csv; artifacts/train/this_run.json (where this
+run resumed, what it computed and how fast; not a DVC output). Multi-GPU: `accelerate launch -m stages.train`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ log = logging.getLogger("stages.train")
 
 IMAGES, MASKS, OUT = Path("artifacts/data/images"), Path("artifacts/masks"), Path("artifacts/train")
 METRICS, CURVES = Path("metrics/train.json"), Path("plots/train_curves.csv")
-TIMING = OUT / "timing.json"  # this run's seconds and samples/s: not a DVC output (they differ every run)
+THIS_RUN = OUT / "this_run.json"  # resume step, samples, seconds, samples/s: not a DVC output
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def main() -> None:
         return
     write_curves(CURVES, result.curves)
     write_json(METRICS, {"profile": params["profile"], **result.metrics, **data_stats})
-    write_json(TIMING, result.timing)
-    log.info("train: %s", result.timing)
+    write_json(THIS_RUN, result.this_run)
+    log.info("train: %s", result.this_run)
 
 
 if __name__ == "__main__":

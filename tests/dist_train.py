@@ -34,7 +34,8 @@ def main(images: str, masks: str, tiny_sd: str, out: str, max_steps: str) -> Non
     trainer = Trainer(run, records)
     result = trainer.run_loop()
     rank = int(os.environ["RANK"])
-    report = {"unet": state_dict_hash(trainer.models.unet), "metrics": result.metrics, "curves": result.curves}
+    report = {"unet": state_dict_hash(trainer.models.unet), "metrics": result.metrics, "this_run": result.this_run,
+              "curves": result.curves}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report, default=str))
 
 

@@ -135,7 +135,7 @@ def test_train_tiny_end_to_end_and_load_into_pipeline(data_dirs, tiny_sd, tmp_pa
     assert [r["step"] for r in result.curves] == [1, 2, 3, 4]
     for key in ["loss", "denoise", "token", "pixel"] + [f"{k}_{g}" for k in ("token", "pixel") for g in LAYERS]:
         assert all(np.isfinite(r[key]) for r in result.curves), key
-    assert result.curves[0]["token"] > 0 and result.metrics["samples_this_run"] == 16
+    assert result.curves[0]["token"] > 0 and result.this_run["samples_this_run"] == 16
     assert [p.name for _, p in training.list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2",
                                                                                       "checkpoint-4"]
     base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
@@ -168,8 +168,9 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dirs, tiny_sd, tmp_path
     kill_after_first_checkpoint(make_run(tmp_path / "b", tiny_sd, max_steps=6), records, monkeypatch)
     assert not (tmp_path / "b" / "unet").exists()
     resumed = training.train(make_run(tmp_path / "b", tiny_sd, max_steps=6), records)
-    assert resumed.metrics["resumed_from_step"] == 2
+    assert resumed.this_run["resumed_from_step"] == 2
     assert resumed.curves == straight.curves
+    assert resumed.metrics == straight.metrics  # what DVC records does not depend on the run's history
     for row in straight.curves:  # the optimised loss is the weighted sum of the logged terms (SPEC §1.5)
         assert row["loss"] == pytest.approx(row["denoise"] + 1e-3 * row["token"] + 5e-5 * row["pixel"], rel=1e-6)
     from diffusers import UNet2DConditionModel
@@ -184,7 +185,7 @@ def test_changed_params_do_not_resume_stale_checkpoints(data_dirs, tiny_sd, tmp_
     training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
     other = replace(make_run(tmp_path, tiny_sd, max_steps=2), loss=LossCfg(1e-2, 5e-5, LAYERS))
     result = training.train(other, records)
-    assert result.metrics["resumed_from_step"] == 0
+    assert result.this_run["resumed_from_step"] == 0
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "state.json").read_text())
     assert state["fingerprint"] == result.metrics["fingerprint"]
 
@@ -194,7 +195,7 @@ def test_checkpoints_of_other_code_are_not_resumed(data_dirs, tiny_sd, tmp_path,
     first = training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
     monkeypatch.setattr(training, "code_digest", lambda *_: "edited-code")
     again = training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
-    assert again.metrics["resumed_from_step"] == 0 and again.metrics["fingerprint"] != first.metrics["fingerprint"]
+    assert again.this_run["resumed_from_step"] == 0 and again.metrics["fingerprint"] != first.metrics["fingerprint"]
 
 
 def test_non_finite_loss_stops_naming_step_and_images(data_dirs, tiny_sd, tmp_path, monkeypatch):
@@ -239,7 +240,7 @@ def test_ema_with_checkpointing_saves_the_average_and_resumes_exactly(data_dirs,
     assert straight.metrics["ema"] and np.isfinite(straight.curves[-1]["token"])
     kill_after_first_checkpoint(run_in(tmp_path / "b"), records, monkeypatch)
     resumed = training.train(run_in(tmp_path / "b"), records)
-    assert resumed.metrics["resumed_from_step"] == 2 and resumed.curves == straight.curves
+    assert resumed.this_run["resumed_from_step"] == 2 and resumed.curves == straight.curves
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "unet")
     assert state_dict_hash(saved) == state_dict_hash(UNet2DConditionModel.from_pretrained(tmp_path / "b" / "unet"))
     last = tmp_path / "a" / "checkpoints" / "checkpoint-4"
@@ -283,7 +284,7 @@ def test_mixed_precision_training_on_gpu(data_dirs, tiny_sd, tmp_path, precision
     first_half = training.train(replace(run, out_dir=tmp_path / "b", scale=replace(run.scale, max_steps=2)), records)
     assert first_half.metrics["steps"] == 2
     resumed = training.train(replace(run, out_dir=tmp_path / "b"), records)
-    assert resumed.metrics["resumed_from_step"] == 2
+    assert resumed.this_run["resumed_from_step"] == 2
     for a, b in zip(result.curves, resumed.curves):  # GPU kernels may round differently between runs
         assert b["step"] == a["step"] and b["loss"] == pytest.approx(a["loss"], rel=1e-2)
 
@@ -352,8 +353,8 @@ def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
     for ranks in (straight, resumed):
         assert ranks[0]["unet"] == ranks[1]["unet"] and ranks[0]["curves"] == ranks[1]["curves"]
         assert ranks[0]["metrics"]["world_size"] == 2 and ranks[0]["metrics"]["effective_batch"] == 4
-    assert straight[0]["metrics"]["samples_this_run"] == 16          # 4 steps x 2 micro-steps x 2 ranks
-    assert resumed[0]["metrics"]["resumed_from_step"] == 2
+    assert straight[0]["this_run"]["samples_this_run"] == 16          # 4 steps x 2 micro-steps x 2 ranks
+    assert resumed[0]["this_run"]["resumed_from_step"] == 2
     assert resumed[0]["unet"] == straight[0]["unet"] and resumed[0]["curves"] == straight[0]["curves"]
     from diffusers import UNet2DConditionModel
 
@@ -384,8 +385,8 @@ def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tin
     steps = 6  # 24 samples over 9 training images: every image comes back
     plain = training.train(make_run(tmp_path / "plain", tiny_sd, max_steps=steps, cache_latents=False), records)
     cached = training.train(make_run(tmp_path / "cached", tiny_sd, max_steps=steps, cache_latents=True), records)
-    assert sum(encoded) == cached.metrics["vae_encodes_rank0"] == len(records) == 9
-    assert plain.metrics["vae_encodes_rank0"] == 24 and len(encoded) == 12  # one call per micro-step
+    assert sum(encoded) == cached.this_run["vae_encodes_rank0"] == len(records) == 9
+    assert plain.this_run["vae_encodes_rank0"] == 24 and len(encoded) == 12  # one call per micro-step
     assert cached.metrics["fingerprint"] == plain.metrics["fingerprint"]
     for a, b in zip(plain.curves, cached.curves):
         assert all(np.isclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a), (a, b)
