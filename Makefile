@@ -6,7 +6,7 @@ PYTEST_ARGS ?= -n 2
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# Stage commands (`python stages/...`) must find the project's environment.
+# Stage commands (`python -m stages.<name>`) must find the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup demo test browser

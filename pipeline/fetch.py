@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # COCO images are < 1 MB; anything this large is not an image
 RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
 BACKOFF_S = 0.5
+UNKNOWN_HOST_ERRNOS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 class FetchError(RuntimeError):
@@ -43,8 +44,10 @@ def _fetch_once(url: str, timeout: float, max_bytes: int) -> bytes:
         raise FetchError(f"{url}: HTTP {err.code} {err.reason}", err.code in RETRY_HTTP) from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", err)
-        # An unknown host (no network, no DNS) or a missing local file does not come back on a retry.
-        lasting = isinstance(reason, (socket.gaierror, FileNotFoundError, NotADirectoryError))
+        # An unknown host or a missing local file does not come back on a retry (EAI_AGAIN, a temporary
+        # name-resolution failure, does: it stays transient).
+        lasting = (isinstance(reason, socket.gaierror) and reason.errno in UNKNOWN_HOST_ERRNOS) or isinstance(
+            reason, (FileNotFoundError, NotADirectoryError))
         raise FetchError(f"{url}: {reason}", not lasting) from err
     if len(data) > max_bytes:
         raise FetchError(f"{url}: larger than {max_bytes} bytes", False)

@@ -23,6 +23,9 @@ def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if name:
         parser.add_argument(name, help=meaning)
+    # torch.distributed.launch and DeepSpeed pass the local rank as an option (torchrun and accelerate set
+    # LOCAL_RANK, which the stages read); accept it so those launchers work too.
+    parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     return getattr(args, name) if name else None
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from .config import NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt
+from .config import Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt
 from .multigen import MultiGenPrompt
 from .seeding import standard_normal, torch_generator
 from .shards import STATUS_OK, code_digest, png_bytes, write_shards
@@ -46,10 +46,18 @@ class AttendExciteCfg:
     """``sampling.attend_excite``: diffusers' A&E arguments (SPEC §6.1 defaults) and the token rule."""
 
     max_iter_to_alter: NonNegativeInt = 25
-    thresholds: dict[str, float] = field(default_factory=lambda: {"0": 0.05, "10": 0.5, "20": 0.8})
+    thresholds: dict[str, Fraction] = field(default_factory=lambda: {"0": 0.05, "10": 0.5, "20": 0.8})
     scale_factor: NonNegativeFloat = 20.0
     attn_res: tuple[PositiveInt, ...] | None = None  # None: ceil(size / 32) per side (16 x 16 at 512 px)
     token_rule: TokenRule = "head_word"      # head_word: all BPE pieces of the head word; last_piece: SPEC alt. A
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.thresholds if not str(k).isdigit()]
+        if bad:
+            raise ValueError(f"attend_excite.thresholds: keys are denoising step indices (0, 10, 20), got {bad}")
+        if self.attn_res is not None and len(self.attn_res) != 2:
+            raise ValueError(f"attend_excite.attn_res: give (height, width) of the attention grid or null, "
+                             f"got {list(self.attn_res)}")
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ def write_shards(
     mine = [i for i in range(num_shards) if i % world_size == rank]
     _remove_partial_writes(out_dir, mine)
     todo = [i for i in mine if not shard_path(out_dir, i).exists()]
-    broken = [i for i in mine if i not in todo and not _readable(shard_path(out_dir, i))]
+    broken = [i for i in mine if i not in todo and not _readable(shard_path(out_dir, i), redo_statuses)]
     if len(todo) + len(broken) < len(mine):
         log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo) - len(broken),
                  len(mine))
@@ -317,11 +317,13 @@ def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _readable(path: Path) -> bool:
-    """Whether ``path`` has a Parquet footer (shards are renamed into place whole: a file without one was
-    truncated or overwritten afterwards)."""
+def _readable(path: Path, redo_statuses: Collection[str] = ()) -> bool:
+    """Whether ``path`` has a Parquet footer and, when ``redo_statuses`` asks for it, a readable ``status``
+    column (shards are renamed into place whole: a file that fails here was damaged afterwards). Damage in
+    other columns shows when a reader reads them (:func:`read_table` names the file)."""
     try:
         pq.read_metadata(path)
+        _has_status(path, redo_statuses)
     except (pa.ArrowException, OSError):
         return False
     return True
@@ -332,10 +334,11 @@ def read_table(path: Path, columns: list[str] | None = None, filters: list | Non
     stage to rerun."""
     try:
         return pq.read_table(path, columns=columns, filters=filters)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowException, OSError) as err:
         stage = next((s for prefix, s in PRODUCERS.items() if prefix in Path(path).as_posix()), None)
         todo = f"`dvc repro -s {stage}`" if stage else "the stage that wrote it"
-        raise ShardReadError(f"{path}: unreadable shard ({err}); rerun {todo}, which computes it again") from err
+        raise ShardReadError(f"{path}: unreadable shard ({err}); delete it and rerun {todo}, which computes "
+                             f"it again") from err
 
 
 class ShardReadError(RuntimeError):

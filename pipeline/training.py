@@ -73,7 +73,7 @@ class TrainCfg:
     skip_ungrounded: bool = False
     use_ema: bool = False
     ema_decay: Fraction = 0.9999
-    checkpoint_limit: PositiveInt = 10
+    checkpoint_limit: NonNegativeInt = 10  # checkpoints kept; 0: keep every one
     max_word_skip_rate: Fraction = 0.01  # fail when more usable-status mask rows than this do not fit the images
 
 

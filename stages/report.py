@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import report
-from pipeline.config import load_params, section
+from pipeline.config import NonNegativeInt, load_params, section
 from pipeline.runtime import setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.report")
@@ -23,7 +23,7 @@ class ReportCfg:
 
     published: Path
     title: str
-    decimals: int
+    decimals: NonNegativeInt
     out_dir: Path
 
 

@@ -275,6 +275,17 @@ def test_unknown_host_and_missing_local_file_are_not_retried(monkeypatch, tmp_pa
     with pytest.raises(coco.FetchError, match="Name or service not known") as err:
         coco.fetch("http://images.example/x.jpg", retries=3)
     assert not err.value.transient and len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(fetch, "BACKOFF_S", 0.0)
+
+    def dns_blip(url, timeout):
+        calls.append(url)
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", dns_blip)
+    with pytest.raises(coco.FetchError, match="Temporary failure") as err:
+        coco.fetch("http://images.example/x.jpg", retries=2)
+    assert err.value.transient and len(calls) == 3  # a temporary resolver failure is retried
     monkeypatch.undo()
     with pytest.raises(coco.FetchError) as err:
         coco.fetch((tmp_path / "absent.jpg").as_uri(), retries=3)

@@ -220,6 +220,10 @@ def test_values_at_the_bounds_are_accepted():
     ("editing", "init", "zero", r"editing.init: expected one of"),
     ("loss", "layers", [], r"loss: layers is empty but a grounding weight is not 0"),
     ("grounding_eval", "groups", [], r"grounding_eval.groups: empty"),
+    ("sampling", "attend_excite", {"thresholds": {"ten": 0.5}}, r"thresholds: keys are denoising step indices"),
+    ("sampling", "attend_excite", {"thresholds": {0: 1.5}}, r"sampling.attend_excite.thresholds.0: 1.5 is out of"),
+    ("sampling", "attend_excite", {"attn_res": [16]}, r"attn_res: give \(height, width\)"),
+    ("report", "decimals", -1, r"report.decimals: -1 is out of range"),
 ])
 def test_repository_sections_reject_values_that_would_fail_late_or_silently(dotted, key, value, message):
     """Each of these used to crash deep inside a stage, after deleting finished work, or to run and write
@@ -230,9 +234,11 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
     from pipeline.multigen import MultiGenCfg, MultiGenScale
     from pipeline.attention_maps import GroundingEvalCfg
     from pipeline.sampling import SamplingScale
+    from pipeline.sampling import SamplingCfg
     from pipeline.training import TrainScale
+    from stages.report import ReportCfg
 
-    classes = {"profile.train": TrainScale, "profile.sampling": SamplingScale, "profile.editing": EditingScale,
+    classes = {"sampling": SamplingCfg, "report": ReportCfg, "profile.train": TrainScale, "profile.sampling": SamplingScale, "profile.editing": EditingScale,
                "profile.multigen": MultiGenScale, "grounding": GroundingCfg, "multigen": MultiGenCfg,
                "editing": EditingCfg, "loss": LossCfg, "grounding_eval": GroundingEvalCfg}
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
@@ -256,3 +262,9 @@ def test_seed_must_be_a_non_negative_integer(tmp_path, seed):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"seed: expected a non-negative integer"):
         load_params(path)
+
+
+def test_checkpoint_limit_zero_keeps_every_checkpoint():
+    from pipeline.training import TrainCfg
+
+    assert parse(TrainCfg, {"checkpoint_limit": 0}, "train").checkpoint_limit == 0

@@ -36,3 +36,17 @@ def test_final_barrier_outlasts_nccl_default_timeout(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     runtime.wait_for_everyone()
     assert made[-1] == "waited" and made[0]["timeout"] >= timedelta(hours=1)
+
+
+def test_stage_command_line_accepts_a_launcher_local_rank(monkeypatch):
+    """torch.distributed.launch and DeepSpeed pass --local-rank / --local_rank to each process."""
+    import sys
+
+    from pipeline.runtime import stage_argument
+
+    for argv in (["stage", "sd14", "--local-rank=0"], ["stage", "--local_rank", "1", "sd14"], ["stage", "sd14"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert stage_argument("doc", "MODEL") == "sd14"
+    monkeypatch.setattr(sys, "argv", ["stage", "sd14", "--bogus"])
+    with pytest.raises(SystemExit):
+        stage_argument("doc", "MODEL")

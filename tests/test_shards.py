@@ -153,6 +153,27 @@ def test_damaged_shard_is_computed_again_and_a_clear_error_until_then(tmp_path):
     assert {p.name: p.read_bytes() for p in shards.shard_files(out)} == first
 
 
+def test_shard_with_a_damaged_page_but_intact_footer(tmp_path):
+    """Damage inside the status column's page: a rerun that checks statuses recomputes the shard; a reader
+    names it and says to delete it (damage in another column is found by the reader that reads it)."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "artifacts/samples/m/coco"
+    shards.write_shards(out, list(range(4)), _process([]), 2, {}, code="c")
+    good = shards.shard_path(out, 0).read_bytes()
+    path = shards.shard_path(out, 0)
+    meta = pq.read_metadata(path)
+    status = meta.schema.names.index("status")
+    start = meta.row_group(0).column(status).data_page_offset  # the status column's first page
+    path.write_bytes(good[:start] + b"\xff" * 8 + good[start + 8:])
+    assert pq.read_metadata(path).num_rows == 2  # the footer still reads
+    with pytest.raises(shards.ShardReadError, match=r"(?s)part-00000.parquet: unreadable shard.*delete it and rerun"):
+        shards.read_shards(out)
+    calls = []
+    shards.write_shards(out, list(range(4)), _process(calls), 2, {}, code="c", redo_statuses=("failed",))
+    assert calls == [[0, 1]] and path.read_bytes() == good
+
+
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         shards.read_shards(tmp_path / "nope")
