@@ -85,6 +85,7 @@ NonNegativeInt = Annotated[int, Bounds(low=0)]
 NonNegativeFloat = Annotated[float, Bounds(low=0)]
 PositiveFloat = Annotated[float, Bounds(low=0, open_low=True)]
 Fraction = Annotated[float, Bounds(low=0, high=1)]  # a share, rate, probability or threshold in [0, 1]
+FractionBelowOne = Annotated[float, Bounds(low=0, high=1, open_high=True)]  # [0, 1): a threshold or beta
 Pixels = Annotated[int, Bounds(low=8, multiple_of=8)]  # an image side the VAE divides by 8
 
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .config import Bounds, Fraction, NonEmpty, PositiveInt
+from .config import Fraction, FractionBelowOne, NonEmpty, PositiveInt
 from .shards import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ STATUS_DETECT_FAILED = "detect_failed"
 class MultiGenCfg:
     """Top-level ``multigen`` params: method settings shared by every profile (SPEC §3.3-3.4)."""
 
-    threshold: Annotated[float, Bounds(low=0, high=1, open_high=True)] = 0.1  # found: a box scores > this
+    threshold: FractionBelowOne = 0.1         # found: a box scores > this
     query_template: str = "a photo of a {name}"
     prompt_sets: Annotated[tuple[str, ...], NonEmpty()] = ("coco", "ade20k")
     prompts_dir: Path = Path("artifacts/data/multigen")

@@ -286,7 +286,9 @@ def write_shards(
     mine = [i for i in range(num_shards) if i % world_size == rank]
     _remove_partial_writes(out_dir, mine)
     todo = [i for i in mine if not shard_path(out_dir, i).exists()]
-    broken = [i for i in mine if i not in todo and not _readable(shard_path(out_dir, i), redo_statuses)]
+    state = {i: _written_state(shard_path(out_dir, i), redo_statuses) for i in mine if i not in todo}
+    broken = [i for i, st in state.items() if st == "broken"]
+    redo = [i for i, st in state.items() if st == "retry"]
     if len(todo) + len(broken) < len(mine):
         log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo) - len(broken),
                  len(mine))
@@ -294,7 +296,6 @@ def write_shards(
         log.warning("%s: %s unreadable (damaged after it was written); computing it again", out_dir,
                     ", ".join(shard_path(out_dir, i).name for i in broken))
         todo = sorted(todo + broken)
-    redo = [i for i in mine if i not in todo and _has_status(shard_path(out_dir, i), redo_statuses)]
     if redo:
         log.info("%s: %d written shards have rows with status %s; computing them again", out_dir, len(redo),
                  "/".join(sorted(redo_statuses)))
@@ -317,16 +318,16 @@ def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _readable(path: Path, redo_statuses: Collection[str] = ()) -> bool:
-    """Whether ``path`` has a Parquet footer and, when ``redo_statuses`` asks for it, a readable ``status``
-    column (shards are renamed into place whole: a file that fails here was damaged afterwards). Damage in
-    other columns shows when a reader reads them (:func:`read_table` names the file)."""
+def _written_state(path: Path, redo_statuses: Collection[str]) -> str:
+    """``"broken"`` when the written shard at ``path`` has no Parquet footer or, when ``redo_statuses`` asks
+    for it, no readable ``status`` column (shards are renamed into place whole: such a file was damaged
+    afterwards); ``"retry"`` when a row's status is in ``redo_statuses``; else ``"done"``. Damage in other
+    columns shows when a reader reads them (:func:`read_table` names the file)."""
     try:
         pq.read_metadata(path)
-        _has_status(path, redo_statuses)
+        return "retry" if _has_status(path, redo_statuses) else "done"
     except (pa.ArrowException, OSError):
-        return False
-    return True
+        return "broken"
 
 
 def read_table(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
@@ -335,7 +336,7 @@ def read_table(path: Path, columns: list[str] | None = None, filters: list | Non
     try:
         return pq.read_table(path, columns=columns, filters=filters)
     except (pa.ArrowException, OSError) as err:
-        stage = next((s for prefix, s in PRODUCERS.items() if prefix in Path(path).as_posix()), None)
+        stage = _producer(path)
         todo = f"`dvc repro -s {stage}`" if stage else "the stage that wrote it"
         raise ShardReadError(f"{path}: unreadable shard ({err}); delete it and rerun {todo}, which computes "
                              f"it again") from err
@@ -360,11 +361,16 @@ PRODUCERS = {"artifacts/data/images": "train_data", "artifacts/nouns": "nouns", 
              "artifacts/samples": "sample", "artifacts/detections": "detect", "artifacts/edits": "edit"}
 
 
+def _producer(path: Path) -> str | None:
+    """The stage that writes the shards at ``path`` (a shard directory or file), if it is one of PRODUCERS."""
+    return next((s for prefix, s in PRODUCERS.items() if prefix in Path(path).as_posix()), None)
+
+
 def shard_files(out_dir: Path) -> list[Path]:
     """Sorted shard files of ``out_dir``; a clear error, naming the stage to run, when it is missing."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        stage = next((s for prefix, s in PRODUCERS.items() if prefix in out_dir.as_posix()), None)
+        stage = _producer(out_dir)
         todo = f"run `dvc repro {stage}`" if stage else "run the stage that writes it"
         raise FileNotFoundError(f"{out_dir}: shard directory not found; {todo}")
     return sorted(out_dir.glob("part-*.parquet"))

@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .config import Bounds, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from .config import Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from .attention import AttentionStore, capture_cross_attention, restore_attention
 from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
@@ -58,8 +58,8 @@ class OptimCfg:
 
     lr: PositiveFloat
     weight_decay: NonNegativeFloat
-    beta1: Annotated[float, Bounds(low=0, high=1, open_high=True)]
-    beta2: Annotated[float, Bounds(low=0, high=1, open_high=True)]
+    beta1: FractionBelowOne
+    beta2: FractionBelowOne
     eps: PositiveFloat
     max_grad_norm: PositiveFloat
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"

@@ -40,10 +40,9 @@ def main() -> None:
     scale = section(params, "profile.masks", grounding.MasksScale)
     prof = profile_fields(params, ProfileKeys)
     info = dist_info()
-    barrier = wait_for_everyone if info.world_size > 1 else None
     ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=prof.models_dir,
                                resolution=prof.resolution, device=rank_device(),
-                               rank=info.rank, world_size=info.world_size, barrier=barrier)
+                               rank=info.rank, world_size=info.world_size, barrier=wait_for_everyone)
     if ctx.device.type == "cpu" and scale.cpu_threads > 0:
         torch.set_num_threads(scale.cpu_threads)
     if scale.source == "grounded_sam":
@@ -56,8 +55,7 @@ def main() -> None:
                               f"authors' mask words are looked up in artifacts/nouns, and the tagger misses "
                               f"about a tenth of them")
         grounding.write_authors_masks(ctx, scale)
-    if barrier is not None:
-        barrier()
+    wait_for_everyone()  # returns at once for one process
     if not info.is_main:
         return
     rows = read_shards(OUT).to_dict("records")
