@@ -30,11 +30,11 @@ DEFAULT_PARAMS = Path("params.yaml")
 # error instead of a section that is silently ignored (tests check these against the repository's file).
 TOP_LEVEL_KEYS = frozenset({
     "profile", "seed", "launcher", "profiles", "text", "loss", "optim", "train", "sampling", "multigen",
-    "eval_models", "editing", "piebench", "grounding", "attention_maps", "grounding_eval", "report"})
+    "visor", "eval_models", "editing", "piebench", "grounding", "attention_maps", "grounding_eval", "report"})
 PROFILE_KEYS = frozenset({
     "models_dir", "embedded", "embedded_seed", "sd_model", "resolution", "data", "demo_data", "text", "masks",
     "train", "prompts", "sampling", "eval_models", "multigen", "attention_maps", "grounding_eval", "edit_data",
-    "editing", "piebench"})
+    "visor", "editing", "piebench"})
 
 
 class ConfigError(ValueError):

@@ -195,7 +195,7 @@ def format_row(scores: dict[str, float], levels: Sequence[int] = MG_LEVELS) -> s
 
 @dataclass
 class Detector:
-    """An OWLv2 model and processor on one device (``Owlv2ForObjectDetection`` + ``Owlv2Processor``)."""
+    """An OWL detector and its processor on one device: OWLv2 (MultiGen) or OWL-ViT (VISOR)."""
 
     model: Any
     processor: Any
@@ -203,17 +203,23 @@ class Detector:
     dtype: Any
 
 
-def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: str = "float32") -> Detector:
-    """Load the OWLv2 detector ``ref`` (hub id, local folder or ``embedded:NAME``) in eval mode."""
-    import torch
-    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+OWL_MODEL_TYPES = ("owlv2", "owlvit")  # the detectors whose outputs :func:`detect_batch` reads
 
-    from .models import from_pretrained
+
+def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: str = "float32") -> Detector:
+    """Load the OWLv2 or OWL-ViT detector ``ref`` (hub id, local folder or ``embedded:NAME``) in eval mode."""
+    import torch
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    from .models import ModelLoadError, from_pretrained
 
     torch_dtype = getattr(torch, dtype)
-    model = from_pretrained(Owlv2ForObjectDetection, ref, models_dir, dtype=torch_dtype).to(device).eval()
-    processor = from_pretrained(Owlv2Processor, ref, models_dir)
-    return Detector(model, processor, torch.device(device), torch_dtype)
+    model = from_pretrained(AutoModelForZeroShotObjectDetection, ref, models_dir, dtype=torch_dtype)
+    if model.config.model_type not in OWL_MODEL_TYPES:
+        raise ModelLoadError(f"{ref!r} is a {model.config.model_type!r} model; the detector must be OWLv2 or "
+                             f"OWL-ViT (e.g. google/owlv2-large-patch14-ensemble, google/owlvit-base-patch32)")
+    processor = from_pretrained(AutoProcessor, ref, models_dir)
+    return Detector(model.to(device).eval(), processor, torch.device(device), torch_dtype)
 
 
 def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Sequence[str]]) -> list[dict]:
@@ -223,8 +229,9 @@ def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Se
         images: B PIL images (any size; the processor pads to square and resizes).
         queries: B lists of Q query strings.
     Returns:
-        B dicts with ``box_scores`` (N,) floats, ``box_labels`` (N,) ints in [0, Q) and
-        ``label_max_scores`` (Q,), N = the detector's number of boxes (3,600 for OWLv2-large at 960 px).
+        B dicts with ``box_scores`` (N,) floats, ``box_labels`` (N,) ints in [0, Q), ``box_centers`` (N, 2)
+        box centres (x, y) as fractions of the detector's square input, and ``label_max_scores`` (Q,);
+        N = the detector's number of boxes (3,600 for OWLv2-large at 960 px).
     """
     import torch
 
@@ -240,7 +247,9 @@ def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Se
     rows = []
     for res, q in zip(results, queries):
         scores, labels = res["scores"].cpu().tolist(), res["labels"].cpu().tolist()
-        rows.append({"box_scores": scores, "box_labels": labels,
+        boxes = res["boxes"].cpu()  # (N, 4) x0, y0, x1, y1
+        centers = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], dim=1)
+        rows.append({"box_scores": scores, "box_labels": labels, "box_centers": centers.tolist(),
                      "label_max_scores": label_max_scores(scores, labels, len(q))})
     return rows
 
@@ -250,7 +259,8 @@ def _failed_row(status: str, error: str) -> dict[str, Any]:
     return {"box_scores": [], "box_labels": [], "label_max_scores": [], "status": status, "error": error}
 
 
-def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str, batch_size: int) -> list[dict]:
+def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str, batch_size: int,
+                keep_centers: bool = False) -> list[dict]:
     """Detection rows for sample rows (``prompt_id``, ``image_index``, ``objects``, ``image``, ``status``).
 
     Every sample gives one row, in order. Images whose sampling failed become ``no_image`` rows, images
@@ -258,7 +268,8 @@ def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str
     ``detect_failed`` rows (a batch that raises is retried image by image, so one bad image fails only
     itself; a rerun of the stage tries ``detect_failed`` images again). Output columns:
     ``prompt_id``, ``image_index``, ``objects``, ``queries``, ``box_scores``, ``box_labels``,
-    ``label_max_scores``, ``status``, ``error``.
+    ``label_max_scores``, ``status``, ``error``, and ``box_centers`` with ``keep_centers`` (VISOR needs
+    them; MultiGen does not, and they would double the size of its shards).
     """
     from .shards import image_from_bytes
 
@@ -276,9 +287,13 @@ def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str
             results[key] = _failed_row(STATUS_CORRUPT_IMAGE, f"image does not decode: {err}")
     for start in range(0, len(decoded), batch_size):
         results.update(_detect_batch_rows(detector, decoded[start : start + batch_size]))
-    return [{"prompt_id": s["prompt_id"], "image_index": s["image_index"], "objects": list(s["objects"]),
-             "queries": queries_for(s["objects"], template), **results[(s["prompt_id"], s["image_index"])]}
-            for s in samples]
+    rows = [{"prompt_id": s["prompt_id"], "image_index": s["image_index"], "objects": list(s["objects"]),
+             "queries": queries_for(s["objects"], template), "box_centers": [],
+             **results[(s["prompt_id"], s["image_index"])]} for s in samples]
+    if not keep_centers:
+        for row in rows:
+            del row["box_centers"]
+    return rows
 
 
 def _detect_batch_rows(detector: Detector, batch: list[tuple[tuple[int, int], Any, list[str]]]
@@ -298,7 +313,7 @@ def _detect_batch_rows(detector: Detector, batch: list[tuple[tuple[int, int], An
 
 
 def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, template: str, scale: MultiGenScale,
-                      fingerprint: Any, rank: int = 0, world_size: int = 1) -> list[Path]:
+                      fingerprint: Any, rank: int = 0, world_size: int = 1, keep_centers: bool = False) -> list[Path]:
     """Detect on every sample shard of ``sample_dir``; write detection shards to ``out_dir`` (resumable).
 
     Detection shard ``i`` covers sample shards ``[i*S, (i+1)*S)`` (S = ``scale.shard_size``), so only one
@@ -310,12 +325,12 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
     files = shard_files(sample_dir)
     if not files:
         raise FileNotFoundError(f"{sample_dir}: no sample shards; run the `sample` stage first")
-    full_fp = {"params": fingerprint, "samples": files_digest(files)}
+    full_fp = {"params": fingerprint, "samples": files_digest(files)} | ({"centers": True} if keep_centers else {})
 
     def process(chunk: list[Path]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for f in chunk:
-            rows += detect_rows(detector, read_table(f).to_pylist(), template, scale.batch_size)
+            rows += detect_rows(detector, read_table(f).to_pylist(), template, scale.batch_size, keep_centers)
         return rows
 
     return write_shards(out_dir, files, process, scale.shard_size, full_fp, rank, world_size,

@@ -132,8 +132,9 @@ def _find(seq: Sequence[int], sub: Sequence[int], start: int) -> int:
 def ae_token_indices(tokenizer: Any, text: str, objects: Sequence[str], rule: TokenRule = "head_word") -> list[int]:
     """Token indices (SOT = 0) that Attend-and-Excite should excite for a MultiGen prompt.
 
-    For each object in order, the token sequence of ``"a " + name`` is searched at or after the previous
-    match; the article is skipped. ``head_word``: every BPE piece of the head word; ``last_piece``: only the
+    For each object in order, the token sequence of ``"a " + name`` or ``"an " + name`` (MultiGen writes
+    "a" before every name; SR2D writes "an apple") is searched at or after the previous match, the earlier
+    occurrence winning; the article is skipped. ``head_word``: every BPE piece of the head word; ``last_piece``: only the
     head word's last piece (one index per object). Each object span must decode to its name and every
     index must lie before EOT and below 77. Raises :class:`TokenIndexError` naming prompt and object.
     """
@@ -142,12 +143,16 @@ def ae_token_indices(tokenizer: Any, text: str, objects: Sequence[str], rule: To
     ids = tokenizer(text).input_ids
     pos, out = 1, []
     for name in objects:
-        span = tokenizer("a " + name, add_special_tokens=False).input_ids
-        start = _find(ids, span, pos)
-        if start < 0:
-            raise TokenIndexError(f"prompt {text!r}: object {name!r} ('a {name}') not found in its CLIP tokens "
-                                  f"after position {pos}")
-        first, end = start + 1, start + len(span)
+        found = []
+        for article in ("a", "an"):
+            span = tokenizer(f"{article} {name}", add_special_tokens=False).input_ids
+            at = _find(ids, span, pos)
+            if at >= 0:
+                found.append((at, at + len(tokenizer(article, add_special_tokens=False).input_ids), at + len(span)))
+        if not found:
+            raise TokenIndexError(f"prompt {text!r}: object {name!r} ('a {name}' or 'an {name}') not found in its "
+                                  f"CLIP tokens after position {pos}")
+        _, first, end = min(found)
         if tokenizer.decode(ids[first:end]).strip() != name:
             raise TokenIndexError(f"prompt {text!r}: tokens {first}..{end - 1} decode to "
                                   f"{tokenizer.decode(ids[first:end])!r}, not {name!r}")

@@ -95,12 +95,27 @@ def test_multigen_section_lines_up_run_and_published_rows():
     assert coco.rows[0] == ["sd14", "this run (demo)", "30.00(0.50)", "20.00(0.33)", "15.00(0.25)",
                             "12.00(0.20)"]
     assert coco.rows[3][0] == "TokenCompose" and coco.rows[3][2] == "98.08(0.40)"
-    oa = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "visor_oa")
-    assert oa.rows[2] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] and len(oa.rows) == 3
     prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("MultiGen: what"))
     assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
                                   "num_prompts = 6"]]
     assert coco.rows[1][1] == "published (mlpc-ucsd/TokenCompose)"
+
+
+def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
+    published = report.load_published(PUBLISHED)
+    values = {"oa": 40.0, "oa_a": 70.0, "oa_b": 55.5, "visor_uncond": 20.0, "visor_cond": 50.0, "visor_1": 30.0,
+              "visor_2": 20.0, "visor_3": 10.0, "visor_4": 5.0, "prompts": 4, "detector": "embedded:tiny-owlvit"}
+    section = report.visor_section({"trained": values}, published["multigen"], "demo")
+    table = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "visor")
+    assert table.columns[:5] == ["Model", "Source", "OA", "OA(A)", "OA(B)"]
+    assert table.rows[0][:5] == ["trained", "this run (demo)", "40.00", "70.00", "55.50"]
+    assert table.rows[3] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] + ["—"] * 8
+    assert len(table.rows) == 4
+    prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("VISOR: what"))
+    assert prov.rows == [["trained", "detector = embedded:tiny-owlvit; prompts = 4"]]
+    empty = report.visor_section({}, published["multigen"], "demo")
+    notes = [b.text for b in empty.blocks if isinstance(b, report.Text) and b.kind == "missing"]
+    assert notes and "dvc repro visor" in notes[0]
 
 
 def test_missing_inputs_are_named_not_hidden():
@@ -220,6 +235,8 @@ def _write_outputs(root: Path) -> None:
 
     (root / "metrics" / "multigen").mkdir(parents=True)
     (root / "metrics" / "multigen" / "sd14.json").write_text(json.dumps(_mg_metrics(50.0)))
+    (root / "metrics" / "visor").mkdir()
+    (root / "metrics" / "visor" / "sd14.json").write_text(json.dumps({"oa": 30.0, "visor_uncond": 10.0}))
     (root / "metrics" / "piebench").mkdir()
     pie = {key: 1.0 + i for i, (key, _) in enumerate(report.PIE_COLUMNS)}
     pie.update({"backbone": "base", "scored": 6, "type_0.clip_whole": 3.0, "clip_whole.n": 6, "clip_whole.nan": 0})
@@ -240,7 +257,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     published = report.load_published(PUBLISHED)
     sections = report.build_sections(tmp_path, published, "demo")
     tables = {b.name: b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.name}
-    assert set(tables) >= {"multigen_coco", "multigen_ade20k", "piebench", "grounding", "train"}
+    assert set(tables) >= {"multigen_coco", "multigen_ade20k", "visor", "piebench", "grounding", "train"}
+    assert tables["visor"].rows[0][:6] == ["sd14", "this run (demo)", "30.00", "—", "—", "10.00"]
     assert tables["piebench"].rows[0] == ["BLD, base backbone", "this run (demo)",
                                           "1.00", "2.00", "3.00", "4.00", "5.00", "6.00", "7.00"]
     assert tables["grounding"].columns == ["Model", "down_64", "up_16", "mean"]  # SD1.4 group order

@@ -66,6 +66,22 @@ def test_chest_of_drawers_excites_only_chest(clip_tokenizer):
     assert [clip_tokenizer.decode([ids[i]]) for i in idx] == ["bed", "lamp", "sofa", "chest", "ottoman"]
 
 
+def test_token_indices_resolve_for_every_sr2d_prompt(clip_tokenizer):
+    """All 25,280 VISOR spatial prompts, "an" included: one index per head-word piece, in prompt order."""
+    from pipeline.benchmarks import load_categories
+    from pipeline.visor import spatial_prompts
+
+    for p in spatial_prompts(load_categories("coco")):
+        idx = ae_token_indices(clip_tokenizer, p.text, p.objects)
+        ids = clip_tokenizer(p.text).input_ids
+        want = [clip_tokenizer(head_word(o)[1], add_special_tokens=False).input_ids for o in p.objects]
+        assert [ids[i] for i in idx] == want[0] + want[1], p.text
+    text = "an elephant to the right of a tv"
+    ids = clip_tokenizer(text).input_ids
+    idx = ae_token_indices(clip_tokenizer, text, ("elephant", "tv"))
+    assert [clip_tokenizer.decode([ids[i]]) for i in idx] == ["elephant", "tv"] and idx == [2, 8]
+
+
 def test_token_indices_reject_an_object_missing_from_the_prompt(clip_tokenizer):
     with pytest.raises(TokenIndexError, match="'kite'"):
         ae_token_indices(clip_tokenizer, "a photo of a book, and a cup.", ("book", "kite"))

@@ -1,9 +1,11 @@
-"""Embedded models of the MultiGen evaluation: a tiny OWLv2 detector and stand-in fine-tuned UNets.
+"""Embedded models of the MultiGen and VISOR evaluations: tiny OWL detectors and stand-in fine-tuned UNets.
 
 * ``tiny-owlv2``: an ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` folder built from small
   ``Owlv2Config``s (96 px input, 16 px patches -> 36 boxes per image). Its tokenizer is SD1.4's CLIP BPE
   tokenizer set up as OWLv2's is (pad token ``!`` = id 0, 16-token queries). OWL models ignore a query whose
   first token id is 0, so the special tokens sit at the end of the vocabulary, as in real CLIP.
+* ``tiny-owlvit``: the same sizes as an ``OwlViTForObjectDetection`` + ``OwlViTProcessor`` (OWL-ViT v1, the
+  VISOR detector; its processor resizes to the square input without padding).
 * ``tiny-sd-unet-a`` / ``tiny-sd-unet-b``: bare ``UNet2DConditionModel`` folders with ``tiny-sd``'s
   architecture and weights from other seeds. They stand in for the released TokenCompose checkpoints
   (``mlpc-lab/TokenCompose_SD14_A`` / ``_B``) in the demo: they exercise the same UNet-swap loading path
@@ -30,29 +32,49 @@ TINY_OWL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2
 TINY_OWL_PROJECTION = 32
 
 
-def save_owl_processor(out_dir: Path, image_size: int) -> None:
-    """Write an ``Owlv2Processor`` (CLIP tokenizer with OWL's padding, square ``image_size`` input)."""
-    from transformers import CLIPTokenizer, Owlv2ImageProcessor, Owlv2Processor
+def _owl_classes(version: int) -> tuple[type, type, type, type]:
+    """(config, model, image processor, processor) classes of OWLv2 (``version`` 2) or OWL-ViT (1)."""
+    import transformers as tf
+
+    if version == 2:
+        return tf.Owlv2Config, tf.Owlv2ForObjectDetection, tf.Owlv2ImageProcessor, tf.Owlv2Processor
+    return tf.OwlViTConfig, tf.OwlViTForObjectDetection, tf.OwlViTImageProcessor, tf.OwlViTProcessor
+
+
+def save_owl_processor(out_dir: Path, image_size: int, version: int = 2) -> None:
+    """Write an OWLv2 (``version`` 2) or OWL-ViT (1) processor: CLIP tokenizer with OWL's padding, square
+    ``image_size`` input."""
+    from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
     save_clip_tokenizer(out_dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(out_dir), pad_token=OWL_PAD_TOKEN,
                                               model_max_length=OWL_QUERY_LENGTH)
     if tokenizer.pad_token_id != 0 or tokenizer.bos_token_id != 49406:
-        raise RuntimeError("tiny-owlv2: CLIP vocabulary has unexpected special-token ids")
-    image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
-    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out_dir))
+        raise RuntimeError("tiny OWL detector: CLIP vocabulary has unexpected special-token ids")
+    square = {"height": image_size, "width": image_size}
+    _, _, image_processor_cls, processor_cls = _owl_classes(version)
+    image_processor = image_processor_cls(size=square) if version == 2 else image_processor_cls(
+        size=square, crop_size=square)
+    processor_cls(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out_dir))
+
+
+def _build_tiny_owl(out_dir: Path, version: int) -> None:
+    """A tiny OWLv2 or OWL-ViT detector (random weights from the forked global RNG) and its processor."""
+    config_cls, model_cls, _, _ = _owl_classes(version)
+    config = config_cls(text_config=TINY_OWL_TEXT, vision_config=TINY_OWL_VISION, projection_dim=TINY_OWL_PROJECTION)
+    model_cls(config).eval().save_pretrained(str(out_dir), safe_serialization=True)
+    save_owl_processor(out_dir, TINY_OWL_VISION["image_size"], version)
 
 
 @register("tiny-owlv2", "tiny OWLv2 open-vocabulary detector (96 px, 36 boxes, CLIP tokenizer)")
 def build_tiny_owlv2(out_dir: Path, seed: int) -> None:
-    from transformers import Owlv2Config, Owlv2ForObjectDetection
+    _build_tiny_owl(out_dir, version=2)
 
-    config = Owlv2Config(text_config=TINY_OWL_TEXT, vision_config=TINY_OWL_VISION,
-                         projection_dim=TINY_OWL_PROJECTION)
-    model = Owlv2ForObjectDetection(config).eval()
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    save_owl_processor(out_dir, TINY_OWL_VISION["image_size"])
+
+@register("tiny-owlvit", "tiny OWL-ViT (v1) open-vocabulary detector, VISOR's family (96 px, 36 boxes)")
+def build_tiny_owlvit(out_dir: Path, seed: int) -> None:
+    _build_tiny_owl(out_dir, version=1)
 
 
 def _build_standin_unet(out_dir: Path, seed: int, name: str) -> None:

@@ -1,0 +1,199 @@
+"""VISOR on SR2D: object accuracy and spatial-relationship scores (SPEC §3.6).
+
+* Prompts: SR2D as VISOR builds it (``microsoft/VISOR`` ``create_spatial_phrases.py``, commit 044c8ce4).
+  Over every unordered pair of the 80 COCO names (COCO order, ``data/categories/coco.txt``): for each
+  relation in :data:`RELATIONS`, "A rel B" then "B rel A"; then "A and B", "B and A"; after all pairs, one
+  single-object prompt per name. ``unique_id`` = position: 3,160 pairs x 10 + 80 = 31,680 prompts. Names
+  take "a" or "an". The scores use the 25,280 two-object prompts with a spatial relation.
+* Detection (VISOR's ``text2image_realtime_evaluate.ipynb``): OWL-ViT (``google/owlvit-base-patch32``)
+  with the queries ``"a photo of a {A}"``, ``"a photo of a {B}"``; a box is kept when its score (sigmoid of
+  its best query logit) is > 0.1 and is labelled with that best query; its centre is the box centre.
+* Scores (VISOR's ``visor.py``), in percent over the scored images:
+  OA = both objects detected; OA(A), OA(B) = that object detected; an image is *spatially right* when
+  both are detected and some (A box, B box) pair has its centres in the prompt's relation ("to the left
+  of": x_A < x_B; "to the right of": x_A > x_B; "above": y_A < y_B; "below": y_A > y_B, y downwards);
+  VISOR_cond = right / both-detected; VISOR_uncond = right / all (= VISOR_cond x OA / 100);
+  VISOR_k = share of prompts with at least k spatially right images.
+
+TokenCompose's README quotes VISOR's OA for SD1.4 (29.86) and reports OA for its own model, so OA is the
+published number this module reproduces; the others come at no extra cost from the same detections.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .config import Fraction, FractionBelowOne, PositiveInt
+from .multigen import MultiGenCfg, MultiGenPrompt, MultiGenScale
+from .seeding import numpy_rng
+from .shards import STATUS_OK
+
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+SR2D_SIZE = 31_680          # every SR2D prompt (VISOR's text_spatial_rel_phrases.json)
+SPATIAL_SIZE = 25_280       # the two-object prompts with a spatial relation (the ones scored)
+PROMPT_SET = "sr2d"         # the prompt-set name in seeds and folders
+
+
+@dataclass(frozen=True)
+class VisorCfg:
+    """Top-level ``visor`` params: the VISOR protocol, the same in every profile."""
+
+    threshold: FractionBelowOne = 0.1
+    query_template: str = "a photo of a {name}"
+    images_per_prompt: PositiveInt = 4
+    max_failed_rate: Fraction = 0.01        # the stage fails when more images than this failed
+
+    def __post_init__(self) -> None:
+        MultiGenCfg(query_template=self.query_template)  # the same check of the {name} placeholder
+
+
+@dataclass(frozen=True)
+class VisorScale:
+    """``profiles.<p>.visor``: how many prompts are sampled and how detection runs."""
+
+    detection: MultiGenScale                # detector, batch_size, dtype, shard_size (as ``multigen``)
+    max_prompts: PositiveInt | None = None  # None: all 25,280; else a seeded random subset of this size
+
+
+@dataclass(frozen=True)
+class SpatialPrompt(MultiGenPrompt):
+    """A two-object SR2D prompt: ``objects`` = (A, B) and ``relation`` one of :data:`RELATIONS`."""
+
+    relation: str = ""
+
+
+def with_article(name: str) -> str:
+    """``"an apple"``, ``"a person"``: the indefinite article of a COCO name (all 80 follow the vowel rule)."""
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def sr2d_entries(names: Sequence[str]) -> list[dict[str, Any]]:
+    """Every SR2D prompt in VISOR's order and file format (``unique_id`` = list index).
+
+    Entries: ``unique_id``, ``num_objects``, ``obj_1_attributes`` [A], ``obj_2_attributes`` [B or None],
+    ``rel_type`` (a relation, ``"and"`` or ``"single"``), ``text``.
+    """
+    entries: list[dict[str, Any]] = []
+
+    def add(a: str, b: str | None, rel: str) -> None:
+        text = with_article(a) if b is None else f"{with_article(a)} {rel} {with_article(b)}"
+        entries.append({"unique_id": len(entries), "num_objects": 1 if b is None else 2,
+                        "obj_1_attributes": [a], "obj_2_attributes": [b], "rel_type": rel, "text": text})
+
+    for a, b in itertools.combinations(names, 2):
+        for rel in RELATIONS:
+            add(a, b, rel)
+            add(b, a, rel)
+        add(a, b, "and")
+        add(b, a, "and")
+    for name in names:
+        add(name, None, "single")
+    return entries
+
+
+def spatial_prompts(names: Sequence[str], max_prompts: int | None = None, seed: int = 0) -> list[SpatialPrompt]:
+    """The scored SR2D prompts (two objects, a spatial relation), ``prompt_id`` = VISOR ``unique_id``.
+
+    With ``max_prompts``, a random subset of that size drawn from ``seed`` (sorted by id): the prompts are
+    ordered by object pair, so the first N would cover only the first few names.
+    """
+    prompts = [SpatialPrompt(e["unique_id"], e["text"], (e["obj_1_attributes"][0], e["obj_2_attributes"][0]),
+                             e["rel_type"])
+               for e in sr2d_entries(names) if e["num_objects"] == 2 and e["rel_type"] in RELATIONS]
+    if max_prompts is None or max_prompts >= len(prompts):
+        return prompts
+    chosen = numpy_rng(seed, "visor", "subset").choice(len(prompts), size=max_prompts, replace=False)
+    return [prompts[i] for i in sorted(chosen)]
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+def relation_holds(relation: str, centers_a: np.ndarray, centers_b: np.ndarray) -> bool:
+    """Whether some (A box, B box) pair has its centres in ``relation`` (VISOR's any-pair rule).
+
+    Args:
+        centers_a: (Na, 2) (x, y) centres of the kept A boxes; centers_b: (Nb, 2) of the B boxes.
+    """
+    if len(centers_a) == 0 or len(centers_b) == 0:
+        return False
+    (xa, ya), (xb, yb) = np.asarray(centers_a, float).T, np.asarray(centers_b, float).T
+    if relation == "to the left of":
+        return bool(xa.min() < xb.max())
+    if relation == "to the right of":
+        return bool(xa.max() > xb.min())
+    if relation == "above":
+        return bool(ya.min() < yb.max())
+    if relation == "below":
+        return bool(ya.max() > yb.min())
+    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+
+
+def image_outcome(relation: str, box_scores: Sequence[float], box_labels: Sequence[int],
+                  box_centers: Sequence[Sequence[float]], threshold: float) -> tuple[bool, bool, bool]:
+    """(A detected, B detected, spatially right) of one image from all its boxes.
+
+    Args:
+        box_scores: (N,) scores; box_labels: (N,) query index, 0 = A, 1 = B; box_centers: (N, 2).
+    """
+    scores, labels = np.asarray(box_scores, float), np.asarray(box_labels, int)
+    centers = np.asarray(box_centers, float).reshape(-1, 2)
+    if not (len(scores) == len(labels) == len(centers)):
+        raise ValueError(f"{len(scores)} scores, {len(labels)} labels and {len(centers)} centres differ")
+    kept = scores > threshold
+    in_a, in_b = kept & (labels == 0), kept & (labels == 1)
+    found_a, found_b = bool(in_a.any()), bool(in_b.any())
+    right = found_a and found_b and relation_holds(relation, centers[in_a], centers[in_b])
+    return found_a, found_b, right
+
+
+def visor_scores(records: Iterable[Mapping[str, Any]], prompts: Sequence[SpatialPrompt], threshold: float,
+                 images_per_prompt: int) -> dict[str, float]:
+    """OA, OA(A), OA(B), VISOR_cond, VISOR_uncond and VISOR_1..J over detection rows, in percent.
+
+    Args:
+        records: rows with ``prompt_id``, ``image_index``, ``status``, ``box_scores``, ``box_labels``,
+            ``box_centers``; rows not ``ok`` count as failed and are left out of every denominator.
+        prompts: the expected prompts; images_per_prompt: J, the expected images of each.
+    Returns:
+        ``oa``, ``oa_a``, ``oa_b``, ``visor_cond``, ``visor_uncond``, ``visor_1`` ... ``visor_J``
+        (NaN where a denominator is 0), ``images_expected``, ``images_scored``, ``images_failed``,
+        ``images_missing``.
+    """
+    relation = {p.prompt_id: p.relation for p in prompts}
+    outcomes: dict[tuple[int, int], tuple[bool, bool, bool]] = {}
+    failed: set[tuple[int, int]] = set()
+    for rec in records:
+        key = (int(rec["prompt_id"]), int(rec["image_index"]))
+        if key[0] not in relation or not 0 <= key[1] < images_per_prompt:
+            raise ValueError(f"detection row prompt {key[0]} image {key[1]} is not among the expected prompts "
+                             f"and {images_per_prompt} images each; the detections were made with other params; "
+                             f"rerun `dvc repro`")
+        if rec["status"] != STATUS_OK:
+            failed.add(key)
+            continue
+        outcomes[key] = image_outcome(relation[key[0]], rec["box_scores"], rec["box_labels"],
+                                      rec["box_centers"], threshold)
+    grid = np.array(list(outcomes.values()), dtype=bool).reshape(-1, 3)
+    found_a, found_b, right = grid.T
+    both = found_a & found_b
+
+    def pct(num: int, den: int) -> float:
+        return float(100.0 * num / den) if den else float("nan")
+
+    n = len(grid)
+    scores = {"oa": pct(both.sum(), n), "oa_a": pct(found_a.sum(), n), "oa_b": pct(found_b.sum(), n),
+              "visor_cond": pct(right.sum(), both.sum()), "visor_uncond": pct(right.sum(), n)}
+    right_per_prompt: dict[int, int] = {}
+    for (p, _), (_, _, r) in outcomes.items():
+        right_per_prompt[p] = right_per_prompt.get(p, 0) + int(r)
+    counts = np.array(list(right_per_prompt.values()))
+    for k in range(1, images_per_prompt + 1):
+        scores[f"visor_{k}"] = pct(int((counts >= k).sum()), len(counts))
+    expected = len(prompts) * images_per_prompt
+    scores.update(images_expected=expected, images_scored=n, images_failed=len(failed),
+                  images_missing=expected - n - len(failed))
+    return scores
