@@ -91,16 +91,16 @@ class Section:
 # --- inputs ----------------------------------------------------------------------------------------
 
 def load_published(path: str | Path) -> dict[str, Any]:
-    """``data/published.yaml`` with its three parts (``multigen``, ``piebench``, ``study``) checked."""
+    """``data/published.yaml`` with its parts (``multigen``, ``visor``, ``piebench``, ``study``) checked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: published numbers not found; set report.published in params.yaml to "
                                 f"the project's data/published.yaml (or a copy in its layout)")
     data = yaml.safe_load(path.read_text())
-    for part in ("multigen", "piebench", "study"):
+    for part in ("multigen", "visor", "piebench", "study"):
         if not isinstance(data, dict) or part not in data:
             raise ValueError(f"{path}: missing '{part}'; see the file's header for its layout")
-    for part in ("multigen", "piebench"):
+    for part in ("multigen", "visor", "piebench"):
         if not data[part].get("rows") or not data[part].get("source"):
             raise ValueError(f"{path}: '{part}' needs 'source' and 'rows'")
     return data
@@ -183,34 +183,36 @@ def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
 
 
 VISOR_COLUMNS = (("oa", "OA"), ("oa_a", "OA(A)"), ("oa_b", "OA(B)"), ("visor_uncond", "VISOR_uncond"),
-                 ("visor_cond", "VISOR_cond"), ("visor_1", "VISOR_1"), ("visor_2", "VISOR_2"),
-                 ("visor_3", "VISOR_3"), ("visor_4", "VISOR_4"))
+                 ("visor_cond", "VISOR_cond"))
 
 
 def visor_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any],
-                  profile: str, decimals: int = 2) -> Section:
-    """VISOR scores on SR2D per model beside the published OA (the TokenCompose README's column, SPEC §3.6)."""
+                  tokencompose: Mapping[str, Any], profile: str, decimals: int = 2) -> Section:
+    """VISOR scores on SR2D per model beside VISOR's own SD row and the TokenCompose README's OA column
+    (SPEC §3.6). ``published``: the ``visor`` part of the published numbers; ``tokencompose``: the
+    ``multigen`` part (its rows carry ``oa``)."""
     section = Section("VISOR on SR2D spatial prompts (TokenCompose Table, OA column)")
     section.blocks.append(Text(
         "OA = share of images in which both objects of a two-object spatial prompt (\"a cat to the left of a "
         "dog\") are detected, in %; VISOR_uncond / VISOR_cond = share of all / of both-detected images whose "
         "box centres are in the prompted relation; VISOR_k = share of prompts with at least k such images. "
-        "Published: OA only. SD 1.4's 29.86 is VISOR's own number (OWL-ViT base, score > 0.1, all 25,280 "
-        "prompts x 4 images), copied by the TokenCompose README, which does not say how its other OA values were "
-        "computed. This run's rows: the detector, prompts and images in the table below."))
-    section.blocks.append(citation(published["source"]))
+        + published["note"] + " The TokenCompose README gives OA only and does not say how its other OA values "
+        "were computed. This run's rows: the detector, prompts and images in the table below."))
+    section.blocks += [citation(published["source"]), citation(tokencompose["source"])]
     if not metrics:
         section.blocks.append(missing("VISOR scores", "metrics/visor/<model>.json", "visor"))
-    rows = [[model, f"this run ({profile})", *[fmt(values.get(key), decimals=decimals) for key, _ in VISOR_COLUMNS]]
+    levels = max([4] + [int(k.split("_")[1]) for v in metrics.values() for k in v if re.fullmatch(r"visor_\d+", k)])
+    columns = list(VISOR_COLUMNS) + [(f"visor_{k}", f"VISOR_{k}") for k in range(1, levels + 1)]
+    rows = [[model, f"this run ({profile})", *[fmt(values.get(key), decimals=decimals) for key, _ in columns]]
             for model, values in metrics.items()]
-    source = source_label(published["source"])
-    rows += [[r["method"], source, *[fmt(r.get(key), decimals=decimals) for key, _ in VISOR_COLUMNS]]
-             for r in published["rows"]]
-    section.blocks.append(Table("VISOR on SR2D, %", ["Model", "Source", *[h for _, h in VISOR_COLUMNS]], rows,
+    for part in (published, tokencompose):
+        rows += [[r["method"], source_label(part["source"]), *[fmt(r.get(key), decimals=decimals) for key, _ in columns]]
+                 for r in part["rows"]]
+    section.blocks.append(Table("VISOR on SR2D, %", ["Model", "Source", *[h for _, h in columns]], rows,
                                 name="visor"))
     if metrics:
-        shown = {key for key, _ in VISOR_COLUMNS} | {f"visor_{k}" for k in range(1, 64)}
-        section.blocks.append(provenance_table("VISOR: what each row of this run was computed over", metrics, shown))
+        section.blocks.append(provenance_table("VISOR: what each row of this run was computed over", metrics,
+                                               {key for key, _ in columns}))
     return section
 
 
@@ -319,7 +321,8 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
     attention = sorted((root / "plots" / "attention").glob("*.png"))
     return [
         multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals),
-        visor_section(read_metrics(root / "metrics" / "visor"), published["multigen"], profile, decimals),
+        visor_section(read_metrics(root / "metrics" / "visor"), published["visor"], published["multigen"], profile,
+                      decimals),
         piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals),
         study_section(published["study"]),
         figures_section("Edit panels", edits, "Blended Latent Diffusion edits per backbone "

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .config import Fraction, FractionBelowOne, PositiveInt
-from .multigen import MultiGenCfg, MultiGenPrompt, MultiGenScale
+from .multigen import MultiGenCfg, MultiGenPrompt, MultiGenScale, above_threshold
 from .seeding import numpy_rng
 from .shards import STATUS_OK
 
@@ -140,10 +140,10 @@ def image_outcome(relation: str, box_scores: Sequence[float], box_labels: Sequen
         box_scores: (N,) scores; box_labels: (N,) query index, 0 = A, 1 = B; box_centers: (N, 2).
     """
     scores, labels = np.asarray(box_scores, float), np.asarray(box_labels, int)
-    centers = np.asarray(box_centers, float).reshape(-1, 2)
+    centers = np.asarray([tuple(c) for c in box_centers], float).reshape(-1, 2)  # lists or arrays of pairs
     if not (len(scores) == len(labels) == len(centers)):
         raise ValueError(f"{len(scores)} scores, {len(labels)} labels and {len(centers)} centres differ")
-    kept = scores > threshold
+    kept = above_threshold(scores, threshold)
     in_a, in_b = kept & (labels == 0), kept & (labels == 1)
     found_a, found_b = bool(in_a.any()), bool(in_b.any())
     right = found_a and found_b and relation_holds(relation, centers[in_a], centers[in_b])

@@ -11,8 +11,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
-from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, load_detector
-from pipeline.zoo import state_dict_hash
+from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, detector_fingerprint, load_detector
 from pipeline.runtime import dist_info, rank_device, setup_logging, stage_argument
 
 log = logging.getLogger("stages.detect")
@@ -24,9 +23,8 @@ def main(key: str) -> None:
     mg, scale = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
     dist = dist_info()
     models_dir = Path(active_profile(params)["models_dir"])
-    detector = load_detector(scale.detector, models_dir, rank_device(), scale.dtype)
-    fingerprint = {"detector": scale.detector, "weights": state_dict_hash(detector.model),
-                   "dtype": scale.dtype, "template": mg.query_template}
+    detector = load_detector(scale.detector, models_dir, rank_device(), scale.dtype, scale.image_backend)
+    fingerprint = detector_fingerprint(detector, scale, mg.query_template)
     for name in mg.prompt_sets:
         detect_prompt_set(detector, Path("artifacts/samples") / key / name, Path("artifacts/detections") / key / name,
                           mg.query_template, scale, fingerprint, dist.rank, dist.world_size)

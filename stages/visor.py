@@ -22,14 +22,13 @@ import torch
 
 from pipeline.benchmarks import load_categories
 from pipeline.config import active_profile, load_params, section
-from pipeline.multigen import detect_prompt_set, load_detector
+from pipeline.multigen import detect_prompt_set, detector_fingerprint, load_detector
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, setup_logging, stage_argument,
                               wait_for_everyone, write_json)
 from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
                                load_pipeline, resolve_dtype, sample_prompt_set)
 from pipeline.shards import iter_rows
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, spatial_prompts, visor_scores
-from pipeline.zoo import state_dict_hash
 
 log = logging.getLogger("stages.visor")
 COLUMNS = ["prompt_id", "image_index", "status", "box_scores", "box_labels", "box_centers"]
@@ -69,10 +68,10 @@ def main(key: str) -> None:
     settings = sample(key, params, prompts, out / "samples")
     wait_for_everyone()
     det = scale.detection
-    detector = load_detector(det.detector, Path(active_profile(params)["models_dir"]), rank_device(), det.dtype)
-    fingerprint = {"detector": det.detector, "weights": state_dict_hash(detector.model), "dtype": det.dtype,
-                   "template": visor.query_template}
-    detect_prompt_set(detector, out / "samples", out / "detections", visor.query_template, det, fingerprint,
+    detector = load_detector(det.detector, Path(active_profile(params)["models_dir"]), rank_device(), det.dtype,
+                             det.image_backend)
+    detect_prompt_set(detector, out / "samples", out / "detections", visor.query_template, det,
+                      detector_fingerprint(detector, det, visor.query_template),
                       dist.rank, dist.world_size, keep_centers=True)
     wait_for_everyone()
     if not dist.is_main:

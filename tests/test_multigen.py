@@ -147,6 +147,44 @@ def test_detection_keeps_every_box_and_matches_the_model_called_directly(detecto
         np.testing.assert_allclose(row["label_max_scores"], best, atol=1e-5)
 
 
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.mark.parametrize("side", [128, 64])          # the detector's 96 px input: down- and up-sampling
+def test_detector_input_is_the_original_resize(embedded, side):
+    """``image_backend: pil`` (the default) gives OWLv2 the skimage resize of the original processor
+    (bilinear, reflect, Gaussian anti-aliasing) and OWL-ViT PIL's bicubic resize, each then normalised with
+    CLIP's mean and std; the threaded per-image path equals one batched processor call."""
+    import torch
+    from PIL import Image
+    from skimage.transform import resize
+
+    from pipeline.multigen import pixel_values
+
+    arrays = random_images(3, seed=side, size=(side, side))
+    images = [Image.fromarray(a) for a in arrays]
+    for name in ("tiny-owlv2", "tiny-owlvit"):
+        det = load_detector(f"embedded:{name}", embedded(name).parent, "cpu")
+        got = pixel_values(det, images)
+        assert torch.equal(got, det.processor(text=[["a cat"]] * 3, images=images, return_tensors="pt")["pixel_values"])
+        for a, g in zip(arrays, got.permute(0, 2, 3, 1).double().numpy()):
+            if name == "tiny-owlv2":
+                ref = resize(a / 255.0, (96, 96), order=1, mode="reflect", anti_aliasing=True)
+            else:
+                ref = np.asarray(Image.fromarray(a).resize((96, 96), Image.BICUBIC)) / 255.0
+            np.testing.assert_allclose(g, (ref - CLIP_MEAN) / CLIP_STD, atol=1e-5)
+
+
+def test_scores_are_compared_with_the_threshold_in_float32():
+    """The detectors compare float32 scores with 0.1 in float32: float32(0.1) itself is not above 0.1."""
+    from pipeline.visor import image_outcome
+
+    at = float(np.float32(0.1))
+    assert at > 0.1 and objects_found(["a", "b"], [at, 0.2], 0.1) == 1
+    assert image_outcome("above", [at, 0.5], [0, 1], [[0, 0], [0, 1]], 0.1) == (False, True, False)
+
+
 def test_detect_rows_keep_failed_samples(detector, monkeypatch):
     samples = [{"prompt_id": 0, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
                 "image": png_bytes(a)} for j, a in enumerate(random_images(2))]

@@ -75,6 +75,19 @@ def test_published_sources_cite_spec_commits():
         match = re.search(rf"\| {short} \| `([^`]+)`\s*\| `([0-9a-f]{{40}})`", spec)
         assert match and (src["repository"], src["commit"]) == match.groups()
     assert published["study"]["recorded"] is False
+    visor = re.search(r"\| VISOR \| `([^`]+)` .*\| `([0-9a-f]{8})…` \|", spec)
+    src = published["visor"]["source"]
+    assert visor and src["repository"] == visor.group(1) and src["commit"].startswith(visor.group(2))
+
+
+def test_published_visor_oa_is_the_value_both_readmes_give():
+    """SPEC §3.6: the TokenCompose README's SD 1.4 OA (29.86) is VISOR's own SD row."""
+    spec = SPEC.read_text() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
+    published = report.load_published(PUBLISHED)
+    sd = published["visor"]["rows"][0]
+    assert "SD1.4 = 29.86 in TC README equals VISOR README's \"SD\" OA 29.86" in spec
+    assert sd["oa"] == published["multigen"]["rows"][0]["oa"] == 29.86
+    assert sd["visor_uncond"] == pytest.approx(sd["visor_cond"] * sd["oa"] / 100, abs=0.01)  # VISOR's own identity
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -105,15 +118,20 @@ def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
     published = report.load_published(PUBLISHED)
     values = {"oa": 40.0, "oa_a": 70.0, "oa_b": 55.5, "visor_uncond": 20.0, "visor_cond": 50.0, "visor_1": 30.0,
               "visor_2": 20.0, "visor_3": 10.0, "visor_4": 5.0, "prompts": 4, "detector": "embedded:tiny-owlvit"}
-    section = report.visor_section({"trained": values}, published["multigen"], "demo")
+    section = report.visor_section({"trained": values}, published["visor"], published["multigen"], "demo")
     table = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "visor")
-    assert table.columns[:5] == ["Model", "Source", "OA", "OA(A)", "OA(B)"]
+    assert table.columns[:5] == ["Model", "Source", "OA", "OA(A)", "OA(B)"] and table.columns[-1] == "VISOR_4"
     assert table.rows[0][:5] == ["trained", "this run (demo)", "40.00", "70.00", "55.50"]
-    assert table.rows[3] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] + ["—"] * 8
-    assert len(table.rows) == 4
+    assert table.rows[1] == ["SD (VISOR)", "published (microsoft/VISOR)", "29.86", "—", "—", "18.81", "62.98",
+                             "46.60", "20.11", "6.89", "1.63"]
+    assert table.rows[4] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] + ["—"] * 8
+    assert len(table.rows) == 5
+    six = report.visor_section({"m": dict(values, visor_5=1.0, visor_6=0.0)}, published["visor"],
+                               published["multigen"], "demo")
+    assert next(b for b in six.blocks if isinstance(b, report.Table)).columns[-2:] == ["VISOR_5", "VISOR_6"]
     prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("VISOR: what"))
     assert prov.rows == [["trained", "detector = embedded:tiny-owlvit; prompts = 4"]]
-    empty = report.visor_section({}, published["multigen"], "demo")
+    empty = report.visor_section({}, published["visor"], published["multigen"], "demo")
     notes = [b.text for b in empty.blocks if isinstance(b, report.Text) and b.kind == "missing"]
     assert notes and "dvc repro visor" in notes[0]
 

@@ -76,10 +76,14 @@ def test_token_indices_resolve_for_every_sr2d_prompt(clip_tokenizer):
         ids = clip_tokenizer(p.text).input_ids
         want = [clip_tokenizer(head_word(o)[1], add_special_tokens=False).input_ids for o in p.objects]
         assert [ids[i] for i in idx] == want[0] + want[1], p.text
+        relation = clip_tokenizer(p.relation, add_special_tokens=False).input_ids
+        after = next(i for i in range(len(ids)) if ids[i : i + len(relation)] == relation) + len(relation)
+        assert idx == sorted(set(idx)) and idx[len(want[0]) - 1] < after <= idx[len(want[0])], p.text
     text = "an elephant to the right of a tv"
     ids = clip_tokenizer(text).input_ids
     idx = ae_token_indices(clip_tokenizer, text, ("elephant", "tv"))
     assert [clip_tokenizer.decode([ids[i]]) for i in idx] == ["elephant", "tv"] and idx == [2, 8]
+    assert ae_token_indices(clip_tokenizer, "a teddy bear below a bear", ("teddy bear", "bear")) == [3, 6]
 
 
 def test_token_indices_reject_an_object_missing_from_the_prompt(clip_tokenizer):

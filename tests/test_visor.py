@@ -191,6 +191,18 @@ def test_params_sections_parse(profile):
     assert scale.detection.detector.endswith("owlvit" if profile == "demo" else "owlvit-base-patch32")
 
 
+def test_stage_tracks_every_sampler_setting_it_uses():
+    """dvc.yaml lists each sampling field the stage reads, and not the two that visor.* replaces."""
+    from dataclasses import fields
+
+    from pipeline.sampling import SamplingScale
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["visor"]["do"]
+    listed = {p.split(".", 3)[3] for p in stage["params"] if p.startswith("profiles.demo.sampling.")}
+    assert listed == {f.name for f in fields(SamplingScale)} - {"images_per_prompt", "max_prompts"}
+    assert {"sampling", "visor", "profiles.paper.visor"} <= set(stage["params"])
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("query_template", "a photo", r"must hold the object name"),
     ("threshold", 1.0, r"out of range"),
@@ -225,30 +237,45 @@ def test_owlvit_detections_keep_box_centres(embedded):
     assert "box_centers" not in detect_rows(detector, [sample], "a photo of a {name}", 1)[0]
 
 
+def shard_stamps(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))}
+
+
 def test_stage_samples_detects_and_scores(embedded, tmp_path, monkeypatch):
     for name in ("tiny-sd", "tiny-owlvit"):
         embedded(name)
     (tmp_path / "artifacts").mkdir()
     os.symlink(embedded("tiny-sd").parent, tmp_path / "artifacts" / "models")
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["visor"].update(images_per_prompt=3, query_template="a picture of a {name}")  # not multigen's
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(REPO / "data" / "categories", tmp_path / "data" / "categories")
     monkeypatch.chdir(tmp_path)
     from stages import visor
 
     visor.main("sd14")
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    prompts, images = params["profiles"]["demo"]["visor"]["max_prompts"], params["visor"]["images_per_prompt"]
+    prompts, images = params["profiles"]["demo"]["visor"]["max_prompts"], 3
     metrics = json.loads(Path("metrics/visor/sd14.json").read_text())
     assert metrics["prompts"] == prompts and metrics["prompts_total"] == SPATIAL_SIZE
     assert metrics["images_scored"] == prompts * images and metrics["images_failed"] == 0
-    assert all(0 <= metrics[k] <= 100 for k in ("oa", "oa_a", "oa_b", "visor_uncond", "visor_1", "visor_4"))
+    assert all(0 <= metrics[k] <= 100 for k in ("oa", "oa_a", "oa_b", "visor_uncond", "visor_1", "visor_3"))
+    assert "visor_4" not in metrics and metrics["threshold"] == 0.1
     chosen = [p.prompt_id for p in spatial_prompts(NAMES, prompts, params["seed"])]
     samples = read_shards(Path("artifacts/visor/sd14/samples"))
     assert sorted(set(samples.prompt_id)) == chosen
     assert set(samples.prompt) <= {p.text for p in spatial_prompts(NAMES)}
     detections = read_shards(Path("artifacts/visor/sd14/detections"))
     assert len(detections) == prompts * images and len(detections.box_centers[0]) == (96 // 16) ** 2
-    mtime = Path("artifacts/visor/sd14/detections").stat().st_mtime_ns
+    assert detections.queries[0][0].startswith("a picture of a ")
+    stamps = {d: shard_stamps(Path("artifacts/visor/sd14") / d) for d in ("samples", "detections")}
+
     visor.main("sd14")                                          # a rerun resumes: nothing recomputed
     assert json.loads(Path("metrics/visor/sd14.json").read_text()) == metrics
-    assert Path("artifacts/visor/sd14/detections").stat().st_mtime_ns == mtime
+    params["visor"]["threshold"] = 0.6                          # rescoring only
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    visor.main("sd14")
+    assert {d: shard_stamps(Path("artifacts/visor/sd14") / d) for d in stamps} == stamps
+    rescored = json.loads(Path("metrics/visor/sd14.json").read_text())
+    rows = read_shards(Path("artifacts/visor/sd14/detections")).to_dict("records")
+    assert rescored["threshold"] == 0.6
+    assert rescored["oa"] == visor_scores(rows, spatial_prompts(NAMES, prompts, params["seed"]), 0.6, 3)["oa"]
