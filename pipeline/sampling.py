@@ -14,6 +14,7 @@ Attend-and-Excite (diffusers' ``StableDiffusionAttendAndExcitePipeline``) needs 
 from __future__ import annotations
 
 import logging
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,7 +294,9 @@ class Sampler:
             kwargs.update(token_indices=tokens, max_iter_to_alter=ae.max_iter_to_alter,
                           thresholds={int(k): v for k, v in ae.thresholds.items()},
                           scale_factor=ae.scale_factor, attn_res=tuple(ae.attn_res) if ae.attn_res else None)
-        return self.pipe(**kwargs).images
+        with warnings.catch_warnings():  # A&E's Gaussian smoothing calls meshgrid the deprecated way
+            warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+            return self.pipe(**kwargs).images
 
     def rows(self, items: Sequence[SampleItem]) -> list[dict[str, Any]]:
         """Sample ``items`` in batches of ``scale.batch_size``; one row per item, failures kept with a reason.

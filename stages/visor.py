@@ -64,12 +64,12 @@ def main(key: str) -> None:
     prompts = spatial_prompts(load_categories("coco"), scale.max_prompts, seed)
     out = Path("artifacts/visor") / key
     dist = dist_info()
+    det = scale.detection  # loaded first: a wrong reference fails before hours of sampling, not after
+    detector = load_detector(det.detector, Path(active_profile(params)["models_dir"]), rank_device(), det.dtype,
+                             det.image_backend)
     log.info("%s: %d SR2D prompts x %d images", key, len(prompts), visor.images_per_prompt)
     settings = sample(key, params, prompts, out / "samples")
     wait_for_everyone()
-    det = scale.detection
-    detector = load_detector(det.detector, Path(active_profile(params)["models_dir"]), rank_device(), det.dtype,
-                             det.image_backend)
     detect_prompt_set(detector, out / "samples", out / "detections", visor.query_template, det,
                       detector_fingerprint(detector, det, visor.query_template),
                       dist.rank, dist.world_size, keep_centers=True)

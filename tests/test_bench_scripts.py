@@ -62,3 +62,13 @@ def test_sampling_bench_runs_every_variant(traced_compile):
     for name in names:
         assert results[f"{name}_images_per_s"] > 0 and f"{name}_speedup" in results
     assert results["nan_images"] == 0
+
+
+def test_detector_preprocess_bench_measures_both_backends():
+    bench = load_script("detector_preprocess")
+    result = bench.run(2, 64, sides={"owlv2": 96, "owlvit": 96})
+    for family in ("owlv2", "owlvit"):
+        m = result[family]
+        assert m["input_px"] == 96 and m["torchvision_vs_pil_max_abs"] > 0
+        assert all(m[k] > 0 for k in ("pil_batched_s_per_image", "pil_threaded_s_per_image",
+                                      "torchvision_batched_s_per_image"))

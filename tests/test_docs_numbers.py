@@ -67,3 +67,22 @@ def test_masks_rows():
           f"detector {gpu['detector_single_images_per_s']:.1f}, SAM-HQ {gpu['segmenter_single_images_per_s']:.1f} images/s",
           f"detector {gpu['detector_batched_images_per_s']:.1f} images/s (**{gpu['detector_speedup_batched_vs_single']:.2f}×**)",
           f"SAM-HQ {gpu['segmenter_batched_images_per_s']:.1f} images/s ({gpu['segmenter_speedup_batched_vs_single']:.2f}×)")
+
+
+def test_detector_preprocess_table_in_docs():
+    r = result("detector_preprocess_cpu.json")
+    doc = (REPO / "docs" / "multigen.md").read_text()
+    for family, label in (("owlv2", "| OWLv2, 960 px |"), ("owlvit", "| OWL-ViT, 768 px |")):
+        rows = [line for line in doc.splitlines() if line.startswith(label)]
+        assert len(rows) == 1, label
+        m = r[family]
+        cited(rows[0], f"{m['torchvision_vs_pil_max_abs']:.3f}", f"{m['pil_batched_s_per_image']:.3f} s/image",
+              f"{m['pil_threaded_s_per_image']:.3f} s/image ({m['threaded_vs_batched_pil_speedup']:.2f}x)",
+              f"{m['torchvision_batched_s_per_image']:.3f} s/image")
+
+
+def test_detector_preprocess_readme_row():
+    m = result("detector_preprocess_cpu.json")["owlv2"]
+    cited(readme_row("| `bench/detector_preprocess.py`"), f"{m['pil_batched_s_per_image']:.3f} s/image",
+          f"{m['pil_threaded_s_per_image']:.3f} s/image (**{m['threaded_vs_batched_pil_speedup']:.2f}×**)",
+          f"{m['torchvision_batched_s_per_image']:.3f} s/image", f"{m['torchvision_vs_pil_max_abs']:.3f}")

@@ -191,6 +191,21 @@ def test_params_sections_parse(profile):
     assert scale.detection.detector.endswith("owlvit" if profile == "demo" else "owlvit-base-patch32")
 
 
+def test_stage_checks_the_detector_before_sampling(tmp_path, monkeypatch):
+    from pipeline.models import ModelLoadError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["demo"]["visor"]["detection"]["detector"] = "embedded:no-such-detector"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "data" / "categories", tmp_path / "data" / "categories")
+    monkeypatch.chdir(tmp_path)
+    from stages import visor
+
+    monkeypatch.setattr(visor, "sample", lambda *a: pytest.fail("sampled before the detector was loaded"))
+    with pytest.raises((ModelLoadError, FileNotFoundError, ValueError)):
+        visor.main("sd14")
+
+
 def test_stage_tracks_every_sampler_setting_it_uses():
     """dvc.yaml lists each sampling field the stage reads, and not the two that visor.* replaces."""
     from dataclasses import fields
