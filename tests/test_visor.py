@@ -294,3 +294,32 @@ def test_stage_samples_detects_and_scores(embedded, tmp_path, monkeypatch):
     rows = read_shards(Path("artifacts/visor/sd14/detections")).to_dict("records")
     assert rescored["threshold"] == 0.6
     assert rescored["oa"] == visor_scores(rows, spatial_prompts(NAMES, prompts, params["seed"]), 0.6, 3)["oa"]
+
+
+def test_stage_under_two_processes_equals_one_process(embedded, tmp_path):
+    """torchrun with two CPU ranks: the ranks split the sample shards, meet, split the detection shards
+    (each reading shards the other rank wrote), and the shards and metrics equal a one-process run's."""
+    import subprocess
+    import sys
+
+    embedded("tiny-owlvit")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    runs = {}
+    for processes in (1, 2):
+        root = tmp_path / f"p{processes}"
+        (root / "artifacts").mkdir(parents=True)
+        os.symlink(embedded("tiny-sd").parent, root / "artifacts" / "models")
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        shutil.copytree(REPO / "data" / "categories", root / "data" / "categories")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(REPO / "stages" / "visor.py"), "sd14"]
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = root
+    assert "| 2/2" in done.stderr and "| 4/4" not in done.stderr, done.stderr[-2000:]  # 4 shards per phase, split
+    for folder in ("samples", "detections"):
+        one, two = (sorted((runs[n] / "artifacts/visor/sd14" / folder).glob("*.parquet")) for n in (1, 2))
+        assert [f.name for f in one] == [f.name for f in two] and len(one) == 4
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two)), folder
+    m1, m2 = (json.loads((runs[n] / "metrics/visor/sd14.json").read_text()) for n in (1, 2))
+    assert m1 == m2 and m1["images_scored"] == 16
