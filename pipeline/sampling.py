@@ -35,7 +35,7 @@ TokenRule = Literal["head_word", "last_piece"]
 STATUS_TOKENS_FAILED = "token_indices_failed"
 STATUS_NAN = "nan_image"
 STATUS_FAILED = "sample_failed"
-MAX_TOKEN_INDEX = 76  # 77-token CLIP context, SOT at 0
+MAX_TOKEN_INDEX = 75  # 77-token CLIP context: SOT at 0, EOT at 76 at the latest (truncation keeps it)
 
 
 class TokenIndexError(ValueError):

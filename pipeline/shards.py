@@ -358,7 +358,8 @@ def _has_status(path: Path, statuses: Collection[str]) -> bool:
 
 # The stage that writes each shard directory (named in the error when one is missing).
 PRODUCERS = {"artifacts/data/images": "train_data", "artifacts/nouns": "nouns", "artifacts/masks": "masks",
-             "artifacts/samples": "sample", "artifacts/detections": "detect", "artifacts/edits": "edit"}
+             "artifacts/samples": "sample", "artifacts/detections": "detect", "artifacts/edits": "edit",
+             "artifacts/visor": "visor"}
 
 
 def _producer(path: Path) -> str | None:

@@ -291,3 +291,32 @@ def test_guidance_follows_the_conditional_branch(pipe):
         return blended_latent_loop(pipe.unet, editor.scheduler, z_src, masks, embeddings, gens, cfg, 4)
 
     torch.testing.assert_close(run(text), run(other))
+
+
+def test_source_tensor_resizes_bilinear():
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    want = np.asarray(img.resize((16, 16), Image.BILINEAR), np.float32) / 127.5 - 1
+    np.testing.assert_allclose(source_tensor(img, 16).permute(1, 2, 0).numpy(), want, atol=1e-6)
+
+
+def test_loop_steps_are_ddim_with_eta_0(pipe):
+    """With an all-ones mask blending is a no-op, so the loop must equal plain DDIM (eta 0) written out in
+    float64: x0 = (z - sqrt(1 - a) eps) / sqrt(a), z' = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, with
+    classifier-free guidance and a_prev = alphas_cumprod[0] after the last step (set_alpha_to_one false)."""
+    cfg, steps = EditingCfg(), 4
+    editor = BlendedLatentEditor(pipe, cfg, steps, seed=0)
+    z_src = encode_source(pipe.vae, source_tensor(Image.new("RGB", (128, 128), (90, 30, 200)), 128)[None])
+    ones = torch.ones(1, 1, 16, 16)
+    emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red ball"])
+    got = blended_latent_loop(pipe.unet, editor.scheduler, z_src, ones, emb, [torch.Generator().manual_seed(3)],
+                              cfg, steps)
+    alphas = editor.scheduler.alphas_cumprod.double()
+    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(3)).double()
+    for t in [750, 500, 250, 0][int(steps * cfg.blending_start):]:
+        with torch.no_grad():
+            uncond, cond = pipe.unet(torch.cat([z, z]).float(), t, encoder_hidden_states=emb).sample.double().chunk(2)
+        eps = uncond + cfg.guidance_scale * (cond - uncond)
+        a, a_prev = alphas[t], (alphas[t - 250] if t >= 250 else alphas[0])
+        x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), z, atol=1e-4, rtol=1e-4)

@@ -664,3 +664,8 @@ def test_imsave_writes_a_full_mask_black():
     plt.imsave(buf, np.ones((8, 8), bool), cmap="gray", format="png")
     pixels = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
     assert pixels.shape == (8, 8, 4) and not pixels[..., 0].any()
+
+
+def test_prefix_rule_needs_every_label_word():
+    """Rule 4 (SPEC §2.6): every space-token of the label must be a substring of the word."""
+    assert grounding.match_label("banana split", ["bananas"]) == (None, "unmatched_label")

@@ -160,8 +160,9 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="no token positions"):
         GroundingTargets.from_lists([[torch.zeros(16, 16)]], [[[]]], resolution=16)
     maps, masks, _, groups = random_case(6)
-    bad_ids = [[[80] for _ in sample] for sample in masks]
-    with pytest.raises(ValueError, match="outside the 77 attention keys"):
-        grounding_loss(maps, GroundingTargets.from_lists(masks, bad_ids, 16), groups)
+    for token in (80, 77):                   # 77 is the first position past the context
+        bad_ids = [[[token] for _ in sample] for sample in masks]
+        with pytest.raises(ValueError, match="outside the 77 attention keys"):
+            grounding_loss(maps, GroundingTargets.from_lists(masks, bad_ids, 16), groups)
     with pytest.raises(ValueError, match="no captured maps"):
         grounding_loss({}, GroundingTargets.from_lists(masks, [[[1]] * len(s) for s in masks], 16), ["up_64"])

@@ -311,3 +311,19 @@ def test_background_metrics_exist_while_one_pixel_is_unedited(scorer, images):
     mask = np.ones(source.shape[:2], np.uint8)
     mask[0, 0] = 0
     assert not math.isnan(scorer.score(source, edit, mask, "a", "b")["mse_unedit_part"])
+
+
+def test_prepare_edit_resizes_bicubic():
+    img = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(img).resize((64, 48), Image.BICUBIC))
+    np.testing.assert_array_equal(pb.prepare_edit(img, (48, 64), pb.PieBenchCfg(jpeg_roundtrip=False)), want)
+
+
+def test_structure_distance_downsamples_with_antialias(embedded, models_dir):
+    """320 px inputs are downsampled to 224 (the other structure test upsamples, where antialias is moot)."""
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    edit = np.clip(src.astype(int) + rng.integers(-40, 41, src.shape), 0, 255).astype(np.uint8)
+    embedded("tiny-dino")
+    metric = pb.StructureDistance.load("embedded:tiny-dino", models_dir, "0-255")
+    assert metric(src, edit) == pytest.approx(reference_structure(metric.model, src, edit, 1.0), rel=1e-4)

@@ -267,3 +267,47 @@ def test_params_sections_parse_in_both_profiles():
         for key in params["eval_models"]:
             section(p, f"eval_models.{key}", EvalModel)
             section(p, f"profile.eval_models.{key}", EvalModelRef)
+
+
+def test_seed_depends_on_prompt_set_prompt_and_image():
+    from pipeline.seeding import torch_generator
+    from pipeline.sampling import SampleItem, image_generator
+
+    item = SampleItem("coco", 0, 0, "t", ("a",))
+    draw = lambda g: torch.randn(8, generator=g)
+    assert not torch.equal(draw(image_generator(0, item)), draw(image_generator(0, SampleItem("ade20k", 0, 0, "t", ("a",)))))
+    assert torch.equal(draw(image_generator(0, item)), draw(torch_generator(0, "multigen", "coco", 0, 0)))
+
+
+def test_prompt_items_are_prompt_major():
+    from pipeline.sampling import prompt_items
+
+    prompts = [MultiGenPrompt(0, "x", ("a",)), MultiGenPrompt(1, "y", ("b",))]
+    assert [(i.prompt_id, i.image_index) for i in prompt_items("coco", prompts, 2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("reds, index", [(73, 75), (74, None), (75, None)])
+def test_token_indices_stop_before_the_end_of_text_token(clip_tokenizer, reds, index):
+    """Position 76 holds EOT once the pipeline truncates a long prompt to 77 tokens, so 75 is the last."""
+    text = "red " * reds + "a cat and a dog"
+    if index is None:
+        with pytest.raises(TokenIndexError, match="reach EOT"):
+            ae_token_indices(clip_tokenizer, text, ("cat",))
+    else:
+        assert ae_token_indices(clip_tokenizer, text, ("cat",)) == [index]
+
+
+def test_earlier_article_wins(clip_tokenizer):
+    assert ae_token_indices(clip_tokenizer, "an apple and a apple", ("apple",)) == [2]
+
+
+def test_image_with_one_nan_pixel_is_recorded(monkeypatch):
+    from pipeline import sampling
+
+    sampler = sampling.Sampler.__new__(sampling.Sampler)
+    sampler.kind, sampler.scale, sampler._tokens = "sd", SamplingScale(batch_size=2), {}
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    images[1, 0, 0, 0] = np.nan
+    monkeypatch.setattr(sampling.Sampler, "_call", lambda self, items, tokens: images)
+    rows = sampler.rows(sampling.prompt_items("coco", [MultiGenPrompt(0, "x", ("a",))], 2))
+    assert [r["status"] for r in rows] == [STATUS_OK, sampling.STATUS_NAN]

@@ -252,3 +252,24 @@ def test_missing_and_retryable_shards_are_both_computed(tmp_path):
     shards.write_shards(out, list(range(6)), flaky, 2, {}, code="c", redo_statuses=("oom",))
     df = shards.read_shards(out)
     assert df["key"].tolist() == list(range(6)) and set(df["status"]) == {"ok"}
+
+
+def test_a_new_shard_size_drops_the_old_shards(tmp_path):
+    """Shard i covers other items at another shard size: keeping a written shard would lose or repeat items."""
+    process = lambda chunk: [{"key": k, "status": "ok"} for k in chunk]
+    shards.write_shards(tmp_path, list(range(6)), process, 3, {}, code="c")
+    shards.shard_path(tmp_path, 1).unlink()
+    shards.write_shards(tmp_path, list(range(6)), process, 4, {}, code="c")
+    assert shards.read_shards(tmp_path)["key"].tolist() == list(range(6))
+
+
+def test_shards_without_a_status_column_are_not_retried(tmp_path):
+    calls = []
+
+    def process(chunk):
+        calls.append(list(chunk))
+        return [{"key": k} for k in chunk]
+
+    for _ in range(2):
+        shards.write_shards(tmp_path, [0, 1], process, 1, {}, code="c", redo_statuses=("x",))
+    assert calls == [[0], [1]]

@@ -381,3 +381,19 @@ def test_a_word_on_the_eot_position_is_refused(clip_tokenizer):
     assert align(75).status == "past_context"
     ids = clip_tokenizer(" ".join(["red"] * 75) + " cat", truncation=True, max_length=77).input_ids
     assert ids[76] == clip_tokenizer.eos_token_id
+
+
+def test_caption_stays_ok_when_only_some_phrases_fail(clip_tokenizer):
+    class Tagger:
+        def tag(self, words):
+            return [(w, "NN" if w in ("cat", "猫") else "DT") for w in words]
+
+    row = text.tagger_nouns_rows([{"image_id": "m", "caption": "A cat and a 猫.", "status": "ok"}], Tagger(),
+                                 clip_tokenizer, 75)[0]
+    assert row["phrase_status"] == ["ok", "decode_mismatch"] and row["status"] == "ok"
+
+
+def test_multi_token_phrase_crossing_the_last_position_is_past_context(clip_tokenizer):
+    caption = "red " * 74 + "teddy bear"   # "teddy bear" would sit at 75-76: its last token is past 75
+    aligned = text.align_phrase(clip_tokenizer, text.CaptionTokens.of(clip_tokenizer, caption), "teddy bear", None, 75)
+    assert aligned.status == "past_context"

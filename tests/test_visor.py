@@ -323,3 +323,23 @@ def test_stage_under_two_processes_equals_one_process(embedded, tmp_path):
         assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two)), folder
     m1, m2 = (json.loads((runs[n] / "metrics/visor/sd14.json").read_text()) for n in (1, 2))
     assert m1 == m2 and m1["images_scored"] == 16
+
+
+def test_visor_k_counts_only_prompts_with_a_scored_image():
+    """VISOR_k's denominator is the prompts present in the results (visor.py): a prompt whose only image
+    failed (e.g. A&E token indices) does not count as a prompt with no right image."""
+    a, b = spatial_prompts(NAMES, 2, seed=0)
+    centres = {"to the left of": [[.1, .5], [.9, .5]], "to the right of": [[.9, .5], [.1, .5]],
+               "above": [[.5, .1], [.5, .9]], "below": [[.5, .9], [.5, .1]]}[a.relation]
+    rows = [{"prompt_id": a.prompt_id, "image_index": 0, "status": STATUS_OK, "box_scores": [0.9, 0.9],
+             "box_labels": [0, 1], "box_centers": centres},
+            {"prompt_id": b.prompt_id, "image_index": 0, "status": "token_indices_failed", "box_scores": [],
+             "box_labels": [], "box_centers": []}]
+    assert visor_scores(rows, [a, b], 0.1, 1)["visor_1"] == 100.0
+
+
+def test_defaults_are_the_benchmarks_own():
+    from pipeline.multigen import MultiGenCfg
+
+    assert MultiGenCfg().threshold == VisorCfg().threshold == 0.1
+    assert VisorCfg().images_per_prompt == 4 and VisorCfg().query_template == "a photo of a {name}"
