@@ -200,6 +200,12 @@ def inference_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
     return torch.float16 if half_precision and torch.device(device).type == "cuda" else torch.float32
 
 
+# Image processors run transformers' PIL implementation: PIL's bilinear resize, as the original Grounding DINO
+# (torchvision transforms on PIL images) and SAM (``ResizeLongestSide`` through PIL) code. The library's
+# default torchvision path differs from it by up to 0.0175 in Grounding DINO's normalised input.
+IMAGE_BACKEND = "pil"
+
+
 class GroundingDetector:
     """Grounding DINO (transformers) with its processor: batched detection with text prompts."""
 
@@ -212,7 +218,7 @@ class GroundingDetector:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         dtype = inference_dtype(device, half_precision)
-        processor = from_pretrained(AutoProcessor, ref, models_dir)
+        processor = from_pretrained(AutoProcessor, ref, models_dir, backend=IMAGE_BACKEND)
         model = from_pretrained(GroundingDinoForObjectDetection, ref, models_dir, dtype=dtype)
         return cls(processor, model.to(device).eval(), device, dtype)
 
@@ -247,7 +253,8 @@ class HFSamSegmenter:
         config = from_pretrained(AutoConfig, ref, models_dir)
         model_cls = SamHQModel if config.model_type == "sam_hq" else SamModel
         model = from_pretrained(model_cls, ref, models_dir, dtype=dtype)
-        return cls(from_pretrained(AutoProcessor, ref, models_dir), model.to(device).eval(), device, dtype)
+        processor = from_pretrained(AutoProcessor, ref, models_dir, backend=IMAGE_BACKEND)
+        return cls(processor, model.to(device).eval(), device, dtype)
 
     @torch.inference_mode()
     def segment(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -669,3 +669,35 @@ def test_imsave_writes_a_full_mask_black():
 def test_prefix_rule_needs_every_label_word():
     """Rule 4 (SPEC §2.6): every space-token of the label must be a substring of the word."""
     assert grounding.match_label("banana split", ["bananas"]) == (None, "unmatched_label")
+
+
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize("size", [(160, 120), (90, 200)])        # (width, height): landscape, portrait
+def test_model_inputs_are_the_original_transforms(embedded, models_dir, size):
+    """Grounding DINO's input is the original's PIL bilinear resize (shorter side to ``shortest_edge``, longer
+    side capped at ``longest_edge``, sizes rounded as its ``get_size_with_aspect_ratio``), SAM's the PIL
+    bilinear resize of the longer side (``ResizeLongestSide``); both then ImageNet-normalised."""
+    w, h = size
+    image = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    embedded("tiny-grounding-dino"), embedded("tiny-sam")
+    detector = grounding.GroundingDetector.load("embedded:tiny-grounding-dino", models_dir, torch.device("cpu"), False)
+    proc = detector.processor.image_processor
+    short, cap = proc.size.shortest_edge, proc.size.longest_edge
+    if max(w, h) / min(w, h) * short > cap:
+        short = int(round(cap * min(w, h) / max(w, h)))
+    ow, oh = (short, int(short * h / w)) if w < h else (int(short * w / h), short)
+    want = (np.asarray(image.resize((ow, oh), Image.BILINEAR)) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    got = proc(images=[image], return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got[:oh, :ow], want, atol=1e-5)
+
+    segmenter = grounding.HFSamSegmenter.load("embedded:tiny-sam", models_dir, torch.device("cpu"), False)
+    proc = segmenter.processor.image_processor
+    side = proc.size.longest_edge
+    scale = side / max(w, h)
+    ow, oh = int(w * scale + 0.5), int(h * scale + 0.5)
+    want = (np.asarray(image.resize((ow, oh), Image.BILINEAR)) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    got = proc(images=[image], return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got[:oh, :ow], want, atol=1e-5)
+    assert np.abs(got[oh:, :]).max(initial=0) == 0 and np.abs(got[:, ow:]).max(initial=0) == 0   # zero padding
