@@ -16,13 +16,12 @@ import argparse
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline.multigen import PREPROCESS_THREADS, Detector, pixel_values
+from pipeline.multigen import PREPROCESS_THREADS, pixel_values
 from pipeline.runtime import write_json
 
 OUT = Path(__file__).resolve().parents[1] / "bench" / "results" / "detector_preprocess_cpu.json"
@@ -67,14 +66,14 @@ def measure(family: str, side: int, images: list[Image.Image]) -> dict[str, floa
     n = len(images)
     procs = {b: processors(family, b, side) for b in ("pil", "torchvision")}
     batched = {b: timed(lambda p=p: p(images=images, return_tensors="pt")["pixel_values"]) for b, p in procs.items()}
-    detector = Detector(None, SimpleNamespace(image_processor=procs["pil"]), "cpu", None)
-    threaded, threaded_s = timed(lambda: pixel_values(detector, images))
+    threaded, threaded_s = timed(lambda: pixel_values(procs["pil"], images))
     pil, tv = batched["pil"][0], batched["torchvision"][0]
     if not bool((threaded == pil).all()):
         raise RuntimeError(f"{family}: threaded pil tensors differ from the batched call")
     diff = (tv - pil).abs()
     return {"input_px": side, "pil_batched_s_per_image": batched["pil"][1] / n,
-            "pil_threaded_s_per_image": threaded_s / n, "torchvision_batched_s_per_image": batched["torchvision"][1] / n,
+            "pil_threaded_s_per_image": threaded_s / n,
+            "torchvision_batched_s_per_image": batched["torchvision"][1] / n,
             "threaded_vs_batched_pil_speedup": batched["pil"][1] / threaded_s,
             "torchvision_vs_pil_max_abs": float(diff.max()), "torchvision_vs_pil_mean_abs": float(diff.mean())}
 

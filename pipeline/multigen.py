@@ -221,8 +221,7 @@ def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: str = "f
 
     ``image_backend`` picks the image processor's implementation. ``pil`` is the algorithm the original
     evaluations ran: OWLv2's scipy resize with anti-aliasing (skimage's), and OWL-ViT's PIL bicubic resize.
-    ``torchvision`` approximates it faster; on a 512 px image at OWLv2's 960 px input, the two differ by up to
-    0.12 in normalised pixel units (mean 1e-4), at OWL-ViT's 768 px by up to 0.03.
+    ``torchvision`` approximates it faster (how far and how much faster: ``bench/detector_preprocess.py``).
     """
     import torch
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
@@ -261,7 +260,7 @@ def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Se
     import torch
 
     inputs = dict(detector.processor(text=[list(q) for q in queries], return_tensors="pt"))
-    inputs["pixel_values"] = pixel_values(detector, images)
+    inputs["pixel_values"] = pixel_values(detector.processor.image_processor, images)
     inputs = {k: v.to(detector.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(detector.dtype)
     with torch.no_grad():
@@ -283,13 +282,12 @@ def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Se
 PREPROCESS_THREADS = min(8, os.cpu_count() or 1)  # image resizes run in scipy / PIL, which release the GIL
 
 
-def pixel_values(detector: Detector, images: Sequence[Any]) -> Any:
-    """(B, 3, S, S) float32 detector input of B PIL images, resized and normalised by the detector's image
-    processor, one image per thread (the same tensor as one batched call, several times faster with
+def pixel_values(process: Any, images: Sequence[Any]) -> Any:
+    """(B, 3, S, S) float32 detector input of B PIL images, resized and normalised by the image processor
+    ``process``, one image per thread (the same tensor as one batched call, several times faster with
     ``image_backend: pil``)."""
     import torch
 
-    process = detector.processor.image_processor
     with ThreadPoolExecutor(max_workers=max(1, min(len(images), PREPROCESS_THREADS))) as pool:
         parts = list(pool.map(lambda image: process(images=[image], return_tensors="pt")["pixel_values"], images))
     return torch.cat(parts)
@@ -297,7 +295,8 @@ def pixel_values(detector: Detector, images: Sequence[Any]) -> Any:
 
 def _failed_row(status: str, error: str) -> dict[str, Any]:
     """A detection row for an image that could not be scored (kept, never dropped)."""
-    return {"box_scores": [], "box_labels": [], "label_max_scores": [], "status": status, "error": error}
+    return {"box_scores": [], "box_labels": [], "box_centers": [], "label_max_scores": [], "status": status,
+            "error": error}
 
 
 def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str, batch_size: int,
@@ -329,8 +328,8 @@ def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str
     for start in range(0, len(decoded), batch_size):
         results.update(_detect_batch_rows(detector, decoded[start : start + batch_size]))
     rows = [{"prompt_id": s["prompt_id"], "image_index": s["image_index"], "objects": list(s["objects"]),
-             "queries": queries_for(s["objects"], template), "box_centers": [],
-             **results[(s["prompt_id"], s["image_index"])]} for s in samples]
+             "queries": queries_for(s["objects"], template), **results[(s["prompt_id"], s["image_index"])]}
+            for s in samples]
     if not keep_centers:
         for row in rows:
             del row["box_centers"]

@@ -203,11 +203,13 @@ def visor_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[s
         section.blocks.append(missing("VISOR scores", "metrics/visor/<model>.json", "visor"))
     levels = max([4] + [int(k.split("_")[1]) for v in metrics.values() for k in v if re.fullmatch(r"visor_\d+", k)])
     columns = list(VISOR_COLUMNS) + [(f"visor_{k}", f"VISOR_{k}") for k in range(1, levels + 1)]
-    rows = [[model, f"this run ({profile})", *[fmt(values.get(key), decimals=decimals) for key, _ in columns]]
-            for model, values in metrics.items()]
+
+    def cells(values: Mapping[str, Any]) -> list[str]:
+        return [fmt(values.get(key), decimals=decimals) for key, _ in columns]
+
+    rows = [[model, f"this run ({profile})", *cells(values)] for model, values in metrics.items()]
     for part in (published, tokencompose):
-        rows += [[r["method"], source_label(part["source"]), *[fmt(r.get(key), decimals=decimals) for key, _ in columns]]
-                 for r in part["rows"]]
+        rows += [[r["method"], source_label(part["source"]), *cells(r)] for r in part["rows"]]
     section.blocks.append(Table("VISOR on SR2D, %", ["Model", "Source", *[h for _, h in columns]], rows,
                                 name="visor"))
     if metrics:

@@ -63,6 +63,15 @@ def check_failure_rate(failed: int, total: int, limit: float, where: str, param:
                            f"column, fix the cause and rerun (failed rows are retried), or raise {param}")
 
 
+def release_memory() -> None:
+    """Return freed tensors' memory: collect garbage and empty the CUDA cache (after dropping a model)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def rank_device() -> torch.device:
     """``cuda:<LOCAL_RANK>`` when CUDA is present (one process per GPU), else CPU."""
     if torch.cuda.is_available():

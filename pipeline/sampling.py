@@ -135,9 +135,10 @@ def ae_token_indices(tokenizer: Any, text: str, objects: Sequence[str], rule: To
 
     For each object in order, the token sequence of ``"a " + name`` or ``"an " + name`` (MultiGen writes
     "a" before every name; SR2D writes "an apple") is searched at or after the previous match, the earlier
-    occurrence winning; the article is skipped. ``head_word``: every BPE piece of the head word; ``last_piece``: only the
-    head word's last piece (one index per object). Each object span must decode to its name and every
-    index must lie before EOT and below 77. Raises :class:`TokenIndexError` naming prompt and object.
+    occurrence winning; the article is skipped. ``head_word``: every BPE piece of the head word;
+    ``last_piece``: only the head word's last piece (one index per object). Each object span must decode to
+    its name and every index must lie before EOT and at most at ``MAX_TOKEN_INDEX`` (75). Raises
+    :class:`TokenIndexError` naming prompt and object.
     """
     if rule not in ("head_word", "last_piece"):
         raise ValueError(f"token rule {rule!r}: use 'head_word' (SPEC §6.3 default) or 'last_piece' (alternative A)")
@@ -363,6 +364,20 @@ class Sampler:
         return {"kind": self.kind, "cfg": cfg, "scale": scale, "seed": self.seed,
                 "size": self.size, "dtype": str(self.pipe.unet.dtype), "weights": weights,
                 "scheduler": type(self.pipe.scheduler).__name__}
+
+
+def open_sampler(ref: EvalModelRef, model: EvalModel, models_dir: str | Path, cfg: SamplingCfg,
+                 scale: SamplingScale, seed: int, device: torch.device) -> Sampler:
+    """The :class:`Sampler` of an evaluated model: its pipeline loaded on ``device`` in ``scale.dtype``."""
+    pipe = load_pipeline(ref, model.sampler, models_dir, cfg, resolve_dtype(scale.dtype, device), device)
+    return Sampler(pipe, model.sampler, cfg, scale, seed)
+
+
+def sampler_record(sampler: Sampler, ref: EvalModelRef) -> dict[str, Any]:
+    """What a metrics file records of the model and the sampler settings that made its images."""
+    return {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": sampler.kind,
+            "steps": sampler.scale.num_inference_steps, "guidance_scale": sampler.cfg.guidance_scale,
+            "size": sampler.size, "dtype": str(sampler.pipe.unet.dtype)}
 
 
 def sample_prompt_set(sampler: Sampler, promptset: str, prompts: Sequence[MultiGenPrompt], out_dir: Path,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -197,3 +198,14 @@ def visor_scores(records: Iterable[Mapping[str, Any]], prompts: Sequence[Spatial
     scores.update(images_expected=expected, images_scored=n, images_failed=len(failed),
                   images_missing=expected - n - len(failed))
     return scores
+
+
+DETECTION_COLUMNS = ["prompt_id", "image_index", "status", "box_scores", "box_labels", "box_centers"]
+
+
+def score_detections(detections_dir: Path, prompts: Sequence[SpatialPrompt], cfg: VisorCfg) -> dict[str, float]:
+    """:func:`visor_scores` of the detection shards in ``detections_dir`` (read column by column)."""
+    from .shards import iter_rows
+
+    return visor_scores(iter_rows(detections_dir, columns=DETECTION_COLUMNS), prompts, cfg.threshold,
+                        cfg.images_per_prompt)

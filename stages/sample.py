@@ -17,8 +17,8 @@ from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, load_prompt_set
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, setup_logging, stage_argument,
                               wait_for_everyone, write_json)
-from pipeline.sampling import (EvalModel, EvalModelRef, Sampler, SamplingCfg, SamplingScale, component_hashes,
-                               load_pipeline, resolve_dtype, sample_prompt_set)
+from pipeline.sampling import (EvalModel, EvalModelRef, SamplingCfg, SamplingScale, component_hashes, open_sampler,
+                               sample_prompt_set, sampler_record)
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.sample")
@@ -32,13 +32,10 @@ def main(key: str) -> None:
     ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
     mg = section(params, "multigen", MultiGenCfg)
     dist, device = dist_info(), rank_device()
-    pipe = load_pipeline(ref, model.sampler, Path(active_profile(params)["models_dir"]), cfg,
-                         resolve_dtype(scale.dtype, device), device)
-    weights = component_hashes(pipe)
-    sampler = Sampler(pipe, model.sampler, cfg, scale, int(params["seed"]))
-    metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
-               "steps": scale.num_inference_steps, "guidance_scale": cfg.guidance_scale, "size": sampler.size,
-               "images_per_prompt": scale.images_per_prompt, "dtype": str(pipe.unet.dtype), "seed": sampler.seed,
+    sampler = open_sampler(ref, model, Path(active_profile(params)["models_dir"]), cfg, scale, int(params["seed"]),
+                           device)
+    weights = component_hashes(sampler.pipe)
+    metrics = {**sampler_record(sampler, ref), "images_per_prompt": scale.images_per_prompt, "seed": sampler.seed,
                "compiled": scale.compile and model.sampler == "sd"}
     for name in mg.prompt_sets:
         prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)

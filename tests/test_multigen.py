@@ -166,7 +166,7 @@ def test_detector_input_is_the_original_resize(embedded, side):
     images = [Image.fromarray(a) for a in arrays]
     for name in ("tiny-owlv2", "tiny-owlvit"):
         det = load_detector(f"embedded:{name}", embedded(name).parent, "cpu")
-        got = pixel_values(det, images)
+        got = pixel_values(det.processor.image_processor, images)
         assert torch.equal(got, det.processor(text=[["a cat"]] * 3, images=images, return_tensors="pt")["pixel_values"])
         for a, g in zip(arrays, got.permute(0, 2, 3, 1).double().numpy()):
             if name == "tiny-owlv2":

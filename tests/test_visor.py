@@ -201,7 +201,7 @@ def test_stage_checks_the_detector_before_sampling(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from stages import visor
 
-    monkeypatch.setattr(visor, "sample", lambda *a: pytest.fail("sampled before the detector was loaded"))
+    monkeypatch.setattr(visor, "open_sampler", lambda *a: pytest.fail("sampled before the detector was loaded"))
     with pytest.raises((ModelLoadError, FileNotFoundError, ValueError)):
         visor.main("sd14")
 
