@@ -357,15 +357,16 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
     """Detect on every sample shard of ``sample_dir``; write detection shards to ``out_dir`` (resumable).
 
     Detection shard ``i`` covers sample shards ``[i*S, (i+1)*S)`` (S = ``scale.shard_size``), so only one
-    sample shard's images are in memory at a time. The fingerprint includes the sample shards' digests:
-    new samples invalidate old detections.
+    sample shard's images are in memory at a time. Each detection shard records the names and contents of
+    its sample shards (:func:`pipeline.shards.items_digest`): only detections of new or changed samples
+    are computed again.
     """
-    from .shards import code_digest, files_digest, read_table, shard_files, write_shards
+    from .shards import code_digest, read_table, shard_files, write_shards
 
     files = shard_files(sample_dir)
     if not files:
         raise FileNotFoundError(f"{sample_dir}: no sample shards; run the `sample` stage first")
-    full_fp = {"params": fingerprint, "samples": files_digest(files)} | ({"centers": True} if keep_centers else {})
+    full_fp = {"params": fingerprint} | ({"centers": True} if keep_centers else {})
 
     def process(chunk: list[Path]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []

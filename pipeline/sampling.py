@@ -382,10 +382,12 @@ def sampler_record(sampler: Sampler, ref: EvalModelRef) -> dict[str, Any]:
 
 def sample_prompt_set(sampler: Sampler, promptset: str, prompts: Sequence[MultiGenPrompt], out_dir: Path,
                       weights: dict[str, str], rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Sample every image of a prompt set into resumable shards under ``out_dir`` (this rank's share)."""
+    """Sample every image of a prompt set into resumable shards under ``out_dir`` (this rank's share).
+
+    The prompts are not in the fingerprint: each shard records its own items, so a longer prompt list
+    whose first prompts are those of the last run (a larger ``max_prompts``) keeps their images."""
     items = prompt_items(promptset, prompts, sampler.scale.images_per_prompt)
-    fingerprint = {"sampler": sampler.fingerprint(weights), "promptset": promptset,
-                   "prompts": [(p.prompt_id, p.text, p.objects) for p in prompts]}
+    fingerprint = {"sampler": sampler.fingerprint(weights), "promptset": promptset}
     return write_shards(out_dir, items, sampler.rows, sampler.scale.shard_size, fingerprint, rank, world_size,
                         code=code_digest(__name__), desc=f"sample {promptset}",
                         redo_statuses=(STATUS_FAILED,))

@@ -6,7 +6,10 @@ Work items are split into fixed, ordered shards of ``shard_size`` items; shard `
 either exists complete or not at all. A rerun after a kill skips the shards that exist and produces
 exactly the files an uninterrupted run would have (no row lost, none duplicated); shards whose rows record
 a retryable failure (``redo_statuses``, e.g. out of memory) are computed again. The fingerprint records
-what the shards were computed from; if it changes (other params, other inputs), stale shards are removed.
+what the shards were computed from; if it changes (other params, other code), stale shards are removed.
+Each shard also records the digest of its own items (:func:`items_digest`, in the Parquet schema
+metadata): a rerun over a longer or shorter item list (more prompts, a larger subset) keeps every shard
+whose items are unchanged, computes the others and removes shards past the new end.
 
 With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shards ``i`` with
 ``i % w == r``; the files do not overlap.
@@ -14,6 +17,7 @@ With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shard
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FINGERPRINT_FILE = "_fingerprint.json"
+ITEMS_KEY = b"shard_items"  # Parquet schema metadata: items_digest of the items a shard was computed from
 STATUS_OK = "ok"
 
 
@@ -44,20 +49,49 @@ def shard_path(out_dir: Path, index: int) -> Path:
 
 
 def fingerprint_of(obj: Any) -> str:
-    """A short SHA-256 of a JSON-serialisable object (params, item keys, input hashes)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
+    """A short SHA-256 of a JSON-serialisable object (params, item keys, input hashes); NumPy arrays count
+    by their values, bytes by their SHA-256, anything else JSON cannot write by its ``str``."""
+    blob = json.dumps(obj, sort_keys=True, default=_json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _json_default(obj: Any) -> Any:
+    """JSON stand-in for the values :func:`fingerprint_of` meets in items and params."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bytes):
+        return hashlib.sha256(obj).hexdigest()
+    return str(obj)
+
+
+def items_digest(items: Sequence[Any]) -> str:
+    """Digest of one shard's work items: a file (``Path``) counts by its name and content, a dataclass by
+    its fields, anything else by its JSON form (:func:`fingerprint_of`)."""
+    return fingerprint_of([_item_identity(item) for item in items])
+
+
+def _item_identity(item: Any) -> Any:
+    """What identifies one work item in :func:`items_digest`."""
+    if isinstance(item, Path):
+        return {"file": item.name, "content": files_digest([item])}
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return dataclasses.asdict(item)
+    return item
+
+
 def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: int = 0) -> None:
-    """Create ``out_dir``; drop shards left by a run with another fingerprint or shard count.
+    """Create ``out_dir``; drop shards left by a run with another fingerprint, and shards numbered
+    ``num_shards`` or above (a run over more items).
 
     Only rank 0 cleans, then writes the fingerprint file; other ranks wait until that file holds the
-    current fingerprint, so no rank skips a stale shard that rank 0 is about to delete.
+    current fingerprint, so no rank skips a stale shard that rank 0 is about to delete. (Shards past the
+    end belong to no rank, so removing them races with nothing.)
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"fingerprint": fingerprint_of(fingerprint), "num_shards": num_shards}
+    record = {"fingerprint": fingerprint_of(fingerprint)}
     fp_file = out_dir / FINGERPRINT_FILE
     if rank != 0:
         _wait_for_fingerprint(fp_file, record)
@@ -67,8 +101,9 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     if fp_file.exists():
         previous = json.loads(fp_file.read_text())
         if previous == record:
+            _remove_shards_from(out_dir, num_shards)
             return
-        log.warning("%s: inputs or params changed since the last run; removing stale shards", out_dir)
+        log.warning("%s: code or params changed since the last run; removing stale shards", out_dir)
     for stale in out_dir.glob("part-*.parquet"):
         stale.unlink(missing_ok=True)
     for tmp in out_dir.glob(".tmp-*"):
@@ -76,6 +111,15 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     tmp = fp_file.with_name(f".tmp-{os.getpid()}-{FINGERPRINT_FILE}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, fp_file)
+
+
+def _remove_shards_from(out_dir: Path, first: int) -> None:
+    """Delete the shards numbered ``first`` and above (the item list is shorter than when they were written)."""
+    extra = [p for p in out_dir.glob("part-*.parquet") if int(p.stem.split("-")[1]) >= first]
+    if extra:
+        log.info("%s: %d shards past the last item removed (fewer items than the last run)", out_dir, len(extra))
+    for path in extra:
+        path.unlink(missing_ok=True)
 
 
 def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0) -> None:
@@ -91,11 +135,14 @@ def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0
     raise TimeoutError(f"{fp_file}: rank 0 did not prepare the shard directory within {timeout_s:.0f} s")
 
 
-def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write ``rows`` to ``path`` atomically (temporary file in the same directory, synced, then renamed)."""
+def write_table(rows: list[dict[str, Any]], path: Path, items: str | None = None) -> None:
+    """Write ``rows`` to ``path`` atomically (temporary file in the same directory, synced, then renamed);
+    ``items``, the :func:`items_digest` of the items the rows came from, is kept in the schema metadata."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    if items is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), ITEMS_KEY: items.encode()})
     pq.write_table(table, tmp)
     _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves no half-written shard
     os.replace(tmp, path)
@@ -223,10 +270,10 @@ def code_digest(*roots: str | Path) -> str:
     return files_digest(import_closure(*roots), relative_to=PACKAGE_DIR)
 
 
-def shard_record(fingerprint: Any, num_items: int, shard_size: int, code: str) -> dict[str, Any]:
-    """What a shard directory's results depend on: the caller's fingerprint, the item count, the shard
-    size and the code that computes the rows (``code``, from :func:`code_digest`)."""
-    return {"params": fingerprint, "num_items": num_items, "shard_size": shard_size, "code": code}
+def shard_record(fingerprint: Any, shard_size: int, code: str) -> dict[str, Any]:
+    """What a shard directory's results depend on: the caller's fingerprint, the shard size and the code
+    that computes the rows (``code``, from :func:`code_digest`). The items count per shard (:func:`items_digest`)."""
+    return {"params": fingerprint, "shard_size": shard_size, "code": code}
 
 
 def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprint: Any, rank: int,
@@ -240,7 +287,7 @@ def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprin
     out_dir = Path(out_dir)
     if rank == 0:
         num_shards = (num_items + shard_size - 1) // shard_size
-        prepare_shard_dir(out_dir, shard_record(fingerprint, num_items, shard_size, code), num_shards, rank)
+        prepare_shard_dir(out_dir, shard_record(fingerprint, shard_size, code), num_shards, rank)
         for tmp in out_dir.glob(".tmp-*"):
             tmp.unlink(missing_ok=True)
     if barrier is not None:
@@ -260,7 +307,8 @@ def write_shards(
     desc: str = "shards",
     redo_statuses: Collection[str] = (),
 ) -> list[Path]:
-    """Process ``items`` shard by shard and write each shard's rows; skip shards already written.
+    """Process ``items`` shard by shard and write each shard's rows; skip shards already written from the
+    same items.
 
     Args:
         out_dir: shard directory (created if needed).
@@ -269,6 +317,8 @@ def write_shards(
             back as rows with a ``status`` and an ``error``, never be dropped).
         shard_size: items per shard (> 0).
         fingerprint: JSON-serialisable description of params and inputs; a change invalidates old shards.
+            The items need not be in it: each shard records its own (:func:`items_digest`), and a shard
+            whose items changed is computed again while the others are kept.
         code: :func:`code_digest` of the module whose code computes the rows; a change invalidates them too.
         rank, world_size: this process's share of the shards.
         desc: progress-bar label.
@@ -282,29 +332,47 @@ def write_shards(
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
     num_shards = (len(items) + shard_size - 1) // shard_size
-    prepare_shard_dir(out_dir, shard_record(fingerprint, len(items), shard_size, code), num_shards, rank)
+    prepare_shard_dir(out_dir, shard_record(fingerprint, shard_size, code), num_shards, rank)
     mine = [i for i in range(num_shards) if i % world_size == rank]
     _remove_partial_writes(out_dir, mine)
-    todo = [i for i in mine if not shard_path(out_dir, i).exists()]
-    state = {i: _written_state(shard_path(out_dir, i), redo_statuses) for i in mine if i not in todo}
-    broken = [i for i, st in state.items() if st == "broken"]
-    redo = [i for i, st in state.items() if st == "retry"]
-    if len(todo) + len(broken) < len(mine):
-        log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo) - len(broken),
-                 len(mine))
-    if broken:
-        log.warning("%s: %s unreadable (damaged after it was written); computing it again", out_dir,
-                    ", ".join(shard_path(out_dir, i).name for i in broken))
-        todo = sorted(todo + broken)
-    if redo:
-        log.info("%s: %d written shards have rows with status %s; computing them again", out_dir, len(redo),
-                 "/".join(sorted(redo_statuses)))
-        todo = sorted(todo + redo)
+    digests = {i: items_digest(_chunk(items, i, shard_size)) for i in mine}
+    state = {i: _written_state(shard_path(out_dir, i), redo_statuses, digests[i]) for i in mine}
+    todo = [i for i in mine if state[i] != "done"]
+    if len(todo) < len(mine):
+        log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo), len(mine))
+    for kind, message in (("broken", "unreadable (damaged after it was written); computing it again"),
+                          ("other_items", "computed from other items (the item list changed); computing again"),
+                          ("retry", f"holds rows with status {'/'.join(sorted(redo_statuses))}; computing again")):
+        names = [shard_path(out_dir, i).name for i in mine if state[i] == kind]
+        if names:
+            log.log(logging.WARNING if kind == "broken" else logging.INFO, "%s: %s %s", out_dir,
+                    ", ".join(names) if len(names) <= 5 else f"{len(names)} shards", message)
     for index in tqdm(todo, desc=desc, unit="shard", disable=not todo):
-        chunk = list(items[index * shard_size : (index + 1) * shard_size])
-        rows = process(chunk)
-        write_table(rows, shard_path(out_dir, index))
+        write_table(process(_chunk(items, index, shard_size)), shard_path(out_dir, index), items=digests[index])
     return [shard_path(out_dir, i) for i in mine]
+
+
+def _chunk(items: Sequence[T], index: int, shard_size: int) -> list[T]:
+    """The items of shard ``index``: ``items[index*S : (index+1)*S]``."""
+    return list(items[index * shard_size : (index + 1) * shard_size])
+
+
+def pending_shards(out_dir: Path, items: Sequence[Any], shard_size: int, fingerprint: Any, *, code: str,
+                   rank: int = 0, world_size: int = 1, redo_statuses: Collection[str] = ()) -> list[int]:
+    """This rank's shards that :func:`write_shards` with the same arguments would compute: all of them when
+    the directory was written with another fingerprint or code. Reads only; a stage can skip loading its
+    models when nothing is pending."""
+    out_dir = Path(out_dir)
+    num_shards = (len(items) + shard_size - 1) // shard_size
+    mine = [i for i in range(num_shards) if i % world_size == rank]
+    try:
+        record = json.loads((out_dir / FINGERPRINT_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return mine
+    if record != {"fingerprint": fingerprint_of(shard_record(fingerprint, shard_size, code))}:
+        return mine
+    return [i for i in mine if _written_state(shard_path(out_dir, i), redo_statuses,
+                                              items_digest(_chunk(items, i, shard_size))) != "done"]
 
 
 def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
@@ -318,13 +386,19 @@ def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _written_state(path: Path, redo_statuses: Collection[str]) -> str:
-    """``"broken"`` when the written shard at ``path`` has no Parquet footer or, when ``redo_statuses`` asks
-    for it, no readable ``status`` column (shards are renamed into place whole: such a file was damaged
-    afterwards); ``"retry"`` when a row's status is in ``redo_statuses``; else ``"done"``. Damage in other
-    columns shows when a reader reads them (:func:`read_table` names the file)."""
+def _written_state(path: Path, redo_statuses: Collection[str], items: str) -> str:
+    """State of the shard at ``path``, to be computed from items with digest ``items``:
+
+    ``"missing"``; ``"broken"`` when it has no Parquet footer or, when ``redo_statuses`` asks for it, no
+    readable ``status`` column (shards are renamed into place whole: such a file was damaged afterwards);
+    ``"other_items"`` when it records another items digest (or none); ``"retry"`` when a row's status is in
+    ``redo_statuses``; else ``"done"``. Damage in other columns shows when a reader reads them
+    (:func:`read_table` names the file)."""
+    if not path.exists():
+        return "missing"
     try:
-        pq.read_metadata(path)
+        if (pq.read_schema(path).metadata or {}).get(ITEMS_KEY) != items.encode():
+            return "other_items"
         return "retry" if _has_status(path, redo_statuses) else "done"
     except (pa.ArrowException, OSError):
         return "broken"

@@ -57,7 +57,7 @@ class VisorScale:
     """``profiles.<p>.visor``: how many prompts are sampled and how detection runs."""
 
     detection: MultiGenScale                # detector, batch_size, dtype, shard_size (as ``multigen``)
-    max_prompts: PositiveInt | None = None  # None: all 25,280; else a seeded random subset of this size
+    max_prompts: PositiveInt | None = None  # None: all 25,280; else the first N of a seeded random order
 
 
 @dataclass(frozen=True)
@@ -99,16 +99,16 @@ def sr2d_entries(names: Sequence[str]) -> list[dict[str, Any]]:
 def spatial_prompts(names: Sequence[str], max_prompts: int | None = None, seed: int = 0) -> list[SpatialPrompt]:
     """The scored SR2D prompts (two objects, a spatial relation), ``prompt_id`` = VISOR ``unique_id``.
 
-    With ``max_prompts``, a random subset of that size drawn from ``seed`` (sorted by id): the prompts are
-    ordered by object pair, so the first N would cover only the first few names.
+    The prompts come in a random order drawn from ``seed`` (the file is ordered by object pair, so its first
+    N would cover only the first few names); ``max_prompts`` keeps the first N of that order (all when
+    None). Subsets are nested: a larger ``max_prompts``, or None, extends a smaller one, and the images
+    already sampled are kept.
     """
     prompts = [SpatialPrompt(e["unique_id"], e["text"], (e["obj_1_attributes"][0], e["obj_2_attributes"][0]),
                              e["rel_type"])
                for e in sr2d_entries(names) if e["num_objects"] == 2 and e["rel_type"] in RELATIONS]
-    if max_prompts is None or max_prompts >= len(prompts):
-        return prompts
-    chosen = numpy_rng(seed, "visor", "subset").choice(len(prompts), size=max_prompts, replace=False)
-    return [prompts[i] for i in sorted(chosen)]
+    order = numpy_rng(seed, "visor", "subset").permutation(len(prompts))
+    return [prompts[i] for i in order[:max_prompts]]
 
 
 # --- scoring -------------------------------------------------------------------------------------------

@@ -469,6 +469,26 @@ def test_a_model_that_does_not_load_loses_no_finished_masks(tmp_path, tiny_refs,
     assert {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
 
 
+def test_models_are_loaded_only_when_a_shard_is_pending(tmp_path, tiny_refs, monkeypatch):
+    """A rerun with every shard written does not load Grounding DINO or SAM; a missing shard does."""
+    det_ref, seg_ref, models_dir = tiny_refs
+    images, nouns = good_inputs(4)
+    write_inputs(tmp_path, images, nouns)
+    ctx = RunContext(tmp_path / "masks", tmp_path / "artifacts/nouns", tmp_path / "artifacts/data/images", models_dir, 64)
+    cfg, scale = GroundingCfg(0.25, 0.25, 0.5), scale_for(det_ref, seg_ref)
+    grounding.write_grounded_masks(ctx, cfg, scale)
+    finished = {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)}
+    loads = []
+    real_load = grounding.GroundingDetector.load
+    monkeypatch.setattr(grounding.GroundingDetector, "load",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real_load(*a, **k)))
+    grounding.write_grounded_masks(ctx, cfg, scale)
+    assert loads == [] and {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
+    shards.shard_files(ctx.out_dir)[-1].unlink()
+    grounding.write_grounded_masks(ctx, cfg, scale)
+    assert loads == [det_ref] and {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
+
+
 def test_ranks_split_shards_and_together_equal_one_process(tmp_path, tiny_refs):
     det_ref, seg_ref, models_dir = tiny_refs
     images, nouns = good_inputs(5)

@@ -224,7 +224,7 @@ def test_one_bad_image_fails_only_itself(detector, monkeypatch):
 
 
 def test_detections_follow_new_samples(detector, tmp_path):
-    """The detection fingerprint holds the sample shards' digests: new images invalidate old detections."""
+    """Each detection shard records its sample shards' contents: new images invalidate their detections."""
     sample_dir, out = tmp_path / "samples", tmp_path / "det"
     sample_dir.mkdir()
     rows = [{"prompt_id": 0, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
@@ -239,6 +239,29 @@ def test_detections_follow_new_samples(detector, tmp_path):
     after = read_shards(out)
     assert before.loc[1, "box_scores"].tolist() == after.loc[1, "box_scores"].tolist()
     assert before.loc[0, "box_scores"].tolist() != after.loc[0, "box_scores"].tolist()
+
+
+def test_only_new_sample_shards_are_detected(detector, tmp_path, monkeypatch):
+    """A second sample shard (more prompts): the first detection shard is kept, the second computed."""
+    from pipeline import multigen
+
+    sample_dir, out = tmp_path / "samples", tmp_path / "det"
+    sample_dir.mkdir()
+    for shard, seed in ((0, 1), (1, 2)):
+        rows = [{"prompt_id": shard, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
+                 "image": png_bytes(a)} for j, a in enumerate(random_images(2, seed=seed))]
+        write_table(rows, sample_dir / f"part-{shard:05d}.parquet")
+        if shard == 0:
+            scale = MultiGenScale(detector="embedded:tiny-owlv2", batch_size=2)
+            detect_prompt_set(detector, sample_dir, out, TEMPLATE, scale, {"w": 1})
+            first = (out / "part-00000.parquet").read_bytes()
+    detected = []
+    real = multigen.detect_rows
+    monkeypatch.setattr(multigen, "detect_rows", lambda d, rows, *a, **k: detected.append(
+        rows[0]["prompt_id"]) or real(d, rows, *a, **k))
+    detect_prompt_set(detector, sample_dir, out, TEMPLATE, scale, {"w": 1})
+    assert detected == [1] and (out / "part-00000.parquet").read_bytes() == first
+    assert read_shards(out)["prompt_id"].tolist() == [0, 0, 1, 1]
 
 
 # --- the three stages end to end ------------------------------------------------------------------------

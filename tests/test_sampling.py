@@ -258,6 +258,20 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(sd, tmp_path, monkey
     assert len(a) == 4
 
 
+def test_more_prompts_keep_the_images_of_the_first_ones(sd, tmp_path, monkeypatch):
+    """max_prompts 1 -> 2 at one prompt per shard: the first prompt's shard is kept, only the second sampled."""
+    sampler = dataclasses.replace(sd, scale=dataclasses.replace(SCALE, images_per_prompt=2, shard_size=2))
+    sample_prompt_set(sampler, "coco", PROMPTS[:1], tmp_path, {"w": "1"})
+    first = shard_path(tmp_path, 0).read_bytes()
+    sampled = []
+    real_rows = Sampler.rows
+    monkeypatch.setattr(Sampler, "rows", lambda self, items: sampled.extend(i.prompt_id for i in items)
+                        or real_rows(self, items))
+    sample_prompt_set(sampler, "coco", PROMPTS[:2], tmp_path, {"w": "1"})
+    assert sampled == [PROMPTS[1].prompt_id] * 2 and shard_path(tmp_path, 0).read_bytes() == first
+    assert read_shards(tmp_path)["prompt_id"].tolist() == [PROMPTS[0].prompt_id] * 2 + [PROMPTS[1].prompt_id] * 2
+
+
 def test_params_sections_parse_in_both_profiles():
     params = load_params(REPO / "params.yaml")
     section(params, "sampling", SamplingCfg)

@@ -205,7 +205,8 @@ def test_other_ranks_wait_for_rank0_cleanup(tmp_path):
 def test_prepared_record_is_the_one_write_shards_keeps(tmp_path):
     items, fp = list(range(5)), {"x": 1}
     shards.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None, code="c")
-    shards.write_table([{"v": -1}], shards.shard_path(tmp_path, 0))  # a shard "another rank" finished
+    shards.write_table([{"v": -1}], shards.shard_path(tmp_path, 0),  # a shard "another rank" finished
+                       items=shards.items_digest(items[:2]))
     (tmp_path / ".tmp-123-part-00001.parquet").write_bytes(b"partial")
     shards.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None, code="c")
     assert not list(tmp_path.glob(".tmp-*"))
@@ -273,3 +274,81 @@ def test_shards_without_a_status_column_are_not_retried(tmp_path):
     for _ in range(2):
         shards.write_shards(tmp_path, [0, 1], process, 1, {}, code="c", redo_statuses=("x",))
     assert calls == [[0], [1]]
+
+
+def test_a_longer_item_list_keeps_the_shards_whose_items_are_unchanged(tmp_path):
+    """6 -> 10 items at 4 per shard: shard 0 is kept byte for byte, shard 1 (2 items, now 4) and shard 2 are
+    computed; the result equals a fresh run over the 10 items."""
+    calls, out, fresh = [], tmp_path / "out", tmp_path / "fresh"
+    shards.write_shards(out, list(range(6)), _process(calls), 4, {"p": 1}, code="c")
+    kept = shards.shard_path(out, 0).read_bytes()
+    calls.clear()
+    shards.write_shards(out, list(range(10)), _process(calls), 4, {"p": 1}, code="c")
+    assert calls == [[4, 5, 6, 7], [8, 9]]
+    assert shards.shard_path(out, 0).read_bytes() == kept
+    shards.write_shards(fresh, list(range(10)), _process([]), 4, {"p": 1}, code="c")
+    assert [p.read_bytes() for p in shards.shard_files(out)] == [p.read_bytes() for p in shards.shard_files(fresh)]
+
+
+def test_a_shorter_item_list_removes_the_shards_past_its_end(tmp_path):
+    calls = []
+    shards.write_shards(tmp_path, list(range(10)), _process(calls), 4, {"p": 1}, code="c")
+    calls.clear()
+    shards.write_shards(tmp_path, list(range(4)), _process(calls), 4, {"p": 1}, code="c")
+    assert calls == [] and [p.name for p in shards.shard_files(tmp_path)] == ["part-00000.parquet"]
+    assert shards.read_shards(tmp_path)["key"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_changed_item_recomputes_only_its_shard(tmp_path):
+    calls = []
+    shards.write_shards(tmp_path, list(range(6)), _process(calls), 2, {"p": 1}, code="c")
+    calls.clear()
+    shards.write_shards(tmp_path, [0, 1, 2, 30, 4, 5], _process(calls), 2, {"p": 1}, code="c")
+    assert calls == [[2, 30]]
+    assert shards.read_shards(tmp_path)["key"].tolist() == [0, 1, 2, 30, 4, 5]
+
+
+def test_a_shard_without_an_items_record_is_computed_again(tmp_path):
+    """A shard whose items are unknown (written without a digest) cannot be trusted to hold these items."""
+    calls = []
+    shards.write_shards(tmp_path, [0, 1], _process(calls), 2, {"p": 1}, code="c")
+    shards.write_table([{"key": 7, "value": 49, "status": "ok", "error": ""}], shards.shard_path(tmp_path, 0))
+    calls.clear()
+    shards.write_shards(tmp_path, [0, 1], _process(calls), 2, {"p": 1}, code="c")
+    assert calls == [[0, 1]] and shards.read_shards(tmp_path)["key"].tolist() == [0, 1]
+
+
+def test_items_digest_identity_of_files_dataclasses_and_arrays(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Item:
+        name: str
+        index: int
+
+    a = tmp_path / "a.bin"
+    a.write_bytes(b"1")
+    by_content = shards.items_digest([a])
+    a.write_bytes(b"2")
+    assert shards.items_digest([a]) != by_content                      # a file counts by its content
+    assert shards.items_digest([Item("x", 1)]) == shards.items_digest([{"name": "x", "index": 1}])
+    assert shards.items_digest([Item("x", 1)]) != shards.items_digest([Item("x", 2)])
+    big = np.zeros(5000)
+    changed = big.copy()
+    changed[2500] = 1                                                  # str() of both elides the middle
+    assert shards.items_digest([{"v": big}]) != shards.items_digest([{"v": changed}])
+    assert shards.items_digest([{"b": b"x" * 10}]) != shards.items_digest([{"b": b"x" * 11}])
+    assert shards.items_digest([0, 1]) != shards.items_digest([1, 0])  # order counts
+
+
+def test_pending_shards_is_what_write_shards_computes(tmp_path):
+    fp, items = {"p": 1}, list(range(5))
+    assert shards.pending_shards(tmp_path, items, 2, fp, code="c") == [0, 1, 2]      # nothing written yet
+    shards.write_shards(tmp_path, items, lambda c: [{"v": x, "status": "ok"} for x in c], 2, fp, code="c")
+    assert shards.pending_shards(tmp_path, items, 2, fp, code="c") == []
+    assert shards.pending_shards(tmp_path, items + [5], 2, fp, code="c") == [2]      # shard 2 gets an item
+    assert shards.pending_shards(tmp_path, items, 2, fp, code="c", rank=1, world_size=2) == []
+    assert shards.pending_shards(tmp_path, items, 2, {"p": 2}, code="c") == [0, 1, 2]
+    assert shards.pending_shards(tmp_path, items, 2, fp, code="d") == [0, 1, 2]
+    shards.shard_path(tmp_path, 1).unlink()
+    assert shards.pending_shards(tmp_path, items, 2, fp, code="c", rank=1, world_size=2) == [1]

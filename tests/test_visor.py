@@ -58,17 +58,20 @@ def test_articles_of_the_coco_names():
     assert with_article("hair drier") == "a hair drier" and with_article("tv") == "a tv"
 
 
-def test_subset_is_seeded_sorted_and_spread_over_pairs():
+def test_subsets_are_seeded_nested_and_spread_over_pairs():
     full = spatial_prompts(NAMES)
     assert len(full) == SPATIAL_SIZE and all(p.relation in RELATIONS and len(p.objects) == 2 for p in full)
+    assert sorted(p.prompt_id for p in full) == sorted({p.prompt_id for p in full})  # every prompt, once
     subset = spatial_prompts(NAMES, 500, seed=0)
     ids = [p.prompt_id for p in subset]
-    assert len(ids) == 500 and ids == sorted(set(ids))
+    assert len(set(ids)) == 500 and ids != sorted(ids)   # a random order, not the file's
     assert ids == [p.prompt_id for p in spatial_prompts(NAMES, 500, seed=0)]
     assert ids != [p.prompt_id for p in spatial_prompts(NAMES, 500, seed=1)]
-    by_id = {p.prompt_id: p for p in full}
+    # nested: a larger subset, and the whole set, begin with the smaller one (finished shards are kept)
+    assert [p.prompt_id for p in spatial_prompts(NAMES, 800, seed=0)][:500] == ids == [p.prompt_id for p in full[:500]]
+    by_id = {p.prompt_id: p for p in spatial_prompts(NAMES, max_prompts=None, seed=1)}
     assert all(by_id[p.prompt_id] == p for p in subset)
-    assert len({o for p in subset for o in p.objects}) > 70   # the first 500 would hold 8 names
+    assert len({o for p in subset for o in p.objects}) > 70   # the file's first 500 would hold 8 names
     assert spatial_prompts(NAMES, SPATIAL_SIZE + 1) == full
 
 
@@ -97,7 +100,8 @@ def test_relation_shortcut_equals_the_pairwise_rule():
 
 def test_worked_example():
     """Two prompts x 2 images, boxes placed by hand; threshold 0.1 (strict)."""
-    prompts = [p for p in spatial_prompts(NAMES) if p.prompt_id in (0, 4)]   # left of; above
+    prompts = sorted((p for p in spatial_prompts(NAMES) if p.prompt_id in (0, 4)),   # left of; above
+                     key=lambda p: p.prompt_id)
     assert [p.relation for p in prompts] == ["to the left of", "above"]
     rows = [
         # prompt 0 image 0: person at x .2, bicycle at x .7 -> both, left of holds
@@ -277,7 +281,7 @@ def test_stage_samples_detects_and_scores(embedded, tmp_path, monkeypatch):
     assert "visor_4" not in metrics and metrics["threshold"] == 0.1
     chosen = [p.prompt_id for p in spatial_prompts(NAMES, prompts, params["seed"])]
     samples = read_shards(Path("artifacts/visor/sd14/samples"))
-    assert sorted(set(samples.prompt_id)) == chosen
+    assert list(dict.fromkeys(samples.prompt_id)) == chosen   # the subset, in its seeded order
     assert set(samples.prompt) <= {p.text for p in spatial_prompts(NAMES)}
     detections = read_shards(Path("artifacts/visor/sd14/detections"))
     assert len(detections) == prompts * images and len(detections.box_centers[0]) == (96 // 16) ** 2
