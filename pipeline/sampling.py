@@ -355,9 +355,11 @@ class Sampler:
                 "image": image, "status": status, "error": error}
 
     def fingerprint(self, weights: dict[str, str]) -> dict[str, Any]:
-        """What the images depend on. Batch size and compilation are excluded: they change no image's noise,
-        only float rounding (within 1/255 of the decoded pixels), so resumed shards stay valid."""
-        scale = {k: v for k, v in asdict(self.scale).items() if k not in ("batch_size", "compile")}
+        """What the images depend on. Of ``scale`` only the steps and resolution count: batch size and
+        compilation change no image's noise, only float rounding (within 1/255 of the decoded pixels), and
+        which images are sampled (``max_prompts``, ``images_per_prompt``) is recorded per shard by its items,
+        so a larger run keeps the finished images."""
+        scale = {k: getattr(self.scale, k) for k in ("num_inference_steps", "resolution")}
         cfg = asdict(self.cfg)
         if self.kind != "attend_excite":
             cfg.pop("attend_excite")  # A&E settings change no plain-SD image

@@ -258,6 +258,20 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(sd, tmp_path, monkey
     assert len(a) == 4
 
 
+def test_fingerprint_holds_what_changes_images_and_not_how_many(sd):
+    weights = component_hashes(sd.pipe)
+    same = [dict(batch_size=1), dict(compile=True), dict(max_prompts=7), dict(images_per_prompt=5),
+            dict(shard_size=5)]
+    for change in same:
+        other = dataclasses.replace(sd, scale=dataclasses.replace(sd.scale, **change))
+        assert other.fingerprint(weights) == sd.fingerprint(weights), change
+    for change in (dict(num_inference_steps=3), dict(resolution=64)):
+        other = dataclasses.replace(sd, scale=dataclasses.replace(sd.scale, **change))
+        assert other.fingerprint(weights) != sd.fingerprint(weights), change
+    assert dataclasses.replace(sd, seed=1).fingerprint(weights) != sd.fingerprint(weights)
+    assert sd.fingerprint({**weights, "unet": "other"}) != sd.fingerprint(weights)
+
+
 def test_more_prompts_keep_the_images_of_the_first_ones(sd, tmp_path, monkeypatch):
     """max_prompts 1 -> 2 at one prompt per shard: the first prompt's shard is kept, only the second sampled."""
     sampler = dataclasses.replace(sd, scale=dataclasses.replace(SCALE, images_per_prompt=2, shard_size=2))
