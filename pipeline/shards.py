@@ -99,11 +99,12 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     for tmp in out_dir.glob(f".tmp-*-{FINGERPRINT_FILE}"):  # only rank 0 writes it: a killed run's leftover
         tmp.unlink(missing_ok=True)
     if fp_file.exists():
-        previous = json.loads(fp_file.read_text())
+        previous = _read_record(fp_file)
         if previous == record:
             _remove_shards_from(out_dir, num_shards)
             return
-        log.warning("%s: code or params changed since the last run; removing stale shards", out_dir)
+        why = "code or params changed since the last run" if previous else f"{FINGERPRINT_FILE} is unreadable"
+        log.warning("%s: %s; removing stale shards", out_dir, why)
     for stale in out_dir.glob("part-*.parquet"):
         stale.unlink(missing_ok=True)
     for tmp in out_dir.glob(".tmp-*"):
@@ -111,6 +112,14 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     tmp = fp_file.with_name(f".tmp-{os.getpid()}-{FINGERPRINT_FILE}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, fp_file)
+
+
+def _read_record(fp_file: Path) -> dict | None:
+    """The record in a fingerprint file; None when it is missing or not JSON (the shards then count as stale)."""
+    try:
+        return json.loads(fp_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def _remove_shards_from(out_dir: Path, first: int) -> None:
@@ -126,11 +135,8 @@ def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0
     """Block until rank 0 has written ``record`` to ``fp_file`` (it does so right after cleaning)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if json.loads(fp_file.read_text()) == record:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        if _read_record(fp_file) == record:
+            return
         time.sleep(0.2)
     raise TimeoutError(f"{fp_file}: rank 0 did not prepare the shard directory within {timeout_s:.0f} s")
 
@@ -365,11 +371,8 @@ def pending_shards(out_dir: Path, items: Sequence[Any], shard_size: int, fingerp
     out_dir = Path(out_dir)
     num_shards = (len(items) + shard_size - 1) // shard_size
     mine = [i for i in range(num_shards) if i % world_size == rank]
-    try:
-        record = json.loads((out_dir / FINGERPRINT_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return mine
-    if record != {"fingerprint": fingerprint_of(shard_record(fingerprint, shard_size, code))}:
+    record = {"fingerprint": fingerprint_of(shard_record(fingerprint, shard_size, code))}
+    if _read_record(out_dir / FINGERPRINT_FILE) != record:
         return mine
     return [i for i in mine if _written_state(shard_path(out_dir, i), redo_statuses,
                                               items_digest(_chunk(items, i, shard_size))) != "done"]

@@ -352,3 +352,14 @@ def test_pending_shards_is_what_write_shards_computes(tmp_path):
     assert shards.pending_shards(tmp_path, items, 2, fp, code="d") == [0, 1, 2]
     shards.shard_path(tmp_path, 1).unlink()
     assert shards.pending_shards(tmp_path, items, 2, fp, code="c", rank=1, world_size=2) == [1]
+
+
+def test_an_unreadable_fingerprint_file_makes_the_shards_stale_not_a_crash(tmp_path):
+    calls = []
+    shards.write_shards(tmp_path, [0, 1], _process(calls), 1, {"p": 1}, code="c")
+    (tmp_path / shards.FINGERPRINT_FILE).write_text('{"fingerpr')          # truncated by a full disk
+    assert shards.pending_shards(tmp_path, [0, 1], 1, {"p": 1}, code="c") == [0, 1]
+    calls.clear()
+    shards.write_shards(tmp_path, [0, 1], _process(calls), 1, {"p": 1}, code="c")
+    assert calls == [[0], [1]] and shards.read_shards(tmp_path)["key"].tolist() == [0, 1]
+    assert shards.pending_shards(tmp_path, [0, 1], 1, {"p": 1}, code="c") == []
