@@ -620,22 +620,29 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
     }
     code = shards.code_digest(__name__)
     redo = ("inference_failed",)
+    loaded_models: list[Grounder] = []
+
+    def grounder() -> Grounder:
+        if not loaded_models:
+            loaded_models.append(Grounder(
+                GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
+                load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
+                cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution))
+        return loaded_models[0]
+
     # Models load before stale shards are dropped: a reference that does not load loses no finished work.
     # They are not loaded at all when every shard of this rank is written (a rerun for the summary only).
-    grounder = None
     if shards.pending_shards(ctx.out_dir, items, scale.shard_size, fingerprint, code=code, rank=ctx.rank,
                              world_size=ctx.world_size, redo_statuses=redo):
-        grounder = Grounder(GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
-                            load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
-                            cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution)
+        grounder()
     else:
         log.info("%s: every shard of this process is written; Grounding DINO and SAM are not loaded", ctx.out_dir)
     shards.prepare_for_ranks(ctx.out_dir, len(items), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)
     store = ImageStore(ctx.images_dir)
 
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        loaded = store.load(str(item["image_id"]) for item in chunk)
-        return grounder.run([make_job(item, *loaded[str(item["image_id"])]) for item in chunk])
+        images = store.load(str(item["image_id"]) for item in chunk)
+        return grounder().run([make_job(item, *images[str(item["image_id"])]) for item in chunk])
 
     return write_shards(ctx.out_dir, items, process, scale.shard_size, fingerprint, ctx.rank, ctx.world_size,
                         code=code, desc="masks", redo_statuses=redo)

@@ -357,8 +357,9 @@ class Sampler:
     def fingerprint(self, weights: dict[str, str]) -> dict[str, Any]:
         """What the images depend on. Of ``scale`` only the steps and resolution count: batch size and
         compilation change no image's noise, only float rounding (within 1/255 of the decoded pixels), and
-        which images are sampled (``max_prompts``, ``images_per_prompt``) is recorded per shard by its items,
-        so a larger run keeps the finished images."""
+        which images are sampled (``max_prompts``, ``images_per_prompt``) is recorded per shard by its items.
+        A larger ``max_prompts`` thus keeps the finished shards; another ``images_per_prompt`` moves every
+        shard boundary (items are prompt-major), so it samples again."""
         scale = {k: getattr(self.scale, k) for k in ("num_inference_steps", "resolution")}
         cfg = asdict(self.cfg)
         if self.kind != "attend_excite":

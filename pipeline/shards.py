@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
@@ -67,18 +68,32 @@ def _json_default(obj: Any) -> Any:
 
 
 def items_digest(items: Sequence[Any]) -> str:
-    """Digest of one shard's work items: a file (``Path``) counts by its name and content, a dataclass by
-    its fields, anything else by its JSON form (:func:`fingerprint_of`)."""
-    return fingerprint_of([_item_identity(item) for item in items])
+    """Digest of one shard's work items (:func:`item_identity` of each, in order)."""
+    return fingerprint_of([item_identity(item) for item in items])
 
 
-def _item_identity(item: Any) -> Any:
-    """What identifies one work item in :func:`items_digest`."""
+def item_identity(item: Any) -> Any:
+    """What identifies one work item, as plain JSON values: a file (``Path``) by its name and content, a
+    dataclass by its fields, containers element by element, NumPy values by their values, bytes by their
+    SHA-256. Any other type is an error: its ``str`` might elide content or hold a memory address."""
+    if item is None or isinstance(item, (str, bool, int, float)):
+        return item
     if isinstance(item, Path):
         return {"file": item.name, "content": files_digest([item])}
     if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        return dataclasses.asdict(item)
-    return item
+        return {f.name: item_identity(getattr(item, f.name)) for f in dataclasses.fields(item)}
+    if isinstance(item, dict):
+        return {str(k): item_identity(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [item_identity(v) for v in item]
+    if isinstance(item, np.ndarray):
+        return item_identity(item.tolist())
+    if isinstance(item, np.generic):
+        return item.item()
+    if isinstance(item, bytes):
+        return {"sha256": hashlib.sha256(item).hexdigest()}
+    raise TypeError(f"items_digest: no identity for a work item of type {type(item).__name__}; pass plain "
+                    f"values, dataclasses, arrays, bytes or Paths")
 
 
 def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: int = 0) -> None:
@@ -122,11 +137,17 @@ def _read_record(fp_file: Path) -> dict | None:
         return None
 
 
+SHARD_FILE = re.compile(r"(\.tmp-\d+-)?part-(\d+)\.parquet")  # a shard, or a killed run's partial write of one
+
+
 def _remove_shards_from(out_dir: Path, first: int) -> None:
-    """Delete the shards numbered ``first`` and above (the item list is shorter than when they were written)."""
-    extra = [p for p in out_dir.glob("part-*.parquet") if int(p.stem.split("-")[1]) >= first]
-    if extra:
-        log.info("%s: %d shards past the last item removed (fewer items than the last run)", out_dir, len(extra))
+    """Delete the shards numbered ``first`` and above, and partial writes of them left by a killed run (the
+    item list is shorter than when they were written; no rank owns them now)."""
+    extra = [p for p in out_dir.iterdir() if (m := SHARD_FILE.fullmatch(p.name)) and int(m.group(2)) >= first]
+    shards_past_end = sum(not p.name.startswith(".tmp-") for p in extra)
+    if shards_past_end:
+        log.info("%s: %d shards past the last item removed (fewer items than the last run)", out_dir,
+                 shards_past_end)
     for path in extra:
         path.unlink(missing_ok=True)
 

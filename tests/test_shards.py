@@ -299,6 +299,15 @@ def test_a_shorter_item_list_removes_the_shards_past_its_end(tmp_path):
     assert shards.read_shards(tmp_path)["key"].tolist() == [0, 1, 2, 3]
 
 
+def test_partial_writes_past_the_new_end_are_removed_and_stray_names_left_alone(tmp_path):
+    shards.write_shards(tmp_path, list(range(10)), _process([]), 2, {"p": 1}, code="c")
+    (tmp_path / ".tmp-999-part-00004.parquet").write_bytes(b"partial")   # a killed run's write of shard 4
+    (tmp_path / "notes.txt").write_text("kept")
+    shards.write_shards(tmp_path, list(range(4)), _process([]), 2, {"p": 1}, code="c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shards.FINGERPRINT_FILE, "notes.txt",
+                                                          "part-00000.parquet", "part-00001.parquet"]
+
+
 def test_a_changed_item_recomputes_only_its_shard(tmp_path):
     calls = []
     shards.write_shards(tmp_path, list(range(6)), _process(calls), 2, {"p": 1}, code="c")
@@ -339,6 +348,19 @@ def test_items_digest_identity_of_files_dataclasses_and_arrays(tmp_path):
     assert shards.items_digest([{"v": big}]) != shards.items_digest([{"v": changed}])
     assert shards.items_digest([{"b": b"x" * 10}]) != shards.items_digest([{"b": b"x" * 11}])
     assert shards.items_digest([0, 1]) != shards.items_digest([1, 0])  # order counts
+
+    @dataclasses.dataclass(frozen=True)
+    class Nested:
+        source: tuple
+
+    a.write_bytes(b"1")
+    nested = shards.items_digest([("id", Nested((a, big)))])           # a Path and an array inside a tuple
+    a.write_bytes(b"2")
+    assert shards.items_digest([("id", Nested((a, big)))]) != nested
+    assert shards.items_digest([("id", Nested((a, changed)))]) != shards.items_digest([("id", Nested((a, big)))])
+    for unknown in ({1, 2}, object()):                                 # hash order / memory address in str()
+        with pytest.raises(TypeError, match="no identity for a work item of type"):
+            shards.items_digest([{"x": unknown}])
 
 
 def test_pending_shards_is_what_write_shards_computes(tmp_path):
