@@ -27,6 +27,7 @@ under ``accelerate launch``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -620,15 +621,12 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
     }
     code = shards.code_digest(__name__)
     redo = ("inference_failed",)
-    loaded_models: list[Grounder] = []
-
+    @functools.cache
     def grounder() -> Grounder:
-        if not loaded_models:
-            loaded_models.append(Grounder(
-                GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
-                load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
-                cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution))
-        return loaded_models[0]
+        """Grounding DINO and SAM, loaded on the first call."""
+        return Grounder(GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
+                        load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
+                        cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution)
 
     # Models load before stale shards are dropped: a reference that does not load loses no finished work.
     # They are not loaded at all when every shard of this rank is written (a rerun for the summary only).

@@ -313,8 +313,8 @@ def prepare_for_ranks(out_dir: Path, num_items: int, shard_size: int, fingerprin
     """
     out_dir = Path(out_dir)
     if rank == 0:
-        num_shards = (num_items + shard_size - 1) // shard_size
-        prepare_shard_dir(out_dir, shard_record(fingerprint, shard_size, code), num_shards, rank)
+        prepare_shard_dir(out_dir, shard_record(fingerprint, shard_size, code), _num_shards(num_items, shard_size),
+                          rank)
         for tmp in out_dir.glob(".tmp-*"):
             tmp.unlink(missing_ok=True)
     if barrier is not None:
@@ -358,9 +358,8 @@ def write_shards(
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
-    num_shards = (len(items) + shard_size - 1) // shard_size
-    prepare_shard_dir(out_dir, shard_record(fingerprint, shard_size, code), num_shards, rank)
-    mine = [i for i in range(num_shards) if i % world_size == rank]
+    prepare_shard_dir(out_dir, shard_record(fingerprint, shard_size, code), _num_shards(len(items), shard_size), rank)
+    mine = _my_shards(len(items), shard_size, rank, world_size)
     _remove_partial_writes(out_dir, mine)
     digests = {i: items_digest(_chunk(items, i, shard_size)) for i in mine}
     state = {i: _written_state(shard_path(out_dir, i), redo_statuses, digests[i]) for i in mine}
@@ -379,6 +378,16 @@ def write_shards(
     return [shard_path(out_dir, i) for i in mine]
 
 
+def _num_shards(num_items: int, shard_size: int) -> int:
+    """Shards needed for ``num_items`` items at ``shard_size`` per shard."""
+    return (num_items + shard_size - 1) // shard_size
+
+
+def _my_shards(num_items: int, shard_size: int, rank: int, world_size: int) -> list[int]:
+    """Indices of the shards rank ``rank`` of ``world_size`` writes: ``i % world_size == rank``."""
+    return [i for i in range(_num_shards(num_items, shard_size)) if i % world_size == rank]
+
+
 def _chunk(items: Sequence[T], index: int, shard_size: int) -> list[T]:
     """The items of shard ``index``: ``items[index*S : (index+1)*S]``."""
     return list(items[index * shard_size : (index + 1) * shard_size])
@@ -390,8 +399,7 @@ def pending_shards(out_dir: Path, items: Sequence[Any], shard_size: int, fingerp
     the directory was written with another fingerprint or code. Reads only; a stage can skip loading its
     models when nothing is pending."""
     out_dir = Path(out_dir)
-    num_shards = (len(items) + shard_size - 1) // shard_size
-    mine = [i for i in range(num_shards) if i % world_size == rank]
+    mine = _my_shards(len(items), shard_size, rank, world_size)
     record = {"fingerprint": fingerprint_of(shard_record(fingerprint, shard_size, code))}
     if _read_record(out_dir / FINGERPRINT_FILE) != record:
         return mine
@@ -421,9 +429,10 @@ def _written_state(path: Path, redo_statuses: Collection[str], items: str) -> st
     if not path.exists():
         return "missing"
     try:
-        if (pq.read_schema(path).metadata or {}).get(ITEMS_KEY) != items.encode():
+        schema = pq.read_schema(path)
+        if (schema.metadata or {}).get(ITEMS_KEY) != items.encode():
             return "other_items"
-        return "retry" if _has_status(path, redo_statuses) else "done"
+        return "retry" if _has_status(path, schema, redo_statuses) else "done"
     except (pa.ArrowException, OSError):
         return "broken"
 
@@ -444,11 +453,10 @@ class ShardReadError(RuntimeError):
     """A shard file exists but cannot be read as Parquet (the message names it and the stage to rerun)."""
 
 
-def _has_status(path: Path, statuses: Collection[str]) -> bool:
-    """Whether the shard at ``path`` has a row whose ``status`` is in ``statuses``."""
+def _has_status(path: Path, schema: pa.Schema, statuses: Collection[str]) -> bool:
+    """Whether the shard at ``path`` (with ``schema``) has a row whose ``status`` is in ``statuses``."""
     if not statuses:
         return False
-    schema = pq.read_schema(path)
     if "status" not in schema.names:
         return False
     return any(s in statuses for s in pq.read_table(path, columns=["status"]).column("status").to_pylist())
