@@ -30,7 +30,8 @@ DEFAULT_PARAMS = Path("params.yaml")
 # error instead of a section that is silently ignored (tests check these against the repository's file).
 TOP_LEVEL_KEYS = frozenset({
     "profile", "seed", "launcher", "profiles", "text", "loss", "optim", "train", "sampling", "multigen",
-    "visor", "eval_models", "editing", "piebench", "grounding", "attention_maps", "grounding_eval", "report"})
+    "visor", "eval_models", "editing", "piebench", "grounding", "attention_maps", "grounding_eval", "sample_grid",
+    "report"})
 PROFILE_KEYS = frozenset({
     "models_dir", "embedded", "embedded_seed", "sd_model", "resolution", "data", "demo_data", "text", "masks",
     "train", "prompts", "sampling", "eval_models", "multigen", "attention_maps", "grounding_eval", "edit_data",

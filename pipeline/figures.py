@@ -1,10 +1,11 @@
-"""Figures as PNG bytes (matplotlib, Agg backend): attention grids and training curves."""
+"""Figures as PNG bytes (matplotlib, Agg backend): attention grids, training curves, bar charts, image grids."""
 
 from __future__ import annotations
 
 import io
 import logging
-from typing import Sequence
+import textwrap
+from typing import Any, Collection, Mapping, Sequence
 
 import matplotlib
 
@@ -118,6 +119,87 @@ def curves_figure(table: pd.DataFrame, x: str = "step", title: str = "") -> byte
         ax.set_xlabel(xs.name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                 categories: Sequence[str], hatched: Collection[str] = (), ylabel: str = "") -> bytes:
+    """One bar chart per panel, side by side, as PNG bytes.
+
+    ``panels``: panel title -> series label -> (means, stds), each of ``len(categories)`` values. In each
+    panel every category on the x axis has one bar per series, with its std as an error bar; a NaN mean draws
+    no bar and a NaN std no error bar. Series named in ``hatched`` (published rows) are drawn hatched. A
+    series keeps its colour and slot in every panel.
+    """
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    for title, series in panels.items():
+        for label, (means, stds) in series.items():
+            if len(means) != len(categories) or len(stds) != len(categories):
+                raise ValueError(f"{title} / {label}: {len(means)} means and {len(stds)} stds for "
+                                 f"{len(categories)} categories")
+    width = 0.8 / max(1, len(labels))
+    panel_width = max(3.0, 0.22 * len(labels) * len(categories) + 0.8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.4), squeeze=False, sharey=True)
+    colours = matplotlib.colormaps["tab10"]
+    handles: dict[str, Any] = {}
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for slot, label in enumerate(labels):
+            if label not in series:
+                continue
+            means, stds = (np.asarray(v, dtype=float) for v in series[label])
+            shown = np.flatnonzero(~np.isnan(means))
+            if not shown.size:
+                continue
+            handles[label] = ax.bar(shown - 0.4 + width * (slot + 0.5), means[shown], width,
+                                    yerr=np.nan_to_num(stds[shown]), color=colours(slot % 10),
+                                    hatch="//" if label in hatched else None, edgecolor="black", linewidth=0.4,
+                                    capsize=2, error_kw={"linewidth": 0.8})
+        ax.set_xticks(np.arange(len(categories)), categories)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    fig.legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles],
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def image_grid(images: Sequence[Sequence[np.ndarray | None]], captions: Sequence[Sequence[str]],
+               row_labels: Sequence[str], column_labels: Sequence[str], title: str = "") -> bytes:
+    """Images in rows and columns, each with a caption under it, as PNG bytes.
+
+    ``images[r][c]``: (h, w, 3) uint8, all of one size, or ``None`` for a cell without an image (drawn grey,
+    its caption says why). ``captions`` has the same rows and columns; ``row_labels`` go left of the rows,
+    ``column_labels`` above the columns (wrapped to the cell width).
+    """
+    rows, cols = len(row_labels), len(column_labels)
+    if len(images) != rows or any(len(r) != cols for r in images) or len(captions) != rows or any(
+            len(r) != cols for r in captions):
+        raise ValueError(f"images and captions must be {rows} rows of {cols} cells")
+    sizes = {img.shape for row in images for img in row if img is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"images must have one size; got {sorted(sizes)}")
+    h, w = next(iter(sizes))[:2] if sizes else (128, 128)
+    chars = max(12, w // 6)
+    header = max([1] + [len(textwrap.wrap(label, chars)) for label in column_labels])
+    cell_w, cell_h = w / DPI + 0.15, h / DPI + 0.45
+    fig, axes = plt.subplots(rows, cols, figsize=(cell_w * cols + 1.2, cell_h * rows + 0.16 * header + 0.4),
+                             squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            image = images[r][c]
+            ax.imshow(image if image is not None else np.full((h, w, 3), 200, np.uint8), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("\n".join(textwrap.wrap(captions[r][c], chars)) or " ", fontsize=7)
+            if r == 0:
+                ax.set_title("\n".join(textwrap.wrap(column_labels[c], chars)), fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

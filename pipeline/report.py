@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 
 from .attention import GROUP_ORDER
-from .figures import curves_figure
+from .figures import curves_figure, grouped_bars
 from .multigen import MG_LEVELS
 from .piebench import TABLE as PIE_TABLE
 
@@ -177,9 +177,33 @@ def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
         section.blocks.append(Table(f"MultiGen {label}: mean(std) over image index, %", columns, rows,
                                     name=f"multigen_{key}"))
     if metrics:
+        section.blocks.append(Figure("MultiGen MG2–MG5 per model, mean over image index with its std as error "
+                                     "bars; published rows hatched", multigen_chart(metrics, published, profile),
+                                     "multigen_chart.png"))
         section.blocks.append(provenance_table("MultiGen: what each row of this run was computed over",
                                                metrics, shown))
     return section
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN for a missing or non-numeric value (a bar chart leaves it out)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def multigen_chart(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any], profile: str) -> bytes:
+    """Bars of MG2–MG5 per prompt set: this run's models, then the published rows (hatched)."""
+    def series(values: Mapping[str, Any], key: str) -> tuple[list[float], list[float]]:
+        return ([_number(values.get(f"{key}_mg{k}")) for k in REPORTED_MG_LEVELS],
+                [_number(values.get(f"{key}_mg{k}_std")) for k in REPORTED_MG_LEVELS])
+
+    panels, hatched = {}, set()
+    for key, label in MG_SETS.items():
+        panel = {f"{model} ({profile})": series(values, key) for model, values in metrics.items()}
+        for row in published["rows"]:
+            panel[f"{row['method']} (published)"] = series(row, key)
+            hatched.add(f"{row['method']} (published)")
+        panels[f"MultiGen {label}"] = panel
+    return grouped_bars(panels, [f"MG{k}" for k in REPORTED_MG_LEVELS], hatched, ylabel="%")
 
 
 VISOR_COLUMNS = (("oa", "OA"), ("oa_a", "OA(A)"), ("oa_b", "OA(B)"), ("visor_uncond", "VISOR_uncond"),
@@ -321,8 +345,14 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
     train = root / "metrics" / "train.json"
     edits = sorted((root / "plots").glob("edits_*.png"))
     attention = sorted((root / "plots" / "attention").glob("*.png"))
+    samples = sorted((root / "plots" / "samples").glob("*.png"))
     return [
         multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals),
+        figures_section("MultiGen samples", samples, "One image (sample_grid.image_index) of each of the first prompts of "
+                        "each set, one row per model: every row starts from the same noise, so rows differ only by "
+                        "the model. Under each image: how many of the prompt's objects the detector found above "
+                        "the MultiGen threshold, and which it missed (plots/samples/<set>.png).",
+                        missing("MultiGen samples", "plots/samples/<set>.png", "sample_grid")),
         visor_section(read_metrics(root / "metrics" / "visor"), published["visor"], published["multigen"], profile,
                       decimals),
         piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals),

@@ -120,6 +120,7 @@ def _all_sections():
     from pipeline.losses import LossCfg
     from pipeline.multigen import MultiGenCfg, MultiGenScale
     from pipeline.piebench import PieBenchCfg, PieBenchScale
+    from pipeline.sample_grid import SampleGridCfg
     from pipeline.sampling import EvalModel, EvalModelRef, SamplingCfg, SamplingScale
     from pipeline.text import TextCfg, TextScale
     from pipeline.training import OptimCfg, TrainCfg, TrainScale
@@ -133,6 +134,7 @@ def _all_sections():
         ("profile.editing", EditingScale), ("piebench", PieBenchCfg), ("profile.piebench", PieBenchScale),
         ("attention_maps", AttentionMapsCfg), ("profile.attention_maps", AttentionMapsScale),
         ("grounding_eval", GroundingEvalCfg), ("profile.grounding_eval", GroundingEvalScale),
+        ("sample_grid", SampleGridCfg),
     ]
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     per_model = [(f"eval_models.{k}", EvalModel) for k in params["eval_models"]]
@@ -224,6 +226,8 @@ def test_values_at_the_bounds_are_accepted():
     ("sampling", "attend_excite", {"thresholds": {0: 1.5}}, r"sampling.attend_excite.thresholds.0: 1.5 is out of"),
     ("sampling", "attend_excite", {"attn_res": [16]}, r"attn_res: give \(height, width\)"),
     ("report", "decimals", -1, r"report.decimals: -1 is out of range"),
+    ("sample_grid", "num_prompts", 0, r"sample_grid.num_prompts: 0 is out of range"),
+    ("sample_grid", "cell_size", 8, r"sample_grid.cell_size: 8 is out of range"),
 ])
 def test_repository_sections_reject_values_that_would_fail_late_or_silently(dotted, key, value, message):
     """Each of these used to crash deep inside a stage, after deleting finished work, or to run and write
@@ -234,13 +238,15 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
     from pipeline.multigen import MultiGenCfg, MultiGenScale
     from pipeline.attention_maps import GroundingEvalCfg
     from pipeline.sampling import SamplingScale
+    from pipeline.sample_grid import SampleGridCfg
     from pipeline.sampling import SamplingCfg
     from pipeline.training import TrainScale
     from stages.report import ReportCfg
 
     classes = {"sampling": SamplingCfg, "report": ReportCfg, "profile.train": TrainScale, "profile.sampling": SamplingScale, "profile.editing": EditingScale,
                "profile.multigen": MultiGenScale, "grounding": GroundingCfg, "multigen": MultiGenCfg,
-               "editing": EditingCfg, "loss": LossCfg, "grounding_eval": GroundingEvalCfg}
+               "editing": EditingCfg, "loss": LossCfg, "grounding_eval": GroundingEvalCfg,
+               "sample_grid": SampleGridCfg}
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     node = params["profiles"]["demo"] if dotted.startswith("profile.") else params
     node[dotted.split(".")[-1]][key] = value

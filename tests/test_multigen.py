@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -274,12 +273,15 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     for name, official in (("coco", "coco_obj_comp_5_1k.json"), ("ade20k", "ade20k_obj_comp_5_1k.json")):
         entries = json.loads((shared_data / "multigen" / official).read_text())[:3]
         (tmp_path / "artifacts" / "data" / "multigen" / f"{name}.json").write_text(json.dumps(entries))
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sample_grid"]["models"] = ["tokencompose_a"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    from stages import detect, sample, score
+    from stages import detect, sample, sample_grid, score
 
     for stage in (sample, detect, score):
         stage.main("tokencompose_a")
+    sample_grid.main()
     demo = yaml.safe_load(Path("params.yaml").read_text())["profiles"]["demo"]["sampling"]
     prompts, images = min(3, demo["max_prompts"] or 3), demo["images_per_prompt"]
     metrics = json.loads(Path("metrics/multigen/tokencompose_a.json").read_text())
@@ -294,6 +296,14 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     assert keys == [(p, j) for p in range(prompts) for j in range(images)]
     detections = read_shards(Path("artifacts/detections/tokencompose_a/ade20k"))
     assert (detections.status == STATUS_OK).all() and len(detections.box_scores[0]) == (96 // 16) ** 2
+    grid = json.loads(Path("metrics/sample_grid.json").read_text())
+    assert grid["models"] == "tokencompose_a" and grid["coco_prompts"] == prompts
+    assert grid["coco_cells_without_image"] == grid["ade20k_cells_without_image"] == 0
+    assert {p.name for p in Path("plots/samples").iterdir()} == {"coco.png", "ade20k.png"}
+    params["sample_grid"]["image_index"] = images
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match=f"sample_grid.image_index: {images} is not an image of this profile"):
+        sample_grid.main()
 
 
 def test_mg_std_uses_valid_images_per_index_and_skips_empty_indices():

@@ -112,6 +112,29 @@ def test_multigen_section_lines_up_run_and_published_rows():
     assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
                                   "num_prompts = 6"]]
     assert coco.rows[1][1] == "published (mlpc-ucsd/TokenCompose)"
+    chart = [b for b in section.blocks if isinstance(b, report.Figure)]
+    assert [b.name for b in chart] == ["multigen_chart.png"] and chart[0].png.startswith(b"\x89PNG")
+    assert not [b for b in report.multigen_section({}, published["multigen"], "demo").blocks
+                if isinstance(b, report.Figure)]  # no chart without this run's numbers
+
+
+def test_multigen_chart_reads_every_model_and_published_row(monkeypatch):
+    """The chart gets, per prompt set, MG2-MG5 and their stds of each model and of each published row (hatched);
+    a key missing from a metrics file is NaN (no bar), not an error."""
+    published = report.load_published(PUBLISHED)["multigen"]
+    seen = {}
+    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, hatched, ylabel: seen.update(
+        panels=panels, categories=categories, hatched=hatched) or b"")
+    partial = {k: v for k, v in _mg_metrics(60.0).items() if k != "ade20k_mg5"}
+    report.multigen_chart({"sd14": _mg_metrics(60.0), "trained": partial}, published, "demo")
+    assert seen["categories"] == ["MG2", "MG3", "MG4", "MG5"]
+    assert list(seen["panels"]) == ["MultiGen COCO", "MultiGen ADE20K"]
+    coco = seen["panels"]["MultiGen COCO"]
+    assert coco["sd14 (demo)"][0] == [30.0, 20.0, 15.0, 12.0]
+    assert coco["sd14 (demo)"][1] == pytest.approx([1 / 2, 1 / 3, 1 / 4, 1 / 5])
+    assert coco["TokenCompose (published)"][0][0] == 98.08 and coco["TokenCompose (published)"][1][0] == 0.40
+    assert np.isnan(seen["panels"]["MultiGen ADE20K"]["trained (demo)"][0][3])
+    assert seen["hatched"] == {f"{r['method']} (published)" for r in published["rows"]}
 
 
 def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
@@ -268,6 +291,8 @@ def _write_outputs(root: Path) -> None:
         root / "plots" / "train_curves.csv", index=False)
     (root / "plots" / "attention" / "sd14_0.png").write_bytes(_png((200, 10, 10)))
     (root / "plots" / "edits_base.png").write_bytes(_png((10, 200, 10)))
+    (root / "plots" / "samples").mkdir()
+    (root / "plots" / "samples" / "coco.png").write_bytes(_png((10, 10, 200)))
 
 
 def test_build_sections_from_pipeline_outputs(tmp_path):
@@ -284,7 +309,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     prov = [b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.caption.startswith("PIE-Bench: what")]
     assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
     figures = [b.name for s in sections for b in s.blocks if isinstance(b, report.Figure)]
-    assert figures == ["plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
+    assert figures == ["multigen_chart.png", "samples_coco.png", "plots_edits_base.png", "train_curves.png",
+                       "attention_sd14_0.png"]
     texts = [b for s in sections for b in s.blocks if isinstance(b, report.Text)]
     assert [b.text for b in texts if b.kind == "note"] == [published["study"]["note"]]
     assert not [b.text for b in texts if b.kind == "missing"]  # every input present
@@ -295,7 +321,7 @@ def test_build_sections_names_every_missing_input(tmp_path):
     notes = " ".join(b.text for s in sections for b in s.blocks if isinstance(b, report.Text) and b.kind == "missing")
     for path in ("metrics/multigen/<model>.json", "metrics/piebench/<backbone>.json", "plots/edits_<backbone>.png",
                  "metrics/train.json", "train_curves.csv", "plots/attention/<model>_<i>.png",
-                 "metrics/grounding/<model>.json"):
+                 "metrics/grounding/<model>.json", "plots/samples/<set>.png"):
         assert path in notes
     assert "meaningless" in report.profile_banner("demo") and "meaningless" not in report.profile_banner("paper")
 

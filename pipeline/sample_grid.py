@@ -1,0 +1,113 @@
+"""MultiGen images of several models side by side, with the detector's verdict under each.
+
+One figure per prompt set: one row per evaluated model, one column per prompt, the same image index in
+every cell. Image ``j`` of prompt ``p`` has the same seed for every model (``pipeline.sampling``), so the
+rows start from the same noise and differ only by the model. Under each image: how many of the prompt's
+objects the detector found above ``multigen.threshold`` (the rule MG1-MG5 count with) and which it missed.
+An image that is missing or failed is a grey cell whose caption says so; nothing is left out silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .config import Bounds, NonNegativeInt, PositiveInt
+from .figures import image_grid
+from .multigen import MultiGenPrompt, above_threshold, objects_found
+from .shards import STATUS_OK, image_from_bytes, read_table, shard_files
+
+
+
+@dataclass(frozen=True)
+class SampleGridCfg:
+    """Top-level ``sample_grid`` params."""
+
+    models: tuple[str, ...] | None = None      # keys of eval_models, one row each; None: all, in params order
+    num_prompts: PositiveInt = 6                # the first prompts of each set, one column each
+    image_index: NonNegativeInt = 0             # which image of each prompt (the same seed for every model)
+    cell_size: Annotated[int, Bounds(low=32)] = 192   # pixels per image cell
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One cell: the image resized to the cell, (size, size, 3) uint8, or ``None``, and its caption."""
+
+    image: np.ndarray | None
+    caption: str
+
+
+def grid_models(cfg: SampleGridCfg, eval_models: Iterable[str]) -> list[str]:
+    """The models of the rows: ``cfg.models`` checked against the keys of ``eval_models``, or all of them."""
+    known = list(eval_models)
+    if cfg.models is None:
+        return known
+    unknown = [m for m in cfg.models if m not in known]
+    if unknown:
+        raise ValueError(f"sample_grid.models: {unknown} are not keys of eval_models {known}")
+    return list(cfg.models)
+
+
+def verdict(objects: Sequence[str], label_max_scores: Sequence[float], threshold: float) -> str:
+    """``"3/5 found; missed: kite, boat"``: the count MG_k uses (:func:`pipeline.multigen.objects_found`,
+    distinct objects whose best box scores above ``threshold``) and the objects it did not find."""
+    found = objects_found(objects, label_max_scores, threshold)
+    hits = {name for name, hit in zip(objects, above_threshold(label_max_scores, threshold)) if hit}
+    names = list(dict.fromkeys(objects))
+    missed = [name for name in names if name not in hits]
+    return f"{found}/{len(names)} found" + (f"; missed: {', '.join(missed)}" if missed else "")
+
+
+def _rows_by_prompt(directory: Path, columns: list[str], prompt_ids: Sequence[int], image_index: int
+                    ) -> dict[int, dict[str, Any]]:
+    """Rows of image ``image_index`` of the prompts ``prompt_ids`` in a shard directory, keyed by prompt id."""
+    filters = [("prompt_id", "in", list(prompt_ids)), ("image_index", "=", image_index)]
+    return {row["prompt_id"]: row for f in shard_files(directory)
+            for row in read_table(f, columns, filters).to_pylist()}
+
+
+def _resized(png: bytes, size: int) -> np.ndarray:
+    """A PNG decoded and resized (bicubic) to (size, size, 3) uint8."""
+    return np.asarray(image_from_bytes(png).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def grid_cells(sample_dir: Path, detection_dir: Path, prompts: Sequence[MultiGenPrompt], image_index: int,
+               threshold: float, size: int) -> list[GridCell]:
+    """One cell per prompt, in order: image ``image_index`` from ``sample_dir`` with the verdict of its row in
+    ``detection_dir``. A failed or missing sample, an image that does not decode and a missing or failed
+    detection are captioned with the reason."""
+    ids = [p.prompt_id for p in prompts]
+    samples = _rows_by_prompt(sample_dir, ["prompt_id", "image", "status"], ids, image_index)
+    detections = _rows_by_prompt(detection_dir, ["prompt_id", "objects", "label_max_scores", "status"], ids,
+                                 image_index)
+    cells = []
+    for p in prompts:
+        sample, detection = samples.get(p.prompt_id), detections.get(p.prompt_id)
+        if sample is None or sample["status"] != STATUS_OK:
+            cells.append(GridCell(None, "not sampled" if sample is None else f"no image: {sample['status']}"))
+            continue
+        try:
+            image = _resized(sample["image"], size)
+        except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes; shown in the cell
+            cells.append(GridCell(None, f"image does not decode: {type(err).__name__}"))
+            continue
+        if detection is None:
+            caption = "not detected"
+        elif detection["status"] != STATUS_OK:
+            caption = f"detection: {detection['status']}"
+        else:
+            caption = verdict(detection["objects"], detection["label_max_scores"], threshold)
+        cells.append(GridCell(image, caption))
+    return cells
+
+
+def sample_grid_figure(cells: Mapping[str, Sequence[GridCell]], prompts: Sequence[MultiGenPrompt], title: str
+                       ) -> bytes:
+    """The figure of one prompt set: ``cells`` maps each model (a row) to its cells, one per prompt."""
+    models = list(cells)
+    return image_grid([[c.image for c in cells[m]] for m in models], [[c.caption for c in cells[m]] for m in models],
+                      models, [f"#{p.prompt_id}: {p.text}" for p in prompts], title)

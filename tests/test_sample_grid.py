@@ -1,0 +1,99 @@
+"""The MultiGen sample grid: cells read from sample and detection shards, their captions, and the figure."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.figures import grouped_bars, image_grid
+from pipeline.multigen import STATUS_NO_IMAGE, MultiGenPrompt, objects_found
+from pipeline.sample_grid import SampleGridCfg, grid_cells, grid_models, sample_grid_figure, verdict
+from pipeline.sampling import STATUS_FAILED
+from pipeline.shards import STATUS_OK, png_bytes, shard_path, write_table
+
+OBJECTS = ["cat", "dog", "cup", "kite", "boat"]
+PROMPTS = [MultiGenPrompt(i, f"prompt {i}", tuple(OBJECTS)) for i in range(5)]
+
+
+def solid(colour: tuple[int, int, int], size: int = 24) -> bytes:
+    return png_bytes(np.full((size, size, 3), colour, np.uint8))
+
+
+def sample(prompt_id, image_index, image, status=STATUS_OK):
+    return {"prompt_id": prompt_id, "image_index": image_index, "prompt": f"prompt {prompt_id}",
+            "objects": OBJECTS, "image": image, "status": status, "error": ""}
+
+
+def detection(prompt_id, image_index, scores, status=STATUS_OK):
+    return {"prompt_id": prompt_id, "image_index": image_index, "objects": OBJECTS, "label_max_scores": scores,
+            "status": status, "error": ""}
+
+
+def test_verdict_counts_what_mg_scoring_counts():
+    scores = [0.5, 0.1, 0.11, 0.0, float(np.float32(0.1))]  # 0.1 and float32(0.1) are not above 0.1
+    assert verdict(OBJECTS, scores, 0.1) == "2/5 found; missed: dog, kite, boat"
+    assert objects_found(OBJECTS, scores, 0.1) == 2
+    assert verdict(OBJECTS, [0.9] * 5, 0.1) == "5/5 found"
+    assert verdict(["cat", "cat", "dog"], [0.0, 0.5, 0.0], 0.1) == "1/2 found; missed: dog"  # distinct objects
+
+
+def test_cells_take_the_chosen_image_of_each_prompt_and_say_why_one_is_missing(tmp_path):
+    """Prompt 0: image 1 is chosen, not image 0; 1: sampling failed; 2: never sampled; 3: not detected;
+    4: bytes that do not decode. Shards split across files, as the sample stage writes them."""
+    samples, detections = tmp_path / "samples", tmp_path / "detections"
+    samples.mkdir(), detections.mkdir()
+    write_table([sample(0, 0, solid((255, 0, 0))), sample(0, 1, solid((0, 0, 255))),
+                 sample(1, 1, None, STATUS_FAILED)], shard_path(samples, 0))
+    write_table([sample(3, 1, solid((0, 255, 0))), sample(4, 1, b"not a png")], shard_path(samples, 1))
+    write_table([detection(0, 1, [0.9, 0.0, 0.5, 0.0, 0.0]), detection(0, 0, [0.9] * 5),
+                 detection(1, 1, [], STATUS_NO_IMAGE)], shard_path(detections, 0))
+    cells = grid_cells(samples, detections, PROMPTS, image_index=1, threshold=0.1, size=16)
+    assert [c.caption for c in cells] == ["2/5 found; missed: dog, kite, boat", f"no image: {STATUS_FAILED}",
+                                          "not sampled", "not detected", "image does not decode: UnidentifiedImageError"]
+    assert cells[0].image.shape == (16, 16, 3) and (cells[0].image == [0, 0, 255]).all()
+    assert (cells[3].image == [0, 255, 0]).all()
+    assert [c.image is None for c in cells] == [False, True, True, False, True]
+
+
+def test_cells_name_the_stage_to_run_when_a_model_was_not_sampled(tmp_path):
+    with pytest.raises(FileNotFoundError, match="artifacts/samples/sd14/coco: shard directory not found; run `dvc repro sample`"):
+        grid_cells(tmp_path / "artifacts/samples/sd14/coco", tmp_path / "d", PROMPTS, 0, 0.1, 16)
+
+
+def test_grid_models_default_to_every_evaluated_model_and_reject_unknown_ones():
+    models = {"sd14": {}, "trained": {}, "attend_excite": {}}
+    assert grid_models(SampleGridCfg(), models) == ["sd14", "trained", "attend_excite"]
+    assert grid_models(SampleGridCfg(models=("trained", "sd14")), models) == ["trained", "sd14"]
+    with pytest.raises(ValueError, match=r"sample_grid.models: \['sd15'\] are not keys of eval_models"):
+        grid_models(SampleGridCfg(models=("sd15",)), models)
+
+
+def test_figure_has_a_cell_per_model_and_prompt(tmp_path):
+    """The figure grows with rows and columns; a cell without image is allowed; mismatched inputs are errors."""
+    from pipeline.sample_grid import GridCell
+
+    red = np.full((32, 32, 3), (255, 0, 0), np.uint8)
+
+    def size(rows: int, cols: int) -> tuple[int, int]:
+        cells = {f"model{r}": [GridCell(red if c else None, "1/5 found") for c in range(cols)] for r in range(rows)}
+        return Image.open(io.BytesIO(sample_grid_figure(cells, PROMPTS[:cols], "t"))).size
+
+    (w1, h1), (w2, h2) = size(1, 2), size(3, 4)
+    assert w2 > w1 and h2 > h1
+    with pytest.raises(ValueError, match="2 rows of 1 cells"):
+        image_grid([[red]], [["a"]], ["m1", "m2"], ["p"])
+    with pytest.raises(ValueError, match="one size"):
+        image_grid([[red, red[:16]]], [["a", "b"]], ["m"], ["p", "q"])
+
+
+def test_grouped_bars_accept_missing_values_and_reject_wrong_lengths():
+    png = grouped_bars({"A": {"run": ([50.0, float("nan")], [1.0, float("nan")])},
+                        "B": {"run": ([10.0, 20.0], [0.0, 0.0]), "paper": ([30.0, 40.0], [1.0, 1.0]),
+                              "empty": ([float("nan")] * 2, [float("nan")] * 2)}},
+                       ["MG2", "MG3"], hatched={"paper"})
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    with pytest.raises(ValueError, match="A / run: 1 means and 1 stds for 2 categories"):
+        grouped_bars({"A": {"run": ([50.0], [1.0])}}, ["MG2", "MG3"])
