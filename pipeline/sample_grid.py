@@ -22,7 +22,6 @@ from .multigen import MultiGenPrompt, above_threshold, objects_found
 from .shards import STATUS_OK, image_from_bytes, read_table, shard_files
 
 
-
 @dataclass(frozen=True)
 class SampleGridCfg:
     """Top-level ``sample_grid`` params."""
@@ -46,6 +45,8 @@ def grid_models(cfg: SampleGridCfg, eval_models: Iterable[str]) -> list[str]:
     known = list(eval_models)
     if cfg.models is None:
         return known
+    if not cfg.models:
+        raise ValueError("sample_grid.models: empty; list keys of eval_models, or null for all of them")
     unknown = [m for m in cfg.models if m not in known]
     if unknown:
         raise ValueError(f"sample_grid.models: {unknown} are not keys of eval_models {known}")

@@ -69,6 +69,8 @@ def test_grid_models_default_to_every_evaluated_model_and_reject_unknown_ones():
     assert grid_models(SampleGridCfg(models=("trained", "sd14")), models) == ["trained", "sd14"]
     with pytest.raises(ValueError, match=r"sample_grid.models: \['sd15'\] are not keys of eval_models"):
         grid_models(SampleGridCfg(models=("sd15",)), models)
+    with pytest.raises(ValueError, match=r"sample_grid.models: empty"):
+        grid_models(SampleGridCfg(models=()), models)
 
 
 def test_figure_has_a_cell_per_model_and_prompt(tmp_path):
