@@ -126,13 +126,14 @@ def curves_figure(table: pd.DataFrame, x: str = "step", title: str = "") -> byte
 
 
 def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
-                 categories: Sequence[str], hatched: Collection[str] = (), ylabel: str = "") -> bytes:
-    """One bar chart per panel, side by side, as PNG bytes.
+                 categories: Sequence[str], hatched: Collection[str] = (), ylabel: str = "",
+                 per_row: int | None = None, sharey: bool = True) -> bytes:
+    """Bar charts, one per panel, ``per_row`` to a row (default all in one row), as PNG bytes.
 
     ``panels``: panel title -> series label -> (means, stds), each of ``len(categories)`` values. In each
     panel every category on the x axis has one bar per series, with its std as an error bar; a NaN mean draws
-    no bar and a NaN std no error bar. Series named in ``hatched`` (published rows) are drawn hatched. A
-    series keeps its colour and slot in every panel.
+    no bar, a NaN std a zero-length error bar, and a series whose stds are all NaN no error bars. Series named in ``hatched`` (published rows) are drawn hatched. A
+    series keeps its colour and slot in every panel. ``sharey``: one y scale for all panels.
     """
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
     for title, series in panels.items():
@@ -140,12 +141,18 @@ def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequen
             if len(means) != len(categories) or len(stds) != len(categories):
                 raise ValueError(f"{title} / {label}: {len(means)} means and {len(stds)} stds for "
                                  f"{len(categories)} categories")
+    per_row = min(per_row or len(panels), len(panels))
+    nrows = -(-len(panels) // per_row)
     width = 0.8 / max(1, len(labels))
     panel_width = max(3.0, 0.22 * len(labels) * len(categories) + 0.8)
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.4), squeeze=False, sharey=True)
+    slanted = max(len(c) for c in categories) > 6
+    fig, axes = plt.subplots(nrows, per_row, figsize=(panel_width * per_row, (3.9 if slanted else 3.4) * nrows),
+                             squeeze=False, sharey=sharey)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     colours = matplotlib.colormaps["tab10"]
     handles: dict[str, Any] = {}
-    for ax, (title, series) in zip(axes[0], panels.items()):
+    for ax, (title, series) in zip(axes.flat, panels.items()):
         for slot, label in enumerate(labels):
             if label not in series:
                 continue
@@ -153,14 +160,18 @@ def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequen
             shown = np.flatnonzero(~np.isnan(means))
             if not shown.size:
                 continue
+            errors = stds[shown]
             handles[label] = ax.bar(shown - 0.4 + width * (slot + 0.5), means[shown], width,
-                                    yerr=np.nan_to_num(stds[shown]), color=colours(slot % 10),
+                                    yerr=np.nan_to_num(errors) if np.isfinite(errors).any() else None,
+                                    color=colours(slot % 10),
                                     hatch="//" if label in hatched else None, edgecolor="black", linewidth=0.4,
                                     capsize=2, error_kw={"linewidth": 0.8})
-        ax.set_xticks(np.arange(len(categories)), categories)
+        ax.set_xticks(np.arange(len(categories)), categories, rotation=35 if slanted else 0,
+                      ha="right" if slanted else "center", fontsize=8 if slanted else 10)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     fig.legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles],
                loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout()

@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 
 from .attention import GROUP_ORDER
+from .benchmarks import EDITING_TYPES
 from .figures import curves_figure, grouped_bars
 from .multigen import MG_LEVELS
 from .piebench import TABLE as PIE_TABLE
@@ -263,10 +264,35 @@ def piebench_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
     section.blocks.append(Table("PIE-Bench: means over edited images", columns, rows, name="piebench"))
     if metrics:
         overall = {b: {k: v for k, v in m.items() if not k.startswith("type_") and not k.endswith(".n")}
-                   for b, m in metrics.items()}  # per-editing-type means stay in the metrics file
+                   for b, m in metrics.items()}  # per-editing-type means: in the chart below and the metrics file
         section.blocks.append(provenance_table("PIE-Bench: what each row of this run was computed over",
                                                overall, [key for key, _ in PIE_COLUMNS]))
+    chart = piebench_type_chart(metrics)
+    if chart is not None:
+        section.blocks.append(Figure("PIE-Bench per editing type: each column's mean over the scored edits of "
+                                     "that type, per backbone (types without a scored edit left out; counts as "
+                                     "type_<id>.scored in metrics/piebench/<backbone>.json)", chart,
+                                     "piebench_types.png"))
     return section
+
+
+def editing_types(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The editing type ids with per-type means in any backbone's metrics (``type_<id>.<key>``), in id order."""
+    found = {k.split(".", 1)[0].removeprefix("type_") for values in metrics.values() for k in values
+             if k.startswith("type_") and "." in k}
+    return sorted(found, key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))
+
+
+def piebench_type_chart(metrics: Mapping[str, Mapping[str, Any]]) -> bytes | None:
+    """Bars of every PIE-Bench column per editing type and backbone; ``None`` without per-type means."""
+    types = editing_types(metrics)
+    if not types:
+        return None
+    names = [EDITING_TYPES[t][1] if t in EDITING_TYPES else f"type {t}" for t in types]
+    panels = {header: {backbone: ([_number(values.get(f"type_{t}.{key}")) for t in types], [math.nan] * len(types))
+                       for backbone, values in metrics.items()}
+              for key, header in PIE_COLUMNS}
+    return grouped_bars(panels, names, per_row=4, sharey=False)
 
 
 def grounding_section(metrics: Mapping[str, Mapping[str, Any]], decimals: int = 3) -> Section:

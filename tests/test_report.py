@@ -159,6 +159,26 @@ def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
     assert notes and "dvc repro visor" in notes[0]
 
 
+def test_piebench_type_chart_has_every_column_per_type_and_backbone(monkeypatch):
+    """Types in id order with their PIE-Bench names; a type one backbone lacks is NaN (no bar) for it; no
+    per-type keys, no chart."""
+    seen = {}
+    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, **kw: seen.update(
+        panels=panels, categories=categories, **kw) or b"png")
+    metrics = {"base": {"type_6.clip_whole": 0.4, "type_1.clip_whole": 0.2, "type_1.scored": 3, "clip_whole": 0.3},
+               "trained": {"type_1.clip_whole": 0.25, "type_1.scored": 3}}
+    assert report.editing_types(metrics) == ["1", "6"]
+    assert report.piebench_type_chart(metrics) == b"png"
+    assert seen["categories"] == ["change object", "change color"]
+    assert list(seen["panels"]) == [header for _, header in report.PIE_COLUMNS]
+    whole = seen["panels"]["CLIP Whole ↑"]
+    assert whole["base"][0] == [0.2, 0.4] and whole["trained"][0][0] == 0.25 and np.isnan(whole["trained"][0][1])
+    assert all(np.isnan(whole["base"][1])) and seen["sharey"] is False  # no per-type std; own scale per column
+    assert report.piebench_type_chart({"base": {"clip_whole": 0.3}}) is None
+    section = report.piebench_section(metrics, report.load_published(PUBLISHED)["piebench"], "demo")
+    assert [b.name for b in section.blocks if isinstance(b, report.Figure)] == ["piebench_types.png"]
+
+
 def test_missing_inputs_are_named_not_hidden():
     published = report.load_published(PUBLISHED)
     section = report.piebench_section({}, published["piebench"], "demo")
@@ -309,8 +329,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     prov = [b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.caption.startswith("PIE-Bench: what")]
     assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
     figures = [b.name for s in sections for b in s.blocks if isinstance(b, report.Figure)]
-    assert figures == ["multigen_chart.png", "samples_coco.png", "plots_edits_base.png", "train_curves.png",
-                       "attention_sd14_0.png"]
+    assert figures == ["multigen_chart.png", "samples_coco.png", "piebench_types.png", "plots_edits_base.png",
+                       "train_curves.png", "attention_sd14_0.png"]
     texts = [b for s in sections for b in s.blocks if isinstance(b, report.Text)]
     assert [b.text for b in texts if b.kind == "note"] == [published["study"]["note"]]
     assert not [b.text for b in texts if b.kind == "missing"]  # every input present
