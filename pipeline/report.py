@@ -403,10 +403,11 @@ CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
 th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}
-th:first-child,td:first-child,td:nth-child(2){text-align:left}
+th:first-child,th:nth-child(2),td:first-child,td:nth-child(2){text-align:left}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
 .note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em}
 .banner{background:#ffe0e0;border-left:4px solid #c00;padding:.6em 1em;font-weight:600}
+nav ol{columns:2;font-size:.9em;margin:0 0 1.5em}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
 """
 
@@ -433,12 +434,15 @@ def embedded_image(png: bytes, limit: int = EMBED_PNG_LIMIT, max_width: int = EM
 
 
 def render_html(title: str, sections: Sequence[Section], banner: str = "") -> str:
-    """One self-contained HTML page: inline CSS, images as ``data:image/png;base64`` URIs."""
+    """One self-contained HTML page: inline CSS, images as ``data:image/png;base64`` URIs, a list of the
+    sections linked to them at the top."""
     esc = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
            f"<style>{CSS}</style>", f"<script>{DECODE_CHECK}</script>", "</head><body>", f"<h1>{esc(title)}</h1>"]
     if banner:
         out.append(f'<p class="banner" id="profile-banner">{esc(banner)}</p>')
+    links = "".join(f'<li><a href="#s{i}">{esc(section.title)}</a></li>' for i, section in enumerate(sections))
+    out.append(f'<nav id="contents"><ol>{links}</ol></nav>')
     for i, section in enumerate(sections):
         out.append(f'<section id="s{i}"><h2>{esc(section.title)}</h2>')
         for block in section.blocks:

@@ -229,10 +229,12 @@ def _sections() -> list[report.Section]:
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.tables, self.images, self.links = [], [], []
+        self.tables, self.images, self.links, self.sections = [], [], [], []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
         if tag == "table":
             self.tables.append(attrs.get("id"))
         if tag == "img":
@@ -248,7 +250,8 @@ def test_html_is_self_contained_and_markdown_twin_matches(tmp_path):
     page = (tmp_path / "index.html").read_text()
     parsed = _Collect()
     parsed.feed(page)
-    assert parsed.tables == ["t1", "t2"] and not parsed.links
+    assert parsed.tables == ["t1", "t2"]
+    assert parsed.links == [f"#{i}" for i in parsed.sections] == ["#s0", "#s1"]  # the contents: in-page links only
     assert "numbers &lt;&amp;&gt;" in page and "http" not in page
     decoded = [base64.b64decode(img["src"].removeprefix("data:image/png;base64,")) for img in parsed.images]
     assert decoded == [b.png for s in _sections() for b in s.blocks if isinstance(b, report.Figure)]
