@@ -132,8 +132,9 @@ def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequen
 
     ``panels``: panel title -> series label -> (means, stds), each of ``len(categories)`` values. In each
     panel every category on the x axis has one bar per series, with its std as an error bar; a NaN mean draws
-    no bar, a NaN std a zero-length error bar, and a series whose stds are all NaN no error bars. Series named in ``hatched`` (published rows) are drawn hatched. A
-    series keeps its colour and slot in every panel. ``sharey``: one y scale for all panels.
+    no bar, a NaN std a zero-length error bar, and a series whose stds are all NaN no error bars. Series
+    named in ``hatched`` (published rows) are drawn hatched. A series keeps its colour and slot in every
+    panel. ``sharey``: one y scale for all panels.
     """
     labels = list(dict.fromkeys(label for series in panels.values() for label in series))
     for title, series in panels.items():

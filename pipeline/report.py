@@ -374,11 +374,13 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
     samples = sorted((root / "plots" / "samples").glob("*.png"))
     return [
         multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals),
-        figures_section("MultiGen samples", samples, "One image (sample_grid.image_index) of each of the first prompts of "
-                        "each set, one row per model: every row starts from the same noise, so rows differ only by "
-                        "the model. Under each image: how many of the prompt's objects the detector found above "
-                        "the MultiGen threshold, and which it missed (plots/samples/<set>.png).",
-                        missing("MultiGen samples", "plots/samples/<set>.png", "sample_grid")),
+        figures_section("Generated images side by side", samples,
+                        "One image (sample_grid.image_index) of each of the first prompts of each MultiGen set and "
+                        "of the SR2D spatial prompts, one row per model: every row starts from the same noise, so "
+                        "rows differ only by the model. Under each image, the detector's verdict: for MultiGen, how "
+                        "many of the prompt's objects were found above the threshold and which were missed; for "
+                        "SR2D, which objects were found and whether the relation holds (plots/samples/<set>.png).",
+                        missing("Sample grids", "plots/samples/<set>.png", "sample_grid")),
         visor_section(read_metrics(root / "metrics" / "visor"), published["visor"], published["multigen"], profile,
                       decimals),
         piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals),

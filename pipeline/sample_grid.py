@@ -1,17 +1,19 @@
-"""MultiGen images of several models side by side, with the detector's verdict under each.
+"""Generated images of several models side by side, with the detector's verdict under each.
 
 One figure per prompt set: one row per evaluated model, one column per prompt, the same image index in
 every cell. Image ``j`` of prompt ``p`` has the same seed for every model (``pipeline.sampling``), so the
-rows start from the same noise and differ only by the model. Under each image: how many of the prompt's
-objects the detector found above ``multigen.threshold`` (the rule MG1-MG5 count with) and which it missed.
-An image that is missing or failed is a grey cell whose caption says so; nothing is left out silently.
+rows start from the same noise and differ only by the model. Under each image, the detector's verdict by
+the rule its benchmark scores with: for MultiGen, how many of the prompt's objects were found above
+``multigen.threshold`` (what MG1-MG5 count) and which were missed (:func:`multigen_verdict`); for VISOR's
+spatial prompts, which objects were found and whether the relation holds (:func:`spatial_verdict`). An image
+that is missing or failed is a grey cell whose caption says so; nothing is left out silently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,6 +22,7 @@ from .config import Bounds, NonNegativeInt, PositiveInt
 from .figures import image_grid
 from .multigen import MultiGenPrompt, above_threshold, objects_found
 from .shards import STATUS_OK, image_from_bytes, read_table, shard_files
+from .visor import SpatialPrompt, image_outcome
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def grid_models(cfg: SampleGridCfg, eval_models: Iterable[str]) -> list[str]:
     return list(cfg.models)
 
 
-def verdict(objects: Sequence[str], label_max_scores: Sequence[float], threshold: float) -> str:
+def multigen_verdict(objects: Sequence[str], label_max_scores: Sequence[float], threshold: float) -> str:
     """``"3/5 found; missed: kite, boat"``: the count MG_k uses (:func:`pipeline.multigen.objects_found`,
     distinct objects whose best box scores above ``threshold``) and the objects it did not find."""
     found = objects_found(objects, label_max_scores, threshold)
@@ -61,6 +64,37 @@ def verdict(objects: Sequence[str], label_max_scores: Sequence[float], threshold
     names = list(dict.fromkeys(objects))
     missed = [name for name in names if name not in hits]
     return f"{found}/{len(names)} found" + (f"; missed: {', '.join(missed)}" if missed else "")
+
+
+def spatial_verdict(prompt: SpatialPrompt, row: Mapping[str, Any], threshold: float) -> str:
+    """``"both found; relation holds"`` (or ``fails``), or ``"missed: dog"``: VISOR's outcome of one image
+    (:func:`pipeline.visor.image_outcome`) from the boxes of a detection row."""
+    found_a, found_b, right = image_outcome(prompt.relation, row["box_scores"], row["box_labels"],
+                                            row["box_centers"], threshold)
+    if found_a and found_b:
+        return f"both found; relation {'holds' if right else 'fails'}"
+    missed = [name for name, found in zip(prompt.objects, (found_a, found_b)) if not found]
+    return f"missed: {', '.join(missed)}"
+
+
+@dataclass(frozen=True)
+class VerdictRule:
+    """How a detection row (status ok) becomes a cell caption: ``caption(prompt, row)``, reading ``columns``."""
+
+    caption: Callable[[Any, Mapping[str, Any]], str]
+    columns: tuple[str, ...]
+
+
+def multigen_rule(threshold: float) -> VerdictRule:
+    """:func:`multigen_verdict` of a MultiGen detection row."""
+    return VerdictRule(lambda prompt, row: multigen_verdict(row["objects"], row["label_max_scores"], threshold),
+                       ("objects", "label_max_scores"))
+
+
+def spatial_rule(threshold: float) -> VerdictRule:
+    """:func:`spatial_verdict` of a VISOR detection row (boxes kept with their centres)."""
+    return VerdictRule(lambda prompt, row: spatial_verdict(prompt, row, threshold),
+                       ("box_scores", "box_labels", "box_centers"))
 
 
 def _rows_by_prompt(directory: Path, columns: list[str], prompt_ids: Sequence[int], image_index: int
@@ -77,14 +111,13 @@ def _resized(png: bytes, size: int) -> np.ndarray:
 
 
 def grid_cells(sample_dir: Path, detection_dir: Path, prompts: Sequence[MultiGenPrompt], image_index: int,
-               threshold: float, size: int) -> list[GridCell]:
-    """One cell per prompt, in order: image ``image_index`` from ``sample_dir`` with the verdict of its row in
-    ``detection_dir``. A failed or missing sample, an image that does not decode and a missing or failed
-    detection are captioned with the reason."""
+               size: int, rule: VerdictRule) -> list[GridCell]:
+    """One cell per prompt, in order: image ``image_index`` from ``sample_dir``, captioned by ``rule``
+    (:func:`multigen_rule` or :func:`spatial_rule`) from its row in ``detection_dir``. A failed or missing
+    sample, an image that does not decode and a missing or failed detection are captioned with the reason."""
     ids = [p.prompt_id for p in prompts]
     samples = _rows_by_prompt(sample_dir, ["prompt_id", "image", "status"], ids, image_index)
-    detections = _rows_by_prompt(detection_dir, ["prompt_id", "objects", "label_max_scores", "status"], ids,
-                                 image_index)
+    detections = _rows_by_prompt(detection_dir, ["prompt_id", "status", *rule.columns], ids, image_index)
     cells = []
     for p in prompts:
         sample, detection = samples.get(p.prompt_id), detections.get(p.prompt_id)
@@ -101,7 +134,7 @@ def grid_cells(sample_dir: Path, detection_dir: Path, prompts: Sequence[MultiGen
         elif detection["status"] != STATUS_OK:
             caption = f"detection: {detection['status']}"
         else:
-            caption = verdict(detection["objects"], detection["label_max_scores"], threshold)
+            caption = rule.caption(p, detection)
         cells.append(GridCell(image, caption))
     return cells
 

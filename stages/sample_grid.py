@@ -1,10 +1,12 @@
-"""Stage `sample_grid`: MultiGen images of the evaluated models side by side, with the detector's verdict.
+"""Stage `sample_grid`: generated images of the evaluated models side by side, with the detector's verdict.
 
-For each prompt set: one row per model (``sample_grid.models``, default every key of ``eval_models``), one
-column per prompt (the first ``sample_grid.num_prompts``), image ``sample_grid.image_index`` of each prompt,
-which has the same seed in every row. Under each image: how many of the prompt's objects the detector found
-above ``multigen.threshold`` and which it missed. Deps: artifacts/samples/, artifacts/detections/.
-Outs: plots/samples/<set>.png, metrics/sample_grid.json.
+For each MultiGen prompt set and for VISOR's SR2D prompts: one row per model (``sample_grid.models``,
+default every key of ``eval_models``), one column per prompt (the first ``sample_grid.num_prompts``), image
+``sample_grid.image_index`` of each prompt, which has the same seed in every row. Under each image: for
+MultiGen, how many of the prompt's objects the detector found above ``multigen.threshold`` and which it
+missed; for SR2D, which objects were found and whether the relation holds.
+Deps: artifacts/samples/, artifacts/detections/, artifacts/visor/.
+Outs: plots/samples/<set>.png (and sr2d.png), metrics/sample_grid.json.
 """
 
 from __future__ import annotations
@@ -13,41 +15,61 @@ import logging
 import shutil
 from pathlib import Path
 
+from pipeline.benchmarks import load_categories
 from pipeline.config import load_params, section
-from pipeline.multigen import MultiGenCfg, load_prompt_set
+from pipeline.multigen import MultiGenCfg, MultiGenPrompt, load_prompt_set
 from pipeline.runtime import setup_logging, stage_argument, write_json
-from pipeline.sample_grid import SampleGridCfg, grid_cells, grid_models, sample_grid_figure
+from pipeline.sample_grid import (SampleGridCfg, VerdictRule, grid_cells, grid_models, multigen_rule,
+                                  sample_grid_figure, spatial_rule)
 from pipeline.sampling import SamplingScale
+from pipeline.visor import PROMPT_SET as SR2D, VisorCfg, VisorScale, spatial_prompts
 
 log = logging.getLogger("stages.sample_grid")
 OUT = Path("plots/samples")
+
+
+def check_image_index(cfg: SampleGridCfg, images_per_prompt: int, what: str) -> None:
+    """Refuse an image index the benchmark ``what`` does not sample, naming the key."""
+    if cfg.image_index >= images_per_prompt:
+        raise ValueError(f"sample_grid.image_index: {cfg.image_index} is not an image of {what}, which samples "
+                         f"{images_per_prompt} per prompt (indices 0..{images_per_prompt - 1})")
+
+
+def write_grid(name: str, label: str, models: list[str], prompts: list[MultiGenPrompt],
+               dirs: dict[str, tuple[Path, Path]], cfg: SampleGridCfg, rule: VerdictRule, metrics: dict) -> None:
+    """Write plots/samples/<name>.png from each model's (sample dir, detection dir) and count its empty cells."""
+    cells = {m: grid_cells(*dirs[m], prompts, cfg.image_index, cfg.cell_size, rule) for m in models}
+    title = f"{label}: image {cfg.image_index} of each prompt, same seed in every row"
+    (OUT / f"{name}.png").write_bytes(sample_grid_figure(cells, prompts, title))
+    empty = sum(c.image is None for row in cells.values() for c in row)
+    metrics[f"{name}_prompts"], metrics[f"{name}_cells_without_image"] = len(prompts), empty
+    if empty:
+        log.warning("%s: %d of %d cells have no image (their captions say why)", name, empty,
+                    len(prompts) * len(models))
+    log.info("%s: %s (%d models x %d prompts)", name, OUT / f"{name}.png", len(models), len(prompts))
 
 
 def main() -> None:
     setup_logging()
     params = load_params()
     cfg = section(params, "sample_grid", SampleGridCfg)
-    mg = section(params, "multigen", MultiGenCfg)
+    mg, visor = section(params, "multigen", MultiGenCfg), section(params, "visor", VisorCfg)
     scale = section(params, "profile.sampling", SamplingScale)
     models = grid_models(cfg, params["eval_models"])
-    if cfg.image_index >= scale.images_per_prompt:
-        raise ValueError(f"sample_grid.image_index: {cfg.image_index} is not an image of this profile, which "
-                         f"samples {scale.images_per_prompt} per prompt (indices 0..{scale.images_per_prompt - 1})")
+    check_image_index(cfg, scale.images_per_prompt, "MultiGen in this profile")
+    check_image_index(cfg, visor.images_per_prompt, "VISOR (visor.images_per_prompt)")
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    metrics = {"models": ",".join(models), "image_index": cfg.image_index, "threshold": mg.threshold}
+    metrics = {"models": ",".join(models), "image_index": cfg.image_index, "threshold": mg.threshold,
+               "visor_threshold": visor.threshold}
     for name in mg.prompt_sets:
         prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)[: cfg.num_prompts]
-        cells = {m: grid_cells(Path("artifacts/samples") / m / name, Path("artifacts/detections") / m / name,
-                               prompts, cfg.image_index, mg.threshold, cfg.cell_size) for m in models}
-        title = f"MultiGen {name}: image {cfg.image_index} of each prompt, same seed in every row"
-        (OUT / f"{name}.png").write_bytes(sample_grid_figure(cells, prompts, title))
-        empty = sum(c.image is None for row in cells.values() for c in row)
-        metrics[f"{name}_prompts"], metrics[f"{name}_cells_without_image"] = len(prompts), empty
-        if empty:
-            log.warning("%s: %d of %d cells have no image (their captions say why)", name, empty,
-                        len(prompts) * len(models))
-        log.info("%s: %s (%d models x %d prompts)", name, OUT / f"{name}.png", len(models), len(prompts))
+        dirs = {m: (Path("artifacts/samples") / m / name, Path("artifacts/detections") / m / name) for m in models}
+        write_grid(name, f"MultiGen {name}", models, prompts, dirs, cfg, multigen_rule(mg.threshold), metrics)
+    max_prompts = section(params, "profile.visor", VisorScale).max_prompts
+    prompts = spatial_prompts(load_categories("coco"), max_prompts, int(params["seed"]))[: cfg.num_prompts]
+    dirs = {m: (Path("artifacts/visor") / m / "samples", Path("artifacts/visor") / m / "detections") for m in models}
+    write_grid(SR2D, "VISOR SR2D", models, prompts, dirs, cfg, spatial_rule(visor.threshold), metrics)
     write_json("metrics/sample_grid.json", metrics)
 
 

@@ -266,7 +266,7 @@ def test_only_new_sample_shards_are_detected(detector, tmp_path, monkeypatch):
 # --- the three stages end to end ------------------------------------------------------------------------
 
 def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, monkeypatch):
-    for name in ("tiny-sd", "tiny-owlv2", "tiny-sd-unet-a"):
+    for name in ("tiny-sd", "tiny-owlv2", "tiny-owlvit", "tiny-sd-unet-a"):
         embedded(name)
     (tmp_path / "artifacts" / "data" / "multigen").mkdir(parents=True)
     os.symlink(embedded("tiny-sd").parent, tmp_path / "artifacts" / "models")
@@ -277,9 +277,9 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     params["sample_grid"]["models"] = ["tokencompose_a"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    from stages import detect, sample, sample_grid, score
+    from stages import detect, sample, sample_grid, score, visor
 
-    for stage in (sample, detect, score):
+    for stage in (sample, detect, score, visor):
         stage.main("tokencompose_a")
     sample_grid.main()
     demo = yaml.safe_load(Path("params.yaml").read_text())["profiles"]["demo"]["sampling"]
@@ -298,11 +298,13 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     assert (detections.status == STATUS_OK).all() and len(detections.box_scores[0]) == (96 // 16) ** 2
     grid = json.loads(Path("metrics/sample_grid.json").read_text())
     assert grid["models"] == "tokencompose_a" and grid["coco_prompts"] == prompts
-    assert grid["coco_cells_without_image"] == grid["ade20k_cells_without_image"] == 0
-    assert {p.name for p in Path("plots/samples").iterdir()} == {"coco.png", "ade20k.png"}
+    assert [grid[f"{s}_cells_without_image"] for s in ("coco", "ade20k", "sr2d")] == [0, 0, 0]
+    visor_prompts = params["profiles"]["demo"]["visor"]["max_prompts"]
+    assert grid["sr2d_prompts"] == min(params["sample_grid"]["num_prompts"], visor_prompts)
+    assert {p.name for p in Path("plots/samples").iterdir()} == {"coco.png", "ade20k.png", "sr2d.png"}
     params["sample_grid"]["image_index"] = images
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ValueError, match=f"sample_grid.image_index: {images} is not an image of this profile"):
+    with pytest.raises(ValueError, match=f"sample_grid.image_index: {images} is not an image of MultiGen"):
         sample_grid.main()
 
 

@@ -10,9 +10,11 @@ from PIL import Image
 
 from pipeline.figures import grouped_bars, image_grid
 from pipeline.multigen import STATUS_NO_IMAGE, MultiGenPrompt, objects_found
-from pipeline.sample_grid import SampleGridCfg, grid_cells, grid_models, sample_grid_figure, verdict
+from pipeline.sample_grid import (SampleGridCfg, grid_cells, grid_models, multigen_rule, multigen_verdict,
+                                  sample_grid_figure, spatial_rule, spatial_verdict)
 from pipeline.sampling import STATUS_FAILED
 from pipeline.shards import STATUS_OK, png_bytes, shard_path, write_table
+from pipeline.visor import SpatialPrompt
 
 OBJECTS = ["cat", "dog", "cup", "kite", "boat"]
 PROMPTS = [MultiGenPrompt(i, f"prompt {i}", tuple(OBJECTS)) for i in range(5)]
@@ -32,12 +34,26 @@ def detection(prompt_id, image_index, scores, status=STATUS_OK):
             "status": status, "error": ""}
 
 
-def test_verdict_counts_what_mg_scoring_counts():
+def test_multigen_verdict_counts_what_mg_scoring_counts():
     scores = [0.5, 0.1, 0.11, 0.0, float(np.float32(0.1))]  # 0.1 and float32(0.1) are not above 0.1
-    assert verdict(OBJECTS, scores, 0.1) == "2/5 found; missed: dog, kite, boat"
+    assert multigen_verdict(OBJECTS, scores, 0.1) == "2/5 found; missed: dog, kite, boat"
     assert objects_found(OBJECTS, scores, 0.1) == 2
-    assert verdict(OBJECTS, [0.9] * 5, 0.1) == "5/5 found"
-    assert verdict(["cat", "cat", "dog"], [0.0, 0.5, 0.0], 0.1) == "1/2 found; missed: dog"  # distinct objects
+    assert multigen_verdict(OBJECTS, [0.9] * 5, 0.1) == "5/5 found"
+    assert multigen_verdict(["cat", "cat", "dog"], [0.0, 0.5, 0.0], 0.1) == "1/2 found; missed: dog"  # distinct
+
+
+def test_spatial_verdict_follows_visor_rules():
+    """"a cat to the left of a dog": labels 0 = cat, 1 = dog; centres (x, y); boxes at or below 0.1 do not count."""
+    prompt = SpatialPrompt(7, "a cat to the left of a dog", ("cat", "dog"), relation="to the left of")
+
+    def row(boxes):  # (score, label, x, y)
+        return {"box_scores": [b[0] for b in boxes], "box_labels": [b[1] for b in boxes],
+                "box_centers": [(b[2], b[3]) for b in boxes]}
+
+    assert spatial_verdict(prompt, row([(0.5, 0, 10, 50), (0.5, 1, 90, 50)]), 0.1) == "both found; relation holds"
+    assert spatial_verdict(prompt, row([(0.5, 0, 90, 50), (0.5, 1, 10, 50)]), 0.1) == "both found; relation fails"
+    assert spatial_verdict(prompt, row([(0.5, 0, 10, 50), (0.1, 1, 90, 50)]), 0.1) == "missed: dog"
+    assert spatial_verdict(prompt, row([]), 0.1) == "missed: cat, dog"
 
 
 def test_cells_take_the_chosen_image_of_each_prompt_and_say_why_one_is_missing(tmp_path):
@@ -50,17 +66,32 @@ def test_cells_take_the_chosen_image_of_each_prompt_and_say_why_one_is_missing(t
     write_table([sample(3, 1, solid((0, 255, 0))), sample(4, 1, b"not a png")], shard_path(samples, 1))
     write_table([detection(0, 1, [0.9, 0.0, 0.5, 0.0, 0.0]), detection(0, 0, [0.9] * 5),
                  detection(1, 1, [], STATUS_NO_IMAGE)], shard_path(detections, 0))
-    cells = grid_cells(samples, detections, PROMPTS, image_index=1, threshold=0.1, size=16)
+    cells = grid_cells(samples, detections, PROMPTS, image_index=1, size=16, rule=multigen_rule(0.1))
     assert [c.caption for c in cells] == ["2/5 found; missed: dog, kite, boat", f"no image: {STATUS_FAILED}",
-                                          "not sampled", "not detected", "image does not decode: UnidentifiedImageError"]
+                                          "not sampled", "not detected",
+                                          "image does not decode: UnidentifiedImageError"]
     assert cells[0].image.shape == (16, 16, 3) and (cells[0].image == [0, 0, 255]).all()
     assert (cells[3].image == [0, 255, 0]).all()
     assert [c.image is None for c in cells] == [False, True, True, False, True]
 
 
+def test_spatial_cells_read_the_box_columns(tmp_path):
+    """The VISOR rule reads boxes and centres from detection rows as the visor stage writes them."""
+    prompt = SpatialPrompt(3, "a cat above a dog", ("cat", "dog"), relation="above")
+    samples, detections = tmp_path / "samples", tmp_path / "detections"
+    samples.mkdir(), detections.mkdir()
+    write_table([sample(3, 0, solid((9, 9, 9)))], shard_path(samples, 0))
+    write_table([{"prompt_id": 3, "image_index": 0, "objects": ["cat", "dog"], "box_scores": [0.6, 0.7],
+                  "box_labels": [0, 1], "box_centers": [[5.0, 10.0], [5.0, 90.0]], "label_max_scores": [0.6, 0.7],
+                  "status": STATUS_OK, "error": ""}], shard_path(detections, 0))
+    (cell,) = grid_cells(samples, detections, [prompt], 0, 8, spatial_rule(0.1))
+    assert cell.caption == "both found; relation holds" and cell.image.shape == (8, 8, 3)
+
+
 def test_cells_name_the_stage_to_run_when_a_model_was_not_sampled(tmp_path):
-    with pytest.raises(FileNotFoundError, match="artifacts/samples/sd14/coco: shard directory not found; run `dvc repro sample`"):
-        grid_cells(tmp_path / "artifacts/samples/sd14/coco", tmp_path / "d", PROMPTS, 0, 0.1, 16)
+    missing = "artifacts/samples/sd14/coco: shard directory not found; run `dvc repro sample`"
+    with pytest.raises(FileNotFoundError, match=missing):
+        grid_cells(tmp_path / "artifacts/samples/sd14/coco", tmp_path / "d", PROMPTS, 0, 16, multigen_rule(0.1))
 
 
 def test_grid_models_default_to_every_evaluated_model_and_reject_unknown_ones():
