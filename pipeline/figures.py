@@ -197,7 +197,8 @@ def image_grid(images: Sequence[Sequence[np.ndarray | None]], captions: Sequence
     h, w = next(iter(sizes))[:2] if sizes else (128, 128)
     chars = max(12, w // 6)
     header = max([1] + [len(textwrap.wrap(label, chars)) for label in column_labels])
-    cell_w, cell_h = w / DPI + 0.15, h / DPI + 0.45
+    lines = max([1] + [len(textwrap.wrap(c, chars)) for row in captions for c in row])  # every caption line shows
+    cell_w, cell_h = w / DPI + 0.15, h / DPI + 0.2 + 0.13 * lines
     fig, axes = plt.subplots(rows, cols, figsize=(cell_w * cols + 1.2, cell_h * rows + 0.16 * header + 0.4),
                              squeeze=False)
     for r in range(rows):

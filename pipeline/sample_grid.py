@@ -50,6 +50,9 @@ def grid_models(cfg: SampleGridCfg, eval_models: Iterable[str]) -> list[str]:
         return known
     if not cfg.models:
         raise ValueError("sample_grid.models: empty; list keys of eval_models, or null for all of them")
+    repeated = sorted({m for m in cfg.models if cfg.models.count(m) > 1})
+    if repeated:
+        raise ValueError(f"sample_grid.models: {repeated} listed more than once")
     unknown = [m for m in cfg.models if m not in known]
     if unknown:
         raise ValueError(f"sample_grid.models: {unknown} are not keys of eval_models {known}")
@@ -99,10 +102,19 @@ def spatial_rule(threshold: float) -> VerdictRule:
 
 def _rows_by_prompt(directory: Path, columns: list[str], prompt_ids: Sequence[int], image_index: int
                     ) -> dict[int, dict[str, Any]]:
-    """Rows of image ``image_index`` of the prompts ``prompt_ids`` in a shard directory, keyed by prompt id."""
-    filters = [("prompt_id", "in", list(prompt_ids)), ("image_index", "=", image_index)]
-    return {row["prompt_id"]: row for f in shard_files(directory)
-            for row in read_table(f, columns, filters).to_pylist()}
+    """Rows of image ``image_index`` of the prompts ``prompt_ids`` in a shard directory, keyed by prompt id.
+
+    Each shard's keys are read first, and ``columns`` only from the shards holding a wanted row, until all
+    are found: VISOR's shards follow a seeded prompt order, so their id ranges cannot rule a shard out, and
+    reading every image of a paper-scale run to draw a few dozen would cost gigabytes."""
+    wanted, rows = set(prompt_ids), {}
+    filters = [("prompt_id", "in", list(wanted)), ("image_index", "=", image_index)]
+    for f in shard_files(directory):
+        if len(read_table(f, ["prompt_id"], filters)):
+            rows.update((row["prompt_id"], row) for row in read_table(f, columns, filters).to_pylist())
+        if wanted <= rows.keys():
+            break
+    return rows
 
 
 def _resized(png: bytes, size: int) -> np.ndarray:

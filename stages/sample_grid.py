@@ -28,16 +28,12 @@ log = logging.getLogger("stages.sample_grid")
 OUT = Path("plots/samples")
 
 
-def check_image_index(cfg: SampleGridCfg, images_per_prompt: int, what: str) -> None:
-    """Refuse an image index the benchmark ``what`` does not sample, naming the key."""
-    if cfg.image_index >= images_per_prompt:
-        raise ValueError(f"sample_grid.image_index: {cfg.image_index} is not an image of {what}, which samples "
-                         f"{images_per_prompt} per prompt (indices 0..{images_per_prompt - 1})")
-
-
 def write_grid(name: str, label: str, models: list[str], prompts: list[MultiGenPrompt],
                dirs: dict[str, tuple[Path, Path]], cfg: SampleGridCfg, rule: VerdictRule, metrics: dict) -> None:
     """Write plots/samples/<name>.png from each model's (sample dir, detection dir) and count its empty cells."""
+    if len(prompts) < cfg.num_prompts:
+        log.warning("%s: %d prompts, fewer than sample_grid.num_prompts = %d; all are shown", name, len(prompts),
+                    cfg.num_prompts)
     cells = {m: grid_cells(*dirs[m], prompts, cfg.image_index, cfg.cell_size, rule) for m in models}
     title = f"{label}: image {cfg.image_index} of each prompt, same seed in every row"
     (OUT / f"{name}.png").write_bytes(sample_grid_figure(cells, prompts, title))
@@ -56,8 +52,10 @@ def main() -> None:
     mg, visor = section(params, "multigen", MultiGenCfg), section(params, "visor", VisorCfg)
     scale = section(params, "profile.sampling", SamplingScale)
     models = grid_models(cfg, params["eval_models"])
-    check_image_index(cfg, scale.images_per_prompt, "MultiGen in this profile")
-    check_image_index(cfg, visor.images_per_prompt, "VISOR (visor.images_per_prompt)")
+    if cfg.image_index >= scale.images_per_prompt:
+        last = scale.images_per_prompt - 1
+        raise ValueError(f"sample_grid.image_index: {cfg.image_index} is not a MultiGen image of this profile, "
+                         f"which samples {scale.images_per_prompt} per prompt (indices 0..{last})")
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     metrics = {"models": ",".join(models), "image_index": cfg.image_index, "threshold": mg.threshold,
@@ -66,10 +64,16 @@ def main() -> None:
         prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)[: cfg.num_prompts]
         dirs = {m: (Path("artifacts/samples") / m / name, Path("artifacts/detections") / m / name) for m in models}
         write_grid(name, f"MultiGen {name}", models, prompts, dirs, cfg, multigen_rule(mg.threshold), metrics)
-    max_prompts = section(params, "profile.visor", VisorScale).max_prompts
-    prompts = spatial_prompts(load_categories("coco"), max_prompts, int(params["seed"]))[: cfg.num_prompts]
-    dirs = {m: (Path("artifacts/visor") / m / "samples", Path("artifacts/visor") / m / "detections") for m in models}
-    write_grid(SR2D, "VISOR SR2D", models, prompts, dirs, cfg, spatial_rule(visor.threshold), metrics)
+    if cfg.image_index >= visor.images_per_prompt:
+        metrics[f"{SR2D}_skipped"] = (f"image_index {cfg.image_index}: VISOR samples {visor.images_per_prompt} "
+                                      f"images per prompt (visor.images_per_prompt)")
+        log.warning("%s grid skipped: %s", SR2D, metrics[f"{SR2D}_skipped"])
+    else:
+        max_prompts = section(params, "profile.visor", VisorScale).max_prompts
+        prompts = spatial_prompts(load_categories("coco"), max_prompts, int(params["seed"]))[: cfg.num_prompts]
+        dirs = {m: (Path("artifacts/visor") / m / "samples", Path("artifacts/visor") / m / "detections")
+                for m in models}
+        write_grid(SR2D, "VISOR SR2D", models, prompts, dirs, cfg, spatial_rule(visor.threshold), metrics)
     write_json("metrics/sample_grid.json", metrics)
 
 

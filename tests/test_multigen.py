@@ -304,8 +304,17 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     assert {p.name for p in Path("plots/samples").iterdir()} == {"coco.png", "ade20k.png", "sr2d.png"}
     params["sample_grid"]["image_index"] = images
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ValueError, match=f"sample_grid.image_index: {images} is not an image of MultiGen"):
+    with pytest.raises(ValueError, match=f"sample_grid.image_index: {images} is not a MultiGen image"):
         sample_grid.main()
+    params["profiles"]["demo"]["sampling"]["images_per_prompt"] = params["visor"]["images_per_prompt"] + 1
+    params["sample_grid"]["image_index"] = params["visor"]["images_per_prompt"]  # a MultiGen image, not a VISOR one
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    sample_grid.main()  # the MultiGen grids (images missing: not sampled with these params) and no SR2D grid
+    grid = json.loads(Path("metrics/sample_grid.json").read_text())
+    assert f"VISOR samples {params['visor']['images_per_prompt']} images per prompt" in grid["sr2d_skipped"]
+    assert "sr2d_prompts" not in grid
+    assert {p.name for p in Path("plots/samples").iterdir()} == {"coco.png", "ade20k.png"}
+    assert grid["coco_cells_without_image"] == prompts  # recorded, not dropped
 
 
 def test_mg_std_uses_valid_images_per_index_and_skips_empty_indices():

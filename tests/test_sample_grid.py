@@ -61,18 +61,42 @@ def test_cells_take_the_chosen_image_of_each_prompt_and_say_why_one_is_missing(t
     4: bytes that do not decode. Shards split across files, as the sample stage writes them."""
     samples, detections = tmp_path / "samples", tmp_path / "detections"
     samples.mkdir(), detections.mkdir()
-    write_table([sample(0, 0, solid((255, 0, 0))), sample(0, 1, solid((0, 0, 255))),
+    write_table([sample(0, 1, solid((0, 0, 255))), sample(0, 0, solid((255, 0, 0))),  # the chosen image first
                  sample(1, 1, None, STATUS_FAILED)], shard_path(samples, 0))
-    write_table([sample(3, 1, solid((0, 255, 0))), sample(4, 1, b"not a png")], shard_path(samples, 1))
+    write_table([sample(3, 1, solid((0, 255, 0))), sample(4, 1, b"not a png"), sample(5, 1, solid((1, 2, 3)))],
+                shard_path(samples, 1))
     write_table([detection(0, 1, [0.9, 0.0, 0.5, 0.0, 0.0]), detection(0, 0, [0.9] * 5),
-                 detection(1, 1, [], STATUS_NO_IMAGE)], shard_path(detections, 0))
-    cells = grid_cells(samples, detections, PROMPTS, image_index=1, size=16, rule=multigen_rule(0.1))
+                 detection(1, 1, [], STATUS_NO_IMAGE), detection(5, 1, [], "detect_failed")], shard_path(detections, 0))
+    prompts = PROMPTS + [MultiGenPrompt(5, "prompt 5", tuple(OBJECTS))]
+    cells = grid_cells(samples, detections, prompts, image_index=1, size=16, rule=multigen_rule(0.1))
     assert [c.caption for c in cells] == ["2/5 found; missed: dog, kite, boat", f"no image: {STATUS_FAILED}",
                                           "not sampled", "not detected",
-                                          "image does not decode: UnidentifiedImageError"]
+                                          "image does not decode: UnidentifiedImageError",
+                                          "detection: detect_failed"]
     assert cells[0].image.shape == (16, 16, 3) and (cells[0].image == [0, 0, 255]).all()
     assert (cells[3].image == [0, 255, 0]).all()
-    assert [c.image is None for c in cells] == [False, True, True, False, True]
+    assert [c.image is None for c in cells] == [False, True, True, False, True, False]
+
+
+def test_only_shards_holding_a_wanted_row_are_read_whole(tmp_path, monkeypatch):
+    """Shards in a seeded prompt order (VISOR's) hold wanted ids anywhere: the image column is read only from
+    shards with a wanted row, and reading stops once every row is found."""
+    import pipeline.sample_grid as grid
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    order = [4, 0, 3, 1, 2]  # prompt ids in shard order, one prompt (two images) per shard
+    for i, pid in enumerate(order):
+        write_table([sample(pid, 0, solid((pid, 0, 0))), sample(pid, 1, solid((pid, 1, 0)))], shard_path(samples, i))
+    reads = []
+    real = grid.read_table
+    monkeypatch.setattr(grid, "read_table", lambda f, columns, filters: reads.append((f.name, tuple(columns))) or
+                        real(f, columns, filters))
+    rows = grid._rows_by_prompt(samples, ["prompt_id", "image", "status"], [0, 1], image_index=1)
+    assert sorted(rows) == [0, 1] and (rows[1]["image"] == solid((1, 1, 0)))
+    whole = [name for name, columns in reads if "image" in columns]
+    assert whole == [shard_path(samples, 1).name, shard_path(samples, 3).name]  # prompts 0 and 1
+    assert len(reads) == 6  # keys of shards 0-3, images of shards 1 and 3; shard 4 is never opened
 
 
 def test_spatial_cells_read_the_box_columns(tmp_path):
@@ -102,6 +126,8 @@ def test_grid_models_default_to_every_evaluated_model_and_reject_unknown_ones():
         grid_models(SampleGridCfg(models=("sd15",)), models)
     with pytest.raises(ValueError, match=r"sample_grid.models: empty"):
         grid_models(SampleGridCfg(models=()), models)
+    with pytest.raises(ValueError, match=r"sample_grid.models: \['sd14'\] listed more than once"):
+        grid_models(SampleGridCfg(models=("sd14", "trained", "sd14")), models)
 
 
 def test_figure_has_a_cell_per_model_and_prompt(tmp_path):
@@ -116,6 +142,10 @@ def test_figure_has_a_cell_per_model_and_prompt(tmp_path):
 
     (w1, h1), (w2, h2) = size(1, 2), size(3, 4)
     assert w2 > w1 and h2 > h1
+    long = "0/5 found; missed: toilet, bench, coffee table, bicycle, bag"  # wraps to 3 lines at 32 px cells
+    one = Image.open(io.BytesIO(image_grid([[red]], [["1/5 found"]], ["m"], ["p"]))).size
+    three = Image.open(io.BytesIO(image_grid([[red]], [[long]], ["m"], ["p"]))).size
+    assert three[1] - one[1] >= 2 * 0.13 * 100 - 2  # a row grows by a line height per extra caption line
     with pytest.raises(ValueError, match="2 rows of 1 cells"):
         image_grid([[red]], [["a"]], ["m1", "m2"], ["p"])
     with pytest.raises(ValueError, match="one size"):
