@@ -151,7 +151,7 @@ def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequen
                              squeeze=False, sharey=sharey)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    colours = matplotlib.colormaps["tab10"]
+    colours = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
     handles: dict[str, Any] = {}
     for ax, (title, series) in zip(axes.flat, panels.items()):
         for slot, label in enumerate(labels):
@@ -164,7 +164,7 @@ def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequen
             errors = stds[shown]
             handles[label] = ax.bar(shown - 0.4 + width * (slot + 0.5), means[shown], width,
                                     yerr=np.nan_to_num(errors) if np.isfinite(errors).any() else None,
-                                    color=colours(slot % 10),
+                                    color=colours(slot % colours.N),
                                     hatch="//" if label in hatched else None, edgecolor="black", linewidth=0.4,
                                     capsize=2, error_kw={"linewidth": 0.8})
         ax.set_xticks(np.arange(len(categories)), categories, rotation=35 if slanted else 0,

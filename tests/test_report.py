@@ -56,6 +56,29 @@ def test_published_multigen_matches_spec_3_7():
             assert (row[f"{key}_mg{level}"], row[f"{key}_mg{level}_std"]) == (float(mean), float(std)), cell
 
 
+def test_published_fid_and_latency_match_the_spec():
+    """SPEC §3.7 quotes the README's FID and latency for SD 1.4, TokenCompose and A&E; the rows hold them."""
+    spec = SPEC.read_text() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
+    line = re.search(r"Also in README: (.*)", spec).group(1)
+    rows = {r["method"]: r for r in report.load_published(PUBLISHED)["multigen"]["rows"]}
+    coco, flickr, latency = (re.search(rf"{what} (?:SD1.4 )?([\d.]+)(?: s)? vs (?:TC )?([\d.]+)", line).groups()
+                             for what in (r"FID\(COCO\)", r"FID\(Flickr30K\)", "latency"))
+    for key, (sd, tc) in (("fid_coco", coco), ("fid_flickr30k", flickr), ("latency_s", latency)):
+        assert (rows["SD 1.4"][key], rows["TokenCompose"][key]) == (float(sd), float(tc)), key
+    assert rows["Attend-and-Excite"]["latency_s"] == float(re.search(r"A&E ([\d.]+) s", line).group(1))
+    assert {"Composable", "Layout", "Structured"} <= {name.split()[0] for name in rows}
+
+
+def test_published_multigen_rows_are_consistent():
+    """A transcription check on every row (three are not in the SPEC): MG_k falls with k, stds are small and
+    positive, and each row has every key the report reads."""
+    for row in report.load_published(PUBLISHED)["multigen"]["rows"]:
+        for s in ("coco", "ade20k"):
+            means = [row[f"{s}_mg{k}"] for k in (2, 3, 4, 5)]
+            assert means == sorted(means, reverse=True) and all(0 < row[f"{s}_mg{k}_std"] < 5 for k in (2, 3, 4, 5))
+        assert {"oa", "fid_coco", "fid_flickr30k", "latency_s", "latency_s_std"} <= set(row), row["method"]
+
+
 def test_published_piebench_matches_spec_5_7():
     spec = _spec_table("### 5.7")
     published = report.load_published(PUBLISHED)["piebench"]["rows"]
@@ -107,7 +130,13 @@ def test_multigen_section_lines_up_run_and_published_rows():
     assert coco.columns == ["Model", "Source", "MG2", "MG3", "MG4", "MG5"]
     assert coco.rows[0] == ["sd14", "this run (demo)", "30.00(0.50)", "20.00(0.33)", "15.00(0.25)",
                             "12.00(0.20)"]
-    assert coco.rows[3][0] == "TokenCompose" and coco.rows[3][2] == "98.08(0.40)"
+    assert coco.rows[6][0] == "TokenCompose" and coco.rows[6][2] == "98.08(0.40)"
+    assert coco.rows[2] == ["Composable Diffusion", "published (mlpc-ucsd/TokenCompose)", "63.33(0.59)",
+                            "21.87(1.01)", "3.25(0.45)", "0.23(0.18)"]
+    extra = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "multigen_published_only")
+    assert extra.columns == ["Method", "FID (COCO) ↓", "FID (Flickr30K) ↓", "Latency, s ↓"]
+    assert extra.rows[0] == ["SD 1.4", "20.88", "71.46", "7.54(0.17)"]
+    assert extra.rows[4] == ["Attend-and-Excite", "—", "71.68", "25.43(4.89)"]  # the README prints "-"
     prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("MultiGen: what"))
     assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
                                   "num_prompts = 6"]]
@@ -123,7 +152,7 @@ def test_multigen_chart_reads_every_model_and_published_row(monkeypatch):
     a key missing from a metrics file is NaN (no bar), not an error."""
     published = report.load_published(PUBLISHED)["multigen"]
     seen = {}
-    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, hatched, ylabel: seen.update(
+    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, hatched, **kw: seen.update(
         panels=panels, categories=categories, hatched=hatched) or b"")
     partial = {k: v for k, v in _mg_metrics(60.0).items() if k != "ade20k_mg5"}
     report.multigen_chart({"sd14": _mg_metrics(60.0), "trained": partial}, published, "demo")
@@ -147,8 +176,10 @@ def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
     assert table.rows[0][:5] == ["trained", "this run (demo)", "40.00", "70.00", "55.50"]
     assert table.rows[1] == ["SD (VISOR)", "published (microsoft/VISOR)", "29.86", "—", "—", "18.81", "62.98",
                              "46.60", "20.11", "6.89", "1.63"]
-    assert table.rows[4] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] + ["—"] * 8
-    assert len(table.rows) == 5
+    assert table.rows[7] == ["TokenCompose", "published (mlpc-ucsd/TokenCompose)", "52.15"] + ["—"] * 8
+    assert [r[0] for r in table.rows[2:7]] == ["SD 1.4", "Composable Diffusion", "Layout Guidance",
+                                               "Structured Diffusion", "Attend-and-Excite"]
+    assert len(table.rows) == 8
     six = report.visor_section({"m": dict(values, visor_5=1.0, visor_6=0.0)}, published["visor"],
                                published["multigen"], "demo")
     assert next(b for b in six.blocks if isinstance(b, report.Table)).columns[-2:] == ["VISOR_5", "VISOR_6"]
@@ -323,7 +354,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     published = report.load_published(PUBLISHED)
     sections = report.build_sections(tmp_path, published, "demo")
     tables = {b.name: b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.name}
-    assert set(tables) >= {"multigen_coco", "multigen_ade20k", "visor", "piebench", "grounding", "train"}
+    assert set(tables) >= {"multigen_coco", "multigen_ade20k", "multigen_published_only", "visor", "piebench",
+                           "grounding", "train"}
     assert tables["visor"].rows[0][:6] == ["sd14", "this run (demo)", "30.00", "—", "—", "10.00"]
     assert tables["piebench"].rows[0] == ["BLD, base backbone", "this run (demo)",
                                           "1.00", "2.00", "3.00", "4.00", "5.00", "6.00", "7.00"]
