@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .config import Fraction, FractionBelowOne, NonEmpty, PositiveInt
 from .shards import STATUS_OK
@@ -193,6 +194,33 @@ def score_records(records: Iterable[dict[str, Any]], threshold: float, num_promp
     scores.update(images_expected=int(found.size), images_scored=int(valid.sum()),
                   images_failed=int((seen & ~valid).sum()), images_missing=int((~seen).sum()))
     return scores
+
+
+def category_counts(records: Iterable[dict[str, Any]], threshold: float) -> pd.DataFrame:
+    """How often each category is found in the scored images whose prompt names it.
+
+    Args:
+        records: detection rows with ``objects``, ``label_max_scores`` and ``status`` (only ``ok`` rows count).
+        threshold: strict score threshold, as for MG_k (:func:`above_threshold`).
+    Returns:
+        One row per category, sorted by name: ``category``, ``images`` (scored images whose prompt names it),
+        ``found`` (those in which a box labelled with it scores above the threshold), ``rate`` (100 x
+        found / images, in percent).
+    """
+    images: dict[str, int] = {}
+    found: dict[str, int] = {}
+    for rec in records:
+        if rec["status"] != STATUS_OK:
+            continue
+        hits = {name for name, hit in zip(rec["objects"], above_threshold(rec["label_max_scores"], threshold)) if hit}
+        for name in dict.fromkeys(rec["objects"]):
+            images[name] = images.get(name, 0) + 1
+            found[name] = found.get(name, 0) + (name in hits)
+    names = sorted(images)
+    counts = pd.DataFrame({"category": names, "images": [images[n] for n in names],
+                           "found": [found[n] for n in names]}, columns=["category", "images", "found"])
+    counts["rate"] = 100.0 * counts["found"] / counts["images"] if len(counts) else pd.Series(dtype=float)
+    return counts
 
 
 def format_row(scores: dict[str, float], levels: Sequence[int] = MG_LEVELS) -> str:

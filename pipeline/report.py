@@ -187,17 +187,18 @@ def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
     return section
 
 
-PUBLISHED_ONLY = (("fid_coco", "FID (COCO) ↓"), ("fid_flickr30k", "FID (Flickr30K) ↓"), ("latency_s", "Latency, s ↓"))
+PUBLISHED_ONLY = (("fid_coco", "FID (COCO) ↓"), ("fid_flickr30k", "FID (Flickr30K) ↓"),
+                  ("latency_s", "Latency, s ↓"))
 
 
 def published_only_table(published: Mapping[str, Any], decimals: int = 2) -> Table:
     """The TokenCompose README's photorealism and efficiency columns, which this pipeline does not compute."""
     rows = [[r["method"], *[fmt(r.get(key), r.get(f"{key}_std"), decimals) for key, _ in PUBLISHED_ONLY]]
             for r in published["rows"]]
-    return Table("Photorealism and efficiency, published only: this pipeline computes neither FID (it needs the "
-                 "COCO and Flickr30K reference images and an Inception network) nor a latency comparable with the "
-                 "original's GPU; — where the README prints none", ["Method", *[h for _, h in PUBLISHED_ONLY]], rows,
-                 name="multigen_published_only")
+    caption = ("Photorealism and efficiency, published only: this pipeline computes neither FID (it needs the "
+               "COCO and Flickr30K reference images and an Inception network) nor a latency comparable with the "
+               "original's GPU; — where the README prints none")
+    return Table(caption, ["Method", *[h for _, h in PUBLISHED_ONLY]], rows, name="multigen_published_only")
 
 
 def _number(value: Any) -> float:
@@ -219,6 +220,53 @@ def multigen_chart(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[
             hatched.add(f"{row['method']} (published)")
         panels[f"MultiGen {label}"] = panel
     return grouped_bars(panels, [f"MG{k}" for k in REPORTED_MG_LEVELS], hatched, ylabel="%", per_row=1)
+
+
+CATEGORY_CHART_SIZE = 15  # categories per prompt set in the per-category chart
+
+
+def read_category_tables(directory: str | Path) -> dict[str, pd.DataFrame]:
+    """``{model: table}`` of every ``plots/multigen_categories/<model>.csv`` (empty when the folder is absent)."""
+    directory = Path(directory)
+    return {p.stem: pd.read_csv(p) for p in sorted(directory.glob("*.csv"))} if directory.is_dir() else {}
+
+
+def most_different_categories(rates: pd.DataFrame, size: int = CATEGORY_CHART_SIZE) -> list[str]:
+    """The ``size`` categories (rows of ``rates``: category x model, in %) whose found rate differs most
+    between models (largest max - min, NaN ignored; ties by name); with one model, the least found ones."""
+    spread = rates.max(axis=1) - rates.min(axis=1) if rates.shape[1] > 1 else -rates.iloc[:, 0]
+    order = pd.DataFrame({"spread": spread, "name": rates.index}).sort_values(["spread", "name"],
+                                                                               ascending=[False, True])
+    return list(order["name"][:size])
+
+
+def categories_section(tables: Mapping[str, pd.DataFrame], size: int = CATEGORY_CHART_SIZE) -> Section:
+    """Per prompt set, the found rate of the categories that differ most between models, as bars."""
+    section = Section("MultiGen per category")
+    section.blocks.append(Text(
+        "Found rate of a category = share of the scored images whose prompt names it in which the detector "
+        "found it (the MG_k rule: a box labelled with it scores above the threshold). Shown: per prompt set, "
+        f"the {size} categories whose rate differs most between the models of this run; every category is in "
+        "plots/multigen_categories/<model>.csv (columns prompt_set, category, images, found, rate)."))
+    if not tables:
+        section.blocks.append(missing("Per-category rates", "plots/multigen_categories/<model>.csv", "score"))
+        return section
+    long = pd.concat([t.assign(model=m) for m, t in tables.items()], ignore_index=True)
+    for key, label in MG_SETS.items():
+        part = long[long["prompt_set"] == key]
+        if part.empty:
+            continue
+        rates = part.pivot_table(index="category", columns="model", values="rate", aggfunc="first")
+        images = part.groupby("category")["images"].max()
+        chosen = most_different_categories(rates[list(dict.fromkeys(part["model"]))], size)
+        panel = {model: ([_number(rates.at[c, model]) if model in rates else math.nan for c in chosen],
+                         [math.nan] * len(chosen)) for model in tables}
+        png = grouped_bars({f"MultiGen {label}: found rate per category, %": panel},
+                           [f"{c} (n={images[c]})" for c in chosen], ylabel="%", per_row=1)
+        section.blocks.append(Figure(f"MultiGen {label}: the categories whose found rate differs most between "
+                                     "models (n: scored images whose prompt names the category)", png,
+                                     f"categories_{key}.png"))
+    return section
 
 
 VISOR_COLUMNS = (("oa", "OA"), ("oa_a", "OA(A)"), ("oa_b", "OA(B)"), ("visor_uncond", "VISOR_uncond"),
@@ -395,6 +443,7 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
                         "many of the prompt's objects were found above the threshold and which were missed; for "
                         "SR2D, which objects were found and whether the relation holds (plots/samples/<set>.png).",
                         missing("Sample grids", "plots/samples/<set>.png", "sample_grid")),
+        categories_section(read_category_tables(root / "plots" / "multigen_categories")),
         visor_section(read_metrics(root / "metrics" / "visor"), published["visor"], published["multigen"], profile,
                       decimals),
         piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals),

@@ -3,7 +3,8 @@
 Usage: ``python -m stages.score MODEL``. Deps: artifacts/detections/<MODEL>/, the prompt files.
 Outs: metrics/multigen/<MODEL>.json with flat keys ``<set>_mg1`` ... ``<set>_mg5``, ``<set>_mg1_std`` ...,
 and what they were computed over (prompts, images per prompt, threshold, model references, failed and
-missing images).
+missing images); plots/multigen_categories/<MODEL>.csv: per prompt set and category, the scored images
+whose prompt names it and how many of them it was found in.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.config import load_params, section
-from pipeline.multigen import (MultiGenCfg, MultiGenScale, format_row, load_prompt_set,
+from pipeline.multigen import (MultiGenCfg, MultiGenScale, category_counts, format_row, load_prompt_set,
                                score_records)
 from pipeline.runtime import check_failure_rate, setup_logging, stage_argument, write_json
 from pipeline.sampling import EvalModel, EvalModelRef, SamplingScale
 from pipeline.shards import iter_rows
 
 log = logging.getLogger("stages.score")
+CATEGORIES = Path("plots/multigen_categories")
 COLUMNS = ["prompt_id", "image_index", "objects", "label_max_scores", "status"]
 
 
@@ -32,14 +36,19 @@ def main(key: str) -> None:
     metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
                "detector": det.detector, "threshold": mg.threshold, "images_per_prompt": scale.images_per_prompt,
                "steps": scale.num_inference_steps, "seed": int(params["seed"])}
+    categories = []
     for name in mg.prompt_sets:
         num_prompts = len(load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts))
-        rows = iter_rows(Path("artifacts/detections") / key / name, columns=COLUMNS)
+        rows = list(iter_rows(Path("artifacts/detections") / key / name, columns=COLUMNS))
         scores = score_records(rows, mg.threshold, num_prompts, scale.images_per_prompt)
+        categories.append(category_counts(rows, mg.threshold).assign(prompt_set=name))
         metrics[f"{name}_prompts"] = num_prompts
         metrics.update({f"{name}_{k}": v for k, v in scores.items()})
         log.info("%s %s MG1-MG5: %s (%d images scored)", key, name, format_row(scores), scores["images_scored"])
     write_json(f"metrics/multigen/{key}.json", metrics)
+    CATEGORIES.mkdir(parents=True, exist_ok=True)
+    table = pd.concat(categories, ignore_index=True)[["prompt_set", "category", "images", "found", "rate"]]
+    table.to_csv(CATEGORIES / f"{key}.csv", index=False, float_format="%.4f")
     for name in mg.prompt_sets:
         lost = metrics[f"{name}_images_failed"] + metrics[f"{name}_images_missing"]
         check_failure_rate(lost, metrics[f"{name}_images_expected"], mg.max_failed_rate, f"{key}/{name} images",

@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
-from pipeline.multigen import (STATUS_DETECT_FAILED, STATUS_NO_IMAGE, MultiGenScale, detect_batch,
-                               detect_prompt_set, detect_rows, format_row, label_max_scores, load_detector,
-                               load_prompt_set, mg_scores, objects_found, queries_for, score_records)
+from pipeline.multigen import (STATUS_DETECT_FAILED, STATUS_NO_IMAGE, MultiGenScale, category_counts,
+                               detect_batch, detect_prompt_set, detect_rows, format_row, label_max_scores,
+                               load_detector, load_prompt_set, mg_scores, objects_found, queries_for,
+                               score_records)
 from pipeline.shards import STATUS_OK, png_bytes, read_shards, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +79,33 @@ def test_scorer_matches_an_independent_computation(threshold):
     np.testing.assert_allclose([got[f"mg{k}"] for k in range(1, 6)], mg, rtol=0, atol=1e-9)
     np.testing.assert_allclose([got[f"mg{k}_std"] for k in range(1, 6)], std, rtol=0, atol=1e-9)
     assert 0 < got["mg1"] and got["mg5"] < 100
+
+
+def test_category_counts_match_an_independent_computation():
+    """Per category: scored images whose prompt names it and those with a box of it above the threshold, from
+    raw boxes; a name twice in a prompt counts once; failed rows are left out; the found counts add up to the
+    per-image counts MG_k uses."""
+    rng = np.random.default_rng(7)
+    names = ["cat", "dog", "cup", "kite", "boat", "vase", "book"]
+    rows, expected_images, expected_found = [], {}, {}
+    for p in range(30):
+        objects = list(rng.choice(names, 5, replace=True))
+        nb = int(rng.integers(0, 12))
+        scores, labels = rng.beta(0.6, 2.0, nb).tolist(), rng.integers(0, 5, nb).tolist()
+        failed = p % 7 == 3
+        rows.append(record(p, 0, objects, scores, labels, status=STATUS_NO_IMAGE if failed else STATUS_OK))
+        if failed:
+            continue
+        for name in set(objects):
+            expected_images[name] = expected_images.get(name, 0) + 1
+            hit = any(s > 0.2 and objects[lab] == name for s, lab in zip(scores, labels))
+            expected_found[name] = expected_found.get(name, 0) + hit
+    table = category_counts(rows, 0.2).set_index("category")
+    assert dict(table["images"]) == expected_images and dict(table["found"]) == expected_found
+    np.testing.assert_allclose(table["rate"], 100 * table["found"] / table["images"])
+    per_image = sum(objects_found(r["objects"], r["label_max_scores"], 0.2) for r in rows if r["status"] == STATUS_OK)
+    assert table["found"].sum() == per_image
+    assert list(category_counts([], 0.1).columns) == ["category", "images", "found", "rate"]
 
 
 def test_failed_and_missing_images_are_counted_not_scored():
@@ -296,6 +325,9 @@ def test_stages_sample_detect_score_end_to_end(embedded, shared_data, tmp_path, 
     assert keys == [(p, j) for p in range(prompts) for j in range(images)]
     detections = read_shards(Path("artifacts/detections/tokencompose_a/ade20k"))
     assert (detections.status == STATUS_OK).all() and len(detections.box_scores[0]) == (96 // 16) ** 2
+    table = pd.read_csv("plots/multigen_categories/tokencompose_a.csv")
+    assert list(table.columns) == ["prompt_set", "category", "images", "found", "rate"]
+    assert set(table.prompt_set) == {"coco", "ade20k"} and (table.images <= prompts * images).all()
     grid = json.loads(Path("metrics/sample_grid.json").read_text())
     assert grid["models"] == "tokencompose_a" and grid["coco_prompts"] == prompts
     assert [grid[f"{s}_cells_without_image"] for s in ("coco", "ade20k", "sr2d")] == [0, 0, 0]

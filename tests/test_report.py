@@ -210,6 +210,32 @@ def test_piebench_type_chart_has_every_column_per_type_and_backbone(monkeypatch)
     assert [b.name for b in section.blocks if isinstance(b, report.Figure)] == ["piebench_types.png"]
 
 
+def _categories(rates: dict[str, float], prompt_set: str = "coco"):
+    import pandas as pd
+
+    return pd.DataFrame({"prompt_set": prompt_set, "category": list(rates), "images": 4,
+                         "found": [r / 25 for r in rates.values()], "rate": list(rates.values())})
+
+
+def test_category_chart_shows_the_categories_that_differ_most(monkeypatch):
+    """Largest spread between models first (ties by name); a category one model lacks is NaN for it; one
+    model alone: its least found categories; no tables: a note naming the stage."""
+    seen = {}
+    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, **kw: seen.update(
+        panels=panels, categories=categories) or b"png")
+    tables = {"sd14": _categories({"cat": 50.0, "dog": 100.0, "cup": 0.0, "kite": 25.0}),
+              "trained": _categories({"cat": 75.0, "dog": 0.0, "cup": 0.0})}
+    section = report.categories_section(tables, size=3)
+    assert [b.name for b in section.blocks if isinstance(b, report.Figure)] == ["categories_coco.png"]
+    assert seen["categories"] == ["dog (n=4)", "cat (n=4)", "cup (n=4)"]  # spreads 100, 25, 0 (kite: one model)
+    (panel,) = seen["panels"].values()
+    assert panel["sd14"][0] == [100.0, 50.0, 0.0] and panel["trained"][0] == [0.0, 75.0, 0.0]
+    report.categories_section({"sd14": tables["sd14"]}, size=2)
+    assert seen["categories"] == ["cup (n=4)", "kite (n=4)"]
+    empty = report.categories_section({})
+    assert any(b.kind == "missing" and "dvc repro score" in b.text for b in empty.blocks if isinstance(b, report.Text))
+
+
 def test_missing_inputs_are_named_not_hidden():
     published = report.load_published(PUBLISHED)
     section = report.piebench_section({}, published["piebench"], "demo")
@@ -347,6 +373,8 @@ def _write_outputs(root: Path) -> None:
     (root / "plots" / "edits_base.png").write_bytes(_png((10, 200, 10)))
     (root / "plots" / "samples").mkdir()
     (root / "plots" / "samples" / "coco.png").write_bytes(_png((10, 10, 200)))
+    (root / "plots" / "multigen_categories").mkdir()
+    _categories({"cat": 50.0, "dog": 25.0}).to_csv(root / "plots" / "multigen_categories" / "sd14.csv", index=False)
 
 
 def test_build_sections_from_pipeline_outputs(tmp_path):
@@ -364,8 +392,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     prov = [b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.caption.startswith("PIE-Bench: what")]
     assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
     figures = [b.name for s in sections for b in s.blocks if isinstance(b, report.Figure)]
-    assert figures == ["multigen_chart.png", "samples_coco.png", "piebench_types.png", "plots_edits_base.png",
-                       "train_curves.png", "attention_sd14_0.png"]
+    assert figures == ["multigen_chart.png", "samples_coco.png", "categories_coco.png", "piebench_types.png",
+                       "plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
     texts = [b for s in sections for b in s.blocks if isinstance(b, report.Text)]
     assert [b.text for b in texts if b.kind == "note"] == [published["study"]["note"]]
     assert not [b.text for b in texts if b.kind == "missing"]  # every input present
@@ -376,7 +404,8 @@ def test_build_sections_names_every_missing_input(tmp_path):
     notes = " ".join(b.text for s in sections for b in s.blocks if isinstance(b, report.Text) and b.kind == "missing")
     for path in ("metrics/multigen/<model>.json", "metrics/piebench/<backbone>.json", "plots/edits_<backbone>.png",
                  "metrics/train.json", "train_curves.csv", "plots/attention/<model>_<i>.png",
-                 "metrics/grounding/<model>.json", "plots/samples/<set>.png"):
+                 "metrics/grounding/<model>.json", "plots/samples/<set>.png",
+                 "plots/multigen_categories/<model>.csv"):
         assert path in notes
     assert "meaningless" in report.profile_banner("demo") and "meaningless" not in report.profile_banner("paper")
 
