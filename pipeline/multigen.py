@@ -212,6 +212,8 @@ def category_counts(records: Iterable[dict[str, Any]], threshold: float) -> pd.D
     for rec in records:
         if rec["status"] != STATUS_OK:
             continue
+        if len(rec["objects"]) != len(rec["label_max_scores"]):
+            raise ValueError(f"{len(rec['objects'])} objects but {len(rec['label_max_scores'])} query scores")
         hits = {name for name, hit in zip(rec["objects"], above_threshold(rec["label_max_scores"], threshold)) if hit}
         for name in dict.fromkeys(rec["objects"]):
             images[name] = images.get(name, 0) + 1
@@ -219,6 +221,7 @@ def category_counts(records: Iterable[dict[str, Any]], threshold: float) -> pd.D
     names = sorted(images)
     counts = pd.DataFrame({"category": names, "images": [images[n] for n in names],
                            "found": [found[n] for n in names]}, columns=["category", "images", "found"])
+    counts = counts.astype({"category": str, "images": "int64", "found": "int64"})
     counts["rate"] = 100.0 * counts["found"] / counts["images"] if len(counts) else pd.Series(dtype=float)
     return counts
 

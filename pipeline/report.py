@@ -228,7 +228,11 @@ CATEGORY_CHART_SIZE = 15  # categories per prompt set in the per-category chart
 def read_category_tables(directory: str | Path) -> dict[str, pd.DataFrame]:
     """``{model: table}`` of every ``plots/multigen_categories/<model>.csv`` (empty when the folder is absent)."""
     directory = Path(directory)
-    return {p.stem: pd.read_csv(p) for p in sorted(directory.glob("*.csv"))} if directory.is_dir() else {}
+    if not directory.is_dir():
+        return {}
+    # category names are text, also when they look like numbers or like "NA"
+    return {p.stem: pd.read_csv(p, dtype={"prompt_set": str, "category": str}, keep_default_na=False)
+            for p in sorted(directory.glob("*.csv"))}
 
 
 def most_different_categories(rates: pd.DataFrame, size: int = CATEGORY_CHART_SIZE) -> list[str]:
@@ -246,8 +250,9 @@ def categories_section(tables: Mapping[str, pd.DataFrame], size: int = CATEGORY_
     section.blocks.append(Text(
         "Found rate of a category = share of the scored images whose prompt names it in which the detector "
         "found it (the MG_k rule: a box labelled with it scores above the threshold). Shown: per prompt set, "
-        f"the {size} categories whose rate differs most between the models of this run; every category is in "
-        "plots/multigen_categories/<model>.csv (columns prompt_set, category, images, found, rate)."))
+        f"the {size} categories whose rate differs most between the models of this run (with one model: the "
+        f"{size} found least often); every category is in plots/multigen_categories/<model>.csv (columns "
+        "prompt_set, category, images, found, rate)."))
     if not tables:
         section.blocks.append(missing("Per-category rates", "plots/multigen_categories/<model>.csv", "score"))
         return section
@@ -256,16 +261,21 @@ def categories_section(tables: Mapping[str, pd.DataFrame], size: int = CATEGORY_
         part = long[long["prompt_set"] == key]
         if part.empty:
             continue
-        rates = part.pivot_table(index="category", columns="model", values="rate", aggfunc="first")
+        models = list(dict.fromkeys(part["model"]))
+        rates = part.pivot_table(index="category", columns="model", values="rate", aggfunc="first",
+                                 dropna=False).reindex(columns=models)
+        rates = rates.dropna(how="all")
+        if rates.empty:
+            continue
         images = part.groupby("category")["images"].max()
-        chosen = most_different_categories(rates[list(dict.fromkeys(part["model"]))], size)
+        chosen = most_different_categories(rates.dropna(axis=1, how="all"), size)  # models with rates choose
         panel = {model: ([_number(rates.at[c, model]) if model in rates else math.nan for c in chosen],
                          [math.nan] * len(chosen)) for model in tables}
         png = grouped_bars({f"MultiGen {label}: found rate per category, %": panel},
                            [f"{c} (n={images[c]})" for c in chosen], ylabel="%", per_row=1)
-        section.blocks.append(Figure(f"MultiGen {label}: the categories whose found rate differs most between "
-                                     "models (n: scored images whose prompt names the category)", png,
-                                     f"categories_{key}.png"))
+        section.blocks.append(Figure(f"MultiGen {label}: found rate per category (n: scored images whose prompt "
+                                     "names the category, the largest over the models when failed images differ)",
+                                     png, f"categories_{key}.png"))
     return section
 
 

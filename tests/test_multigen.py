@@ -105,7 +105,10 @@ def test_category_counts_match_an_independent_computation():
     np.testing.assert_allclose(table["rate"], 100 * table["found"] / table["images"])
     per_image = sum(objects_found(r["objects"], r["label_max_scores"], 0.2) for r in rows if r["status"] == STATUS_OK)
     assert table["found"].sum() == per_image
-    assert list(category_counts([], 0.1).columns) == ["category", "images", "found", "rate"]
+    empty = category_counts([], 0.1)
+    assert list(empty.columns) == ["category", "images", "found", "rate"] and empty["images"].dtype == np.int64
+    with pytest.raises(ValueError, match="3 objects but 2 query scores"):
+        category_counts([{"objects": ["a", "b", "c"], "label_max_scores": [0.5, 0.5], "status": STATUS_OK}], 0.1)
 
 
 def test_failed_and_missing_images_are_counted_not_scored():

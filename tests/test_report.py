@@ -232,8 +232,23 @@ def test_category_chart_shows_the_categories_that_differ_most(monkeypatch):
     assert panel["sd14"][0] == [100.0, 50.0, 0.0] and panel["trained"][0] == [0.0, 75.0, 0.0]
     report.categories_section({"sd14": tables["sd14"]}, size=2)
     assert seen["categories"] == ["cup (n=4)", "kite (n=4)"]
+    nan_model = {"sd14": tables["sd14"], "broken": _categories({"cat": float("nan"), "dog": float("nan")})}
+    report.categories_section(nan_model, size=2)  # a model without any rate: drawn without bars, no crash
+    assert seen["categories"] == ["cup (n=4)", "kite (n=4)"] and np.isnan(seen["panels"][next(iter(
+        seen["panels"]))]["broken"][0]).all()
     empty = report.categories_section({})
     assert any(b.kind == "missing" and "dvc repro score" in b.text for b in empty.blocks if isinstance(b, report.Text))
+
+
+def test_category_names_are_read_as_text(tmp_path):
+    """Names that look like numbers or like NA stay names, the same in every model's file."""
+    folder = tmp_path / "cats"
+    folder.mkdir()
+    _categories({"1": 50.0, "NA": 10.0}).to_csv(folder / "a.csv", index=False)
+    _categories({"1": 40.0, "x": 10.0}).to_csv(folder / "b.csv", index=False)
+    tables = report.read_category_tables(folder)
+    assert list(tables["a"]["category"]) == ["1", "NA"] and list(tables["b"]["category"]) == ["1", "x"]
+    assert report.read_category_tables(tmp_path / "absent") == {}
 
 
 def test_missing_inputs_are_named_not_hidden():
