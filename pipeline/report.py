@@ -433,6 +433,13 @@ def figures_section(title: str, paths: Sequence[Path], intro: str, missing_note:
     return section
 
 
+def _prompt_then_model(path: Path) -> tuple[int, str, str]:
+    """Sort key of ``plots/attention/<model>_<i>.png``: prompt ``i`` first, so each prompt's figures of the
+    different models sit next to each other; other names last, by name."""
+    model, _, index = path.stem.rpartition("_")
+    return (int(index), model, path.name) if index.isdigit() and model else (1 << 30, path.stem, path.name)
+
+
 def _figure_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(Path(path).parts[-2:]))
 
@@ -442,7 +449,7 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
     root = Path(root)
     train = root / "metrics" / "train.json"
     edits = sorted((root / "plots").glob("edits_*.png"))
-    attention = sorted((root / "plots" / "attention").glob("*.png"))
+    attention = sorted((root / "plots" / "attention").glob("*.png"), key=_prompt_then_model)
     samples = sorted((root / "plots" / "samples").glob("*.png"))
     return [
         multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals),

@@ -251,6 +251,18 @@ def test_category_names_are_read_as_text(tmp_path):
     assert report.read_category_tables(tmp_path / "absent") == {}
 
 
+def test_attention_figures_of_one_prompt_sit_together(tmp_path):
+    folder = tmp_path / "plots" / "attention"
+    folder.mkdir(parents=True)
+    for name in ("sd14_0", "sd14_1", "trained_0", "trained_1", "tokencompose_a_10", "tokencompose_a_2", "notes"):
+        (folder / f"{name}.png").write_bytes(_png((1, 2, 3)))
+    sections = report.build_sections(tmp_path, report.load_published(PUBLISHED), "demo")
+    shown = [b.caption.rsplit("/", 1)[1] for s in sections for b in s.blocks
+             if isinstance(b, report.Figure) and "plots/attention" in b.caption]
+    assert shown == ["sd14_0.png", "trained_0.png", "sd14_1.png", "trained_1.png", "tokencompose_a_2.png",
+                     "tokencompose_a_10.png", "notes.png"]
+
+
 def test_missing_inputs_are_named_not_hidden():
     published = report.load_published(PUBLISHED)
     section = report.piebench_section({}, published["piebench"], "demo")
