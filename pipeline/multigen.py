@@ -130,11 +130,16 @@ def above_threshold(scores: Sequence[float], threshold: float) -> np.ndarray:
     return np.asarray(scores, dtype=np.float32).reshape(-1) > np.float32(threshold)
 
 
-def objects_found(objects: Sequence[str], per_query_max: Sequence[float], threshold: float) -> int:
-    """``n``: how many distinct prompt objects have a box labelled with them scoring > ``threshold``."""
+def found_names(objects: Sequence[str], per_query_max: Sequence[float], threshold: float) -> set[str]:
+    """The prompt objects that have a box labelled with them scoring > ``threshold`` (the MG_k rule)."""
     if len(objects) != len(per_query_max):
         raise ValueError(f"{len(objects)} objects but {len(per_query_max)} query scores")
-    return len({name for name, hit in zip(objects, above_threshold(per_query_max, threshold)) if hit})
+    return {name for name, hit in zip(objects, above_threshold(per_query_max, threshold)) if hit}
+
+
+def objects_found(objects: Sequence[str], per_query_max: Sequence[float], threshold: float) -> int:
+    """``n``: how many distinct prompt objects have a box labelled with them scoring > ``threshold``."""
+    return len(found_names(objects, per_query_max, threshold))
 
 
 def mg_scores(found: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
@@ -201,7 +206,7 @@ def category_counts(records: Iterable[dict[str, Any]], threshold: float) -> pd.D
 
     Args:
         records: detection rows with ``objects``, ``label_max_scores`` and ``status`` (only ``ok`` rows count).
-        threshold: strict score threshold, as for MG_k (:func:`above_threshold`).
+        threshold: strict score threshold, as for MG_k (:func:`found_names`).
     Returns:
         One row per category, sorted by name: ``category``, ``images`` (scored images whose prompt names it),
         ``found`` (those in which a box labelled with it scores above the threshold), ``rate`` (100 x
@@ -212,9 +217,7 @@ def category_counts(records: Iterable[dict[str, Any]], threshold: float) -> pd.D
     for rec in records:
         if rec["status"] != STATUS_OK:
             continue
-        if len(rec["objects"]) != len(rec["label_max_scores"]):
-            raise ValueError(f"{len(rec['objects'])} objects but {len(rec['label_max_scores'])} query scores")
-        hits = {name for name, hit in zip(rec["objects"], above_threshold(rec["label_max_scores"], threshold)) if hit}
+        hits = found_names(rec["objects"], rec["label_max_scores"], threshold)
         for name in dict.fromkeys(rec["objects"]):
             images[name] = images.get(name, 0) + 1
             found[name] = found.get(name, 0) + (name in hits)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .config import Bounds, NonNegativeInt, PositiveInt
 from .figures import image_grid
-from .multigen import MultiGenPrompt, above_threshold, objects_found
+from .multigen import MultiGenPrompt, found_names
 from .shards import STATUS_OK, image_from_bytes, read_table, shard_files
 from .visor import SpatialPrompt, image_outcome
 
@@ -60,13 +60,12 @@ def grid_models(cfg: SampleGridCfg, eval_models: Iterable[str]) -> list[str]:
 
 
 def multigen_verdict(objects: Sequence[str], label_max_scores: Sequence[float], threshold: float) -> str:
-    """``"3/5 found; missed: kite, boat"``: the count MG_k uses (:func:`pipeline.multigen.objects_found`,
+    """``"3/5 found; missed: kite, boat"``: the count MG_k uses (:func:`pipeline.multigen.found_names`,
     distinct objects whose best box scores above ``threshold``) and the objects it did not find."""
-    found = objects_found(objects, label_max_scores, threshold)
-    hits = {name for name, hit in zip(objects, above_threshold(label_max_scores, threshold)) if hit}
+    hits = found_names(objects, label_max_scores, threshold)
     names = list(dict.fromkeys(objects))
     missed = [name for name in names if name not in hits]
-    return f"{found}/{len(names)} found" + (f"; missed: {', '.join(missed)}" if missed else "")
+    return f"{len(hits)}/{len(names)} found" + (f"; missed: {', '.join(missed)}" if missed else "")
 
 
 def spatial_verdict(prompt: SpatialPrompt, row: Mapping[str, Any], threshold: float) -> str:

@@ -106,7 +106,7 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"fingerprint": fingerprint_of(fingerprint)}
+    record = _dir_record(fingerprint)
     fp_file = out_dir / FINGERPRINT_FILE
     if rank != 0:
         _wait_for_fingerprint(fp_file, record)
@@ -127,6 +127,11 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
     tmp = fp_file.with_name(f".tmp-{os.getpid()}-{FINGERPRINT_FILE}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, fp_file)
+
+
+def _dir_record(fingerprint: Any) -> dict[str, str]:
+    """What the fingerprint file of a shard directory holds for ``fingerprint``."""
+    return {"fingerprint": fingerprint_of(fingerprint)}
 
 
 def _read_record(fp_file: Path) -> dict | None:
@@ -400,8 +405,7 @@ def pending_shards(out_dir: Path, items: Sequence[Any], shard_size: int, fingerp
     models when nothing is pending."""
     out_dir = Path(out_dir)
     mine = _my_shards(len(items), shard_size, rank, world_size)
-    record = {"fingerprint": fingerprint_of(shard_record(fingerprint, shard_size, code))}
-    if _read_record(out_dir / FINGERPRINT_FILE) != record:
+    if _read_record(out_dir / FINGERPRINT_FILE) != _dir_record(shard_record(fingerprint, shard_size, code)):
         return mine
     return [i for i in mine if _written_state(shard_path(out_dir, i), redo_statuses,
                                               items_digest(_chunk(items, i, shard_size))) != "done"]
