@@ -108,7 +108,9 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of (H, W, 3) images in [0, 1] with torchmetrics' default Gaussian-window settings."""
+    """SSIM of (H, W, 3) images in [0, 1] with torchmetrics' default Gaussian-window settings.
+
+    The mean leaves out the 5-pixel border, as torchmetrics did before its PR #2721 (docs/editing.md)."""
     from skimage.metrics import structural_similarity
 
     return float(structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), **SSIM_ARGS))

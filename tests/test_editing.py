@@ -154,6 +154,10 @@ def test_init_variants_and_draw_order(pipe):
     torch.testing.assert_close(calls[0][2][:1], draws[0])  # pure noise, first draw
     sched, (t0, t1) = editor.scheduler, [int(t) for t in editor.loop_timesteps()[:2]]
     assert (t0, t1) == (700, 600)  # 10 steps, blending start 0.25: timesteps[2:] of 900, 800, ..., 0
+    # Default order (SD script, SPEC §4.1 5c): blend after each step, the background noised to the step's own
+    # t (not the next one) with a fresh draw; with an empty mask call k >= 1 sees the source at t_{k-1}.
+    torch.testing.assert_close(calls[1][2][:1], sched.add_noise(z_src, draws[1], torch.tensor([t0])))
+    torch.testing.assert_close(calls[2][2][:1], sched.add_noise(z_src, draws[2], torch.tensor([t1])))
     _, _, _, calls = run_loop(pipe, EditingCfg(init="noised_source"), zero)
     expected = sched.add_noise(z_src, draws[0], torch.tensor([t0]))
     torch.testing.assert_close(calls[0][2][:1], expected)  # source noised in one step to the first loop t

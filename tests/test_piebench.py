@@ -54,9 +54,10 @@ def test_background_psnr_mse_match_numpy(scorer, images):
 
 
 def torchmetrics_style_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM as the benchmark's torchmetrics computes it, written out in NumPy: reflect-pad by 5, an 11x11
-    Gaussian window (sigma 1.5, normalised), population (co)variances, C1 = 0.01^2, C2 = 0.03^2 (data
-    range 1), the SSIM map cropped by the pad, mean over pixels and channels. a, b: (H, W, C) in [0, 1]."""
+    """SSIM as torchmetrics computed it before its PR #2721 (Sept. 2024), written out in NumPy: reflect-pad
+    by 5, an 11x11 Gaussian window (sigma 1.5, normalised), population (co)variances, C1 = 0.01^2,
+    C2 = 0.03^2 (data range 1), the SSIM map cropped by the pad, mean over pixels and channels.
+    a, b: (H, W, C) in [0, 1]."""
     pad, sigma = 5, 1.5
     x = np.arange(-pad, pad + 1, dtype=np.float64)
     g = np.exp(-(x**2) / (2 * sigma**2))
@@ -215,6 +216,18 @@ def test_summarize_scales_skips_nan_and_counts():
     assert out["clip_similarity_source_image"] == pytest.approx(2.0)  # not rescaled
     assert out["type_9.scored"] == 1 and out["type_9.structure_distance_x1e3"] == pytest.approx(3.0)
     assert math.isnan(out["type_9.mse_unedit_part_x1e4"])
+
+
+def test_summarize_skips_infinite_psnr():
+    # Identical backgrounds give PSNR = +inf: a NaN-only skip would make the mean inf.
+    rows = pd.DataFrame([
+        {"image_id": str(i), "editing_type_id": "1", "status": "ok", **{m: 1.0 for m in pb.METRICS},
+         "psnr_unedit_part": psnr}
+        for i, psnr in enumerate([20.0, math.inf, 30.0])
+    ])
+    out = pb.summarize(rows)
+    assert out["psnr_unedit_part"] == pytest.approx(25.0) and out["type_1.psnr_unedit_part"] == pytest.approx(25.0)
+    assert out["psnr_unedit_part.n"] == 2 and out["psnr_unedit_part.nan"] == 1
 
 
 def test_jpeg_roundtrip_and_resize():
