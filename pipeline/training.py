@@ -12,7 +12,8 @@ checkpoint continues exactly as an uninterrupted run would have.
 
 Checkpoints (``checkpoint-<step>/``: ``unet/`` in diffusers layout, ``optimizer.pt``, optional ``ema.pt``
 and ``scaler.pt``, ``state.json`` with the loss curves so far) are written atomically every
-``checkpoint_every`` optimizer steps and at the end, keeping the newest ``checkpoint_limit``.
+``checkpoint_every`` optimizer steps and at the end, keeping the newest ``checkpoint_limit`` (up to the
+current step: those of a longer run with the same settings are left alone).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
 from .seeding import numpy_rng, torch_generator
 from .grounding import resize_center_crop, train_mask
-from .shards import STATUS_OK, code_digest, image_from_bytes, iter_rows, rle_decode
+from .shards import STATUS_OK, code_digest, image_from_bytes, iter_rows, rle_decode, rle_encode
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class TrainCfg:
     """Params section ``train`` (method choices shared by all profiles)."""
 
     skip_ungrounded: bool = False
+    empty_masks: Literal["zero_target", "skip"] = "zero_target"  # words whose mask is empty (EMPTY_TARGET_STATUSES)
     use_ema: bool = False
     ema_decay: Fraction = 0.9999
     checkpoint_limit: NonNegativeInt = 10  # checkpoints kept; 0: keep every one
@@ -128,9 +130,17 @@ class TrainRecord:
     words: list[WordTarget] = field(default_factory=list)
 
 
-def _word_problem(row: dict, caption: str | None, resolution: int) -> str | None:
-    """Why a masks row cannot supervise training (a reason code), or None when it can."""
-    if row.get("status") != STATUS_OK:
+# Mask statuses of a word whose target is empty at the training resolution: SAM found no pixel, the mask lies
+# outside the centre crop, or the authors' PNG is all black. The original trained these words towards an
+# all-zero target (token loss the constant 1, BCE pushing the word's attention to 0; SPEC §1.4, §1.6 item 7).
+EMPTY_TARGET_STATUSES = ("empty_mask", "outside_crop", "blank_mask")
+
+
+def _word_problem(row: dict, caption: str | None, resolution: int, zero_targets: bool = True) -> str | None:
+    """Why a masks row cannot supervise training (a reason code), or None when it can.
+
+    With ``zero_targets``, rows of :data:`EMPTY_TARGET_STATUSES` can (their ``train_mask`` is empty)."""
+    if row.get("status") != STATUS_OK and not (zero_targets and row.get("status") in EMPTY_TARGET_STATUSES):
         return f"mask_status_{row.get('status')}"
     if caption is None:
         return "image_not_in_train_split"
@@ -149,11 +159,14 @@ def _word_problem(row: dict, caption: str | None, resolution: int) -> str | None
 
 
 def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip_ungrounded: bool = False,
-                 max_word_skip_rate: float | None = None) -> tuple[list[TrainRecord], dict[str, int]]:
+                 max_word_skip_rate: float | None = None,
+                 empty_masks: str = "zero_target") -> tuple[list[TrainRecord], dict[str, int]]:
     """Training images (split "train", status ok) joined by ``image_id`` with their usable mask rows.
 
-    Returns the records (sorted by image id) and counts: images, grounded/ungrounded images, words used,
-    and one ``words_skipped_<reason>`` count per reason a mask row was not used. Images without any usable
+    Words of :data:`EMPTY_TARGET_STATUSES` train towards an all-zero mask (``empty_masks="zero_target"``, the
+    original) or are skipped (``"skip"``). Returns the records (sorted by image id) and counts: images,
+    grounded/ungrounded images, words used (``words_zero_target`` of them with an empty mask), and one
+    ``words_skipped_<reason>`` count per reason a mask row was not used. Images without any usable
     word train on the denoising loss only, or are left out when ``skip_ungrounded``. With
     ``max_word_skip_rate``, raises when a larger share of the ``ok`` mask rows of training images does not
     fit them (:data:`MISMATCH_REASONS`: masks made for other captions, resolution or tokenizer).
@@ -167,8 +180,10 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
             stats["images_other_split"] += 1
         else:
             records[str(row["image_id"])] = TrainRecord(str(row["image_id"]), row["image"], row["caption"])
+    if empty_masks not in ("zero_target", "skip"):
+        raise ValueError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
     if masks_dir is not None:
-        _attach_words(records, masks_dir, resolution, stats)
+        _attach_words(records, masks_dir, resolution, stats, zero_targets=empty_masks == "zero_target")
     used, stats = _select(records, skip_ungrounded, stats)
     if masks_dir is not None and max_word_skip_rate is not None:
         check_word_skips(stats, max_word_skip_rate, masks_dir)
@@ -192,14 +207,21 @@ def check_word_skips(stats: dict[str, int], limit: float, masks_dir: Path) -> No
                          f"other captions, resolution or tokenizer: rerun `dvc repro masks`")
 
 
-def _attach_words(records: dict[str, TrainRecord], masks_dir: Path, resolution: int, stats: dict) -> None:
+def _attach_words(records: dict[str, TrainRecord], masks_dir: Path, resolution: int, stats: dict,
+                  zero_targets: bool) -> None:
     columns = ["image_id", "caption", "phrase", "token_indices", "train_mask", "status"]
+    empty = rle_encode(np.zeros((resolution, resolution), dtype=bool))
+    stats["words_zero_target"] = 0
     for row in iter_rows(masks_dir, columns=columns):
         record = records.get(str(row["image_id"]))
-        problem = _word_problem(row, record.caption if record else None, resolution)
+        zero = zero_targets and row.get("status") in EMPTY_TARGET_STATUSES
+        if zero and row.get("train_mask") is None:  # blank authors' PNG: no mask was stored
+            row = {**row, "train_mask": empty}
+        problem = _word_problem(row, record.caption if record else None, resolution, zero_targets)
         if problem is not None:
             stats[f"words_skipped_{problem}"] = stats.get(f"words_skipped_{problem}", 0) + 1
             continue
+        stats["words_zero_target"] += int(zero)
         record.words.append(WordTarget(row["phrase"], [int(i) for i in row["token_indices"]], row["train_mask"]))
 
 
@@ -233,7 +255,6 @@ def object_mask_records(images_dir: Path, tokenizer: Any, resolution: int, split
     ``masks`` stage's ``train_mask`` column. Returns the records (sorted by id) and the number of objects that
     did not align (left out).
     """
-    from .shards import rle_encode
     from .text import CaptionTokens, align_phrase, locate_phrases
 
     records, unaligned = [], 0
@@ -550,7 +571,9 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(ckpt_dir: Path, step: int, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, ema: Any = None, scaler: Any = None, limit: int = 10) -> Path:
-    """Write ``checkpoint-<step>`` atomically (temporary folder, then rename) and keep the newest ``limit``."""
+    """Write ``checkpoint-<step>`` atomically (temporary folder, then rename) and keep the newest ``limit`` up to
+    ``step``; checkpoints past ``step`` (a longer run with the same settings) are left alone, so a shorter run
+    never deletes the checkpoint it has just written."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -565,7 +588,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, unet: torch.nn.Module, optimizer:
     (tmp / "state.json").write_text(json.dumps(state) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for _, old in list_checkpoints(ckpt_dir)[:-limit] if limit > 0 else []:
+    up_to_step = [path for saved, path in list_checkpoints(ckpt_dir) if saved <= step]
+    for old in up_to_step[:-limit] if limit > 0 else []:
         shutil.rmtree(old)
     log.info("saved %s", final)
     return final
@@ -765,10 +789,11 @@ class Trainer:
             if not self.acc.sync_gradients:
                 continue
             step += 1
+            lr = sched.get_last_lr()[0]  # the rate this optimizer step used
             sched.step()
             if self.ema is not None:
                 self.ema.step(unet.parameters())
-            self._log_step(step, sums, micro_in_step, sched.get_last_lr()[0])
+            self._log_step(step, sums, micro_in_step, lr)
             sums, micro_in_step = {}, 0
             bar.update(1)
             if step % self.run.scale.checkpoint_every == 0 or step == self.run.scale.max_steps:

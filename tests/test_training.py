@@ -81,6 +81,31 @@ def test_load_records_joins_masks_and_counts_reasons(data_dirs):
     assert len(grounded) == stats["images_grounded"] and all(r.words for r in grounded)
 
 
+def test_empty_masks_train_towards_zero_or_are_skipped(data_dirs, tmp_path, clip_tokenizer):
+    """empty_mask / outside_crop rows (empty train_mask) and blank_mask rows (no mask stored) are words with an
+    all-zero target by default, as the original trained them; ``empty_masks="skip"`` leaves them out."""
+    images, _ = data_dirs
+    rows = masks_rows(images, clip_tokenizer, RES)[2:]
+    empty = training.rle_encode(np.zeros((RES, RES), dtype=bool))
+    changed = {0: ("empty_mask", empty), 1: ("outside_crop", empty), 2: ("blank_mask", None)}
+    for i, (status, mask) in changed.items():
+        rows[i].update(status=status, error=status, train_mask=mask)
+    masks = tmp_path / "masks"
+    write_shards(masks, rows, lambda chunk: chunk, 8, fingerprint="fixture", code="test")
+    records, stats = load_records(images, masks, RES)
+    words = {(r.image_id, w.phrase): w for r in records for w in r.words}
+    for i in changed:
+        word = words[(rows[i]["image_id"], rows[i]["phrase"])]
+        assert word.token_indices == rows[i]["token_indices"]
+        assert rle_decode(word.train_mask).shape == (RES, RES) and not rle_decode(word.train_mask).any()
+    assert stats["words_zero_target"] == 3 and not any(k.startswith("words_skipped_mask") for k in stats)
+    skipped, s_stats = load_records(images, masks, RES, empty_masks="skip")
+    assert s_stats["words_used"] == stats["words_used"] - 3 and s_stats["words_zero_target"] == 0
+    assert all(s_stats[f"words_skipped_mask_status_{status}"] == 1 for status, _ in changed.values())
+    with pytest.raises(ValueError, match="empty_masks"):
+        load_records(images, masks, RES, empty_masks="drop")
+
+
 def test_load_records_refuses_masks_of_another_resolution(data_dirs):
     images, masks = data_dirs
     records, stats = load_records(images, masks, 64)
@@ -148,6 +173,103 @@ def test_train_tiny_end_to_end_and_load_into_pipeline(data_dirs, tiny_sd, tmp_pa
     assert image.shape == (RES, RES, 3) and np.isfinite(image).all()
 
 
+def test_denoising_objective_is_epsilon_mse_at_uniform_timesteps():
+    """SPEC §1.5: noise ~ N(0, I) and t ~ U{0..999} per sample, the UNet sees add_noise(z, noise, t), and the
+    denoising loss is the MSE between its prediction and the noise (epsilon target)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    calls = []
+
+    def unet(x, t, states):
+        calls.append((x, t))
+        return SimpleNamespace(sample=0.5 * x)
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+    latents = torch.randn(512, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    loss_cfg = LossCfg(token_weight=0.0, pixel_weight=0.0, layers=[])
+    out = training.compute_losses(unet, sched, latents, torch.zeros(512, 77, 8), None, None, loss_cfg,
+                                  torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=gen)
+    steps = torch.randint(0, 1000, (512,), generator=gen)
+    (x, t), = calls
+    assert torch.equal(t, steps) and int(t.min()) < 50 and int(t.max()) > 950
+    torch.testing.assert_close(x, sched.add_noise(latents, noise, steps))
+    torch.testing.assert_close(out.denoise, torch.nn.functional.mse_loss(0.5 * x, noise))
+    assert out.total is out.denoise and out.grounding is None
+
+
+def test_latents_are_a_scaled_posterior_sample(tiny_sd):
+    """Training latents: a sample of the VAE posterior (not its mean) times the VAE's scaling factor."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd / "vae")
+    models = training.SDModels(vae=vae, text_encoder=CLIPTextModel.from_pretrained(tiny_sd / "text_encoder"),
+                               unet=None, noise_scheduler=None, tokenizer=None)
+    pixels = torch.rand(2, 3, RES, RES) * 2 - 1
+    latents, states = training.encode_batch(models, pixels, torch.zeros(2, 77, dtype=torch.long),
+                                            torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    expected = dist.sample(generator=torch.Generator().manual_seed(3)) * vae.config.scaling_factor
+    assert vae.config.scaling_factor != 1.0
+    torch.testing.assert_close(latents, expected)
+    assert not torch.allclose(latents, dist.mean * vae.config.scaling_factor)
+    assert states.shape[:2] == (2, 77)
+
+
+def test_gradients_are_clipped_before_every_optimizer_step(data_dirs, tiny_sd, tmp_path, monkeypatch):
+    """SPEC §1.5: clip_grad_norm_ at max_grad_norm before each optimizer step (the tiny model's gradients
+    are far larger than 1e-3, so every recorded norm is the clipped one)."""
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    records, _ = load_records(*data_dirs, RES)
+    run = make_run(tmp_path, tiny_sd, max_steps=2)
+    run = replace(run, optim=replace(run.optim, max_grad_norm=1e-3))
+    training.train(run, records)
+    assert len(norms) == 2  # one per optimizer step (2 micro-steps each)
+    assert norms == pytest.approx([1e-3, 1e-3], rel=1e-3)
+
+
+def test_checkpoint_limit_keeps_the_newest_up_to_the_current_step(tmp_path):
+    """The newest ``limit`` checkpoints survive; checkpoints past the current step (a longer run with the same
+    settings) are left alone, so a shorter rerun does not delete what it has just saved."""
+    net = torch.nn.Linear(2, 2)
+
+    class Saveable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def save_pretrained(self, folder, safe_serialization=True):
+            Path(folder).mkdir(parents=True)
+
+    model, opt = Saveable(), torch.optim.AdamW(net.parameters())
+
+    def steps() -> list[int]:
+        return [s for s, _ in training.list_checkpoints(tmp_path)]
+
+    for step in (10, 20, 30, 40):
+        training.save_checkpoint(tmp_path, step, model, opt, {"step": step}, limit=2)
+    assert steps() == [30, 40]
+    for step in (1, 2, 3):  # a shorter run
+        training.save_checkpoint(tmp_path, step, model, opt, {"step": step}, limit=2)
+    assert steps() == [2, 3, 30, 40]
+    training.save_checkpoint(tmp_path, 50, model, opt, {"step": 50}, limit=0)
+    assert steps() == [2, 3, 30, 40, 50]  # limit 0 keeps every checkpoint
+
+
 def kill_after_first_checkpoint(run: TrainRun, records, monkeypatch) -> None:
     """Train ``run`` and kill it (KeyboardInterrupt) right after its first checkpoint is written."""
     real_save = training.save_checkpoint
@@ -162,13 +284,21 @@ def kill_after_first_checkpoint(run: TrainRun, records, monkeypatch) -> None:
             training.train(run, records)
 
 
-def test_resume_after_kill_equals_uninterrupted_run(data_dirs, tiny_sd, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_resume_after_kill_equals_uninterrupted_run(data_dirs, tiny_sd, tmp_path, monkeypatch, schedule):
     records, _ = load_records(*data_dirs, RES)
-    straight = training.train(make_run(tmp_path / "a", tiny_sd, max_steps=6), records)
-    kill_after_first_checkpoint(make_run(tmp_path / "b", tiny_sd, max_steps=6), records, monkeypatch)
+
+    def run(folder: str) -> TrainRun:
+        plain = make_run(tmp_path / folder, tiny_sd, max_steps=6)
+        return replace(plain, optim=replace(plain.optim, lr_schedule=schedule, warmup_steps=3))
+
+    straight = training.train(run("a"), records)
+    kill_after_first_checkpoint(run("b"), records, monkeypatch)
     assert not (tmp_path / "b" / "unet").exists()
-    resumed = training.train(make_run(tmp_path / "b", tiny_sd, max_steps=6), records)
+    resumed = training.train(run("b"), records)
     assert resumed.this_run["resumed_from_step"] == 2
+    if schedule == "linear":  # the rate each step used; the resumed schedule continues where it stopped
+        assert [row["lr"] for row in resumed.curves] == pytest.approx([1e-4 * f for f in (0, 1/3, 2/3, 1, 2/3, 1/3)])
     assert resumed.curves == straight.curves
     assert resumed.metrics == straight.metrics  # what DVC records does not depend on the run's history
     for row in straight.curves:  # the optimised loss is the weighted sum of the logged terms (SPEC §1.5)
