@@ -31,7 +31,7 @@ from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
 from .sampling import (STATUS_FAILED, EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale,
-                       load_pipeline, resolve_dtype)
+                       eval_model, load_pipeline, resolve_dtype)
 from .runtime import rank_device
 from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
 from .text import CaptionTokens, align_phrase, locate_phrases
@@ -312,11 +312,11 @@ class GroundingEvalScale:
 def recordable_model(params: dict[str, Any], key: str) -> tuple[EvalModel, EvalModelRef]:
     """The ``eval_models`` entry ``key`` and its references, checked to use the plain SD sampler (stages call
     this for every model before sampling any, so a bad key fails at once)."""
-    model = section(params, f"eval_models.{key}", EvalModel)
+    model, ref = eval_model(params, key)
     if model.sampler != "sd":  # its pipeline installs its own attention processors over the capture
         raise ConfigError(f"eval_models.{key}: attention is recorded with the plain SD sampler only, and this "
                           f"model uses {model.sampler!r}; list plain SD models (e.g. sd14, trained)")
-    return model, section(params, f"profile.eval_models.{key}", EvalModelRef)
+    return model, ref
 
 
 def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRef]:
@@ -347,7 +347,7 @@ def sample_with_attention(sampler: Sampler, items: Sequence[SampleItem], groups:
     try:  # a bad step is a config error, not a failure of every image
         resolve_steps(keep_steps, denoising_iterations(sampler.pipe, sampler.scale.num_inference_steps))
     except ValueError as err:
-        raise ValueError(f"profiles.<p>.attention_maps.steps: {err}") from err
+        raise ConfigError(f"profiles.<p>.attention_maps.steps: {err}") from err
     store = capture_cross_attention(sampler.pipe.unet, groups, detach=True)
     recording = RecordingPipe(sampler.pipe, store, keep_steps)
     try:

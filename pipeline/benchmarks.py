@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Pixels
+from pipeline.config import Pixels, StageError
 from pipeline.fetch import read_source
 from pipeline.seeding import python_rng
 
@@ -39,11 +39,11 @@ NUM_OBJECTS = 5
 MULTIGEN_FIELDS = ("unique_id", "num_objects", *(f"obj_{i}_attributes" for i in range(1, 6)), "text")
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(StageError, ValueError):
     """A benchmark file does not follow its format; the message names the file, entry and field."""
 
 
-class HashMismatchError(ValueError):
+class HashMismatchError(StageError, ValueError):
     """A fetched file's SHA-256 differs from the one in params."""
 
 

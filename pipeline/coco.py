@@ -24,7 +24,7 @@ from .fetch import FetchError, fetch, read_source
 from .metadata import MetadataError, check_record
 from .seeding import numpy_rng
 from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, read_table, shard_files, write_shards
-from .text import Alignment, failed_row, image_row_failure, locate_phrases, nouns_row
+from .text import failed_row, image_row_failure, locate_phrases, nouns_row
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,16 @@ def image_id_of(file_name: str) -> str:
 def authors_nouns_row(record: dict[str, Any], tokenizer: Any, max_token_index: int) -> dict[str, Any]:
     """A ``nouns`` row of one metadata record: its phrases, their alignment, their mask paths.
 
-    Phrases without a mask keep their place with status ``no_mask`` (the original training drops them);
-    each phrase is aligned at its own position in the caption (:func:`pipeline.text.locate_phrases`).
-    The row has an extra column ``mask_paths`` (list of str or None, as in the metadata).
+    Every phrase is aligned at its own position in the caption (:func:`pipeline.text.locate_phrases`),
+    with a mask or without: the masks stage decides what a null mask means (``no_detection`` with
+    ``masks.source: authors``, as the original training dropped such words; grounded anew with
+    ``grounded_sam``). The row has an extra column ``mask_paths`` (list of str or None, as in the metadata).
     """
     image_id = image_id_of(record["file_name"])
     phrases = [p for p, _ in record["attn_list"]]
-    masks = [m for _, m in record["attn_list"]]
-    preset = [
-        None if mask else Alignment([], "no_mask", f"caption {image_id}: word {p!r} has no mask in the metadata")
-        for p, mask in zip(phrases, masks)
-    ]
     starts = locate_phrases(record["text"], phrases)
-    return nouns_row(tokenizer, image_id, record["text"], phrases, starts, max_token_index, preset,
-                     mask_paths=masks)
+    return nouns_row(tokenizer, image_id, record["text"], phrases, starts, max_token_index,
+                     mask_paths=[m for _, m in record["attn_list"]])
 
 
 def authors_nouns_rows(image_rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], tokenizer: Any,

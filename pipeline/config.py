@@ -38,8 +38,22 @@ PROFILE_KEYS = frozenset({
     "visor", "editing", "piebench"})
 
 
-class ConfigError(ValueError):
+class StageError(Exception):
+    """An error whose message names the input and the fix: a stage prints it as one line, without a traceback
+    (:func:`pipeline.runtime.run_stage`; ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback)."""
+
+
+class ConfigError(StageError, ValueError):
     """A params section does not match its dataclass; the message names the key and the fix."""
+
+
+class MissingInputError(StageError, FileNotFoundError):
+    """A stage's input file or folder is missing; the message names it and the stage or param that gives it."""
+
+
+class InputDataError(StageError, ValueError):
+    """A stage's inputs cannot give a valid result (stale or mismatched upstream outputs); the message says
+    which stage to rerun or which param to change."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .config import StageError
+
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # COCO images are < 1 MB; anything this large is not an image
@@ -22,7 +24,7 @@ BACKOFF_S = 0.5
 UNKNOWN_HOST_ERRNOS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
-class FetchError(RuntimeError):
+class FetchError(StageError, RuntimeError):
     """A URL could not be fetched; ``transient`` says whether another try may succeed."""
 
     def __init__(self, message: str, transient: bool):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Fraction, NonNegativeInt, PositiveInt
+from .config import Fraction, MissingInputError, NonNegativeInt, PositiveInt
 from . import shards
 from .fetch import read_source
 from .metadata import MetadataError, check_record
@@ -128,6 +128,11 @@ def _contains(seq: Sequence[str], sub: Sequence[str]) -> bool:
     return n > 0 and any(list(seq[i : i + n]) == list(sub) for i in range(len(seq) - n + 1))
 
 
+def _hyphen_parts(tokens: Sequence[str]) -> list[str]:
+    """Tokens with hyphenated words split into their parts: ``["t-shirt", "."]`` -> ``["t", "shirt", "."]``."""
+    return [part for token in tokens for part in token.split("-") if part] or list(tokens)
+
+
 def _strip_dots(tokens: list[str]) -> list[str]:
     while tokens and tokens[0] == ".":
         tokens = tokens[1:]
@@ -144,7 +149,8 @@ def match_label(label: str, phrases: Sequence[str]) -> tuple[int | None, str]:
     * ``"empty_label"`` (skip): the label has no word (``""``, ``"[SEP]"``, ``". ."``);
     * ``"exact"``: same words as the phrase (case, hyphen spacing and end dots ignored);
     * ``"contains"``: the phrase's words occur contiguously in the label (not across a ``"."``), or the
-      label's words occur contiguously in the phrase;
+      label's words occur contiguously in the phrase; hyphenated words count as their parts here (a
+      ``"shirt"`` label belongs to "t-shirt", ``"cola bottle"`` to "Coca-Cola bottle");
     * ``"prefix"``: every label word is a word of the phrase or the start of one (a word-piece label such
       as "banana" of "bananas");
     * ``"unmatched_label"`` (skip) otherwise.
@@ -157,8 +163,10 @@ def match_label(label: str, phrases: Sequence[str]) -> tuple[int | None, str]:
     for i, target in enumerate(targets):
         if target and target == tokens:
             return i, "exact"
+    label_parts = _hyphen_parts(tokens)
     for i, target in enumerate(targets):
-        if _contains(tokens, target) or ("." not in tokens and _contains(target, tokens)):
+        parts = _hyphen_parts(target)
+        if _contains(label_parts, parts) or ("." not in tokens and _contains(parts, label_parts)):
             return i, "contains"
     for i, target in enumerate(targets):
         if target and all(any(t == w or t.startswith(w) for t in target) for w in words):
@@ -732,16 +740,16 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
     """Convert the authors' metadata + mask PNGs into ``ctx.out_dir`` shards (resumable)."""
     for key in ("authors_metadata", "authors_masks"):
         if not str(getattr(scale, key)).strip():
-            raise FileNotFoundError(f"profiles.<p>.masks.{key} is empty: masks.source: authors needs the path of "
+            raise MissingInputError(f"profiles.<p>.masks.{key} is empty: masks.source: authors needs the path of "
                                     f"the authors' {'metadata.jsonl' if key == 'authors_metadata' else 'mask folder'}")
     masks_dir = Path(scale.authors_masks)
     if not masks_dir.is_dir():
-        raise FileNotFoundError(f"{masks_dir}: authors' mask folder not found; unpack coco_gsam_seg.tar there "
+        raise MissingInputError(f"{masks_dir}: authors' mask folder not found; unpack coco_gsam_seg.tar there "
                                 f"or set profiles.<p>.masks.authors_masks")
     try:
         text = read_source(scale.authors_metadata).decode("utf-8")
     except OSError as err:
-        raise FileNotFoundError(f"authors' metadata: {err}; set profiles.<p>.masks.authors_metadata") from err
+        raise MissingInputError(f"authors' metadata: {err}; set profiles.<p>.masks.authors_metadata") from err
     entries = read_authors_metadata(text, scale.authors_metadata)
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
     masks = files_digest(dir_files(masks_dir), relative_to=masks_dir, full_hash_limit=-1)  # size and mtime

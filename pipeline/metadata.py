@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import StageError
 
-class MetadataError(ValueError):
+
+class MetadataError(StageError, ValueError):
     """A metadata file is missing, unreadable or has a malformed line (named in the message)."""
 
 

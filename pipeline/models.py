@@ -19,12 +19,14 @@ from typing import Any, Literal
 
 import torch
 
+from .config import ConfigError, StageError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StageError, RuntimeError):
     """A model reference could not be loaded; the message says what to do."""
 
 
@@ -40,13 +42,13 @@ class ModelRef:
 def parse_ref(ref: str) -> ModelRef:
     """Classify ``ref`` as embedded, local directory or hub id."""
     if not isinstance(ref, str) or not ref.strip():
-        raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
+        raise ConfigError(f"model reference must be a non-empty string, got {ref!r}")
     if ref.startswith(EMBEDDED_PREFIX):
         name = ref[len(EMBEDDED_PREFIX):]
         from . import zoo
 
         if name not in zoo.REGISTRY:
-            raise ValueError(f"{ref!r}: unknown embedded model; known: {', '.join(sorted(zoo.REGISTRY))}")
+            raise ConfigError(f"{ref!r}: unknown embedded model; known: {', '.join(sorted(zoo.REGISTRY))}")
         return ModelRef(ref, "embedded", name)
     path = Path(ref).expanduser()
     first = Path(ref.split("/")[0])

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Fraction, FractionBelowOne, NonEmpty, PositiveInt
+from .config import Fraction, FractionBelowOne, InputDataError, MissingInputError, NonEmpty, PositiveInt
 from .shards import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def load_prompt_set(path: str | Path, max_prompts: int | None = None) -> list[Mu
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: MultiGen prompt file not found; run `dvc repro prompts`")
+        raise MissingInputError(f"{path}: MultiGen prompt file not found; run `dvc repro prompts`")
     entries = read_multigen(path, check_template=False)
     prompts = [MultiGenPrompt(e["unique_id"], e["text"], tuple(prompt_objects(e))) for e in entries]
     return prompts[:max_prompts] if max_prompts is not None else prompts
@@ -189,7 +189,7 @@ def score_records(records: Iterable[dict[str, Any]], threshold: float, num_promp
     for rec in records:
         p, j = int(rec["prompt_id"]), int(rec["image_index"])
         if not (0 <= p < num_prompts and 0 <= j < images_per_prompt):
-            raise ValueError(f"detection row prompt {p} image {j} lies outside the expected {shape} grid; "
+            raise InputDataError(f"detection row prompt {p} image {j} lies outside the expected {shape} grid; "
                              f"the detections were made with other sampling params; rerun `dvc repro`")
         seen[p, j] = True
         if rec["status"] == STATUS_OK:
@@ -399,7 +399,7 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
 
     files = shard_files(sample_dir)
     if not files:
-        raise FileNotFoundError(f"{sample_dir}: no sample shards; run the `sample` stage first")
+        raise MissingInputError(f"{sample_dir}: no sample shards; run the `sample` stage first")
     full_fp = {"params": fingerprint} | ({"centers": True} if keep_centers else {})
 
     def process(chunk: list[Path]) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from .attention import GROUP_ORDER
 from .benchmarks import EDITING_TYPES
+from .config import MissingInputError
 from .figures import curves_figure, grouped_bars
 from .multigen import MG_LEVELS
 from .piebench import TABLE as PIE_TABLE
@@ -95,7 +96,7 @@ def load_published(path: str | Path) -> dict[str, Any]:
     """``data/published.yaml`` with its parts (``multigen``, ``visor``, ``piebench``, ``study``) checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: published numbers not found; set report.published in params.yaml to "
+        raise MissingInputError(f"{path}: published numbers not found; set report.published in params.yaml to "
                                 f"the project's data/published.yaml (or a copy in its layout)")
     data = yaml.safe_load(path.read_text())
     for part in ("multigen", "visor", "piebench", "study"):

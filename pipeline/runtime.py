@@ -9,9 +9,11 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .config import StageError
 
 
 def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") -> str | None:
@@ -28,6 +30,30 @@ def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") 
     parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     return getattr(args, name) if name else None
+
+
+class FailureRateError(StageError, RuntimeError):
+    """More items of a stage failed than its params allow (:func:`check_failure_rate`)."""
+
+
+def run_stage(main: Callable[..., None], *args: Any) -> None:
+    """Run a stage's ``main(*args)``. A :class:`pipeline.config.StageError` (bad params, a missing input, too
+    many failures: the message names the input and the fix) ends it with that one line on stderr instead of
+    a traceback, exit status 1; ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback. An interrupt (Ctrl-C) ends
+    it with exit status 130: finished shards and checkpoints are kept, and a rerun resumes."""
+    import sys
+
+    try:
+        main(*args)
+    except KeyboardInterrupt:
+        print("interrupted: finished shards and checkpoints are kept; run the stage again to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except StageError as err:
+        if os.environ.get("TOKENCOMPOSE_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -59,7 +85,7 @@ def check_failure_rate(failed: int, total: int, limit: float, where: str, param:
     Finished rows are kept in the stage's shards: a rerun retries only the failed ones.
     """
     if total and failed / total > limit:
-        raise RuntimeError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); see the rows' `error` "
+        raise FailureRateError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); see the rows' `error` "
                            f"column, fix the cause and rerun (failed rows are retried), or raise {param}")
 
 

@@ -13,6 +13,7 @@ Attend-and-Excite (diffusers' ``StableDiffusionAttendAndExcitePipeline``) needs 
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from .config import Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt
+from .config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt, active_profile,
+                     section)
 from .multigen import MultiGenPrompt
 from .seeding import standard_normal, torch_generator
 from .shards import STATUS_OK, code_digest, png_bytes, write_shards
@@ -99,6 +101,25 @@ class EvalModelRef:
     model: str                        # base pipeline (hub id, local dir or embedded:NAME)
     unet: str | None = None           # a UNet swapped into the base pipeline (TokenCompose, trained here)
     note: str = ""                    # recorded in metrics (e.g. "stand-in for ...")
+
+
+def eval_model(params: dict[str, Any], key: str) -> tuple[EvalModel, EvalModelRef]:
+    """``eval_models.<key>`` and ``profiles.<p>.eval_models.<key>``, checked against each other.
+
+    Unless ``dep`` (the folder DVC tracks for the model's weights) is the models folder, it must hold the
+    ``unet`` or the ``model`` that is loaded: a checkpoint named in ``dep`` with ``unet: null`` would be
+    sampled and scored as the base model under the checkpoint's name."""
+    model = section(params, f"eval_models.{key}", EvalModel)
+    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    dep = Path(model.dep).resolve()
+    if dep == Path(active_profile(params)["models_dir"]).resolve():
+        return model, ref
+    loaded = [r for r in (ref.unet, ref.model) if r and not r.startswith("embedded:")]
+    if not any(dep == Path(r).resolve() or dep in Path(r).resolve().parents for r in loaded):
+        raise ConfigError(f"eval_models.{key}.dep is {model.dep}, but profiles.<p>.eval_models.{key} loads model "
+                          f"{ref.model!r} with unet {ref.unet!r}, neither of which lies in it: the weights DVC "
+                          f"tracks would not be the ones sampled. Point its unet (or model) at {model.dep}")
+    return model, ref
 
 
 @dataclass(frozen=True)
@@ -377,10 +398,31 @@ def open_sampler(ref: EvalModelRef, model: EvalModel, models_dir: str | Path, cf
 
 
 def sampler_record(sampler: Sampler, ref: EvalModelRef) -> dict[str, Any]:
-    """What a metrics file records of the model and the sampler settings that made its images."""
+    """What a metrics file records of the model and the sampler settings that made its images (and, for a
+    UNet from a training checkpoint, its step and training fingerprint: :func:`checkpoint_of`)."""
     return {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": sampler.kind,
             "steps": sampler.scale.num_inference_steps, "guidance_scale": sampler.cfg.guidance_scale,
-            "size": sampler.size, "dtype": str(sampler.pipe.unet.dtype)}
+            "size": sampler.size, "dtype": str(sampler.pipe.unet.dtype), **checkpoint_of(ref.unet)}
+
+
+def checkpoint_of(unet: str | None, train_metrics: str | Path = "metrics/train.json") -> dict[str, Any]:
+    """``unet_checkpoint_step`` and ``unet_checkpoint_fingerprint`` of a UNet inside a training checkpoint
+    (``checkpoint-<step>/unet``, whose ``state.json`` names the training run), else ``{}``.
+
+    The checkpoints folder holds the last training run of the workspace, which after switching experiments
+    may not be the run of ``artifacts/train/unet``: a fingerprint other than ``train_metrics``' is logged."""
+    state_file = Path(unet).parent / "state.json" if unet and not unet.startswith("embedded:") else None
+    if state_file is None or not state_file.is_file():
+        return {}
+    state = json.loads(state_file.read_text())
+    found = {"unet_checkpoint_step": int(state["step"]), "unet_checkpoint_fingerprint": state.get("fingerprint")}
+    trained = Path(train_metrics)
+    current = json.loads(trained.read_text()).get("fingerprint") if trained.is_file() else None
+    if current is not None and current != found["unet_checkpoint_fingerprint"]:
+        log.warning("%s comes from the training run %s, not from the run of the trained UNet in this workspace "
+                    "(%s, %s): its checkpoints were written by another experiment", unet,
+                    found["unet_checkpoint_fingerprint"], current, trained)
+    return found
 
 
 def sample_prompt_set(sampler: Sampler, promptset: str, prompts: Sequence[MultiGenPrompt], out_dir: Path,

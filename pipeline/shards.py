@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import StageError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -453,7 +455,7 @@ def read_table(path: Path, columns: list[str] | None = None, filters: list | Non
                              f"it again") from err
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(StageError, RuntimeError):
     """A shard file exists but cannot be read as Parquet (the message names it and the stage to rerun)."""
 
 

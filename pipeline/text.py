@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-from .config import Fraction, PositiveInt
+from .config import Fraction, PositiveInt, StageError
 from .seeding import derive_seed
 from .shards import STATUS_OK
 
@@ -58,7 +58,6 @@ PHRASE_REASONS = {
     "position_mismatch": "the phrase's tokens occur, but none at the phrase's own position in the caption",
     "past_context": "a token index passes text.max_token_index (the 77-token context)",
     "decode_mismatch": "the matched tokens decode to something other than the phrase (split UTF-8 bytes)",
-    "no_mask": "the authors' metadata has no mask for this phrase (the original training drops it)",
 }
 CAPTION_REASONS = {
     "empty_caption": "the caption is empty or not a string",
@@ -89,11 +88,11 @@ class TextScale:
     shard_size: PositiveInt = 1000
 
 
-class TaggerUnavailable(RuntimeError):
+class TaggerUnavailable(StageError, RuntimeError):
     """The pretrained NLTK tagger is neither in the project's NLTK data folder nor downloadable."""
 
 
-class SkipRateError(RuntimeError):
+class SkipRateError(StageError, RuntimeError):
     """The share of skipped captions passed ``text.max_skip_rate``."""
 
 
@@ -458,21 +457,15 @@ def failed_row(image_id: str, caption: Any, status: str, error: str, **extra: An
 
 def nouns_row(
     tokenizer: Any, image_id: str, caption: str, phrases: Sequence[Any], starts: Sequence[int | None],
-    max_token_index: int, preset: Sequence[Alignment | None] | None = None, **extra: Any,
+    max_token_index: int, **extra: Any,
 ) -> dict[str, Any]:
-    """A ``nouns`` row: every phrase aligned (or given a reason), caption status from the phrases.
-
-    ``preset[k]`` (when not None) replaces the alignment of phrase ``k`` (e.g. ``no_mask``).
-    """
+    """A ``nouns`` row: every phrase aligned (or given a reason), caption status from the phrases."""
     if not phrases:
         return failed_row(image_id, caption, "no_phrases", f"caption {image_id}: no noun phrase in {caption!r}",
                           **extra)
     tokens = CaptionTokens.of(tokenizer, caption)
-    preset = preset or [None] * len(phrases)
-    aligned = [
-        p if p is not None else align_phrase(tokenizer, tokens, phrase, start, max_token_index, image_id)
-        for phrase, start, p in zip(phrases, starts, preset)
-    ]
+    aligned = [align_phrase(tokenizer, tokens, phrase, start, max_token_index, image_id)
+               for phrase, start in zip(phrases, starts)]
     for a in aligned:
         if not a.ok:
             log.info("%s", a.error)

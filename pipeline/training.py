@@ -38,7 +38,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .config import Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from .config import (ConfigError, Fraction, FractionBelowOne, InputDataError, NonNegativeFloat, NonNegativeInt,
+                     PositiveFloat, PositiveInt)
 from .attention import AttentionStore, capture_cross_attention, restore_attention
 from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
@@ -181,7 +182,7 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
         else:
             records[str(row["image_id"])] = TrainRecord(str(row["image_id"]), row["image"], row["caption"])
     if empty_masks not in ("zero_target", "skip"):
-        raise ValueError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
+        raise ConfigError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
     if masks_dir is not None:
         _attach_words(records, masks_dir, resolution, stats, zero_targets=empty_masks == "zero_target")
     used, stats = _select(records, skip_ungrounded, stats)
@@ -202,7 +203,7 @@ def check_word_skips(stats: dict[str, int], limit: float, masks_dir: Path) -> No
     dropped = {r: n for r, n in dropped.items() if n}
     total = stats.get("words_used", 0) + sum(dropped.values())
     if total and sum(dropped.values()) / total > limit:
-        raise ValueError(f"{masks_dir}: {sum(dropped.values())} of {total} mask rows of training images do not fit "
+        raise InputDataError(f"{masks_dir}: {sum(dropped.values())} of {total} mask rows of training images do not fit "
                          f"them ({dropped}; limit train.max_word_skip_rate={limit:.1%}). The masks were made for "
                          f"other captions, resolution or tokenizer: rerun `dvc repro masks`")
 
@@ -233,7 +234,7 @@ def _select(records: dict[str, TrainRecord], skip_ungrounded: bool, stats: dict)
     used = grounded if skip_ungrounded else ordered
     stats["images_used"] = len(used)
     if not used:
-        raise ValueError("no training images: the images stage wrote no ok rows with split 'train'"
+        raise InputDataError("no training images: the images stage wrote no ok rows with split 'train'"
                          + (" that have an aligned mask (train.skip_ungrounded is on)" if skip_ungrounded else ""))
     return used, stats
 
@@ -242,7 +243,7 @@ def check_grounded(stats: dict, loss: LossCfg) -> None:
     """Refuse a run whose grounding losses could never apply: weights > 0 but no image has an aligned mask
     (``stats`` from :func:`load_records`), which would silently be plain fine-tuning."""
     if stats["images_grounded"] == 0 and (loss.token_weight or loss.pixel_weight):
-        raise ValueError("no training image has an aligned mask, so the token and pixel losses would never apply; "
+        raise InputDataError("no training image has an aligned mask, so the token and pixel losses would never apply; "
                          "check the masks stage (status counts in metrics/masks.json), or set loss.token_weight=0 "
                          "and loss.pixel_weight=0 to fine-tune on the denoising loss only")
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .config import Fraction, FractionBelowOne, PositiveInt
+from .config import Fraction, FractionBelowOne, InputDataError, PositiveInt
 from .multigen import MultiGenCfg, MultiGenPrompt, MultiGenScale, above_threshold
 from .seeding import numpy_rng
 from .shards import STATUS_OK
@@ -170,7 +170,7 @@ def visor_scores(records: Iterable[Mapping[str, Any]], prompts: Sequence[Spatial
     for rec in records:
         key = (int(rec["prompt_id"]), int(rec["image_index"]))
         if key[0] not in relation or not 0 <= key[1] < images_per_prompt:
-            raise ValueError(f"detection row prompt {key[0]} image {key[1]} is not among the expected prompts "
+            raise InputDataError(f"detection row prompt {key[0]} image {key[1]} is not among the expected prompts "
                              f"and {images_per_prompt} images each; the detections were made with other params; "
                              f"rerun `dvc repro`")
         if rec["status"] != STATUS_OK:

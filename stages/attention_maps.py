@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.attention_maps import (AttentionMapsCfg, AttentionMapsScale, load_sampler, recordable_model,
                                      write_attention_figures)
 from pipeline.config import load_params, section
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.attention_maps")
 OUT = Path("plots/attention")
@@ -44,4 +44,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, detector_fingerprint, load_detector
-from pipeline.runtime import dist_info, rank_device, setup_logging, stage_argument
+from pipeline.runtime import dist_info, rank_device, run_stage, setup_logging, stage_argument
 
 log = logging.getLogger("stages.detect")
 
@@ -32,4 +32,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))
+    run_stage(main, stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

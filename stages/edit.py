@@ -19,8 +19,8 @@ from pipeline.config import ConfigError, active_profile, load_params, section
 from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
                               edit_fingerprint, edit_rows)
 from pipeline.models import load_sd_pipeline
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, setup_logging, stage_argument,
-                              wait_for_everyone, write_json)
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
+                              stage_argument, wait_for_everyone, write_json)
 from pipeline.shards import STATUS_OK, code_digest, prepare_for_ranks, read_shards, write_shards
 
 log = logging.getLogger("stages.edit")
@@ -71,4 +71,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "BACKBONE", "a key of profiles.<p>.editing.backbones"))
+    run_stage(main, stage_argument(__doc__, "BACKBONE", "a key of profiles.<p>.editing.backbones"))

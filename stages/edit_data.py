@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.benchmarks import PIE_SIZE, PIEBENCH_HELP, EditDataScale, copy_piebench, piebench_summary, sha256_bytes
 from pipeline.config import ConfigError, load_params, section
 from pipeline.demo_data import DemoDataScale, write_demo_piebench
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.edit_data")
 OUT = Path("artifacts/data/piebench")
@@ -44,4 +44,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

@@ -17,7 +17,7 @@ from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compa
 from pipeline.config import active_profile, load_params, section
 from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import check_failure_rate, setup_logging, stage_argument, write_json
+from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
 from pipeline.sampling import prompt_items
 
 log = logging.getLogger("stages.grounding_eval")
@@ -57,4 +57,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "MODEL", "a key of eval_models with the plain SD sampler"))
+    run_stage(main, stage_argument(__doc__, "MODEL", "a key of eval_models with the plain SD sampler"))

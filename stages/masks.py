@@ -15,8 +15,8 @@ import torch
 
 from pipeline import grounding
 from pipeline.config import ConfigError, Pixels, active_profile, load_params, profile_fields, section
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, setup_logging, stage_argument,
-                              wait_for_everyone, write_json)
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
+                              stage_argument, wait_for_everyone, write_json)
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
@@ -80,4 +80,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

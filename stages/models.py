@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import zoo
 from pipeline.config import ConfigError, load_params, profile_fields
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.models")
 OUT = Path("artifacts/models")  # this stage's out in dvc.yaml, replaced whole on every run
@@ -47,4 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

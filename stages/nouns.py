@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 from pipeline import coco, text
 from pipeline.config import ConfigError, load_params, profile_fields, section
 from pipeline.models import from_pretrained
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 from pipeline.shards import code_digest, fingerprint_of, iter_rows, read_shards, write_shards
 
 log = logging.getLogger("stages.nouns")
@@ -70,4 +70,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

@@ -15,7 +15,7 @@ from pipeline.benchmarks import MAPPING_FILE, read_mapping
 from pipeline.config import ConfigError, active_profile, load_params, section
 from pipeline.editing import EditingScale
 from pipeline.piebench import PieBenchCfg, PieBenchScale, PieBenchScorer, edits_figure, score_edits, summarize
-from pipeline.runtime import default_device, setup_logging, stage_argument, write_json
+from pipeline.runtime import default_device, run_stage, setup_logging, stage_argument, write_json
 from pipeline.shards import iter_rows
 
 log = logging.getLogger("stages.piebench")
@@ -47,4 +47,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "BACKBONE", "a key of profiles.<p>.editing.backbones"))
+    run_stage(main, stage_argument(__doc__, "BACKBONE", "a key of profiles.<p>.editing.backbones"))

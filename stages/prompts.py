@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.benchmarks import MULTIGEN_SETS, PromptsScale, prepare_multigen_set, prompt_objects, sha256_bytes
 from pipeline.config import load_params, section
 from pipeline.demo_data import DemoDataScale
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.prompts")
 OUT = Path("artifacts/data/multigen")
@@ -38,4 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

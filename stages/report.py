@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import report
 from pipeline.config import NonNegativeInt, load_params, section
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.report")
 
@@ -43,4 +43,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

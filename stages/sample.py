@@ -15,10 +15,10 @@ from pathlib import Path
 
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, setup_logging, stage_argument,
-                              wait_for_everyone, write_json)
-from pipeline.sampling import (EvalModel, EvalModelRef, SamplingCfg, SamplingScale, component_hashes, open_sampler,
-                               sample_prompt_set, sampler_record)
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
+                              stage_argument, wait_for_everyone, write_json)
+from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler, sample_prompt_set,
+                               sampler_record)
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.sample")
@@ -28,8 +28,7 @@ def main(key: str) -> None:
     setup_logging()
     params = load_params()
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
-    model = section(params, f"eval_models.{key}", EvalModel)
-    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    model, ref = eval_model(params, key)
     mg = section(params, "multigen", MultiGenCfg)
     dist, device = dist_info(), rank_device()
     sampler = open_sampler(ref, model, Path(active_profile(params)["models_dir"]), cfg, scale, int(params["seed"]),
@@ -57,4 +56,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))
+    run_stage(main, stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

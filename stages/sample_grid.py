@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 from pipeline.benchmarks import load_categories
-from pipeline.config import load_params, section
+from pipeline.config import ConfigError, load_params, section
 from pipeline.multigen import MultiGenCfg, MultiGenPrompt, load_prompt_set
-from pipeline.runtime import setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
 from pipeline.sample_grid import (SampleGridCfg, VerdictRule, grid_cells, grid_models, multigen_rule,
                                   sample_grid_figure, spatial_rule)
 from pipeline.sampling import SamplingScale
@@ -54,7 +54,7 @@ def main() -> None:
     models = grid_models(cfg, params["eval_models"])
     if cfg.image_index >= scale.images_per_prompt:
         last = scale.images_per_prompt - 1
-        raise ValueError(f"sample_grid.image_index: {cfg.image_index} is not a MultiGen image of this profile, "
+        raise ConfigError(f"sample_grid.image_index: {cfg.image_index} is not a MultiGen image of this profile, "
                          f"which samples {scale.images_per_prompt} per prompt (indices 0..{last})")
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
@@ -79,4 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

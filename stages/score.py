@@ -17,8 +17,8 @@ import pandas as pd
 from pipeline.config import load_params, section
 from pipeline.multigen import (MultiGenCfg, MultiGenScale, category_counts, format_row, load_prompt_set,
                                score_records)
-from pipeline.runtime import check_failure_rate, setup_logging, stage_argument, write_json
-from pipeline.sampling import EvalModel, EvalModelRef, SamplingScale
+from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
+from pipeline.sampling import SamplingScale, eval_model
 from pipeline.shards import iter_rows
 
 log = logging.getLogger("stages.score")
@@ -31,8 +31,7 @@ def main(key: str) -> None:
     params = load_params()
     mg, det = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
     scale = section(params, "profile.sampling", SamplingScale)
-    model = section(params, f"eval_models.{key}", EvalModel)
-    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    model, ref = eval_model(params, key)
     metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
                "detector": det.detector, "threshold": mg.threshold, "images_per_prompt": scale.images_per_prompt,
                "steps": scale.num_inference_steps, "seed": int(params["seed"])}
@@ -56,4 +55,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))
+    run_stage(main, stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import Pixels, load_params, profile_fields, section
 from pipeline.losses import LossCfg
-from pipeline.runtime import dist_info, setup_logging, stage_argument, write_json
+from pipeline.runtime import dist_info, run_stage, setup_logging, stage_argument, write_json
 from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded, load_records, train,
                                write_curves)
 
@@ -59,4 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

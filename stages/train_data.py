@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipeline.config import Fraction, PositiveInt, load_params, section
 from pipeline.demo_data import DemoDataScale, image_set_summary, write_demo_training_set
-from pipeline.runtime import check_failure_rate, setup_logging, stage_argument, write_json
+from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.train_data")
 OUT = Path("artifacts/data/images")
@@ -56,4 +56,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     stage_argument(__doc__)
-    main()
+    run_stage(main)

@@ -20,10 +20,10 @@ from pathlib import Path
 from pipeline.benchmarks import load_categories
 from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import detect_prompt_set, detector_fingerprint, load_detector
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, setup_logging,
-                              stage_argument, wait_for_everyone, write_json)
-from pipeline.sampling import (EvalModel, EvalModelRef, SamplingCfg, SamplingScale, component_hashes, open_sampler,
-                               sample_prompt_set, sampler_record)
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage,
+                              setup_logging, stage_argument, wait_for_everyone, write_json)
+from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler, sample_prompt_set,
+                               sampler_record)
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
 
 log = logging.getLogger("stages.visor")
@@ -35,7 +35,7 @@ def main(key: str) -> None:
     visor, scale = section(params, "visor", VisorCfg), section(params, "profile.visor", VisorScale)
     sampling = replace(section(params, "profile.sampling", SamplingScale),
                        images_per_prompt=visor.images_per_prompt, max_prompts=None)
-    ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
+    model, ref = eval_model(params, key)
     seed, dist, device = int(params["seed"]), dist_info(), rank_device()
     models_dir = Path(active_profile(params)["models_dir"])
     prompts = spatial_prompts(load_categories("coco"), scale.max_prompts, seed)
@@ -43,7 +43,7 @@ def main(key: str) -> None:
     # the detector is loaded first: a wrong reference fails before hours of sampling, not after
     detector = load_detector(det.detector, models_dir, device, det.dtype, det.image_backend)
     log.info("%s: %d SR2D prompts x %d images", key, len(prompts), visor.images_per_prompt)
-    sampler = open_sampler(ref, section(params, f"eval_models.{key}", EvalModel), models_dir,
+    sampler = open_sampler(ref, model, models_dir,
                            section(params, "sampling", SamplingCfg), sampling, seed, device)
     record = sampler_record(sampler, ref)
     sample_prompt_set(sampler, PROMPT_SET, prompts, out / "samples", component_hashes(sampler.pipe), dist.rank,
@@ -68,4 +68,4 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    main(stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))
+    run_stage(main, stage_argument(__doc__, "MODEL", "a key of eval_models in params.yaml"))

@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Stage scripts run in tests raise their errors (pytest.raises) instead of printing one line and exiting.
+os.environ.setdefault("TOKENCOMPOSE_TRACEBACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # stage scripts (`stages/`) import the same way under `pytest` and `python -m pytest`

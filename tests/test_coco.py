@@ -140,10 +140,11 @@ def test_metadata_from_a_url(served):
 
 # --- authors' phrases as nouns rows ----------------------------------------------------------------
 
-def test_authors_rows_align_every_masked_phrase(records, clip_tokenizer):
+def test_authors_rows_align_every_phrase(records, clip_tokenizer):
+    """All 15,156 words align, the 13,634 with a mask and the 1,522 without (Grounded-SAM may ground those)."""
     rows = [coco.authors_nouns_row(r, clip_tokenizer, 76) for r in records]
-    statuses = Counter(s for row in rows for s in row["phrase_status"])
-    assert statuses == {"ok": 13634, "no_mask": 1522}
+    statuses = Counter((s, m is None) for row in rows for s, m in zip(row["phrase_status"], row["mask_paths"]))
+    assert statuses == {("ok", False): 13634, ("ok", True): 1522}
     assert all(row["status"] == STATUS_OK for row in rows)  # every image has a masked phrase (SPEC §2.7)
     first = rows[0]
     assert first["image_id"] == "000000000142" and first["phrases"][-1] == "chocolate spread"
@@ -186,9 +187,9 @@ def test_nouns_stage_with_authors_phrases(tmp_path, monkeypatch, records):
     df = read_shards(tmp_path / "artifacts" / "nouns")
     assert [list(p) for p in df["phrases"]] == [[w for w, _ in r["attn_list"]] for r in subset]
     metrics = json.loads((tmp_path / "metrics" / "nouns.json").read_text())
-    masked = sum(1 for r in subset for _, m in r["attn_list"] if m)
-    assert metrics["aligned"] == masked and metrics["phrases_source"] == "authors"
-    assert metrics["phrase_no_mask"] == sum(len(r["attn_list"]) for r in subset) - masked
+    unmasked = sum(1 for r in subset for _, m in r["attn_list"] if m is None)
+    assert unmasked > 0 and metrics["phrases_source"] == "authors"
+    assert metrics["aligned"] == sum(len(r["attn_list"]) for r in subset)  # with a mask or without
 
 
 # --- COCO images -----------------------------------------------------------------------------------

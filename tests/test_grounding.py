@@ -148,6 +148,11 @@ MATCH_TABLE = [
     ("bread [SEP]", WORDS, "bread", "bread", "exact"),
     ("banana", WORDS, "bananas", "bananas", "prefix"),  # only the first word-piece fired
     ("cat. dog", ["dog", "cat"], "dog", "dog", "contains"),  # label spans two phrases: earliest phrase
+    # hyphenated words: a label of one part still finds the word (BERT splits "t-shirt" into t - shirt)
+    ("shirt", ["t-shirt"], "t-shirt", "t-shirt", "contains"),
+    ("cola bottle", ["Coca-Cola bottle"], "Coca-Cola bottle", "Coca-Cola bottle", "contains"),
+    ("decker bus", ["dog", "double-decker bus"], "double-decker bus", "double-decker bus", "contains"),
+    ("t - shirt", ["shirt"], "shirt", "shirt", "contains"),
     # quirk 1 fixed: character substrings ("man" inside "woman") no longer match
     ("man", ["woman"], "woman", None, "unmatched_label"),
     ("woman table", ["man", "woman"], "man", "woman", "contains"),  # original: substring loop overrides
@@ -503,6 +508,35 @@ def test_ranks_split_shards_and_together_equal_one_process(tmp_path, tiny_refs):
     assert [p.name for p in mine[1]] == ["part-00001.parquet"]
     for p in single:
         assert p.read_bytes() == (tmp_path / "two" / p.name).read_bytes()
+
+
+def test_rerun_retries_images_whose_inference_failed(tmp_path, tiny_refs, monkeypatch):
+    """An image whose inference raised (out of memory) is recorded, and the next run computes its shard again."""
+    det_ref, seg_ref, models_dir = tiny_refs
+    images, nouns = good_inputs(3)  # widths 96, 128, 112; shards of 2 images
+    write_inputs(tmp_path, images, nouns)
+    cfg, scale = GroundingCfg(0.25, 0.25, 0.5), scale_for(det_ref, seg_ref)
+    paths = dict(nouns_dir=tmp_path / "artifacts/nouns", images_dir=tmp_path / "artifacts/data/images",
+                 models_dir=models_dir, resolution=64)
+    ctx = RunContext(tmp_path / "masks", **paths)
+    real_detect = grounding.GroundingDetector.detect
+
+    def out_of_memory_on_img1(self, images, *args, **kwargs):
+        if any(im.width == 128 for im in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_detect(self, images, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(grounding.GroundingDetector, "detect", out_of_memory_on_img1)
+        grounding.write_grounded_masks(ctx, cfg, scale)
+    first = shards.read_shards(ctx.out_dir)
+    assert set(first[first.status == "inference_failed"].image_id) == {"img1"}
+    untouched = shards.shard_path(ctx.out_dir, 1).read_bytes()
+    grounding.write_grounded_masks(ctx, cfg, scale)
+    reference = grounding.write_grounded_masks(RunContext(tmp_path / "reference", **paths), cfg, scale)
+    assert "inference_failed" not in set(shards.read_shards(ctx.out_dir).status)
+    assert [p.read_bytes() for p in reference] == [p.read_bytes() for p in shards.shard_files(ctx.out_dir)]
+    assert shards.shard_path(ctx.out_dir, 1).read_bytes() == untouched  # the shard without failures is kept
 
 
 STAGE_PARAMS = """

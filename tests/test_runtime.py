@@ -4,7 +4,8 @@ from datetime import timedelta
 
 import pytest
 
-from pipeline.runtime import check_failure_rate
+from pipeline.config import ConfigError
+from pipeline.runtime import FailureRateError, check_failure_rate, run_stage
 
 
 def test_failure_rate_limit_is_inclusive_and_names_the_param():
@@ -50,3 +51,33 @@ def test_stage_command_line_accepts_a_launcher_local_rank(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["stage", "sd14", "--bogus"])
     with pytest.raises(SystemExit):
         stage_argument("doc", "MODEL")
+
+
+def test_stage_errors_end_in_one_line_without_a_traceback(monkeypatch, capsys):
+    def bad_params():
+        raise ConfigError("profiles.demo.train.batch_size: 0 is out of range; expected >= 1")
+
+    monkeypatch.delenv("TOKENCOMPOSE_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(bad_params)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: profiles.demo.train.batch_size: 0 is out of range; expected >= 1\n"
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(check_failure_rate, 2, 10, 0.1, "sd14/coco images", "multigen.max_failed_rate")
+    assert exit_info.value.code == 1 and "raise multigen.max_failed_rate" in capsys.readouterr().err
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(interrupted)
+    assert exit_info.value.code == 130 and "run the stage again to resume" in capsys.readouterr().err
+
+    def bug():
+        raise ZeroDivisionError("a bug keeps its traceback")
+
+    with pytest.raises(ZeroDivisionError):
+        run_stage(bug)
+    monkeypatch.setenv("TOKENCOMPOSE_TRACEBACK", "1")
+    with pytest.raises(FailureRateError):
+        run_stage(check_failure_rate, 2, 10, 0.1, "sd14/coco images", "multigen.max_failed_rate")

@@ -339,3 +339,47 @@ def test_image_with_one_nan_pixel_is_recorded(monkeypatch):
     monkeypatch.setattr(sampling.Sampler, "_call", lambda self, items, tokens: images)
     rows = sampler.rows(sampling.prompt_items("coco", [MultiGenPrompt(0, "x", ("a",))], 2))
     assert [r["status"] for r in rows] == [STATUS_OK, sampling.STATUS_NAN]
+
+
+def test_eval_model_refuses_a_dep_whose_weights_are_not_loaded(monkeypatch):
+    """A checkpoint named in ``dep`` but not loaded (``unet: null``) would be scored as the base model."""
+    import copy
+
+    from pipeline.config import ConfigError
+    from pipeline.sampling import eval_model
+
+    monkeypatch.chdir(REPO)
+    params = load_params(REPO / "params.yaml")
+    for key in params["eval_models"]:  # every shipped model passes, in both profiles
+        for profile in ("demo", "paper"):
+            eval_model({**params, "profile": profile}, key)
+    checkpoint = "artifacts/train/checkpoints/checkpoint-20/unet"
+    params = copy.deepcopy(params)
+    params["eval_models"]["trained_20"] = {"dep": checkpoint, "sampler": "sd"}
+    demo = params["profiles"]["demo"]["eval_models"]
+    demo["trained_20"] = {"model": "embedded:tiny-sd", "unet": None, "note": "step 20"}
+    with pytest.raises(ConfigError, match=r"eval_models.trained_20.dep is .*checkpoint-20/unet.*unet None"):
+        eval_model(params, "trained_20")
+    demo["trained_20"]["unet"] = checkpoint
+    model, ref = eval_model(params, "trained_20")
+    assert model.dep == checkpoint and ref.unet == checkpoint
+    demo["trained_20"]["unet"] = "artifacts/train/checkpoints/checkpoint-10/unet"
+    with pytest.raises(ConfigError, match="Point its unet"):
+        eval_model(params, "trained_20")
+
+
+def test_checkpoint_unet_records_its_step_and_training_run(tmp_path, caplog):
+    from pipeline.sampling import checkpoint_of
+
+    unet = tmp_path / "checkpoints" / "checkpoint-20" / "unet"
+    unet.mkdir(parents=True)
+    (unet.parent / "state.json").write_text('{"step": 20, "fingerprint": "aaaa"}')
+    train = tmp_path / "train.json"
+    train.write_text('{"fingerprint": "aaaa"}')
+    assert checkpoint_of(str(unet), train) == {"unet_checkpoint_step": 20, "unet_checkpoint_fingerprint": "aaaa"}
+    assert "another experiment" not in caplog.text
+    train.write_text('{"fingerprint": "bbbb"}')  # the workspace's trained UNet comes from another run
+    assert checkpoint_of(str(unet), train)["unet_checkpoint_fingerprint"] == "aaaa"
+    assert "comes from the training run aaaa" in caplog.text and "bbbb" in caplog.text
+    assert checkpoint_of("artifacts/train/unet", train) == {} and checkpoint_of(None, train) == {}
+    assert checkpoint_of("embedded:tiny-sd-unet-a", train) == {}
