@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Pixels, StageError
+from pipeline.config import ConfigError, Pixels, StageError
 from pipeline.fetch import read_source
 from pipeline.seeding import python_rng
 
@@ -196,7 +196,8 @@ def prepare_multigen_set(cfg: PromptsScale, name: str, seed: int, num_prompts: i
         write_multigen(entries, dest)
         return entries
     if not cfg.files or name not in cfg.files:
-        raise BenchmarkFormatError(f"prompts.files.{name}: missing; give the official file's url and sha256 in params.yaml")
+        raise ConfigError(f"profiles.<p>.prompts.files.{name}: missing; give the official file's url and sha256 in "
+                          f"params.yaml (or set profiles.<p>.prompts.source: generate)")
     spec = cfg.files[name]
     data = read_verified(spec.url, spec.sha256)
     try:

@@ -375,15 +375,16 @@ def grounding_section(metrics: Mapping[str, Mapping[str, Any]], decimals: int = 
         "For each generated MultiGen image, the cross-attention of each category's tokens (summed over its "
         "sub-tokens, averaged over heads, layers and denoising steps) is compared with that category's mask "
         "from Grounded-SAM on the same image: share = attention inside the mask / all attention. 1.0 means "
-        "all attention lies on the object. Categories Grounded-SAM does not find are counted, not scored."))
+        "all attention lies on the object; the chance column, the masks' mean share of the image, is what "
+        "attention spread evenly would give. Categories Grounded-SAM does not find are counted, not scored."))
     if not metrics:
         section.blocks.append(missing("Grounding shares", "metrics/grounding/<model>.json", "grounding_eval"))
         return section
     groups = [g for g in GROUP_ORDER if any(f"share_{g}" in values for values in metrics.values())]
-    keys = [f"share_{g}" for g in groups] + ["share_mean"]
+    keys = [f"share_{g}" for g in groups] + ["share_mean", "mask_area_mean"]
     rows = [[model, *[fmt(values.get(k), decimals=decimals) for k in keys]] for model, values in metrics.items()]
-    section.blocks.append(Table("Mean attention share inside the object mask", ["Model", *groups, "mean"], rows,
-                                name="grounding"))
+    section.blocks.append(Table("Mean attention share inside the object mask", ["Model", *groups, "mean", "chance"],
+                                rows, name="grounding"))
     section.blocks.append(provenance_table("Grounding: what each row was computed over", metrics, keys))
     return section
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,8 @@ def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") 
     line exits with the usage before anything runs (``dvc.yaml`` runs the scripts with their arguments)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{Path(sys.argv[0]).stem}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if name:
         parser.add_argument(name, help=meaning)
     # torch.distributed.launch and DeepSpeed pass the local rank as an option (torchrun and accelerate set
@@ -41,8 +43,6 @@ def run_stage(main: Callable[..., None], *args: Any) -> None:
     many failures: the message names the input and the fix) ends it with that one line on stderr instead of
     a traceback, exit status 1; ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback. An interrupt (Ctrl-C) ends
     it with exit status 130: finished shards and checkpoints are kept, and a rerun resumes."""
-    import sys
-
     try:
         main(*args)
     except KeyboardInterrupt:

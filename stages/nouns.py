@@ -2,7 +2,7 @@
 
 ``phrases: tagger`` extracts runs of NN* words with the embedded or pretrained NLTK tagger;
 ``phrases: authors`` takes TokenCompose's attn_list phrases from its metadata (``text.metadata``).
-Ins: artifacts/data/images/ (image_id, caption, status), the tokenizer of ``sd_model``.
+Deps: artifacts/data/images/ (image_id, caption, status), the tokenizer of ``sd_model``.
 Outs: artifacts/nouns/ (shards), metrics/nouns.json. Fails when the skipped share passes text.max_skip_rate.
 """
 

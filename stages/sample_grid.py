@@ -32,8 +32,8 @@ def write_grid(name: str, label: str, models: list[str], prompts: list[MultiGenP
                dirs: dict[str, tuple[Path, Path]], cfg: SampleGridCfg, rule: VerdictRule, metrics: dict) -> None:
     """Write plots/samples/<name>.png from each model's (sample dir, detection dir) and count its empty cells."""
     if len(prompts) < cfg.num_prompts:
-        log.warning("%s: %d prompts, fewer than sample_grid.num_prompts = %d; all are shown", name, len(prompts),
-                    cfg.num_prompts)
+        log.info("%s: %d prompts, fewer than sample_grid.num_prompts = %d; all are shown", name, len(prompts),
+                 cfg.num_prompts)
     cells = {m: grid_cells(*dirs[m], prompts, cfg.image_index, cfg.cell_size, rule) for m in models}
     title = f"{label}: image {cfg.image_index} of each prompt, same seed in every row"
     (OUT / f"{name}.png").write_bytes(sample_grid_figure(cells, prompts, title))

@@ -391,7 +391,7 @@ def _write_outputs(root: Path) -> None:
     (root / "metrics" / "piebench" / "base.json").write_text(json.dumps(pie))
     (root / "metrics" / "grounding").mkdir()
     (root / "metrics" / "grounding" / "sd14.json").write_text(json.dumps(
-        {"share_up_16": 0.25, "share_down_64": 0.5, "share_mean": 0.375, "categories": 10}))
+        {"share_up_16": 0.25, "share_down_64": 0.5, "share_mean": 0.375, "mask_area_mean": 0.125, "categories": 10}))
     (root / "metrics" / "train.json").write_text(json.dumps({"steps": 30, "loss_final": 0.1}))
     (root / "plots" / "attention").mkdir(parents=True)
     pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.7], "token": [0.5, 0.4, 0.3]}).to_csv(
@@ -414,8 +414,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     assert tables["visor"].rows[0][:6] == ["sd14", "this run (demo)", "30.00", "—", "—", "10.00"]
     assert tables["piebench"].rows[0] == ["BLD, base backbone", "this run (demo)",
                                           "1.00", "2.00", "3.00", "4.00", "5.00", "6.00", "7.00"]
-    assert tables["grounding"].columns == ["Model", "down_64", "up_16", "mean"]  # SD1.4 group order
-    assert tables["grounding"].rows == [["sd14", "0.500", "0.250", "0.375"]]
+    assert tables["grounding"].columns == ["Model", "down_64", "up_16", "mean", "chance"]  # SD1.4 group order
+    assert tables["grounding"].rows == [["sd14", "0.500", "0.250", "0.375", "0.125"]]
     prov = [b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.caption.startswith("PIE-Bench: what")]
     assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
     figures = [b.name for s in sections for b in s.blocks if isinstance(b, report.Figure)]
