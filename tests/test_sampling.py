@@ -200,6 +200,39 @@ def test_attend_and_excite_runs_on_the_tiny_model(sd, ae):
     assert np.abs(pixels(rows[0]) - pixels(plain[0])).mean() > 0.05
 
 
+@pytest.mark.parametrize("kind", ["sd", "attend_excite"])
+def test_settings_reach_the_pipeline_call(sd, ae, monkeypatch, kind):
+    """What the pipeline receives: guidance, steps, size, the seeded latents and, for A&E, the SPEC §6.3 token
+    indices and the §6.1 arguments from params (a stub records the call instead of sampling)."""
+    ae_cfg = AttendExciteCfg(max_iter_to_alter=7, thresholds={0: 0.1, 3: 0.6}, scale_factor=11.0, attn_res=[2, 2])
+    sampler = dataclasses.replace(sd if kind == "sd" else ae,
+                                  cfg=SamplingCfg(guidance_scale=3.25, attend_excite=ae_cfg))
+    calls = []
+
+    class Output:
+        def __init__(self, n):
+            self.images = np.zeros((n, sampler.size, sampler.size, 3), np.float32)
+
+    def record(pipe, **kw):
+        calls.append(kw)
+        return Output(len(kw["prompt"]))
+
+    monkeypatch.setattr(type(sampler.pipe), "__call__", record)
+    items = prompt_items("coco", PROMPTS[:1], 2)
+    sampler.rows(items)
+    (kw,) = calls
+    assert kw["guidance_scale"] == 3.25 and kw["num_inference_steps"] == sampler.scale.num_inference_steps
+    assert kw["height"] == kw["width"] == sampler.size and kw["prompt"] == [PROMPTS[0].text] * 2
+    expected = standard_normal([image_generator(sampler.seed, it) for it in items], sampler.latent_shape())
+    torch.testing.assert_close(kw["latents"], expected)
+    if kind == "sd":
+        assert "token_indices" not in kw
+    else:
+        assert kw["token_indices"] == [[5, 8, 11, 14, 18, 19]] * 2
+        assert (kw["max_iter_to_alter"], kw["thresholds"], kw["scale_factor"], kw["attn_res"]) == (
+            7, {0: 0.1, 3: 0.6}, 11.0, (2, 2))
+
+
 def test_unalignable_prompt_is_recorded_not_dropped(ae):
     bad = MultiGenPrompt(7, "a photo of something else.", ("kite", "cup", "book", "vase", "boat"))
     rows = ae.rows(prompt_items("coco", [bad], 2))
