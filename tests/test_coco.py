@@ -204,7 +204,9 @@ def test_write_coco_training_set_fetches_checks_and_records_failures(served, tmp
                                        "000000000005"]
     assert df["status"].tolist() == ["ok", "ok", "decode_failed", "download_failed", "ok"]
     assert df.loc[0, "image"] == (root / "000000000001.jpg").read_bytes()  # RGB JPEG kept as is
-    gray = np.asarray(image_from_bytes(df.loc[1, "image"]))  # grayscale re-encoded as RGB PNG
+    with Image.open(io.BytesIO(df.loc[1, "image"])) as stored:  # grayscale re-encoded as RGB PNG
+        assert (stored.format, stored.mode) == ("PNG", "RGB")
+    gray = np.asarray(image_from_bytes(df.loc[1, "image"]))
     assert gray.shape == (20, 16, 3) and (gray[..., 0] == gray[..., 2]).all()
     assert np.array_equal(gray[..., 0], np.asarray(Image.open(root / "000000000002.jpg")))
     assert f"{server.url}/000000000004.jpg: HTTP 404" in df.loc[3, "error"]

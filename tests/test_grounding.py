@@ -707,6 +707,24 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
         assert list(r.token_indices) and r.box is None and pd.isna(r.score)
 
 
+def test_authors_mask_path_drops_only_a_leading_seg():
+    """SPEC §1.1 step 3 quirk fixed: the original replaced every "seg" substring, corrupting words like "segway"."""
+    root = Path("/data/coco_gsam_seg")
+    path = grounding.authors_mask_path("seg/000000000142/mask_000000000142_segway.png", root)
+    assert path == root / "000000000142" / "mask_000000000142_segway.png"
+    assert grounding.authors_mask_path("000000000142/mask_000000000142_cat.png", root) == (
+        root / "000000000142" / "mask_000000000142_cat.png")
+
+
+def test_a_phrase_repeated_in_other_case_is_usable_when_one_occurrence_aligned():
+    """Record 000000481821 has "legs" and "Legs": one prompt phrase, grounded when either aligned."""
+    job = grounding.make_job(nouns_row("r", ["legs", "Legs", "shoes"], ["ok", "not_in_caption", "past_context"]),
+                             None, "ok", "")
+    assert job.phrases == ["legs", "shoes"] and job.usable == [True, False]
+    job = grounding.make_job(nouns_row("r", ["Legs", "legs"], ["not_in_caption", "ok"]), None, "ok", "")
+    assert job.phrases == ["legs"] and job.usable == [True]
+
+
 def test_imsave_writes_a_full_mask_black():
     """SPEC §2.7 quirk, checked against matplotlib itself: an all-True mask reads back all black."""
     import matplotlib
