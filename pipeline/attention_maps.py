@@ -6,7 +6,7 @@ a person can look at and a number that measures grounding:
 
 * :func:`group_map` averages one resolution group over heads and layers → (batch, H*W, tokens);
 * :func:`token_maps` picks token columns (summing the sub-tokens of a word) → (batch, K, h, w);
-* :func:`upsample` / :func:`normalise` prepare maps for figures;
+* :func:`upsample` / :func:`relative_to_mean` prepare maps for figures;
 * :func:`grounding_share` is the share of a word's attention inside its mask, the quantity TokenCompose's
   token loss drives towards 1 (SPEC §1.4.2), computed here on head- and layer-averaged maps.
 """
@@ -103,13 +103,20 @@ def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each (.., H, W) map to [0, 1] for display; a constant map becomes all zeros."""
-    flat = maps.flatten(-2)
-    low = flat.min(dim=-1, keepdim=True).values
-    span = flat.max(dim=-1, keepdim=True).values - low
-    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat))
-    return scaled.reshape(maps.shape)
+DISPLAY_TOP = 4.0  # figures colour attention ÷ its image mean from 0 to this value (1 = uniform)
+SCALE_LABEL = "attention ÷ its mean over the image (1 = uniform)"
+
+
+def relative_to_mean(maps: torch.Tensor, top: float = DISPLAY_TOP) -> torch.Tensor:
+    """Each (.., H, W) map divided by its mean over the image, then by ``top`` and clipped to [0, 1].
+
+    One fixed scale for every map, model and step, so figures compare: a uniform map is 1/``top`` everywhere
+    (no contrast stretched out of rounding noise), and a map whose attention sits on a quarter of the image
+    reaches 1 there. Like the grounding share, it shows where a token's attention lies, not how much of the
+    softmax the token takes. An all-zero map stays zero."""
+    mean = maps.mean(dim=(-2, -1), keepdim=True)
+    ratio = torch.where(mean > 0, maps / mean.clamp_min(1e-30), torch.zeros_like(maps))
+    return (ratio / top).clamp(0.0, 1.0)
 
 
 def grounding_share(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -241,13 +248,14 @@ def word_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
 
 def figure_maps(record: ImageAttention, groups: Sequence[str], positions: Sequence[int],
                 size: tuple[int, int]) -> np.ndarray:
-    """(G, S, K, H, W) display maps of one image: per group, kept step and token, upsampled and scaled to [0, 1]."""
+    """(G, S, K, H, W) display maps of one image: per group, kept step and token, upsampled and scaled to [0, 1]
+    by :func:`relative_to_mean`."""
     steps = sorted(record.steps)
     out = np.zeros((len(groups), len(steps), len(positions), *size), dtype=np.float32)
     for g, group in enumerate(groups):
         for s, step in enumerate(steps):
             maps = token_maps(record.steps[step][group][None], [[p] for p in positions])
-            out[g, s] = normalise(upsample(maps, size))[0].numpy()
+            out[g, s] = relative_to_mean(upsample(maps, size))[0].numpy()
     return out
 
 
@@ -387,7 +395,7 @@ def write_attention_figures(sampler: Sampler, model: str, prompts: Sequence[str]
         step_labels = [f"step {s} (t={record.timesteps[s]})" for s in sorted(record.steps)]
         path = Path(out_dir) / f"{model}_{i}.png"
         path.write_bytes(attention_grid(np.asarray(image), maps, groups, step_labels, labels,
-                                        f"{model}: {prompts[i]}"))
+                                        f"{model}: {prompts[i]}", colour_scale=(DISPLAY_TOP, SCALE_LABEL)))
         written.append(path)
     return written
 

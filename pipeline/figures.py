@@ -63,6 +63,7 @@ def attention_grid(
     title: str = "",
     alpha: float = 0.6,
     gap: int = 4,
+    colour_scale: tuple[float, str] | None = None,
 ) -> bytes:
     """A grid of attention maps beside the final image, as PNG bytes.
 
@@ -74,6 +75,7 @@ def attention_grid(
         title: figure title (prompt and model).
         alpha: opacity of the heat map over the grey image.
         gap: white pixels between cells.
+        colour_scale: (value that 1.0 stands for, label) of a colour bar under the grid; None: no bar.
 
     Layout: one row per word token; the final image in the first column of the first row, then one block
     of S step columns per group. Cells are composed into one mosaic (one ``imshow``), so the figure costs
@@ -85,9 +87,10 @@ def attention_grid(
                          f"{len(step_labels)} steps and {len(token_labels)} tokens")
     mosaic = attention_mosaic(image, maps, alpha, gap)
     height, width = mosaic.shape[:2]
-    fig = plt.figure(figsize=(width / DPI + 1.0, height / DPI + 1.0), dpi=DPI)
-    ax = fig.add_axes((0.8 / (width / DPI + 1.0), 0.05 / (height / DPI + 1.0), width / DPI / (width / DPI + 1.0),
-                       height / DPI / (height / DPI + 1.0)))
+    bar = 0.6 if colour_scale else 0.0  # inches under the grid for the colour bar
+    fig_w, fig_h = width / DPI + 1.0, height / DPI + 1.0 + bar
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI)
+    ax = fig.add_axes((0.8 / fig_w, (0.05 + bar) / fig_h, width / DPI / fig_w, height / DPI / fig_h))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_axis_off()
     for k, label in enumerate(token_labels):
@@ -99,6 +102,13 @@ def attention_grid(
                     fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    if colour_scale:
+        top, label = colour_scale
+        cax = fig.add_axes((0.8 / fig_w, 0.3 / fig_h, min(width / DPI, 3.0) / fig_w, 0.12 / fig_h))
+        mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, top), cmap="jet")
+        cbar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
+        cbar.set_label(label, fontsize=7)
+        cbar.ax.tick_params(labelsize=7)
     return _png(fig)
 
 

@@ -376,7 +376,8 @@ def grounding_section(metrics: Mapping[str, Mapping[str, Any]], decimals: int = 
         "sub-tokens, averaged over heads, layers and denoising steps) is compared with that category's mask "
         "from Grounded-SAM on the same image: share = attention inside the mask / all attention. 1.0 means "
         "all attention lies on the object; the chance column, the masks' mean share of the image, is what "
-        "attention spread evenly would give. Categories Grounded-SAM does not find are counted, not scored."))
+        "attention spread evenly would give. Each model is scored on its own images and masks, so compare a "
+        "model's shares with its own chance. Categories Grounded-SAM does not find are counted, not scored."))
     if not metrics:
         section.blocks.append(missing("Grounding shares", "metrics/grounding/<model>.json", "grounding_eval"))
         return section

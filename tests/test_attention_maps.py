@@ -76,15 +76,22 @@ def test_grounding_share_matches_pixel_level_computation():
         am.grounding_share(torch.zeros(2, 2, 2), torch.ones(1, 4, 4))
 
 
-def test_upsample_and_normalise():
+def test_upsample_and_display_scale():
     maps = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]]])
     up = am.upsample(maps, 8)
     assert up.shape == (1, 2, 8, 8)
     assert float(up[0, 0].min()) >= 0.0 and float(up[0, 0].max()) <= 3.0
     assert torch.allclose(up[0, 1], torch.full((8, 8), 5.0))
-    norm = am.normalise(up)
-    assert float(norm[0, 0].min()) == 0.0 and float(norm[0, 0].max()) == 1.0
-    assert float(norm[0, 1].abs().max()) == 0.0  # constant map -> zeros, no division by zero
+    # One fixed scale (attention / its image mean, 1 = uniform, top = 4): a uniform map is flat at 1/4 ...
+    shown = am.relative_to_mean(up)
+    assert torch.allclose(shown[0, 1], torch.full((8, 8), 0.25))
+    # ... and so is a near-uniform one: rounding noise is not stretched into hot spots (min-max scaling did)
+    noisy = torch.full((1, 1, 4, 4), 0.01) + 1e-6 * torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert float(am.relative_to_mean(noisy).max() - am.relative_to_mean(noisy).min()) < 1e-3
+    focused = torch.zeros(1, 1, 4, 4)
+    focused[..., :2, :2] = 0.3  # all attention on a quarter of the image: 4x its mean there, 0 elsewhere
+    assert torch.equal(am.relative_to_mean(focused), (focused > 0).float())
+    assert float(am.relative_to_mean(torch.zeros(1, 1, 2, 2)).abs().max()) == 0.0  # no division by zero
 
 
 def test_attention_grid_layout():
@@ -93,6 +100,10 @@ def test_attention_grid_layout():
     png = figures.attention_grid(image, maps, ["up_16", "up_64"], ["s0", "s1", "s2"], list("abcd"), "title")
     figure = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert figure.shape[1] > 7 * 32 and figure.shape[0] > 4 * 32  # 4 token rows by 7 cells (image + 2 x 3)
+    with_bar = figures.attention_grid(image, maps, ["up_16", "up_64"], ["s0", "s1", "s2"], list("abcd"), "title",
+                                      colour_scale=(am.DISPLAY_TOP, am.SCALE_LABEL))
+    barred = np.asarray(Image.open(io.BytesIO(with_bar)).convert("RGB"))
+    assert barred.shape[0] > figure.shape[0] + 30  # a colour bar with its label under the grid
     # cells: constant maps, value 0.1*(g*12 + s*4 + k) -> the cell of row k, column 1 + 3g + s shows it
     const = np.array([[[np.full((8, 8), 0.1 * (g * 12 + s * 4 + k) / 2.4) for k in range(4)] for s in range(3)]
                       for g in range(2)])
@@ -125,9 +136,18 @@ def test_overlay_blends_colour_map_and_grey():
     np.testing.assert_allclose(figures.overlay(grey, heat, alpha=0.0), np.full((2, 2, 3), 0.5))
 
 
-def test_step_recorder_on_tiny_pipeline(tiny_sd, models_dir):
+def test_step_recorder_on_tiny_pipeline(tiny_sd, models_dir, monkeypatch):
     from pipeline.attention import capturing
     from pipeline.models import load_sd_pipeline
+
+    layers_per_step: dict[int, list[int]] = {}  # positions (H*W) of a group -> maps it averaged at each step
+    real_group_map = am.group_map
+
+    def counting_group_map(layers, num_images):
+        layers_per_step.setdefault(int(layers[0].shape[2]), []).append(len(layers))
+        return real_group_map(layers, num_images)
+
+    monkeypatch.setattr(am, "group_map", counting_group_map)
 
     pipe = load_sd_pipeline(str(tiny_sd), models_dir)
     steps = 4
@@ -141,6 +161,9 @@ def test_step_recorder_on_tiny_pipeline(tiny_sd, models_dir):
         pipe(["a cat and a dog"] * 2, num_inference_steps=steps, generator=gens, guidance_scale=7.5,
              callback_on_step_end=recorder, output_type="np")
     assert recorder.num_steps == num_timesteps == len(recorder.steps)
+    # each step averages only its own maps: one per layer of the group (the store is emptied between steps)
+    assert {hw: set(counts) for hw, counts in layers_per_step.items()} == {4: {1}, 256: {3}}
+    assert all(len(counts) == num_timesteps for counts in layers_per_step.values())
     up = recorder.steps[0]["up_64"]
     assert up.shape == (2, 16 * 16, 77) and store.resolution("up_64") == 16
     assert recorder.steps[0]["mid_8"].shape == (2, 2 * 2, 77)

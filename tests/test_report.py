@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 import subprocess
 from html.parser import HTMLParser
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import report
+from pipeline import figures, report
+from pipeline.piebench import TABLE as PIE_TABLE
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO.parent / "shared" / "reference" / "SPEC.md"
@@ -88,6 +90,42 @@ def test_published_piebench_matches_spec_5_7():
         assert [float(c) for c in cells[2:]] == [row[key] for key, _ in report.PIE_COLUMNS]
         assert ("base" in row) == cells[1].endswith("*")
         assert ("note" in row) == ("†" in cells[0])
+
+
+def test_piebench_headers_are_the_spec_columns_and_units():
+    """The page's column headers (metric and scale) are SPEC §5.7's, in its order (units checked against the
+    SPEC, not against the report's own table)."""
+    lines = SPEC.read_text(encoding="utf-8").splitlines() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
+    start = next(i for i, line in enumerate(lines) if line.startswith("### 5.7"))
+    header = next(line for line in lines[start:] if line.startswith("|"))
+    spec_columns = [c.strip() for c in header.strip().strip("|").split("|")][2:]
+    shown = [h.rstrip(" ↑↓").replace("Structure", "Struct") for _, h in report.PIE_COLUMNS]
+    assert shown == spec_columns
+    factors = {"Struct ×10³": 1e3, "PSNR": 1, "LPIPS ×10³": 1e3, "MSE ×10⁴": 1e4, "SSIM ×10²": 1e2,
+               "CLIP Whole": 1, "CLIP Edited": 1}
+    assert [factors[c] for c in spec_columns] == [PIE_TABLE[m][1] for m in report.PIE_HEADERS]
+
+
+def test_bars_hatch_published_series_only_and_draw_error_bars(monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def recording_bar(ax, x, height, width, **kwargs):
+        drawn.append((kwargs.get("hatch"), kwargs.get("yerr")))  # one call per series, in the panel's order
+        return real_bar(ax, x, height, width, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    panels = {"COCO": {"this run": ([50.0, 10.0], [2.0, 1.0]), "SD 1.4 (published)": ([90.7, 50.7], [1.3, 0.9]),
+                       "no spread": ([40.0, 5.0], [math.nan, math.nan])}}
+    png = figures.grouped_bars(panels, ["MG2", "MG3"], hatched={"SD 1.4 (published)"})
+    assert png.startswith(b"\x89PNG")
+    assert len(drawn) == 3
+    hatch = dict(zip(panels["COCO"], (h for h, _ in drawn)))
+    assert hatch == {"this run": None, "SD 1.4 (published)": "//", "no spread": None}
+    errors = dict(zip(panels["COCO"], (e for _, e in drawn)))
+    assert list(errors["this run"]) == [2.0, 1.0] and errors["no spread"] is None
 
 
 def test_published_sources_cite_spec_commits():
