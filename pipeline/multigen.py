@@ -190,7 +190,7 @@ def score_records(records: Iterable[dict[str, Any]], threshold: float, num_promp
         p, j = int(rec["prompt_id"]), int(rec["image_index"])
         if not (0 <= p < num_prompts and 0 <= j < images_per_prompt):
             raise InputDataError(f"detection row prompt {p} image {j} lies outside the expected {shape} grid; "
-                             f"the detections were made with other sampling params; rerun `dvc repro`")
+                                 f"the detections were made with other sampling params; rerun `dvc repro`")
         seen[p, j] = True
         if rec["status"] == STATUS_OK:
             found[p, j] = objects_found(rec["objects"], rec["label_max_scores"], threshold)

@@ -86,7 +86,7 @@ def check_failure_rate(failed: int, total: int, limit: float, where: str, param:
     """
     if total and failed / total > limit:
         raise FailureRateError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); see the rows' `error` "
-                           f"column, fix the cause and rerun (failed rows are retried), or raise {param}")
+                               f"column, fix the cause and rerun (failed rows are retried), or raise {param}")
 
 
 def release_memory() -> None:

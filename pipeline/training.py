@@ -172,6 +172,8 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
     ``max_word_skip_rate``, raises when a larger share of the ``ok`` mask rows of training images does not
     fit them (:data:`MISMATCH_REASONS`: masks made for other captions, resolution or tokenizer).
     """
+    if empty_masks not in ("zero_target", "skip"):
+        raise ConfigError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
     records: dict[str, TrainRecord] = {}
     stats: dict[str, int] = {"images_not_ok": 0, "images_other_split": 0}
     for row in iter_rows(images_dir, columns=["image_id", "image", "caption", "split", "status"]):
@@ -181,8 +183,6 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
             stats["images_other_split"] += 1
         else:
             records[str(row["image_id"])] = TrainRecord(str(row["image_id"]), row["image"], row["caption"])
-    if empty_masks not in ("zero_target", "skip"):
-        raise ConfigError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
     if masks_dir is not None:
         _attach_words(records, masks_dir, resolution, stats, zero_targets=empty_masks == "zero_target")
     used, stats = _select(records, skip_ungrounded, stats)
@@ -203,9 +203,9 @@ def check_word_skips(stats: dict[str, int], limit: float, masks_dir: Path) -> No
     dropped = {r: n for r, n in dropped.items() if n}
     total = stats.get("words_used", 0) + sum(dropped.values())
     if total and sum(dropped.values()) / total > limit:
-        raise InputDataError(f"{masks_dir}: {sum(dropped.values())} of {total} mask rows of training images do not fit "
-                         f"them ({dropped}; limit train.max_word_skip_rate={limit:.1%}). The masks were made for "
-                         f"other captions, resolution or tokenizer: rerun `dvc repro masks`")
+        raise InputDataError(f"{masks_dir}: {sum(dropped.values())} of {total} mask rows of training images do "
+                             f"not fit them ({dropped}; limit train.max_word_skip_rate={limit:.1%}). The masks were "
+                             f"made for other captions, resolution or tokenizer: rerun `dvc repro masks`")
 
 
 def _attach_words(records: dict[str, TrainRecord], masks_dir: Path, resolution: int, stats: dict,
@@ -234,8 +234,8 @@ def _select(records: dict[str, TrainRecord], skip_ungrounded: bool, stats: dict)
     used = grounded if skip_ungrounded else ordered
     stats["images_used"] = len(used)
     if not used:
-        raise InputDataError("no training images: the images stage wrote no ok rows with split 'train'"
-                         + (" that have an aligned mask (train.skip_ungrounded is on)" if skip_ungrounded else ""))
+        grounded_only = " that have an aligned mask (train.skip_ungrounded is on)" if skip_ungrounded else ""
+        raise InputDataError(f"no training images: the images stage wrote no ok rows with split 'train'{grounded_only}")
     return used, stats
 
 
@@ -243,9 +243,9 @@ def check_grounded(stats: dict, loss: LossCfg) -> None:
     """Refuse a run whose grounding losses could never apply: weights > 0 but no image has an aligned mask
     (``stats`` from :func:`load_records`), which would silently be plain fine-tuning."""
     if stats["images_grounded"] == 0 and (loss.token_weight or loss.pixel_weight):
-        raise InputDataError("no training image has an aligned mask, so the token and pixel losses would never apply; "
-                         "check the masks stage (status counts in metrics/masks.json), or set loss.token_weight=0 "
-                         "and loss.pixel_weight=0 to fine-tune on the denoising loss only")
+        raise InputDataError("no training image has an aligned mask, so the token and pixel losses would never "
+                             "apply; check the masks stage (status counts in metrics/masks.json), or set "
+                             "loss.token_weight=0 and loss.pixel_weight=0 to fine-tune on the denoising loss only")
 
 
 def object_mask_records(images_dir: Path, tokenizer: Any, resolution: int, split: str) -> tuple[list[TrainRecord], int]:

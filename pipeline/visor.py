@@ -171,8 +171,8 @@ def visor_scores(records: Iterable[Mapping[str, Any]], prompts: Sequence[Spatial
         key = (int(rec["prompt_id"]), int(rec["image_index"]))
         if key[0] not in relation or not 0 <= key[1] < images_per_prompt:
             raise InputDataError(f"detection row prompt {key[0]} image {key[1]} is not among the expected prompts "
-                             f"and {images_per_prompt} images each; the detections were made with other params; "
-                             f"rerun `dvc repro`")
+                                 f"and {images_per_prompt} images each; the detections were made with other params; "
+                                 f"rerun `dvc repro`")
         if rec["status"] != STATUS_OK:
             failed.add(key)
             continue

@@ -17,8 +17,8 @@ from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import MultiGenCfg, load_prompt_set
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
                               stage_argument, wait_for_everyone, write_json)
-from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler, sample_prompt_set,
-                               sampler_record)
+from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
+                               sample_prompt_set, sampler_record)
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.sample")

@@ -22,8 +22,8 @@ from pipeline.config import active_profile, load_params, section
 from pipeline.multigen import detect_prompt_set, detector_fingerprint, load_detector
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage,
                               setup_logging, stage_argument, wait_for_everyone, write_json)
-from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler, sample_prompt_set,
-                               sampler_record)
+from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
+                               sample_prompt_set, sampler_record)
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
 
 log = logging.getLogger("stages.visor")
