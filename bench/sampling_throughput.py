@@ -1,11 +1,15 @@
 """Throughput of MultiGen sampling: the seeded batched sampler vs the original approach, in one run.
 
-Original approach (SPEC §3.2): fp32, one pipeline call per image (batch 1), default scheduler.
-Ours (``pipeline.sampling.Sampler``), each variant adding one change: one generator per image and all
-images of a prompt in one call (fp32); then fp16 (CUDA); then two prompts per call; then
-``sampling.compile`` (torch.compile of the UNet, channels_last on CUDA). All variants encode PNGs (the
-original saved PNG files). Reports images/s and ratios to the original; compilation happens in an untimed
-warm-up call.
+Original approach (SPEC §3.2): fp32, one pipeline call per image (batch 1), default scheduler, in the
+original's environment (SPEC §0: torch 1.13.1, diffusers 0.20.0), which has no SDPA, so diffusers ran its
+eager ``AttnProcessor`` (``baddbmm`` + softmax) in the UNet and the VAE. The variants, each adding one change:
+the same loop with SDPA (``AttnProcessor2_0``, today's default); one generator per image and all images of
+a prompt in one call (``pipeline.sampling.Sampler``, fp32); then fp16 (CUDA); then two prompts per call;
+then ``sampling.compile`` (torch.compile of the UNet, channels_last on CUDA). All variants encode PNGs (the
+original saved PNG files). The two batch-1 loops time the images of one prompt (batch-1 throughput does not
+depend on how many are timed); the batched variants time every prompt. Reports images/s and ratios to the
+original; compilation happens in an untimed warm-up call. The original also ran the safety checker (one
+CLIP ViT-L/14 forward per image); the baseline leaves it out, which can only make the ratios smaller.
 
   python bench/sampling_throughput.py                      # tiny-sd on CPU -> bench/results/sampling_throughput_cpu.json
   python bench/sampling_throughput.py --device cuda        # SD1.4 architecture, random weights, 512 px, 50 steps
@@ -61,6 +65,14 @@ def build_pipeline(device: str):
     return pipe.to(device)
 
 
+def set_attention(pipe, eager: bool) -> None:
+    """Eager attention (diffusers' ``AttnProcessor``, the original's) or SDPA in every UNet and VAE layer."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for model in (pipe.unet, pipe.vae):
+        model.set_attn_processor(AttnProcessor() if eager else AttnProcessor2_0())
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -105,22 +117,30 @@ def variants(device: str, images: int) -> list[tuple[str, torch.dtype, int, bool
 
 
 def run(device: str, num_prompts: int, images: int, steps: int, on_result=None) -> dict:
-    """Measure the original loop and each seeded variant on the same prompts.
+    """Measure the original loop (eager, then SDPA) and each seeded variant on the same prompts.
 
     Every variant first runs one untimed call of its batch shape (2 steps), so compilation is not timed.
-    ``on_result(results)``, when given, receives the numbers so far after the original loop and after each
-    variant (a run cut short by a time limit keeps what it measured).
+    ``on_result(results)``, when given, receives the numbers so far after each measurement (a run cut short
+    by a time limit keeps what it measured).
     """
     cats = load_categories("coco")
     prompts = [MultiGenPrompt(e["unique_id"], e["text"], tuple(e[f"obj_{k}_attributes"][0] for k in range(1, 6)))
                for e in generate_multigen(cats, num_prompts, seed=0, set_name="coco")]
     pipe = build_pipeline(device)
-    n = num_prompts * images
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
     nan: list[int] = []
-    original(pipe, prompts[:1], 1, steps, device)                       # warm-up
-    seconds = {"original_fp32_batch1": original(pipe, prompts, images, steps, device)}
-    if on_result is not None:
-        on_result(throughput(seconds, n, sum(nan)))
+
+    def record(name: str, s: float, n: int) -> None:
+        seconds[name], counts[name] = s, n
+        log.info("%s: %.3f images/s", name, n / s)
+        if on_result is not None:
+            on_result(throughput(seconds, counts, sum(nan)))
+
+    for name, eager in (("original_fp32_batch1", True), ("sdpa_fp32_batch1", False)):
+        set_attention(pipe, eager)
+        original(pipe, prompts[:1], 1, steps=2, device=device)                 # warm-up
+        record(name, original(pipe, prompts[:1], images, steps, device), images)
     for name, dtype, per_call, compiled in variants(device, images):
         pipe.to(dtype)
         scale = SamplingScale(num_inference_steps=steps, images_per_prompt=images, batch_size=per_call,
@@ -128,20 +148,18 @@ def run(device: str, num_prompts: int, images: int, steps: int, on_result=None) 
         sampler = Sampler(pipe, "sd", SamplingCfg(), scale, seed=0)
         warm = dataclasses.replace(sampler, scale=dataclasses.replace(scale, num_inference_steps=2))
         batched(warm, prompts[: max(1, per_call // images)], device)
-        seconds[name] = batched(sampler, prompts, device, nan)
-        log.info("%s: %.2f images/s", name, n / seconds[name])
-        if on_result is not None:
-            on_result(throughput(seconds, n, sum(nan)))
-    return throughput(seconds, n, sum(nan))
+        record(name, batched(sampler, prompts, device, nan), num_prompts * images)
+    return throughput(seconds, counts, sum(nan))
 
 
-def throughput(seconds: dict[str, float], images: int, nan_images: int) -> dict:
-    """Seconds, images/s and speedup over the original loop for each measured variant."""
+def throughput(seconds: dict[str, float], counts: dict[str, int], nan_images: int) -> dict:
+    """Seconds, images timed, images/s and speedup over the original loop for each measured variant."""
     results = {f"{name}_s": s for name, s in seconds.items()}
-    results.update({f"{name}_images_per_s": images / s for name, s in seconds.items()})
+    results.update({f"{name}_images": counts[name] for name in seconds})
+    results.update({f"{name}_images_per_s": counts[name] / s for name, s in seconds.items()})
     base = results["original_fp32_batch1_images_per_s"]
-    results.update({f"{name}_speedup": images / s / base
-                    for name, s in seconds.items() if name != "original_fp32_batch1"})
+    results.update({f"{name}_speedup": results[f"{name}_images_per_s"] / base
+                    for name in seconds if name != "original_fp32_batch1"})
     results["nan_images"] = nan_images  # random weights can overflow in fp16; such images still count in timing
     return results
 

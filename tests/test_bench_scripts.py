@@ -53,14 +53,28 @@ def test_train_step_bench_runs_every_variant_in_one_process(traced_compile):
 def test_sampling_bench_runs_every_variant(traced_compile):
     bench = load_script("sampling_throughput")
     saved = []  # what a run stopped by a time limit would have kept after each variant
+    processors = []  # attention processor classes of the UNet and VAE at each batch-1 loop
+    original = bench.original
+
+    def spy(pipe, *args, **kwargs):
+        processors.append({type(p).__name__ for m in (pipe.unet, pipe.vae) for p in m.attn_processors.values()})
+        return original(pipe, *args, **kwargs)
+
+    bench.original = spy
     results = bench.run("cpu", num_prompts=2, images=2, steps=2, on_result=saved.append)
-    names = [name for name, *_ in bench.variants("cpu", 2)]
-    assert names == ["seeded_fp32_batched", "seeded_fp32_batch4", "seeded_fp32_batch4_compiled"]
-    assert [sorted(k[: -len("_speedup")] for k in r if k.endswith("_speedup")) for r in saved] == [
-        sorted(names[:i]) for i in range(len(names) + 1)]
-    assert saved[-1] == results and saved[0]["original_fp32_batch1_images_per_s"] > 0
-    for name in names:
-        assert results[f"{name}_images_per_s"] > 0 and f"{name}_speedup" in results
+    names = ["original_fp32_batch1", "sdpa_fp32_batch1"] + [name for name, *_ in bench.variants("cpu", 2)]
+    assert names[2:] == ["seeded_fp32_batched", "seeded_fp32_batch4", "seeded_fp32_batch4_compiled"]
+    # warm-up and timed loop: eager attention everywhere for the original, SDPA everywhere after it
+    assert processors == [{"AttnProcessor"}] * 2 + [{"AttnProcessor2_0"}] * 2
+    assert [sorted(k[: -len("_images_per_s")] for k in r if k.endswith("_images_per_s")) for r in saved] == [
+        sorted(names[: i + 1]) for i in range(len(names))]
+    assert saved[-1] == results
+    assert results["original_fp32_batch1_images"] == results["sdpa_fp32_batch1_images"] == 2
+    assert results["seeded_fp32_batched_images"] == 4
+    for name in names[1:]:
+        assert results[f"{name}_images_per_s"] > 0
+        assert results[f"{name}_speedup"] == pytest.approx(
+            results[f"{name}_images_per_s"] / results["original_fp32_batch1_images_per_s"])
     assert results["nan_images"] == 0
 
 
