@@ -2,7 +2,8 @@
 
 Every model parameter in ``params.yaml`` is a string:
 
-* ``CompVis/stable-diffusion-v1-4``: a Hugging Face id (needs the hub cache or network);
+* ``CompVis/stable-diffusion-v1-4``: a Hugging Face id (needs the hub cache or network); with
+  ``@REVISION`` (``CompVis/stable-diffusion-v1-4@<commit sha>``, a branch or a tag) pinned to that revision;
 * ``/data/sd14`` or ``artifacts/train/unet``: a local directory in the same ``save_pretrained`` layout;
 * ``embedded:tiny-sd``: a model from :mod:`pipeline.zoo`, written by the ``models`` stage to
   ``<models_dir>/tiny-sd``.
@@ -37,6 +38,7 @@ class ModelRef:
     raw: str
     kind: Literal["embedded", "local", "hub"]
     name: str  # embedded name, local path or hub id
+    revision: str | None = None  # hub ids only: the commit, branch or tag after "@"
 
 
 def parse_ref(ref: str) -> ModelRef:
@@ -54,7 +56,16 @@ def parse_ref(ref: str) -> ModelRef:
     first = Path(ref.split("/")[0])
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1 or first.is_dir():
         return ModelRef(ref, "local", str(path))  # "artifacts/train" is a (maybe missing) folder, not a hub id
-    return ModelRef(ref, "hub", ref)
+    repo, at, revision = ref.partition("@")
+    if at and not (repo.count("/") == 1 and all(repo.split("/")) and revision and "@" not in revision):
+        raise ConfigError(f"{ref!r}: a pinned hub id is ORG/NAME@REVISION (a commit sha, branch or tag)")
+    return ModelRef(ref, "hub", repo, revision or None)
+
+
+def hub_kwargs(ref: str) -> dict[str, str]:
+    """``{"revision": ...}`` for a pinned hub id (``ORG/NAME@REVISION``), else ``{}``."""
+    parsed = parse_ref(ref)
+    return {"revision": parsed.revision} if parsed.revision else {}
 
 
 def resolve(ref: str, models_dir: str | Path) -> str:
@@ -93,7 +104,7 @@ def from_pretrained(cls: Any, ref: str, models_dir: str | Path, **kwargs: Any) -
     quiet_loading()
     target = resolve(ref, models_dir)
     try:
-        return cls.from_pretrained(target, **kwargs)
+        return cls.from_pretrained(target, **hub_kwargs(ref), **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"could not load {cls.__name__} from {ref!r} ({target}): {err}; "
                              f"{load_hint(ref, target)}") from err
@@ -101,8 +112,10 @@ def from_pretrained(cls: Any, ref: str, models_dir: str | Path, **kwargs: Any) -
 
 def load_hint(ref: str, target: str) -> str:
     """How to fix a failed load of ``ref``: download a hub id, or check a local folder's layout."""
-    if parse_ref(ref).kind == "hub":
-        return (f"download it once where there is network (`hf download {target}`) and set HF_HOME, "
+    parsed = parse_ref(ref)
+    if parsed.kind == "hub":
+        pin = f" --revision {parsed.revision}" if parsed.revision else ""
+        return (f"download it once where there is network (`hf download {target}{pin}`) and set HF_HOME, "
                 f"or point the parameter at a local directory (no folder {ref} exists here, so it was "
                 f"taken for a hub id)")
     return "check that the directory holds a save_pretrained layout"
@@ -123,12 +136,14 @@ def load_unet(ref: str, models_dir: str | Path, torch_dtype: torch.dtype = torch
 
     quiet_loading()
     path, subfolder = unet_location(ref, models_dir)
+    pin = hub_kwargs(ref)
     try:
-        return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype, **({"subfolder": subfolder} if subfolder else {}))
+        return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype, **pin,
+                                                    **({"subfolder": subfolder} if subfolder else {}))
     except (OSError, ValueError) as err:
         if subfolder:  # a hub repo that holds a bare UNet, not a pipeline
             try:
-                return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype)
+                return UNet2DConditionModel.from_pretrained(path, dtype=torch_dtype, **pin)
             except (OSError, ValueError):
                 pass
         raise ModelLoadError(f"could not load a UNet from {ref!r} ({path}): {err}; {load_hint(ref, path)}") from err

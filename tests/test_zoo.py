@@ -88,6 +88,38 @@ def test_uncached_hub_unet_says_how_to_fix_it(tmp_path, monkeypatch):
         models.load_unet("mlpc-lab/TokenCompose_SD14_A", tmp_path)
 
 
+def test_pinned_hub_revision_loads_that_snapshot(tiny_sd, tmp_path, monkeypatch):
+    """``ORG/NAME@SHA`` loads that commit from the hub cache; the bare id loads what ``main`` points to."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    old, new = "1" * 40, "2" * 40
+    repo = tmp_path / "hf" / "hub" / "models--lab--unet-repo"
+    shutil.copytree(tiny_sd / "unet", repo / "snapshots" / old / "unet")
+    changed = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    with torch.no_grad():
+        changed.conv_out.bias.add_(1.0)
+    changed.save_pretrained(repo / "snapshots" / new / "unet")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+    pinned = models.load_unet(f"lab/unet-repo@{old}", tmp_path)
+    latest = models.load_unet("lab/unet-repo", tmp_path)
+    assert zoo.state_dict_hash(pinned) == zoo.state_dict_hash(models.load_unet(str(tiny_sd), tmp_path))
+    assert zoo.state_dict_hash(latest) == zoo.state_dict_hash(changed)
+    assert models.parse_ref(f"lab/unet-repo@{old}") == models.ModelRef(f"lab/unet-repo@{old}", "hub",
+                                                                         "lab/unet-repo", old)
+    with pytest.raises(models.ModelLoadError, match=f"hf download lab/unet-repo --revision {'3' * 40}"):
+        models.load_unet(f"lab/unet-repo@{'3' * 40}", tmp_path)
+    for bad in ("lab/unet-repo@", "lab/unet-repo@a@b"):
+        with pytest.raises(ValueError, match="ORG/NAME@REVISION"):
+            models.parse_ref(bad)
+
+
 def test_bare_unet_folder_and_pipeline_folder_both_load(tiny_sd):
     """A UNet reference may name a pipeline (its unet/) or a UNet saved on its own."""
     from_pipeline = models.load_unet(str(tiny_sd), tiny_sd.parent)
