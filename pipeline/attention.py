@@ -34,6 +34,8 @@ from typing import Iterable, Iterator
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 GROUP_ORDER = ("down_64", "down_32", "down_16", "mid_8", "up_16", "up_32", "up_64")
@@ -181,12 +183,25 @@ class CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+GROUP_NAMING = "{down|mid|up}_{64,32,16,8}: the block and its latent side for SD1.4 at 512 px"
+_GROUP = re.compile(r"(down|mid|up)_\d+")
+
+
+def check_group_names(names: Iterable[str]) -> None:
+    """Raise ``ValueError`` for a name that cannot be a cross-attention group (a params check: the
+    UNet's own groups are checked when capture is installed)."""
+    bad = [n for n in names if not (isinstance(n, str) and _GROUP.fullmatch(n))]
+    if bad:
+        raise ValueError(f"unknown cross-attention group name(s) {bad}; names are {GROUP_NAMING}, "
+                         f"e.g. [mid_8, up_16, up_32, up_64]")
+
+
 def _check_groups(available: dict[str, list[str]], wanted: Iterable[str]) -> list[str]:
     wanted = list(dict.fromkeys(wanted))
     unknown = [g for g in wanted if g not in available]
     if unknown:
-        raise ValueError(f"unknown cross-attention group(s) {unknown}; this UNet has {list(available)} "
-                         f"(names are {{down|mid|up}}_{{64,32,16,8}} as in SD1.4 at 512 px)")
+        raise ConfigError(f"cross-attention group(s) {unknown} are not in this UNet, which has "
+                          f"{list(available)} (names are {GROUP_NAMING})")
     return wanted
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import capture_cross_attention, restore_attention
+from .attention import capture_cross_attention, check_group_names, restore_attention
 from .config import ConfigError, NonEmpty, PositiveInt, active_profile, section
 from .figures import attention_grid
 from .grounding import make_job
@@ -291,6 +291,9 @@ class AttentionMapsCfg:
     groups: Annotated[list[str], NonEmpty()]
     cell_size: PositiveInt  # pixels per cell of the figure (image and maps are resized to it)
 
+    def __post_init__(self) -> None:
+        check_group_names(self.groups)
+
 
 @dataclass(frozen=True)
 class AttentionMapsScale:
@@ -306,6 +309,9 @@ class GroundingEvalCfg:
     """Top-level ``grounding_eval``: the groups whose attention share is measured."""
 
     groups: Annotated[list[str], NonEmpty()]
+
+    def __post_init__(self) -> None:
+        check_group_names(self.groups)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ConfigError, Pixels, StageError
+from pipeline.config import ConfigError, InputDataError, MissingInputError, Pixels, StageError
 from pipeline.fetch import read_source
 from pipeline.seeding import python_rng
 
@@ -69,7 +69,7 @@ def load_categories(name: str, directory: Path = CATEGORIES_DIR) -> list[str]:
     """The class names of MultiGen set ``name`` ("coco" or "ade20k"), one per line of its list file."""
     path = Path(directory) / f"{name}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: category list not found; known sets: {', '.join(MULTIGEN_SETS)}")
+        raise MissingInputError(f"{path}: category list not found; known sets: {', '.join(MULTIGEN_SETS)}")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(set(names)) != len(names):
         raise BenchmarkFormatError(f"{path}: duplicate class names")
@@ -79,7 +79,7 @@ def load_categories(name: str, directory: Path = CATEGORIES_DIR) -> list[str]:
 def multigen_text(objects: Sequence[str]) -> str:
     """The MultiGen prompt for five names: ``a photo of a A, a B, a C, a D, and a E.`` (always "a")."""
     if len(objects) != NUM_OBJECTS:
-        raise ValueError(f"MultiGen prompts name {NUM_OBJECTS} objects, got {len(objects)}: {objects}")
+        raise InputDataError(f"MultiGen prompts name {NUM_OBJECTS} objects, got {len(objects)}: {objects}")
     *head, last = objects
     return "a photo of " + "".join(f"a {o}, " for o in head) + f"and a {last}."
 
@@ -92,7 +92,7 @@ def prompt_objects(entry: dict[str, Any]) -> list[str]:
 def generate_multigen(categories: Sequence[str], num_prompts: int, seed: int, set_name: str) -> list[dict[str, Any]]:
     """``num_prompts`` MultiGen entries; prompt i draws 5 distinct names with ``python_rng(seed, "multigen", set_name, i)``."""
     if len(set(categories)) < NUM_OBJECTS:
-        raise ValueError(f"{set_name}: need at least {NUM_OBJECTS} distinct categories, got {len(set(categories))}")
+        raise InputDataError(f"{set_name}: need at least {NUM_OBJECTS} distinct categories, got {len(set(categories))}")
     entries = []
     for index in range(num_prompts):
         objects = python_rng(seed, "multigen", set_name, index).sample(list(categories), NUM_OBJECTS)
@@ -364,14 +364,15 @@ def write_mapping(path: Path, entries: dict[str, PieBenchEntry]) -> None:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file; an unreadable one is an error naming it and the fix."""
+    """(width, height) of an image file, every pixel decoded (``verify`` misses a truncated JPEG); an
+    unreadable one is an error naming it and the fix."""
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
             return image.size
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable image ({err}); replace it with the file from PIE-Bench. "
-                         f"{PIEBENCH_HELP}") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BenchmarkFormatError(f"{path}: not a readable image ({err}); replace it with the file from "
+                                   f"PIE-Bench. {PIEBENCH_HELP}") from err
 
 
 def validate_piebench_root(root: Path) -> dict[str, PieBenchEntry]:
@@ -379,20 +380,20 @@ def validate_piebench_root(root: Path) -> dict[str, PieBenchEntry]:
     root = Path(root)
     for needed in (root, root / MAPPING_FILE, root / IMAGES_DIR):
         if not needed.exists():
-            raise FileNotFoundError(f"{needed}: not found. {PIEBENCH_HELP}")
+            raise MissingInputError(f"{needed}: not found. {PIEBENCH_HELP}")
     entries = read_mapping(root / MAPPING_FILE)
     missing = [e.image_path for e in entries.values() if not (root / IMAGES_DIR / e.image_path).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{root / IMAGES_DIR}: {len(missing)} of {len(entries)} images named in {MAPPING_FILE} are missing "
             f"(first: {missing[:3]}). {PIEBENCH_HELP}")
     sizes = {e.image_path: _image_size(root / IMAGES_DIR / e.image_path) for e in entries.values()}
     wrong = {path: size for path, size in sizes.items() if size != (PIE_SIZE, PIE_SIZE)}
     if wrong:
         first = next(iter(wrong.items()))
-        raise ValueError(f"{root / IMAGES_DIR}: {len(wrong)} images are not {PIE_SIZE}x{PIE_SIZE} (first: {first[0]} "
-                         f"is {first[1][0]}x{first[1][1]}); the masks' RLE addresses the original {PIE_SIZE}x"
-                         f"{PIE_SIZE} images: use those, not a resized copy")
+        raise BenchmarkFormatError(f"{root / IMAGES_DIR}: {len(wrong)} images are not {PIE_SIZE}x{PIE_SIZE} "
+                                   f"(first: {first[0]} is {first[1][0]}x{first[1][1]}); the masks' RLE addresses "
+                                   f"the original {PIE_SIZE}x{PIE_SIZE} images: use those, not a resized copy")
     return entries
 
 
@@ -401,12 +402,13 @@ def load_example(root: str | Path, entry: PieBenchEntry) -> tuple[np.ndarray, np
     path = Path(root) / IMAGES_DIR / entry.image_path
     image = np.asarray(Image.open(path).convert("RGB"))
     if image.shape[0] != image.shape[1]:
-        raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; PIE-Bench masks live on a "
-                         f"square grid (512x512): resize the image to a square")
+        raise BenchmarkFormatError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; PIE-Bench masks live on "
+                                   f"a square grid (512x512): resize the image to a square")
     starts = entry.mask[0::2]
     if starts and max(starts) >= image.shape[0] ** 2:
-        raise ValueError(f"{path}: its mask RLE addresses pixels past a {image.shape[0]}x{image.shape[0]} grid; "
-                         f"PIE-Bench masks are encoded on the original 512x512 images: use those, not a resized copy")
+        raise BenchmarkFormatError(f"{path}: its mask RLE addresses pixels past a {image.shape[0]}x{image.shape[0]} "
+                                   f"grid; PIE-Bench masks are encoded on the original 512x512 images: use those, "
+                                   f"not a resized copy")
     return image, decode_mask(entry.mask, size=image.shape[0])
 
 

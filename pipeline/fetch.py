@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import StageError
+from .config import MissingInputError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,10 @@ MAX_IMAGE_BYTES = 50 * 1024 * 1024  # COCO images are < 1 MB; anything this larg
 RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
 BACKOFF_S = 0.5
 UNKNOWN_HOST_ERRNOS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+class SourceUnavailable(StageError, OSError):
+    """A source given as a URL could not be downloaded; the message names it and the way out."""
 
 
 class FetchError(StageError, RuntimeError):
@@ -79,8 +83,8 @@ def fetch(url: str, retries: int = 3, timeout: float = 30.0, max_bytes: int = MA
 def read_source(source: str | Path, retries: int = 3, timeout: float = 60.0) -> bytes:
     """Bytes of ``source``: an http(s)/file URL (fetched with retries by :func:`fetch`) or a local path.
 
-    Raises :class:`OSError` naming the URL when the download fails, :class:`FileNotFoundError` when the
-    path does not exist.
+    Raises :class:`SourceUnavailable` (an ``OSError``) naming the URL when the download fails,
+    :class:`~pipeline.config.MissingInputError` (a ``FileNotFoundError``) when the path does not exist.
     """
     source = str(source)
     if is_url(source):
@@ -88,9 +92,9 @@ def read_source(source: str | Path, retries: int = 3, timeout: float = 60.0) -> 
         try:
             return fetch(source, retries, timeout, max_bytes=1 << 30)
         except FetchError as err:
-            raise OSError(f"{source}: download failed ({err}); check the URL and the network, "
+            raise SourceUnavailable(f"{source}: download failed ({err}); check the URL and the network, "
                           f"or download the file and give its local path instead") from err
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{source}: file not found (give an http(s):// URL or an existing local path)")
+        raise MissingInputError(f"{source}: file not found (give an http(s):// URL or an existing local path)")
     return path.read_bytes()

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Fraction, MissingInputError, NonNegativeInt, PositiveInt
+from .config import ConfigError, Fraction, MissingInputError, NonNegativeInt, PositiveInt
 from . import shards
 from .fetch import read_source
 from .metadata import MetadataError, check_record
 from .models import from_pretrained, parse_ref, resolve
+from .runtime import FailureRateError
 from .shards import STATUS_OK, dir_files, files_digest, image_from_bytes, rle_decode, rle_encode, write_shards
 
 log = logging.getLogger(__name__)
@@ -310,10 +311,10 @@ class SegmentAnythingSegmenter:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: SAM checkpoint not found; download it (e.g. sam_vit_h_4b8939.pth)")
+            raise MissingInputError(f"{path}: SAM checkpoint not found; download it (e.g. sam_vit_h_4b8939.pth)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if "sam_hq" in path.name or any(".hf_token." in k or "compress_vit_feat" in k for k in state):
-            raise ValueError(f"{path}: a SAM-HQ checkpoint, which segment_anything cannot load; give the "
+            raise ConfigError(f"{path}: a SAM-HQ checkpoint, which segment_anything cannot load; give the "
                              f"transformers SAM-HQ folder or hub id instead (e.g. syscv-community/sam-hq-vit-huge)")
         variant = sam_variant(path.name, state)
         sam = sam_model_registry[variant]()
@@ -361,7 +362,7 @@ def sam_variant(file_name: str, state: dict[str, torch.Tensor]) -> str:
         return f"vit_{named.group(1)}"
     weight = state.get("image_encoder.patch_embed.proj.weight")
     if weight is None or int(weight.shape[0]) not in SAM_WIDTHS:
-        raise ValueError(f"{file_name}: not a segment-anything SAM checkpoint (no known image_encoder width); "
+        raise ConfigError(f"{file_name}: not a segment-anything SAM checkpoint (no known image_encoder width); "
                          f"name it sam_vit_h/l/b_*.pth")
     return SAM_WIDTHS[int(weight.shape[0])]
 
@@ -798,9 +799,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def check_input_errors(metrics: dict[str, Any], max_rate: float) -> None:
     """Raise when no row was written or the share of rows with bad input passes ``max_rate``."""
     if metrics["rows"] == 0:
-        raise RuntimeError("masks: no rows; run the nouns and train_data stages first")
+        raise MissingInputError("masks: no rows; run the nouns and train_data stages first")
     if metrics["input_error_rate"] > max_rate:
-        raise RuntimeError(
+        raise FailureRateError(
             f"masks: {metrics['input_errors']} of {metrics['rows']} rows have a missing/corrupt image, bad "
             f"metadata or a missing/corrupt authors' mask file ({metrics['input_error_rate']:.1%} > "
             f"grounding.max_input_error_rate={max_rate:.1%}); "

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .attention import check_group_names
 from .config import NonNegativeFloat
 
 
@@ -33,6 +34,7 @@ class LossCfg:
     layers: list[str]
 
     def __post_init__(self) -> None:
+        check_group_names(self.layers)
         if not self.layers and (self.token_weight or self.pixel_weight):
             raise ValueError("layers is empty but a grounding weight is not 0: name the cross-attention groups "
                              "the losses use (e.g. [mid_8, up_16, up_32, up_64]), or set both weights to 0")

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import Bounds, NonNegativeInt
+from .config import Bounds, ConfigError, NonNegativeInt
 from .benchmarks import PieBenchEntry, load_example, strip_brackets
 from .models import ModelLoadError, from_pretrained, parse_ref, resolve
 from .seeding import derive_seed
@@ -61,6 +61,10 @@ SSIM_ARGS = dict(gaussian_weights=True, sigma=1.5, win_size=11, K1=0.01, K2=0.03
                  use_sample_covariance=False, channel_axis=-1)
 
 
+CLIP_REF_FORMS = ("clip_model {ref!r}: expected ARCH:TAG (e.g. ViT-L-14:openai), hf-hub:ORG/REPO, embedded:NAME "
+                  "or an existing open_clip folder")
+
+
 @dataclass(frozen=True)
 class PieBenchCfg:
     """Params section ``piebench`` (evaluation conventions, identical in every profile)."""
@@ -78,6 +82,10 @@ class PieBenchScale:
     clip_model: str  # ARCH:TAG (ViT-L-14:openai) | hf-hub:ORG/REPO | embedded:NAME | local open_clip folder
     lpips_backbone: Literal["pretrained", "random"]  # random: seeded SqueezeNet, works offline
     panels: NonNegativeInt = 4  # images shown in plots/edits_<backbone>.png
+
+    def __post_init__(self) -> None:
+        if ":" not in self.clip_model and not Path(self.clip_model).is_dir():  # every other form has a colon
+            raise ValueError(CLIP_REF_FORMS.format(ref=self.clip_model))
 
 
 # --- pixel metrics ---------------------------------------------------------------------------------
@@ -230,8 +238,7 @@ def open_clip_name(ref: str, models_dir: str | Path) -> tuple[str, str | None]:
     if ":" in ref:
         arch, tag = ref.rsplit(":", 1)
         return arch, tag
-    raise ValueError(f"CLIP model {ref!r}: expected ARCH:TAG (e.g. ViT-L-14:openai), hf-hub:ORG/REPO, "
-                     f"embedded:NAME or an existing open_clip folder")
+    raise ConfigError(CLIP_REF_FORMS.format(ref=ref))
 
 
 def trained_with_quick_gelu(name: str, tag: str | None) -> bool:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from .attention import GROUP_ORDER
 from .benchmarks import EDITING_TYPES
-from .config import MissingInputError
+from .config import InputDataError, MissingInputError
 from .figures import curves_figure, grouped_bars
 from .multigen import MG_LEVELS
 from .piebench import TABLE as PIE_TABLE
@@ -101,10 +101,10 @@ def load_published(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text())
     for part in ("multigen", "visor", "piebench", "study"):
         if not isinstance(data, dict) or part not in data:
-            raise ValueError(f"{path}: missing '{part}'; see the file's header for its layout")
+            raise InputDataError(f"{path}: missing '{part}'; see the file's header for its layout")
     for part in ("multigen", "visor", "piebench"):
         if not data[part].get("rows") or not data[part].get("source"):
-            raise ValueError(f"{path}: '{part}' needs 'source' and 'rows'")
+            raise InputDataError(f"{path}: '{part}' needs 'source' and 'rows'")
     return data
 
 
@@ -412,7 +412,7 @@ def training_section(metrics: Mapping[str, Any] | None, curves_csv: Path) -> Sec
 def study_section(study: Mapping[str, Any]) -> Section:
     """The follow-up study's own tables: shown when recorded, otherwise a statement that they are not."""
     if study.get("recorded"):
-        raise ValueError("data/published.yaml: study.recorded is true but study tables are not supported yet; "
+        raise InputDataError("data/published.yaml: study.recorded is true but study tables are not supported yet; "
                          "add them as multigen/piebench rows with their source instead")
     return Section("Study tables", [Text(study["note"], kind="note")])
 

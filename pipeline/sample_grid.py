@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import Bounds, NonNegativeInt, PositiveInt
+from .config import Bounds, ConfigError, NonNegativeInt, PositiveInt
 from .figures import image_grid
 from .multigen import MultiGenPrompt, found_names
 from .shards import STATUS_OK, image_from_bytes, read_table, shard_files
@@ -49,13 +49,13 @@ def grid_models(cfg: SampleGridCfg, eval_models: Iterable[str]) -> list[str]:
     if cfg.models is None:
         return known
     if not cfg.models:
-        raise ValueError("sample_grid.models: empty; list keys of eval_models, or null for all of them")
+        raise ConfigError("sample_grid.models: empty; list keys of eval_models, or null for all of them")
     repeated = sorted({m for m in cfg.models if cfg.models.count(m) > 1})
     if repeated:
-        raise ValueError(f"sample_grid.models: {repeated} listed more than once")
+        raise ConfigError(f"sample_grid.models: {repeated} listed more than once")
     unknown = [m for m in cfg.models if m not in known]
     if unknown:
-        raise ValueError(f"sample_grid.models: {unknown} are not keys of eval_models {known}")
+        raise ConfigError(f"sample_grid.models: {unknown} are not keys of eval_models {known}")
     return list(cfg.models)
 
 

@@ -71,6 +71,10 @@ class SamplingCfg:
     scheduler: str = "default"   # "default": the model's own; else a diffusers scheduler class name
     attend_excite: AttendExciteCfg = AttendExciteCfg()
 
+    def __post_init__(self) -> None:
+        if self.scheduler != "default":
+            scheduler_class(self.scheduler)
+
 
 @dataclass(frozen=True)
 class SamplingScale:
@@ -240,14 +244,19 @@ def load_pipeline(ref: EvalModelRef, sampler: SamplerKind, models_dir: str | Pat
     pipe = load_sd_pipeline(ref.model, models_dir, unet_ref=ref.unet, torch_dtype=dtype, device=device,
                             pipeline_cls=cls)
     if cfg.scheduler != "default":
-        import diffusers
-
-        found = getattr(diffusers, cfg.scheduler, None)
-        if not (isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin)):
-            raise ValueError(f"sampling.scheduler: {cfg.scheduler!r} is not a diffusers scheduler class "
-                             f"(e.g. DDIMScheduler) or 'default'")
-        pipe.scheduler = found.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
     return pipe
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class called ``name``; ``ValueError`` when diffusers has none."""
+    import diffusers
+
+    found = getattr(diffusers, name, None)
+    if not (isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin)):
+        raise ValueError(f"scheduler: {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler) "
+                         f"or 'default'")
+    return found
 
 
 def component_hashes(pipe: Any) -> dict[str, str]:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import StageError
+from .config import MissingInputError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def shard_files(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         stage = _producer(out_dir)
         todo = f"run `dvc repro {stage}`" if stage else "run the stage that writes it"
-        raise FileNotFoundError(f"{out_dir}: shard directory not found; {todo}")
+        raise MissingInputError(f"{out_dir}: shard directory not found; {todo}")
     return sorted(out_dir.glob("part-*.parquet"))
 
 
@@ -519,6 +519,17 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
 def image_from_bytes(data: bytes, mode: str = "RGB") -> Image.Image:
     """Decode PNG/JPEG bytes into a PIL image in ``mode``."""
     return Image.open(io.BytesIO(data)).convert(mode)
+
+
+def decode_error(data: bytes | None) -> str | None:
+    """Why ``data`` does not decode as an image (every pixel is read), or ``None`` when it does."""
+    if not data:
+        return "no image bytes"
+    try:
+        image_from_bytes(data)
+    except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 # --- masks -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-from .config import Fraction, PositiveInt, StageError
+from .config import ConfigError, Fraction, InputDataError, MissingInputError, PositiveInt, StageError
 from .seeding import derive_seed
 from .shards import STATUS_OK
 
@@ -135,12 +135,12 @@ def parse_tagged_line(line: str, where: str) -> list[tuple[str, str]]:
     for item in line.split():
         word, sep, tag = item.rpartition("/")
         if not sep or not word or not tag or tag != tag.upper():
-            raise ValueError(f"{where}: {item!r} is not word/TAG (Penn Treebank tag in capitals)")
+            raise InputDataError(f"{where}: {item!r} is not word/TAG (Penn Treebank tag in capitals)")
         pairs.append((word, tag))
     words = [w for w, _ in pairs]
     retokenized = [w.text for w in word_spans(" ".join(words))]
     if retokenized != words:
-        raise ValueError(f"{where}: words {words} re-tokenize as {retokenized}; split them the same way")
+        raise InputDataError(f"{where}: words {words} re-tokenize as {retokenized}; split them the same way")
     return pairs
 
 
@@ -148,7 +148,7 @@ def read_tagged_corpus(corpus_dir: Path = DEFAULT_CORPUS_DIR) -> list[list[tuple
     """Every ``*.txt`` file of ``corpus_dir`` (sorted), one tagged caption per non-blank, non-# line."""
     files = sorted(Path(corpus_dir).glob("*.txt"))
     if not files:
-        raise FileNotFoundError(f"{corpus_dir}: no *.txt tagged corpus; it ships with the project (data/tagger/)")
+        raise MissingInputError(f"{corpus_dir}: no *.txt tagged corpus; it ships with the project (data/tagger/)")
     sentences = []
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -263,7 +263,7 @@ def load_tagger(kind: str, nltk_root: Path = DEFAULT_NLTK_DATA, corpus_dir: Path
         return embedded_tagger(corpus_dir, nltk_root, seed, iterations)
     if kind == "pretrained":
         return pretrained_tagger(nltk_root)
-    raise ValueError(f"text.tagger: {kind!r} is not 'embedded' or 'pretrained'")
+    raise ConfigError(f"text.tagger: {kind!r} is not 'embedded' or 'pretrained'")
 
 
 # --- noun phrases ----------------------------------------------------------------------------------

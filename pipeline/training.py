@@ -45,7 +45,7 @@ from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
 from .seeding import numpy_rng, torch_generator
 from .grounding import resize_center_crop, train_mask
-from .shards import STATUS_OK, code_digest, image_from_bytes, iter_rows, rle_decode, rle_encode
+from .shards import STATUS_OK, code_digest, decode_error, image_from_bytes, iter_rows, rle_decode, rle_encode
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,8 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
     """Training images (split "train", status ok) joined by ``image_id`` with their usable mask rows.
 
     Words of :data:`EMPTY_TARGET_STATUSES` train towards an all-zero mask (``empty_masks="zero_target"``, the
-    original) or are skipped (``"skip"``). Returns the records (sorted by image id) and counts: images,
+    original) or are skipped (``"skip"``). Images whose bytes do not decode are left out with a warning
+    (``images_corrupt``). Returns the records (sorted by image id) and counts: images,
     grounded/ungrounded images, words used (``words_zero_target`` of them with an empty mask), and one
     ``words_skipped_<reason>`` count per reason a mask row was not used. Images without any usable
     word train on the denoising loss only, or are left out when ``skip_ungrounded``. With
@@ -175,12 +176,16 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
     if empty_masks not in ("zero_target", "skip"):
         raise ConfigError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
     records: dict[str, TrainRecord] = {}
-    stats: dict[str, int] = {"images_not_ok": 0, "images_other_split": 0}
+    stats: dict[str, int] = {"images_not_ok": 0, "images_other_split": 0, "images_corrupt": 0}
     for row in iter_rows(images_dir, columns=["image_id", "image", "caption", "split", "status"]):
         if row["status"] != STATUS_OK:
             stats["images_not_ok"] += 1
         elif row["split"] != "train":
             stats["images_other_split"] += 1
+        elif (problem := decode_error(row["image"])) is not None:
+            stats["images_corrupt"] += 1
+            log.warning("image %s: left out of training, its bytes do not decode (%s); the images shards are "
+                        "damaged: rerun `dvc repro train_data`", row["image_id"], problem)
         else:
             records[str(row["image_id"])] = TrainRecord(str(row["image_id"]), row["image"], row["caption"])
     if masks_dir is not None:
@@ -477,7 +482,7 @@ def _target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, st
         return noise
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, steps)
-    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
 def _check_grad(store: AttentionStore) -> None:
@@ -757,7 +762,7 @@ class Trainer:
             return 0
         made_by = json.loads((path / "state.json").read_text()).get("world_size")
         if made_by != self.acc.num_processes:  # data order and effective batch depend on it: not this run
-            raise RuntimeError(f"{path} was made by {made_by} processes and this run has {self.acc.num_processes}: "
+            raise ConfigError(f"{path} was made by {made_by} processes and this run has {self.acc.num_processes}: "
                                f"resume with {made_by} (e.g. accelerate launch --num_processes {made_by}), or "
                                f"delete {self.ckpt_dir} to start over with {self.acc.num_processes}")
         state = load_checkpoint(path, self.models.unet, self.optimizer, self.ema, self.acc.scaler)

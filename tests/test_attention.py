@@ -55,7 +55,9 @@ def test_capture_covers_exactly_the_configured_layers(tiny_unet):
 
 
 def test_unknown_group_is_refused(tiny_unet):
-    with pytest.raises(ValueError, match="unknown cross-attention group"):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"group\(s\) \['up_128'\] are not in this UNet"):
         capture_cross_attention(tiny_unet, ["up_128"])
 
 

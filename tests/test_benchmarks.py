@@ -345,7 +345,18 @@ def test_piebench_unreadable_image_is_named(tmp_path):
     entries = dd.write_demo_piebench(root, 2, seed=0, size=512)
     damaged = root / "annotation_images" / next(iter(entries.values())).image_path
     damaged.write_bytes(b"")
-    with pytest.raises(ValueError, match=rf"{damaged.name}: not a readable image.*replace it"):
+    with pytest.raises(bm.BenchmarkFormatError, match=rf"{damaged.name}: not a readable image.*replace it"):
+        bm.validate_piebench_root(root)
+
+
+def test_piebench_truncated_jpeg_is_refused(tmp_path):
+    """``Image.verify`` passes a JPEG cut short; every pixel is decoded, so the copy stage refuses it."""
+    root = tmp_path / "PIE-Bench"
+    entries = dd.write_demo_piebench(root, 2, seed=0, size=512)
+    damaged = root / "annotation_images" / next(iter(entries.values())).image_path
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 4])
+    with pytest.raises(bm.BenchmarkFormatError, match=rf"{damaged.name}: not a readable image"):
         bm.validate_piebench_root(root)
 
 

@@ -222,6 +222,12 @@ def test_values_at_the_bounds_are_accepted():
     ("editing", "init", "zero", r"editing.init: expected one of"),
     ("loss", "layers", [], r"loss: layers is empty but a grounding weight is not 0"),
     ("grounding_eval", "groups", [], r"grounding_eval.groups: empty"),
+    ("loss", "layers", ["mid_8", "foo_8"], r"loss: unknown cross-attention group name\(s\) \['foo_8'\]"),
+    ("grounding_eval", "groups", ["up64"], r"grounding_eval: unknown cross-attention group name\(s\) \['up64'\]"),
+    ("attention_maps", "groups", ["up_64", 8], r"attention_maps.groups\[1\]: expected a string"),
+    ("attention_maps", "groups", ["foo_8"], r"attention_maps: unknown cross-attention group name"),
+    ("sampling", "scheduler", "FooScheduler", r"sampling: scheduler: 'FooScheduler' is not a diffusers scheduler"),
+    ("profile.piebench", "clip_model", "bogus", r"profiles.demo.piebench: clip_model 'bogus': expected ARCH:TAG"),
     ("sampling", "attend_excite", {"thresholds": {"ten": 0.5}}, r"thresholds: keys are denoising step indices"),
     ("sampling", "attend_excite", {"thresholds": {0: 1.5}}, r"sampling.attend_excite.thresholds.0: 1.5 is out of"),
     ("sampling", "attend_excite", {"attn_res": [16]}, r"attn_res: give \(height, width\)"),
@@ -236,7 +242,8 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
     from pipeline.grounding import GroundingCfg
     from pipeline.losses import LossCfg
     from pipeline.multigen import MultiGenCfg, MultiGenScale
-    from pipeline.attention_maps import GroundingEvalCfg
+    from pipeline.piebench import PieBenchScale
+    from pipeline.attention_maps import AttentionMapsCfg, GroundingEvalCfg
     from pipeline.sampling import SamplingScale
     from pipeline.sample_grid import SampleGridCfg
     from pipeline.sampling import SamplingCfg
@@ -246,7 +253,8 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
     classes = {"sampling": SamplingCfg, "report": ReportCfg, "profile.train": TrainScale, "profile.sampling": SamplingScale, "profile.editing": EditingScale,
                "profile.multigen": MultiGenScale, "grounding": GroundingCfg, "multigen": MultiGenCfg,
                "editing": EditingCfg, "loss": LossCfg, "grounding_eval": GroundingEvalCfg,
-               "sample_grid": SampleGridCfg}
+               "sample_grid": SampleGridCfg, "attention_maps": AttentionMapsCfg,
+               "profile.piebench": PieBenchScale}
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     node = params["profiles"]["demo"] if dotted.startswith("profile.") else params
     node[dotted.split(".")[-1]][key] = value

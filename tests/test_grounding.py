@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import grounding, shards
 from pipeline.grounding import Detections, GroundingCfg, Grounder, MasksScale, RunContext
+from pipeline.runtime import FailureRateError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -432,7 +433,7 @@ def test_each_bad_input_gets_its_status(tmp_path, tiny_refs):
     assert rows.loc[(rows.image_id == "mixed") & (rows.phrase == "kite"), "token_indices"].item().tolist() == []
     metrics = grounding.summarize(rows.to_dict("records"))
     assert metrics["status_missing_image"] == 2 and metrics["input_errors"] == 3 and metrics["images"] == 6
-    with pytest.raises(RuntimeError, match="max_input_error_rate"):
+    with pytest.raises(FailureRateError, match="max_input_error_rate"):
         grounding.check_input_errors(metrics, 0.2)
 
 

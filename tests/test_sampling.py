@@ -175,8 +175,11 @@ def test_compiled_sampler_gives_the_eager_images(models, sd, monkeypatch):
 
 @pytest.mark.parametrize("name", ["DDIMScheuler", "AutoencoderKL"])
 def test_scheduler_must_be_a_diffusers_scheduler_class(models, name):
-    with pytest.raises(ValueError, match=f"sampling.scheduler: '{name}' is not a diffusers scheduler class"):
-        make_sampler(models, cfg=SamplingCfg(scheduler=name))
+    """A wrong class name is a params error (one line, naming the key) before any model is loaded."""
+    from pipeline.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=f"sampling: scheduler: '{name}' is not a diffusers scheduler class"):
+        parse(SamplingCfg, {"scheduler": name}, "sampling")
     assert type(make_sampler(models, cfg=SamplingCfg(scheduler="DDIMScheduler")).pipe.scheduler).__name__ == "DDIMScheduler"
 
 

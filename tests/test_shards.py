@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import shards
+from pipeline.config import MissingInputError
 
 
 def _process(calls):
@@ -177,7 +178,7 @@ def test_shard_with_a_damaged_page_but_intact_footer(tmp_path):
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         shards.read_shards(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"artifacts/nouns: shard directory not found; run `dvc repro nouns`"):
+    with pytest.raises(MissingInputError, match=r"artifacts/nouns: shard directory not found; run `dvc repro nouns`"):
         shards.read_shards(tmp_path / "artifacts/nouns")
 
 

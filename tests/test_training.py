@@ -81,6 +81,24 @@ def test_load_records_joins_masks_and_counts_reasons(data_dirs):
     assert len(grounded) == stats["images_grounded"] and all(r.words for r in grounded)
 
 
+def test_undecodable_training_image_is_left_out_and_counted(data_dirs, tmp_path, caplog):
+    """Bytes that do not decode (a truncated PNG with status ok) are a recorded skip, not a DataLoader crash."""
+    import pandas as pd
+
+    images, masks = data_dirs
+    rows = list(iter_rows(images))
+    victim = next(r for r in rows if r["split"] == "train" and r["status"] == "ok")
+    victim["image"] = victim["image"][: len(victim["image"]) // 2]
+    damaged = tmp_path / "images"
+    write_shards(damaged, rows, lambda chunk: chunk, 6, fingerprint="fixture", code="test")
+    assert len(pd.concat([pd.read_parquet(p) for p in sorted(damaged.glob("*.parquet"))])) == len(rows)
+    records, stats = load_records(damaged, masks, RES)
+    clean, clean_stats = load_records(images, masks, RES)
+    assert stats["images_corrupt"] == 1 and clean_stats["images_corrupt"] == 0
+    assert {r.image_id for r in records} == {r.image_id for r in clean} - {victim["image_id"]}
+    assert f"image {victim['image_id']}: left out of training" in caplog.text
+
+
 def test_empty_masks_train_towards_zero_or_are_skipped(data_dirs, tmp_path, clip_tokenizer):
     """empty_mask / outside_crop rows (empty train_mask) and blank_mask rows (no mask stored) are words with an
     all-zero target by default, as the original trained them; ``empty_masks="skip"`` leaves them out."""
