@@ -1,11 +1,11 @@
 """Detector image preprocessing: the original's resize (``image_backend: pil``), batched and threaded,
 against transformers' faster approximation (``torchvision``), measured in the same run on the same images.
 
-For OWLv2 (960 px input, the MultiGen detector) and OWL-ViT (768 px, the VISOR detector), on 512 px images
-(the size SD1.4 samples): seconds per image of one batched processor call with each backend and of
-:func:`pipeline.multigen.pixel_values` (one image per thread), and how far the torchvision tensors lie
-from the pil ones (max and mean absolute difference in normalised pixel units). No weights are needed.
-Writes ``bench/results/detector_preprocess_cpu.json``.
+For OWLv2 (OWLv2-large's 1008 px input, the MultiGen detector) and OWL-ViT (768 px, the VISOR
+detector), on 512 px images (the size SD1.4 samples): seconds per image of one batched processor call with
+each backend and of :func:`pipeline.multigen.pixel_values` (one image per thread), and how far the
+torchvision tensors lie from the pil ones (max and mean absolute difference in normalised pixel units). No
+weights are needed. Writes ``bench/results/detector_preprocess_cpu.json``.
 
     python bench/detector_preprocess.py [--images 16] [--size 512]
 """
@@ -81,7 +81,7 @@ def measure(family: str, side: int, images: list[Image.Image]) -> dict[str, floa
 def run(count: int, size: int, sides: dict[str, int] | None = None) -> dict[str, Any]:
     """Every measurement in one dict (``sides``: detector input per family, default the real ones)."""
     images = test_images(count, size)
-    sides = sides or {"owlv2": 960, "owlvit": 768}
+    sides = sides or {"owlv2": 1008, "owlvit": 768}
     result: dict[str, Any] = {"images": count, "image_px": size, "threads": PREPROCESS_THREADS,
                               "cpu_count": os.cpu_count()}
     for family, side in sides.items():

@@ -289,7 +289,7 @@ def detect_batch(detector: Detector, images: Sequence[Any], queries: Sequence[Se
     Returns:
         B dicts with ``box_scores`` (N,) floats, ``box_labels`` (N,) ints in [0, Q), ``box_centers`` (N, 2)
         box centres (x, y) as fractions of the detector's square input, and ``label_max_scores`` (Q,);
-        N = the detector's number of boxes (3,600 for OWLv2-large at 960 px).
+        N = the detector's number of boxes (5,184 = 72² for OWLv2-large: 1008 px, patch 14).
     """
     import torch
 
