@@ -33,6 +33,46 @@ def test_stage_deps_cover_the_code_it_imports(name):
     assert not unused, f"dvc.yaml stage {name}: its script never imports {unused} (a change there reruns it)"
 
 
+def _foreach_keys(stage: dict, params: dict) -> list[str | None]:
+    """The ``${key}`` / ``${item}`` values of a stage: its foreach keys (or list items), or [None]."""
+    each = stage.get("foreach")
+    if each is None:
+        return [None]
+    if isinstance(each, str):  # ${eval_models}: a params mapping
+        each = params[each.strip("${}")]
+    return list(each)
+
+
+def _lookup(params: dict, dotted: str) -> bool:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("profile", ["demo", "paper"])
+def test_declared_params_exist_in_each_profile(profile):
+    """Every params key a stage declares names a value of params.yaml once ``${profile}``, ``${key}`` and
+    ``${item}`` are resolved (a misspelt key would make DVC refuse the stage); scale-bound keys go through
+    ``profiles.${profile}``, so the inactive profile's values never rerun a stage."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    bad, literal = [], []
+    for name, stage in STAGES.items():
+        body = stage.get("do", stage)
+        for each in _foreach_keys(stage, params):
+            for key in body.get("params", []):
+                literal += [f"{name}: {key}"] if key.startswith(("profiles.demo", "profiles.paper")) else []
+                dotted = key.replace("${profile}", profile)
+                if each is not None:
+                    dotted = dotted.replace("${key}", each).replace("${item}", each)
+                if not _lookup(params, dotted):
+                    bad.append(f"{name}@{each}: {dotted}")
+    assert not literal, f"declare profile keys as profiles.${{profile}}.<key>: {literal}"
+    assert not bad, f"dvc.yaml declares params that params.yaml lacks: {bad}"
+
+
 def test_import_closure_follows_relative_lazy_and_package_imports(tmp_path):
     """The closure of the training module holds what it imports directly (losses), through another module
     (attention via losses or training), lazily inside functions, and the zoo package's submodules."""
