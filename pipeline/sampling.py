@@ -414,18 +414,19 @@ def sampler_record(sampler: Sampler, ref: EvalModelRef) -> dict[str, Any]:
             "size": sampler.size, "dtype": str(sampler.pipe.unet.dtype), **checkpoint_of(ref.unet)}
 
 
-def checkpoint_of(unet: str | None, train_metrics: str | Path = "metrics/train.json") -> dict[str, Any]:
+def checkpoint_of(unet: str | None,
+                  trained_run: str | Path = "artifacts/train/unet/training_run.json") -> dict[str, Any]:
     """``unet_checkpoint_step`` and ``unet_checkpoint_fingerprint`` of a UNet inside a training checkpoint
     (``checkpoint-<step>/unet``, whose ``state.json`` names the training run), else ``{}``.
 
     The checkpoints folder holds the last training run of the workspace, which after switching experiments
-    may not be the run of ``artifacts/train/unet``: a fingerprint other than ``train_metrics``' is logged."""
+    may not be the run of ``artifacts/train/unet``: a fingerprint other than ``trained_run``'s is logged."""
     state_file = Path(unet).parent / "state.json" if unet and not unet.startswith("embedded:") else None
     if state_file is None or not state_file.is_file():
         return {}
     state = json.loads(state_file.read_text())
     found = {"unet_checkpoint_step": int(state["step"]), "unet_checkpoint_fingerprint": state.get("fingerprint")}
-    trained = Path(train_metrics)
+    trained = Path(trained_run)
     current = json.loads(trained.read_text()).get("fingerprint") if trained.is_file() else None
     if current is not None and current != found["unet_checkpoint_fingerprint"]:
         log.warning("%s comes from the training run %s, not from the run of the trained UNet in this workspace "

@@ -48,6 +48,7 @@ from .grounding import resize_center_crop, train_mask
 from .shards import STATUS_OK, code_digest, decode_error, image_from_bytes, iter_rows, rle_decode, rle_encode
 
 log = logging.getLogger(__name__)
+TRAINING_RUN_FILE = "training_run.json"  # beside the trained UNet: the run's fingerprint and steps
 
 MAX_TOKENS = 77
 

@@ -1,7 +1,8 @@
 """Stage `train`: TokenCompose fine-tuning of the profile's Stable Diffusion UNet (SPEC §1.5).
 
 Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
-Outs: artifacts/train/unet/ (diffusers layout, safetensors); artifacts/train/checkpoints/ (not a DVC output: resumes
+Outs: artifacts/train/unet/ (diffusers layout, safetensors, and training_run.json: the run's settings
+fingerprint and steps); artifacts/train/checkpoints/ (not a DVC output: resumes
 after a kill), metrics/train.json, plots/train_curves.csv; artifacts/train/this_run.json (where this
 run resumed, what it computed and how fast; not a DVC output). Multi-GPU: `accelerate launch -m stages.train`.
 """
@@ -15,14 +16,15 @@ from pathlib import Path
 from pipeline.config import Pixels, load_params, profile_fields, section
 from pipeline.losses import LossCfg
 from pipeline.runtime import dist_info, run_stage, setup_logging, stage_argument, write_json
-from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded, load_records, train,
-                               write_curves)
+from pipeline.training import (TRAINING_RUN_FILE, OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded,
+                               load_records, train, write_curves)
 
 log = logging.getLogger("stages.train")
 
 IMAGES, MASKS, OUT = Path("artifacts/data/images"), Path("artifacts/masks"), Path("artifacts/train")
 METRICS, CURVES = Path("metrics/train.json"), Path("plots/train_curves.csv")
 THIS_RUN = OUT / "this_run.json"  # resume step, samples, seconds, samples/s: not a DVC output
+TRAINING_RUN = OUT / "unet" / TRAINING_RUN_FILE  # which run made the UNet (its checkpoints carry the same)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,9 @@ def main() -> None:
     if not dist_info().is_main:
         return
     write_curves(CURVES, result.curves)
-    write_json(METRICS, {"profile": params["profile"], **result.metrics, **data_stats})
+    metrics = dict(result.metrics)
+    write_json(TRAINING_RUN, {"fingerprint": metrics.pop("fingerprint"), "steps": metrics["steps"]})
+    write_json(METRICS, {"profile": params["profile"], **metrics, **data_stats})
     write_json(THIS_RUN, result.this_run)
     log.info("train: %s", result.this_run)
 

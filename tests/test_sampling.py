@@ -410,11 +410,11 @@ def test_checkpoint_unet_records_its_step_and_training_run(tmp_path, caplog):
     unet = tmp_path / "checkpoints" / "checkpoint-20" / "unet"
     unet.mkdir(parents=True)
     (unet.parent / "state.json").write_text('{"step": 20, "fingerprint": "aaaa"}')
-    train = tmp_path / "train.json"
-    train.write_text('{"fingerprint": "aaaa"}')
+    train = tmp_path / "training_run.json"
+    train.write_text('{"fingerprint": "aaaa", "steps": 30}')
     assert checkpoint_of(str(unet), train) == {"unet_checkpoint_step": 20, "unet_checkpoint_fingerprint": "aaaa"}
     assert "another experiment" not in caplog.text
-    train.write_text('{"fingerprint": "bbbb"}')  # the workspace's trained UNet comes from another run
+    train.write_text('{"fingerprint": "bbbb", "steps": 30}')  # the workspace's trained UNet comes from another run
     assert checkpoint_of(str(unet), train)["unet_checkpoint_fingerprint"] == "aaaa"
     assert "comes from the training run aaaa" in caplog.text and "bbbb" in caplog.text
     assert checkpoint_of("artifacts/train/unet", train) == {} and checkpoint_of(None, train) == {}
