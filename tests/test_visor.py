@@ -217,9 +217,9 @@ def test_stage_tracks_every_sampler_setting_it_uses():
     from pipeline.sampling import SamplingScale
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["visor"]["do"]
-    listed = {p.split(".", 3)[3] for p in stage["params"] if p.startswith("profiles.demo.sampling.")}
+    listed = {p.split(".", 3)[3] for p in stage["params"] if p.startswith("profiles.${profile}.sampling.")}
     assert listed == {f.name for f in fields(SamplingScale)} - {"images_per_prompt", "max_prompts"}
-    assert {"sampling", "visor", "profiles.paper.visor"} <= set(stage["params"])
+    assert {"sampling", "visor", "profiles.${profile}.visor"} <= set(stage["params"])
 
 
 @pytest.mark.parametrize("key, value, message", [
