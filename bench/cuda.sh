@@ -4,11 +4,11 @@
 #
 #   bash bench/cuda.sh [train|sampling|all]   # default all; results in bench/results/ (and $OUT if set)
 #
-# On a machine without this project's dependencies, put their wheels in .whl/ (diffusers, transformers,
-# open_clip_torch, ftfy, wcwidth, importlib_metadata, pycocotools; torch from the machine): they are
-# installed into a private folder first. Each part takes about 4-5 minutes on an H200, most of it the
-# compilation; run the parts separately where one command may run at most 10 minutes. With $OUT set, the
-# JSON is written there (after every variant, "complete": false until the last), else to bench/results/.
+# On an offline machine without this project's dependencies, put their wheels in .whl/ (diffusers,
+# transformers, open_clip_torch, ftfy, wcwidth, importlib_metadata, pycocotools; torch from the machine):
+# they are installed into a private folder first. Each part takes about 4-5 minutes on an H200, most of it
+# the compilation; run the parts as separate jobs under a job time limit. With $OUT set, the JSON is
+# written there (after every variant, "complete": false until the last), else to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then

@@ -1,5 +1,5 @@
 """The GPU benchmark scripts run every variant: exercised on the CPU with the tiny models, one step each,
-so a GPU session spends its time measuring rather than finding a broken variant."""
+so a GPU run spends its time measuring rather than finding a broken variant."""
 
 from __future__ import annotations
 
