@@ -123,11 +123,7 @@ class AttentionStore:
         """Store ``probs`` (batch, heads, H*W, keys) under ``group``."""
         if not self.enabled:
             return
-        side = math.isqrt(probs.shape[2])
-        if side * side != probs.shape[2]:
-            raise ValueError(f"{group}: {probs.shape[2]} query positions is not a square latent; "
-                             "capture needs square latents (height == width)")
-        self._seen_res[group] = side
+        self._seen_res[group] = side_of(probs.shape[2], f"{group} (capture needs square latents)")
         self.maps[group].append(probs.detach() if self.detach else probs)
 
     def resolution(self, group: str) -> int:
@@ -136,7 +132,7 @@ class AttentionStore:
 
     def _config_resolution(self, group: str) -> int:
         """``group``'s map size at the configured latent size (``sample_size`` / 2**level)."""
-        res = int(group.rsplit("_", 1)[1])  # "up_64", or "self_up_64" for self-attention groups
+        res = int(group.rsplit("_", 1)[1])  # "up_64" -> 64
         level = int(math.log2(64 // res))
         return self.sample_size // 2**level
 
@@ -185,6 +181,14 @@ class CaptureProcessor:
 
 GROUP_NAMING = "{down|mid|up}_{64,32,16,8}: the block and its latent side for SD1.4 at 512 px"
 _GROUP = re.compile(r"(down|mid|up)_\d+")
+
+
+def side_of(num_queries: int, what: str = "attention map") -> int:
+    """The side ``h`` of a square map with ``h*h == num_queries``; ``ValueError`` naming ``what`` otherwise."""
+    side = math.isqrt(num_queries)
+    if side * side != num_queries:
+        raise ValueError(f"{what}: {num_queries} query positions do not form a square map (height == width)")
+    return side
 
 
 def check_group_names(names: Iterable[str]) -> None:

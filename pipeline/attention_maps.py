@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import capture_cross_attention, check_group_names, restore_attention
+from .attention import capture_cross_attention, check_group_names, restore_attention, side_of
 from .config import ConfigError, NonEmpty, PositiveInt, active_profile, section
 from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
 from .sampling import (STATUS_FAILED, EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale,
-                       eval_model, load_pipeline, resolve_dtype)
+                       eval_model, open_sampler)
 from .runtime import rank_device
 from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
 from .text import CaptionTokens, align_phrase, locate_phrases
@@ -72,13 +72,6 @@ def group_map(layer_maps: Sequence[torch.Tensor], num_images: int | None = None)
     mean = stacked.mean(dim=(0, 2))
     return mean if num_images is None else conditional_half(mean, num_images)
 
-
-def side_of(num_queries: int) -> int:
-    """The side ``h`` of a square map with ``h*h == num_queries`` (a clear error otherwise)."""
-    side = math.isqrt(num_queries)
-    if side * side != num_queries:
-        raise ValueError(f"{num_queries} attention queries do not form a square map")
-    return side
 
 
 def token_maps(group: torch.Tensor, token_indices: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -340,10 +333,8 @@ def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRe
     """
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
     model, ref = recordable_model(params, key)
-    device = rank_device()
-    pipe = load_pipeline(ref, model.sampler, Path(active_profile(params)["models_dir"]), cfg,
-                         resolve_dtype(scale.dtype, device), device)
-    return Sampler(pipe, model.sampler, cfg, scale, int(params["seed"])), ref
+    models_dir = Path(active_profile(params)["models_dir"])
+    return open_sampler(ref, model, models_dir, cfg, scale, int(params["seed"]), rank_device()), ref
 
 
 def sample_with_attention(sampler: Sampler, items: Sequence[SampleItem], groups: Sequence[str],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import textwrap
 from typing import Any, Collection, Mapping, Sequence
 
@@ -13,8 +12,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-log = logging.getLogger(__name__)
 
 DPI = 100
 

@@ -68,8 +68,6 @@ MASK_STATUSES = {
     "bad_metadata": "authors: the metadata line is not valid JSON with file_name/text/attn_list",
 }
 INPUT_ERRORS = ("missing_image", "corrupt_image", "bad_metadata", "missing_mask_file", "corrupt_mask")
-ROW_COLUMNS = ("image_id", "caption", "phrase", "token_indices", "mask", "train_mask", "box", "score", "status",
-               "error")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import check_group_names
+from .attention import check_group_names, side_of
 from .config import NonNegativeFloat
 
 
@@ -177,7 +177,7 @@ def grounding_loss(maps: dict[str, list[torch.Tensor]], targets: GroundingTarget
                 raise ValueError(f"no captured maps for group {group!r}; capture it (attention.capturing) "
                                  "and run the UNet forward before computing the loss")
             stacked = torch.stack(layer_maps)  # (L, B, h, P, K)
-            res = _side(stacked.shape[3], group)
+            res = side_of(stacked.shape[3], group)
             cols = gather_token_maps(stacked, targets.token_ids)
             masks_small = resize_masks(targets.masks, res)
             token_by[group] = token_loss(cols, masks_small, targets).mean()
@@ -191,10 +191,3 @@ def _on_device(targets: GroundingTargets, maps: dict[str, list[torch.Tensor]], g
         if maps.get(group):
             return targets.to(maps[group][0].device)
     return targets
-
-
-def _side(positions: int, group: str) -> int:
-    side = int(round(positions ** 0.5))
-    if side * side != positions:
-        raise ValueError(f"{group}: {positions} query positions is not a square map")
-    return side

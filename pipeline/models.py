@@ -13,7 +13,6 @@ Every model parameter in ``params.yaml`` is a string:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +20,6 @@ from typing import Any, Literal
 import torch
 
 from .config import ConfigError, StageError
-
-log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 

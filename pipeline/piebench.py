@@ -37,6 +37,7 @@ from .config import Bounds, ConfigError, NonNegativeInt
 from .benchmarks import PieBenchEntry, load_example, strip_brackets
 from .models import ModelLoadError, from_pretrained, parse_ref, resolve
 from .seeding import derive_seed
+from .shards import image_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def jpeg_roundtrip(image: np.ndarray, quality: int = 75) -> np.ndarray:
     """Encode (H, W, 3) uint8 as JPEG at ``quality`` and decode it again."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return np.asarray(image_from_bytes(buf.getvalue()))
 
 
 def prepare_edit(edit: np.ndarray, size: tuple[int, int], cfg: PieBenchCfg) -> np.ndarray:
@@ -340,7 +341,7 @@ def score_edits(
     ``image_id``, ``editing_type_id``, ``status`` ("ok", the edit's own failure status, "missing_edit",
     "bad_input"), ``error`` and the raw metrics of :data:`METRICS` (NaN when not scored).
     """
-    from .shards import STATUS_OK, image_from_bytes
+    from .shards import STATUS_OK
 
     rows, shown = [], []
     for image_id, entry in tqdm(entries.items(), desc="piebench", unit="image"):

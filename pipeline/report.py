@@ -33,6 +33,7 @@ from .config import InputDataError, MissingInputError
 from .figures import curves_figure, grouped_bars
 from .multigen import MG_LEVELS
 from .piebench import TABLE as PIE_TABLE
+from .shards import image_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def load_published(path: str | Path) -> dict[str, Any]:
     for part in ("multigen", "visor", "piebench"):
         if not data[part].get("rows") or not data[part].get("source"):
             raise InputDataError(f"{path}: '{part}' needs 'source' and 'rows'")
+    if not isinstance(data["study"], dict) or not data["study"].get("note"):
+        raise InputDataError(f"{path}: 'study' needs a 'note'")
     return data
 
 
@@ -410,10 +413,7 @@ def training_section(metrics: Mapping[str, Any] | None, curves_csv: Path) -> Sec
 
 
 def study_section(study: Mapping[str, Any]) -> Section:
-    """The follow-up study's own tables: shown when recorded, otherwise a statement that they are not."""
-    if study.get("recorded"):
-        raise InputDataError("data/published.yaml: study.recorded is true but study tables are not supported yet; "
-                         "add them as multigen/piebench rows with their source instead")
+    """What ``data/published.yaml`` says of the follow-up study's own tables (``study.note``)."""
     return Section("Study tables", [Text(study["note"], kind="note")])
 
 
@@ -510,7 +510,7 @@ def embedded_image(png: bytes, limit: int = EMBED_PNG_LIMIT, max_width: int = EM
     most ``max_width`` wide, so a page of many attention grids stays a few MB."""
     if len(png) <= limit:
         return "image/png", png
-    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image_from_bytes(png)
     if image.width > max_width:
         image = image.resize((max_width, round(image.height * max_width / image.width)), Image.Resampling.LANCZOS)
     buf = io.BytesIO()

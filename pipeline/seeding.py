@@ -29,9 +29,9 @@ def standard_normal(generators: Sequence[torch.Generator], shape: Sequence[int])
     return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators])
 
 
-def torch_generator(seed: int, *key: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded from (``seed``, ``key``)."""
-    gen = torch.Generator(device=device)
+def torch_generator(seed: int, *key: object) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from (``seed``, ``key``): draws are the same on every device."""
+    gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, *key))
     return gen
 

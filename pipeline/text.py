@@ -32,9 +32,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Annotated, Any, Iterable, Literal, Sequence
 
-from .config import ConfigError, Fraction, InputDataError, MissingInputError, PositiveInt, StageError
+from .config import Bounds, ConfigError, Fraction, InputDataError, MissingInputError, PositiveInt, StageError
 from .seeding import derive_seed
 from .shards import STATUS_OK
 
@@ -73,7 +73,7 @@ CAPTION_REASONS = {
 class TextCfg:
     """Top-level ``text`` params (identical in every profile)."""
 
-    max_token_index: PositiveInt  # largest allowed position (75: SOT at 0, EOT at 76 after truncation)
+    max_token_index: Annotated[int, Bounds(low=1, high=75)]  # largest position (75: SOT at 0, EOT at 76)
     max_skip_rate: Fraction  # the nouns stage fails when a larger share of captions is skipped
     tagger_iterations: PositiveInt = 10  # training epochs of the embedded tagger
 

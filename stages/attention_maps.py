@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.attention_maps import (AttentionMapsCfg, AttentionMapsScale, load_sampler, recordable_model,
                                      write_attention_figures)
 from pipeline.config import load_params, section
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import FailureRateError, run_stage, setup_logging, stage_argument, write_json
 
 log = logging.getLogger("stages.attention_maps")
 OUT = Path("plots/attention")
@@ -39,7 +39,7 @@ def main() -> None:
     write_json("metrics/attention_maps.json", metrics)
     missing = [k for k in scale.models if metrics[f"{k}_figures"] < len(scale.prompts)]
     if missing:
-        raise SystemExit(f"attention_maps: sampling failed for some prompts of {missing}; see the log above")
+        raise FailureRateError(f"attention_maps: sampling failed for some prompts of {missing}; see the log above")
 
 
 if __name__ == "__main__":

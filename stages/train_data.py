@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import Fraction, PositiveInt, load_params, section
+from pipeline.config import Fraction, FractionBelowOne, PositiveInt, load_params, section
 from pipeline.demo_data import DemoDataScale, image_set_summary, write_demo_training_set
 from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
 
@@ -26,7 +26,7 @@ class TrainDataScale:
 
     source: Literal["demo", "coco"]
     shard_size: PositiveInt
-    heldout_fraction: Fraction
+    heldout_fraction: FractionBelowOne
     max_failed_rate: Fraction = 0.01  # fail when more images than this could not be downloaded or decoded
     tokencompose_metadata: str = ""  # coco: URL or path of TokenCompose's train metadata.jsonl
     image_base_url: str = ""  # coco: URL or folder the COCO train2017 file names are joined to

@@ -228,6 +228,8 @@ def test_values_at_the_bounds_are_accepted():
     ("attention_maps", "groups", ["foo_8"], r"attention_maps: unknown cross-attention group name"),
     ("sampling", "scheduler", "FooScheduler", r"sampling: scheduler: 'FooScheduler' is not a diffusers scheduler"),
     ("profile.piebench", "clip_model", "bogus", r"profiles.demo.piebench: clip_model 'bogus': expected ARCH:TAG"),
+    ("text", "max_token_index", 76, r"text.max_token_index: 76 is out of range; expected >= 1 and <= 75"),
+    ("profile.data", "heldout_fraction", 1.0, r"profiles.demo.data.heldout_fraction: 1.0 is out of range"),
     ("sampling", "attend_excite", {"thresholds": {"ten": 0.5}}, r"thresholds: keys are denoising step indices"),
     ("sampling", "attend_excite", {"thresholds": {0: 1.5}}, r"sampling.attend_excite.thresholds.0: 1.5 is out of"),
     ("sampling", "attend_excite", {"attn_res": [16]}, r"attn_res: give \(height, width\)"),
@@ -243,6 +245,8 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
     from pipeline.losses import LossCfg
     from pipeline.multigen import MultiGenCfg, MultiGenScale
     from pipeline.piebench import PieBenchScale
+    from pipeline.text import TextCfg
+    from stages.train_data import TrainDataScale
     from pipeline.attention_maps import AttentionMapsCfg, GroundingEvalCfg
     from pipeline.sampling import SamplingScale
     from pipeline.sample_grid import SampleGridCfg
@@ -254,7 +258,7 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
                "profile.multigen": MultiGenScale, "grounding": GroundingCfg, "multigen": MultiGenCfg,
                "editing": EditingCfg, "loss": LossCfg, "grounding_eval": GroundingEvalCfg,
                "sample_grid": SampleGridCfg, "attention_maps": AttentionMapsCfg,
-               "profile.piebench": PieBenchScale}
+               "profile.piebench": PieBenchScale, "text": TextCfg, "profile.data": TrainDataScale}
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     node = params["profiles"]["demo"] if dotted.startswith("profile.") else params
     node[dotted.split(".")[-1]][key] = value

@@ -132,12 +132,10 @@ def save_sd_pipeline(out_dir: Path, components: dict) -> None:
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def build_sd14_unet(seed: int | None = None) -> torch.nn.Module:
-    """SD1.4's UNet architecture with random weights (in memory; ~3.4 GB in fp32)."""
+def build_sd14_unet(seed: int) -> torch.nn.Module:
+    """SD1.4's UNet architecture with seeded random weights (in memory; ~3.4 GB in fp32)."""
     from diffusers import UNet2DConditionModel
 
-    if seed is None:
-        return UNet2DConditionModel(**SD14_UNET)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(**SD14_UNET)
