@@ -78,15 +78,18 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def check_failure_rate(failed: int, total: int, limit: float, where: str, param: str) -> None:
+RETRIED_ROWS = "see the rows' `error` column, fix the cause and rerun (failed rows are retried)"
+
+
+def check_failure_rate(failed: int, total: int, limit: float, where: str, param: str,
+                       remedy: str = RETRIED_ROWS) -> None:
     """Raise when more than ``limit`` of ``total`` items failed (DESIGN §5: a stage fails loudly).
 
-    ``param`` names the params key that sets ``limit``, so the message says how to accept more failures.
-    Finished rows are kept in the stage's shards: a rerun retries only the failed ones.
+    ``param`` names the params key that sets ``limit``, so the message says how to accept more failures;
+    ``remedy`` says how to fix them (the default: shard stages, whose rerun retries only the failed rows).
     """
     if total and failed / total > limit:
-        raise FailureRateError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); see the rows' `error` "
-                               f"column, fix the cause and rerun (failed rows are retried), or raise {param}")
+        raise FailureRateError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); {remedy}, or raise {param}")
 
 
 def release_memory() -> None:

@@ -49,9 +49,11 @@ def main(key: str) -> None:
         same = compare_with_samples(Path("artifacts/samples") / key / name, samples, items)
         metrics.update({f"{name}_prompts": len(prompts), **{f"{name}_{k}": v for k, v in same.items()}})
     metrics.update(summarize_grounding(rows, cfg.groups))
-    check_failure_rate(grounding_failures(metrics), metrics["categories"], gsam.max_failed_rate,
-                       f"grounding_eval {key} categories", "grounding.max_failed_rate")
     write_json(f"metrics/grounding/{key}.json", metrics)
+    check_failure_rate(grounding_failures(metrics), metrics["categories"], gsam.max_failed_rate,
+                       f"grounding_eval {key} categories", "grounding.max_failed_rate",
+                       f"the status_* counts in metrics/grounding/{key}.json say where they failed (sampling or "
+                       f"Grounded-SAM); fix the cause and rerun")
     log.info("%s: %d of %d categories scored; mean share %.3f (uniform attention: %.3f)", key,
              metrics["categories_scored"], metrics["categories"], metrics["share_mean"], metrics["mask_area_mean"])
 

@@ -51,7 +51,8 @@ def main(key: str) -> None:
     for name in mg.prompt_sets:
         lost = metrics[f"{name}_images_failed"] + metrics[f"{name}_images_missing"]
         check_failure_rate(lost, metrics[f"{name}_images_expected"], mg.max_failed_rate, f"{key}/{name} images",
-                           "multigen.max_failed_rate")
+                           "multigen.max_failed_rate", f"they failed or are missing in sample@{key} or detect@{key}: "
+                           f"rerun those stages (they retry failed rows)")
 
 
 if __name__ == "__main__":

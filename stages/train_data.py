@@ -49,7 +49,8 @@ def main() -> None:
     summary = image_set_summary(OUT)
     log.info("train_data: %s", summary)
     check_failure_rate(summary["failed"], summary["images"], cfg.max_failed_rate, "train_data images",
-                       f"profiles.{params['profile']}.data.max_failed_rate")
+                       f"profiles.{params['profile']}.data.max_failed_rate",
+                       f"see the `status`/`error` columns of {OUT} (failed downloads are fetched again on a rerun)")
     write_json("metrics/train_data.json", {"profile": params["profile"], "source": cfg.source, "seed": seed,
                                            "heldout_fraction": cfg.heldout_fraction, **summary})
 

@@ -13,6 +13,8 @@ def test_failure_rate_limit_is_inclusive_and_names_the_param():
     check_failure_rate(0, 0, 0.0, "nothing", "p")  # no items: nothing to judge
     with pytest.raises(RuntimeError, match=r"masks rows: 2 of 100 failed \(limit 1.0%\).*raise grounding.max_failed_rate"):
         check_failure_rate(2, 100, 0.01, "masks rows", "grounding.max_failed_rate")
+    with pytest.raises(FailureRateError, match=r"failed \(limit 1.0%\); rerun detect@x, or raise p$"):
+        check_failure_rate(2, 100, 0.01, "x images", "p", "rerun detect@x")
 
 
 def test_final_barrier_outlasts_nccl_default_timeout(monkeypatch):
