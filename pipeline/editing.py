@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from .config import Bounds, Fraction, PositiveInt
-from .seeding import derive_seed, standard_normal, torch_generator
+from .seeding import derive_seed, standard_normal
 from .shards import STATUS_OK, dir_files, files_digest, png_bytes
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class BlendedLatentEditor:
         pipe = self.pipe
         images = torch.stack([source_tensor(it.image, self.resolution) for it in items])
         masks = torch.stack([latent_mask(it.mask, self.latent_size, self.cfg.mask_threshold) for it in items])
-        gens = [torch_generator(self.seed, SEED_KEY, it.image_id) for it in items]
+        gens = [torch.Generator().manual_seed(self.image_seed(it.image_id)) for it in items]  # the rows' seed
         z_src = encode_source(pipe.vae, images)
         text = encode_prompts(pipe.tokenizer, pipe.text_encoder, [it.prompt for it in items])
         z = blended_latent_loop(pipe.unet, self.scheduler, z_src, masks, text, gens, self.cfg, self.steps)

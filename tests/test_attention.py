@@ -54,6 +54,22 @@ def test_capture_covers_exactly_the_configured_layers(tiny_unet):
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny_unet.attn_processors.values())
 
 
+def test_paused_blocks_nest_and_restore_the_previous_state():
+    """A pause inside a pause, or on a store already off, must not switch capture back on when it ends."""
+    from pipeline.attention import AttentionStore
+
+    store = AttentionStore({}, sample_size=64)
+    with store.paused():
+        with store.paused():
+            pass
+        assert not store.enabled
+    assert store.enabled
+    store.enabled = False
+    with store.paused():
+        pass
+    assert not store.enabled
+
+
 def test_unknown_group_is_refused(tiny_unet):
     from pipeline.config import ConfigError
 

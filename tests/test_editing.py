@@ -16,6 +16,7 @@ from pipeline.benchmarks import decode_mask
 from pipeline.editing import (BlendedLatentEditor, bld_scheduler, EditingCfg, EditItem, blended_latent_loop,
                               decode_latents, edit_rows, encode_prompts, encode_source, latent_mask, source_tensor)
 from pipeline.models import load_sd_pipeline
+from pipeline.seeding import derive_seed
 from pipeline.shards import image_from_bytes, read_shards, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,14 @@ def test_latent_mask_is_pil_nearest_sampling_of_centres():
         latent_mask(np.zeros((4, 4, 3)), 2)
 
 
+def test_latent_mask_binarises_at_the_threshold():
+    """A soft mask is cut at ``editing.mask_threshold`` (SPEC §4.1-4.2: 0.5), not at "any value > 0"."""
+    soft = np.full((128, 128), 0.3, dtype=np.float32)
+    assert latent_mask(soft, 16).sum() == 0
+    assert latent_mask(soft, 16, threshold=0.25).sum() == 16 * 16
+    assert latent_mask(np.full((128, 128), 0.5, np.float32), 16).sum() == 16 * 16  # >= threshold
+
+
 def test_scheduler_is_the_bld_script_ddim():
     """The editor's scheduler: SD's scaled-linear betas (0.00085 -> 0.012), no clipping, no alpha-one final
     step, leading spacing from 0 (SPEC §4.1); its cumulative alphas equal a NumPy computation."""
@@ -189,6 +198,23 @@ def test_batch_and_seed_reproducibility(pipe):
     assert np.abs(other_seed.astype(int) - alone).mean() > 1
 
 
+def test_each_image_draws_from_its_own_id(pipe):
+    """The noise is keyed by image id (global seed, "bld", id), not by prompt or position: the same image
+    and prompt under two ids edit differently, and an edit equals the loop run with that id's generator."""
+    editor = BlendedLatentEditor(pipe, EditingCfg(), 6, seed=0)
+    a, b = (EditItem(name, scene(3), box_mask(), "a red ball") for name in ("a", "b"))
+    out_a, out_b = editor.edit([a, b])
+    assert np.abs(out_a.astype(int) - out_b).mean() > 1
+    assert editor.image_seed("a") == derive_seed(0, "bld", "a")
+    z_src = encode_source(pipe.vae, source_tensor(a.image, editor.resolution)[None])
+    text = encode_prompts(pipe.tokenizer, pipe.text_encoder, [a.prompt])
+    masks = latent_mask(a.mask, editor.latent_size, 0.5)[None]
+    gens = [torch.Generator().manual_seed(derive_seed(0, "bld", "a"))]
+    direct = decode_latents(pipe.vae, blended_latent_loop(pipe.unet, editor.scheduler, z_src, masks, text, gens,
+                                                          EditingCfg(), 6))[0]
+    assert np.abs(direct.astype(int) - out_a).max() <= 1
+
+
 def test_edit_rows_keep_bad_inputs_and_resume_identically(pipe, tmp_path):
     editor = BlendedLatentEditor(pipe, EditingCfg(), 4, seed=0)
     records = [(f"img{i}", i) for i in range(5)]
@@ -209,6 +235,7 @@ def test_edit_rows_keep_bad_inputs_and_resume_identically(pipe, tmp_path):
     assert "missing" in first.loc[2, "error"] and first.loc[2, "image"] is None
     assert image_from_bytes(first.loc[0, "image"]).size == (128, 128)
     assert first.loc[0, "mask_fraction"] == pytest.approx(0.25)
+    assert [int(s) for s in first["seed"]] == [derive_seed(0, "bld", r[0]) for r in records]  # the seed used
     (out / "part-00001.parquet").unlink()  # a killed run: resume writes the same bytes
     write_shards(out, records, process, shard_size=2, fingerprint={"v": 1}, code="test")
     again = read_shards(out)

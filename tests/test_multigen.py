@@ -143,6 +143,12 @@ def test_official_prompt_files_load(shared_data):
     assert queries_for(coco[0].objects, TEMPLATE)[0] == "a photo of a book"
 
 
+def test_queries_keep_prompt_order():
+    """Label index k means the prompt's k-th object, so the queries must not be reordered."""
+    assert queries_for(["vase", "book", "cup"], TEMPLATE) == ["a photo of a vase", "a photo of a book",
+                                                             "a photo of a cup"]
+
+
 # --- detection on the tiny OWLv2 ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

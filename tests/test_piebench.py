@@ -182,6 +182,15 @@ def test_structure_distance_matches_manual_keys(embedded, models_dir, images, in
     assert metric(source, source) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_structure_preprocess_keeps_the_aspect_ratio(embedded, models_dir):
+    """``Resize(224, max_size=480)`` (SPEC §5.5): the short side to 224 unless the long side would pass 480."""
+    embedded("tiny-dino")
+    metric = pb.StructureDistance.load("embedded:tiny-dino", models_dir, "0-255")
+    wide = np.zeros((1, 256, 512, 3), np.uint8)
+    assert tuple(metric.preprocess(wide).shape) == (1, 3, 224, 448)
+    assert tuple(metric.preprocess(np.zeros((1, 100, 400, 3), np.uint8)).shape) == (1, 3, 120, 480)
+
+
 def test_nan_rules(scorer, images):
     source, edit, _ = images
     full = np.ones((64, 64), np.uint8)  # e.g. a style edit: no background

@@ -99,6 +99,31 @@ def test_undecodable_training_image_is_left_out_and_counted(data_dirs, tmp_path,
     assert f"image {victim['image_id']}: left out of training" in caplog.text
 
 
+def test_resume_takes_the_latest_checkpoint_of_this_run_within_max_steps(tmp_path):
+    """A shorter rerun (max_steps below the newest checkpoint) resumes from an earlier one, never a later one."""
+    for step, fingerprint in ((2, "run"), (4, "run"), (6, "other")):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+    assert training.find_resume(tmp_path, "run", max_steps=10) == tmp_path / "checkpoint-4"
+    assert training.find_resume(tmp_path, "run", max_steps=3) == tmp_path / "checkpoint-2"
+    assert training.find_resume(tmp_path, "run", max_steps=1) is None
+    assert training.find_resume(tmp_path, "another", max_steps=10) is None
+
+
+def test_v_prediction_target_is_the_velocity():
+    """v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0 (Salimans & Ho 2022), abar from the scheduler's table."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    x0, eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).chunk(2)
+    t = torch.tensor([500])
+    abar = scheduler.alphas_cumprod.numpy()[500]
+    want = np.sqrt(abar) * eps.numpy() - np.sqrt(1 - abar) * x0.numpy()
+    np.testing.assert_allclose(training._target(scheduler, x0, eps, t).numpy(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(training._target(DDPMScheduler(), x0, eps, t), eps)
+
+
 def test_empty_masks_train_towards_zero_or_are_skipped(data_dirs, tmp_path, clip_tokenizer):
     """empty_mask / outside_crop rows (empty train_mask) and blank_mask rows (no mask stored) are words with an
     all-zero target by default, as the original trained them; ``empty_masks="skip"`` leaves them out."""
