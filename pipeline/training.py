@@ -852,7 +852,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(model.parameters())
         if self.acc.is_main_process:
-            model.save_pretrained(Path(self.run.out_dir) / "unet", safe_serialization=True)
+            unet_dir = Path(self.run.out_dir) / "unet"
+            model.save_pretrained(unet_dir, safe_serialization=True)
+            run = {"fingerprint": self.fingerprint, "steps": step}  # which run made these weights
+            (unet_dir / TRAINING_RUN_FILE).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
         this_run = {"resumed_from_step": start, "samples_this_run": samples, "seconds_this_run": round(wall, 2),
                     "samples_per_s": round(samples / wall, 3) if wall > 0 and samples else None,
                     # images through the VAE encoder on rank 0 in this run

@@ -16,15 +16,14 @@ from pathlib import Path
 from pipeline.config import Pixels, load_params, profile_fields, section
 from pipeline.losses import LossCfg
 from pipeline.runtime import dist_info, run_stage, setup_logging, stage_argument, write_json
-from pipeline.training import (TRAINING_RUN_FILE, OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded,
-                               load_records, train, write_curves)
+from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded, load_records, train,
+                               write_curves)
 
 log = logging.getLogger("stages.train")
 
 IMAGES, MASKS, OUT = Path("artifacts/data/images"), Path("artifacts/masks"), Path("artifacts/train")
 METRICS, CURVES = Path("metrics/train.json"), Path("plots/train_curves.csv")
 THIS_RUN = OUT / "this_run.json"  # resume step, samples, seconds, samples/s: not a DVC output
-TRAINING_RUN = OUT / "unet" / TRAINING_RUN_FILE  # which run made the UNet (its checkpoints carry the same)
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,7 @@ def main() -> None:
     if not dist_info().is_main:
         return
     write_curves(CURVES, result.curves)
-    metrics = dict(result.metrics)
-    write_json(TRAINING_RUN, {"fingerprint": metrics.pop("fingerprint"), "steps": metrics["steps"]})
+    metrics = {k: v for k, v in result.metrics.items() if k != "fingerprint"}  # in unet/training_run.json
     write_json(METRICS, {"profile": params["profile"], **metrics, **data_stats})
     write_json(THIS_RUN, result.this_run)
     log.info("train: %s", result.this_run)
