@@ -37,25 +37,36 @@ def test_sampling_cpu_row():
           f"**{speed['seeded_fp32_batch8_compiled']:.2f}×**")
 
 
-def test_sampling_cpu_row_in_docs():
-    r = result("sampling_throughput_cpu.json")
-    rows = [line for line in (REPO / "docs" / "multigen.md").read_text().splitlines()
-            if line.startswith("| CPU (2 threads) | tiny-sd")]
+@pytest.mark.parametrize("device,start", [("cpu", "| CPU (2 threads) | tiny-sd"), ("cuda", "| NVIDIA H100")])
+def test_sampling_rows_in_docs(device, start):
+    r = result(f"sampling_throughput_{device}.json")
+    rows = [line for line in (REPO / "docs" / "multigen.md").read_text().splitlines() if line.startswith(start)]
     assert len(rows) == 1
     ips = {k[: -len("_images_per_s")]: v for k, v in r.items() if k.endswith("_images_per_s")}
     cells = [f"| {ips.pop('original_fp32_batch1'):.2f} |"]
     cells += [f"{v:.2f} ({r[name + '_speedup']:.2f}×)" for name, v in ips.items()]
+    assert len(cells) == (5 if device == "cpu" else 6)
     cited(rows[0], *cells)
 
 
 def test_sampling_cuda_row():
     r = result("sampling_throughput_cuda.json")
+    assert r["complete"] and r["device"].startswith("NVIDIA H100")
+    speed = {k: r[f"{k}_speedup"] for k in ("sdpa_fp32_batch1", "seeded_fp32_batched", "seeded_float16_batched",
+                                           "seeded_float16_batch20", "seeded_float16_batch20_compiled")}
     cited(readme_row("| same, SD1.4 architecture, 512 px, 50 steps"),
-          f"SDPA loop {r['original_fp32_batch1_images_per_s']:.2f} images/s", f"fp32 batched {r['seeded_fp32_batched_speedup']:.2f}×",
-          f"fp16 batched **{r['seeded_float16_batched_speedup']:.1f}×**")
+          f"| H100 | {r['original_fp32_batch1_images_per_s']:.2f} images/s", f"SDPA {speed['sdpa_fp32_batch1']:.2f}×",
+          f"batched {speed['seeded_fp32_batched']:.2f}×", f"+ fp16 {speed['seeded_float16_batched']:.2f}×",
+          f"two prompts per call {speed['seeded_float16_batch20']:.2f}×",
+          f"**{speed['seeded_float16_batch20_compiled']:.2f}×**")
 
 
-@pytest.mark.parametrize("device,start", [("cpu", "| `bench/train_step.py`"), ("cuda", "| same, SD1.4 UNet at 512 px")])
+TRAIN_GAINS = {"capture": "capture", "cached_latents": "latent cache", "bf16": "bf16", "batch8": "batch 8",
+               "no_checkpointing": "checkpointing off", "batch16": "batch 16", "compiled": "`compile`"}
+
+
+@pytest.mark.parametrize("device,start", [("cpu", "| `bench/train_step.py`"),
+                                          ("cuda", "| same, SD1.4 architecture at 512")])
 def test_training_rows(device, start):
     r = result(f"train_step_{device}.json")
     ratios, base = r["ratios"], r["variants"]["baseline"]["samples_per_s"]
@@ -63,13 +74,26 @@ def test_training_rows(device, start):
     cited(row, f"{base:.1f} samples/s" if device == "cpu" else f"{base:.2f} samples/s",
           f"capture{' only needed layers' if device == 'cpu' else ''} {ratios['capture_vs_baseline_speedup']:.2f}× "
           f"({ratios['capture_vs_baseline_memory']:.2f}× memory)")
-    if device == "cpu":
-        cited(row, f"latent cache {ratios['cached_latents_vs_baseline_speedup']:.2f}×",
-              f"batch 8 {ratios['batch8_vs_baseline_speedup']:.2f}×", f"batch 16 {ratios['batch16_vs_baseline_speedup']:.2f}×",
-              f"**{ratios['compiled_vs_baseline_speedup']:.2f}×**")
-    else:
-        cited(row, f"bf16 {ratios['bf16_vs_baseline_speedup']:.2f}×", f"**{ratios['batch8_vs_baseline_speedup']:.1f}×**",
-              f"({ratios['batch8_vs_baseline_memory']:.2f}× memory)")
+    measured = [n for n in TRAIN_GAINS if n in r["variants"] and n != "capture"]
+    assert len(measured) == (4 if device == "cpu" else 6)
+    for name in measured:
+        speed = f"{ratios[f'{name}_vs_baseline_speedup']:.2f}×"
+        cited(row, f"**{speed}**" if name == "compiled" else f"{TRAIN_GAINS[name]} {speed}")
+    if device == "cuda":
+        assert r["complete"] and r["device_name"].startswith("NVIDIA H100")
+        cited(row, f"({ratios['batch8_vs_baseline_memory']:.2f}× memory)",
+              f"({ratios['compiled_vs_baseline_memory']:.2f}× memory)")
+
+
+def test_training_table_in_docs():
+    r = result("train_step_cuda.json")
+    doc = (REPO / "docs" / "training.md").read_text().splitlines()
+    base = r["variants"]["baseline"]["samples_per_s"]
+    for name, v in r["variants"].items():
+        rows = [line for line in doc if line.startswith("| ") and f"| {v['samples_per_s']:.2f} |" in line]
+        assert len(rows) == 1, name
+        cited(rows[0], f"| {v['samples_per_s'] / base:.2f}× |", f"| {v['fwd_bwd_peak_gib']:.2f} |",
+              f"| {v['step_peak_gib']:.1f} |")
 
 
 def test_masks_rows():
