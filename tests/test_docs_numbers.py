@@ -37,7 +37,8 @@ def test_sampling_cpu_row():
           f"**{speed['seeded_fp32_batch8_compiled']:.2f}×**")
 
 
-@pytest.mark.parametrize("device,start", [("cpu", "| CPU (2 threads) | tiny-sd"), ("cuda", "| NVIDIA H100")])
+@pytest.mark.parametrize("device,start", [("cpu", "| CPU (2 threads) | tiny-sd"), ("cuda", "| NVIDIA H100"),
+                                          ("cuda_h200", "| NVIDIA H200 |")])
 def test_sampling_rows_in_docs(device, start):
     r = result(f"sampling_throughput_{device}.json")
     rows = [line for line in (REPO / "docs" / "multigen.md").read_text().splitlines() if line.startswith(start)]
@@ -46,6 +47,8 @@ def test_sampling_rows_in_docs(device, start):
     cells = [f"| {ips.pop('original_fp32_batch1'):.2f} |"]
     cells += [f"{v:.2f} ({r[name + '_speedup']:.2f}×)" for name, v in ips.items()]
     assert len(cells) == (5 if device == "cpu" else 6)
+    if device != "cpu":
+        assert r["complete"] and r["device"].startswith(start[2:].rstrip(" |"))
     cited(rows[0], *cells)
 
 
