@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline import grounding, zoo
+from pipeline.models import inference_dtype
 from pipeline.runtime import write_json
 from pipeline.zoo import grounding as zg
 
@@ -49,15 +50,15 @@ def scenes(count: int, width: int, height: int) -> list[Image.Image]:
     return out
 
 
-def tiny_models(device: torch.device, half: bool, folder: Path):
+def tiny_models(device: torch.device, dtype: torch.dtype, folder: Path):
     """The embedded tiny detector and SAM, built into ``folder`` and loaded as the stage loads them."""
     for name in ("tiny-grounding-dino", "tiny-sam"):
         zoo.build(name, folder / name, seed=0)
-    return (grounding.GroundingDetector.load("embedded:tiny-grounding-dino", folder, device, half),
-            grounding.load_segmenter("embedded:tiny-sam", folder, device, half))
+    return (grounding.GroundingDetector.load("embedded:tiny-grounding-dino", folder, device, dtype),
+            grounding.load_segmenter("embedded:tiny-sam", folder, device, dtype))
 
 
-def real_models(device: torch.device, half: bool):
+def real_models(device: torch.device, dtype: torch.dtype):
     """Grounding DINO Swin-T (bert-base sized vocabulary, 800/1333 px) and SAM-HQ ViT-H, random weights.
 
     The contrastive logits are calibrated as in the tiny model (gain chosen for d_model 256), so boxes light
@@ -65,7 +66,6 @@ def real_models(device: torch.device, half: bool):
     """
     from transformers import GroundingDinoForObjectDetection, SamHQModel, SamHQProcessor, SamImageProcessor
 
-    dtype = grounding.inference_dtype(device, half)
     torch.manual_seed(0)
     detector_model = GroundingDinoForObjectDetection(zg.real_grounding_dino_config()).eval()
     zg.calibrate_contrastive_logits(detector_model, gain=0.25, bias=zg.CALIBRATION_BIAS)
@@ -141,12 +141,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/masks_throughput.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device, half = torch.device(args.device), not args.fp32
+    device = torch.device(args.device)
+    dtype = inference_dtype("float32" if args.fp32 else "auto", device)
     count = (4 if args.quick else 16) if args.real_arch else (8 if args.quick else 32)
     batch = args.batch_size or (4 if args.real_arch else 8)
     size = (640, 480) if args.real_arch else (160, 128)
     with tempfile.TemporaryDirectory() as folder:
-        detector, segmenter = real_models(device, half) if args.real_arch else tiny_models(device, half, Path(folder))
+        detector, segmenter = real_models(device, dtype) if args.real_arch else tiny_models(device, dtype, Path(folder))
         images = scenes(count, *size)
         results = {}
         for name, bs in (("batched", batch), ("single", 1)):
@@ -160,7 +161,7 @@ def main() -> None:
     rows = results["batched"][1]
     report = {
         "device": args.device, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "real_arch": args.real_arch, "dtype": str(grounding.inference_dtype(device, half)), "images": count,
+        "real_arch": args.real_arch, "dtype": str(dtype), "images": count,
         "image_size": list(size), "batch_size": batch, "repeats": args.repeats,
         "batched_images_per_s": count / batched_s, "single_images_per_s": count / single_s,
         "speedup_batched_vs_single": single_s / batched_s,

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.benchmarks import generate_multigen, load_categories  # noqa: E402
 from pipeline.multigen import MultiGenPrompt  # noqa: E402
-from pipeline.sampling import Sampler, SamplingCfg, SamplingScale, prompt_items, resolve_dtype  # noqa: E402
+from pipeline.models import inference_dtype  # noqa: E402
+from pipeline.sampling import Sampler, SamplingCfg, SamplingScale, prompt_items  # noqa: E402
 from pipeline.shards import png_bytes  # noqa: E402
 
 log = logging.getLogger("bench.sampling_throughput")
@@ -106,7 +107,7 @@ def batched(sampler: Sampler, prompts: list[MultiGenPrompt], device: str, nan: l
 
 def variants(device: str, images: int) -> list[tuple[str, torch.dtype, int, bool]]:
     """(name, dtype, images per call, compiled) of the seeded sampler, each adding one change."""
-    half = resolve_dtype("auto", device)
+    half = inference_dtype("auto", device)
     out = [("seeded_fp32_batched", torch.float32, images, False)]
     if half != torch.float32:
         out.append((f"seeded_{str(half).split('.')[-1]}_batched", half, images, False))

@@ -3,7 +3,7 @@
 Two fine-tunings of ``embedded:tiny-sd`` on the demo training images with their true masks, identical in
 everything (seed, data order, noise, steps, lr, pixel weight) except ``loss.token_weight``: the chosen
 weight vs 0. Afterwards, on the held-out demo images (never trained on), the share of each noun's
-cross-attention that falls inside its true mask (:func:`pipeline.training.attention_share`, groups
+cross-attention that falls inside its true mask (:func:`attention_share` below, groups
 mid_8/up_16/up_32/up_64, five noise levels) is measured for the base model and both fine-tuned models,
 next to the chance level (the mask's share of the map).
 
@@ -21,14 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from pipeline import zoo
+from pipeline.attention import capturing
 from pipeline.demo_data import write_demo_training_set
-from pipeline.losses import LossCfg
+from pipeline.losses import LossCfg, gather_token_maps, mask_ratios, resize_masks
 from pipeline.runtime import setup_logging, write_json
-from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, attention_share, load_models,
-                               object_mask_records, train)
+from pipeline.seeding import torch_generator
+from pipeline.training import (GroundedImageDataset, OptimCfg, SDModels, TrainCfg, TrainRecord, TrainRun, TrainScale,
+                               collate, encode_batch, load_models, object_mask_records, train)
 
 log = logging.getLogger("bench.token_loss_experiment")
 LAYERS = ["mid_8", "up_16", "up_32", "up_64"]
@@ -63,6 +68,49 @@ def fine_tune(args, root: Path, model_dir: Path, records, token_weight: float, n
     result = train(run, records)
     return {"final_token": result.metrics.get("final_token"), "final_denoise": result.metrics["final_denoise"],
             "seconds": result.this_run["seconds_this_run"], "unet": str(root / name / "unet")}
+
+
+@torch.no_grad()
+def attention_share(unet: torch.nn.Module, models: SDModels, records: Sequence[TrainRecord],
+                    groups: Sequence[str], resolution: int, timesteps: Sequence[int], seed: int,
+                    batch_size: int = 4) -> dict[str, float]:
+    """How much of each word's cross-attention falls inside its mask (the quantity the token loss raises).
+
+    For every word, noise level t (same seeded latents and noise for every model) and group: the ratio
+    Σ_mask A / Σ A of :func:`pipeline.losses.mask_ratios`, averaged over layers, heads and sub-tokens.
+    Returns ``share`` (mean over words, timesteps and groups), ``share_<group>``, the same for ``chance``
+    (the mask's share of the map: the share a uniform attention would give) and ``words``.
+    """
+    device = next(unet.parameters()).device
+    dataset = GroundedImageDataset([r for r in records if r.words], models.tokenizer, resolution)
+    sums = {f"{k}_{g}": 0.0 for k in ("share", "chance") for g in groups}
+    words = 0
+    with capturing(unet, groups, detach=True) as store:
+        for first in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+            gen = torch_generator(seed, "attention-share", first)
+            latents, states = encode_batch(models, batch["pixel_values"], batch["input_ids"], gen)
+            targets = batch["targets"].to(device)
+            valid = targets.token_valid
+            for t in timesteps:
+                steps = torch.full((latents.shape[0],), int(t), device=device)
+                noise = torch.randn(latents.shape, generator=gen).to(device)
+                store.reset()
+                unet(models.noise_scheduler.add_noise(latents, noise, steps), steps, states)
+                for g in groups:
+                    cols = gather_token_maps(torch.stack(store.maps[g]), targets.token_ids)
+                    small = resize_masks(targets.masks, store.resolution(g))
+                    ratio = mask_ratios(cols, small).mean(dim=(0, 2))  # (B, W, S)
+                    per_word = (ratio * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+                    sums[f"share_{g}"] += float(per_word[targets.word_valid].sum())
+                    sums[f"chance_{g}"] += float(small.mean(-1)[targets.word_valid].sum())
+            words += int(targets.word_valid.sum())
+    n = max(1, words * len(timesteps))
+    out = {k: v / n for k, v in sums.items()}
+    for k in ("share", "chance"):
+        out[k] = float(np.mean([out[f"{k}_{g}"] for g in groups]))
+    out["words"] = words
+    return out
 
 
 def share_of(models, unet, records, seed: int) -> dict[str, float]:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +20,9 @@ from typing import Any, Sequence
 from PIL import Image
 
 from .fetch import FetchError, fetch, read_source
-from .metadata import MetadataError, check_record
+from .metadata import MetadataError, read_records
 from .seeding import numpy_rng
-from .shards import STATUS_OK, code_digest, fingerprint_of, png_bytes, read_table, shard_files, write_shards
+from .shards import STATUS_OK, code_digest, fingerprint_of, image_set_summary, png_bytes, write_shards
 from .text import failed_row, image_row_failure, locate_phrases, nouns_row
 
 log = logging.getLogger(__name__)
@@ -47,30 +46,13 @@ def read_metadata_text(source: str | Path, retries: int = 3, timeout: float = 30
 
 # --- metadata --------------------------------------------------------------------------------------
 
-def parse_metadata(text: str, source: str = "metadata") -> list[dict[str, Any]]:
-    """Records of a ``metadata.jsonl`` text, in file order; blank lines skipped."""
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-        records.append(check_record(record, where))
-    if not records:
-        raise MetadataError(f"{source}: no records")
-    return records
-
-
 def read_tokencompose_metadata(path: str | Path, retries: int = 3, timeout: float = 30.0) -> list[dict[str, Any]]:
     """TokenCompose's ``metadata.jsonl`` (SPEC §2.7) from a path or URL: a list of checked records.
 
     Each record is ``{"file_name": str, "text": str, "attn_list": [[phrase, mask path | None], ...]}``.
     Raises :class:`MetadataError` naming the file and line of a malformed record.
     """
-    return parse_metadata(read_metadata_text(path, retries, timeout), str(path))
+    return read_records(read_metadata_text(path, retries, timeout), str(path))
 
 
 def image_id_of(file_name: str) -> str:
@@ -159,21 +141,6 @@ def coco_image_row(record: dict[str, Any], base_url: str, heldout_fraction: floa
     return row
 
 
-def coco_set_metrics(out_dir: Path) -> dict[str, Any]:
-    """Counts over the shards: images, ok, failures by status, train/heldout, bytes of image data."""
-    counts: dict[str, Any] = {"images": 0, "ok": 0, "download_failed": 0, "decode_failed": 0, "train": 0,
-                              "heldout": 0, "image_bytes": 0}
-    for path in shard_files(out_dir):
-        table = read_table(path, columns=["status", "split", "image"])
-        counts["image_bytes"] += sum(len(b) for b in table["image"].to_pylist() if b)
-        for status, split in zip(table["status"].to_pylist(), table["split"].to_pylist()):
-            counts["images"] += 1
-            key = "ok" if status == STATUS_OK else status
-            counts[key] = counts.get(key, 0) + 1
-            counts[split] += 1
-    return counts
-
-
 FIRST_IMAGES_CHECKED = 16  # when all of a run's first 16 downloads fail, the source is unreachable
 
 
@@ -201,8 +168,8 @@ def write_coco_training_set(metadata: str, image_base_url: str, out_dir: Path, s
         retries, timeout: per-image download retries and socket timeout in seconds.
 
     Returns:
-        Metrics: ``images``, ``ok``, one count per failure status, ``train``, ``heldout``, ``image_bytes``,
-        ``metadata_records``, ``image_base_url``.
+        Metrics: :func:`~pipeline.shards.image_set_summary` of the shards, ``metadata_records``,
+        ``image_base_url``.
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
@@ -224,7 +191,6 @@ def write_coco_training_set(metadata: str, image_base_url: str, out_dir: Path, s
 
     write_shards(Path(out_dir), records, process, shard_size, fingerprint, code=code_digest(__name__),
                  desc="coco images", redo_statuses=("download_failed",))
-    metrics = coco_set_metrics(out_dir)
-    metrics.update(metadata_records=len(records), image_base_url=base_url)
+    metrics = {**image_set_summary(out_dir), "metadata_records": len(records), "image_base_url": base_url}
     log.info("COCO training set: %s", metrics)
     return metrics

@@ -19,7 +19,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Mapping, TypeVar
+from typing import Annotated, Any, Literal, Mapping, TypeVar
 
 import yaml
 
@@ -101,6 +101,7 @@ NonNegativeFloat = Annotated[float, Bounds(low=0)]
 PositiveFloat = Annotated[float, Bounds(low=0, open_low=True)]
 Fraction = Annotated[float, Bounds(low=0, high=1)]  # a share, rate, probability or threshold in [0, 1]
 FractionBelowOne = Annotated[float, Bounds(low=0, high=1, open_high=True)]  # [0, 1): a threshold or beta
+DtypeName = Literal["auto", "float32", "float16", "bfloat16"]  # inference dtype; auto: float16 on CUDA, else float32
 Pixels = Annotated[int, Bounds(low=8, multiple_of=8)]  # an image side the VAE divides by 8
 
 

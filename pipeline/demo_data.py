@@ -31,7 +31,7 @@ from pipeline.benchmarks import (EDITING_TYPES, IMAGES_DIR, MAPPING_FILE, PIE_SI
                                  write_mapping)
 from pipeline.config import Pixels, PositiveInt
 from pipeline.seeding import numpy_rng, python_rng
-from pipeline.shards import STATUS_OK, code_digest, iter_rows, png_bytes, rle_encode, write_shards
+from pipeline.shards import STATUS_OK, code_digest, png_bytes, rle_encode, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -389,19 +389,6 @@ def image_row(image: DemoImage, split: str) -> dict[str, Any]:
         "status": STATUS_OK,
         "error": "",
     }
-
-
-def image_set_summary(out_dir: Path) -> dict[str, int]:
-    """Flat counts of an ``artifacts/data/images`` shard directory for the stage's metrics file."""
-    counts = {"images": 0, "ok": 0, "failed": 0, "train": 0, "heldout": 0, "objects": 0}
-    for row in iter_rows(Path(out_dir), columns=["split", "objects", "status"]):
-        counts["images"] += 1
-        ok = row["status"] == STATUS_OK
-        counts["ok" if ok else "failed"] += 1
-        if ok and row["split"] in ("train", "heldout"):
-            counts[row["split"]] += 1
-        counts["objects"] += len(row["objects"] or [])
-    return counts
 
 
 def write_demo_training_set(out_dir: Path, num_images: int, image_size: int, seed: int,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Bounds, Fraction, PositiveInt
+from .config import Bounds, DtypeName, Fraction, PositiveInt
 from .seeding import derive_seed, standard_normal
 from .shards import STATUS_OK, dir_files, files_digest, png_bytes
 
@@ -92,7 +92,7 @@ class EditingScale:
     num_inference_steps: PositiveInt = 50
     batch_size: PositiveInt = 4
     shard_size: PositiveInt = 16
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: DtypeName = "auto"  # auto: float16 on CUDA (the BLD scripts' fp16), float32 on CPU
 
 
 @dataclass(frozen=True)
@@ -310,8 +310,7 @@ def _row(editor: BlendedLatentEditor, image_id: str, prompt: str, image: bytes |
             "mask_fraction": mask_fraction, "status": status, "error": error}
 
 
-def edit_fingerprint(editor: BlendedLatentEditor, scale: EditingScale, backbone: Backbone,
-                     data_root: str | Path) -> dict[str, Any]:
+def edit_fingerprint(editor: BlendedLatentEditor, backbone: Backbone, data_root: str | Path) -> dict[str, Any]:
     """What the edits depend on: method params, steps, dtype, seed, backbone weights and input files.
 
     The batch size and shard layout are left out: they do not change which noise an image gets.
@@ -320,5 +319,5 @@ def edit_fingerprint(editor: BlendedLatentEditor, scale: EditingScale, backbone:
 
     method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
     data = files_digest(dir_files(data_root), relative_to=Path(data_root))
-    return {"editing": method, "steps": editor.steps, "dtype": scale.dtype, "seed": editor.seed,
-            "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": data}
+    return {"editing": method, "steps": editor.steps, "dtype": str(editor.pipe.unet.dtype),
+            "seed": editor.seed, "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": data}

@@ -28,8 +28,6 @@ under ``accelerate launch``.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -40,12 +38,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, Fraction, MissingInputError, NonNegativeInt, PositiveInt
+from .config import ConfigError, DtypeName, Fraction, MissingInputError, NonNegativeInt, PositiveInt
 from . import shards
 from .fetch import read_source
-from .metadata import MetadataError, check_record
-from .models import from_pretrained, parse_ref, resolve
+from .metadata import read_records
+from .models import from_pretrained, inference_dtype, parse_ref, resolve
 from .runtime import FailureRateError
+from .sequences import subsequence_starts
 from .shards import STATUS_OK, dir_files, files_digest, image_from_bytes, rle_decode, rle_encode, write_shards
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class MasksScale:
     segmenter: str  # SAM / SAM-HQ reference, or a segment-anything ``.pth`` checkpoint
     batch_size: PositiveInt  # images per forward pass
     shard_size: PositiveInt  # captions per shard
-    half_precision: bool  # float16 on CUDA (ignored on CPU)
+    dtype: DtypeName  # auto: float16 on CUDA, float32 on CPU
     cpu_threads: NonNegativeInt  # torch intra-op threads when running on CPU (0: torch's default)
     overlay_images: NonNegativeInt  # images drawn in plots/masks_overlay.png
     authors_metadata: str = ""  # source authors: the authors' metadata.jsonl
@@ -119,12 +118,6 @@ def label_tokens(text: str) -> list[str]:
     text = re.sub(r"\s*-\s*", "-", text)
     text = re.sub(r"\s*'\s*", "'", text)
     return _TOKEN.findall(text)
-
-
-def _contains(seq: Sequence[str], sub: Sequence[str]) -> bool:
-    """Whether ``sub`` occurs as a contiguous run of ``seq``."""
-    n = len(sub)
-    return n > 0 and any(list(seq[i : i + n]) == list(sub) for i in range(len(seq) - n + 1))
 
 
 def _hyphen_parts(tokens: Sequence[str]) -> list[str]:
@@ -165,7 +158,8 @@ def match_label(label: str, phrases: Sequence[str]) -> tuple[int | None, str]:
     label_parts = _hyphen_parts(tokens)
     for i, target in enumerate(targets):
         parts = _hyphen_parts(target)
-        if _contains(label_parts, parts) or ("." not in tokens and _contains(parts, label_parts)):
+        inside_label = subsequence_starts(label_parts, parts)
+        if inside_label or ("." not in tokens and subsequence_starts(parts, label_parts)):
             return i, "contains"
     for i, target in enumerate(targets):
         if target and all(any(t == w or t.startswith(w) for t in target) for w in words):
@@ -203,11 +197,6 @@ class Detections:
     labels: list[str]
 
 
-def inference_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
-    """float16 on CUDA when asked, else float32 (CPU kernels for half are slow or missing)."""
-    return torch.float16 if half_precision and torch.device(device).type == "cuda" else torch.float32
-
-
 # Image processors run transformers' PIL implementation: PIL's bilinear resize, as the original Grounding DINO
 # (torchvision transforms on PIL images) and SAM (``ResizeLongestSide`` through PIL) code. The library's
 # default torchvision path differs from it by up to 0.0175 in Grounding DINO's normalised input.
@@ -221,11 +210,10 @@ class GroundingDetector:
         self.processor, self.model, self.device, self.dtype = processor, model, torch.device(device), dtype
 
     @classmethod
-    def load(cls, ref: str, models_dir: str | Path, device: torch.device, half_precision: bool) -> "GroundingDetector":
+    def load(cls, ref: str, models_dir: str | Path, device: torch.device, dtype: torch.dtype) -> "GroundingDetector":
         """Load ``GroundingDinoForObjectDetection`` + ``AutoProcessor`` from a model reference."""
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        dtype = inference_dtype(device, half_precision)
         processor = from_pretrained(AutoProcessor, ref, models_dir, backend=IMAGE_BACKEND)
         model = from_pretrained(GroundingDinoForObjectDetection, ref, models_dir, dtype=dtype)
         return cls(processor, model.to(device).eval(), device, dtype)
@@ -253,11 +241,10 @@ class HFSamSegmenter:
         self.processor, self.model, self.device, self.dtype = processor, model, torch.device(device), dtype
 
     @classmethod
-    def load(cls, ref: str, models_dir: str | Path, device: torch.device, half_precision: bool) -> "HFSamSegmenter":
+    def load(cls, ref: str, models_dir: str | Path, device: torch.device, dtype: torch.dtype) -> "HFSamSegmenter":
         """Load SAM (``model_type: sam``) or SAM-HQ (``sam_hq``) with its processor."""
         from transformers import AutoConfig, AutoProcessor, SamHQModel, SamModel
 
-        dtype = inference_dtype(device, half_precision)
         config = from_pretrained(AutoConfig, ref, models_dir)
         model_cls = SamHQModel if config.model_type == "sam_hq" else SamModel
         model = from_pretrained(model_cls, ref, models_dir, dtype=dtype)
@@ -300,7 +287,7 @@ class SegmentAnythingSegmenter:
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device, half_precision: bool) -> "SegmentAnythingSegmenter":
+    def load(cls, path: str | Path, device: torch.device, dtype: torch.dtype) -> "SegmentAnythingSegmenter":
         """Build ``sam_model_registry[variant]`` and load the checkpoint (``weights_only=True``).
 
         The variant (vit_h / vit_l / vit_b) comes from the file name, else from the encoder width.
@@ -317,7 +304,7 @@ class SegmentAnythingSegmenter:
         variant = sam_variant(path.name, state)
         sam = sam_model_registry[variant]()
         sam.load_state_dict(state)
-        return cls(sam, device, inference_dtype(device, half_precision))
+        return cls(sam, device, dtype)
 
     @torch.inference_mode()
     def segment(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -365,11 +352,12 @@ def sam_variant(file_name: str, state: dict[str, torch.Tensor]) -> str:
     return SAM_WIDTHS[int(weight.shape[0])]
 
 
-def load_segmenter(ref: str, models_dir: str | Path, device: torch.device, half_precision: bool):
-    """A segmenter for ``ref``: a ``.pth`` file -> :class:`SegmentAnythingSegmenter`, else transformers SAM."""
+def load_segmenter(ref: str, models_dir: str | Path, device: torch.device, dtype: torch.dtype):
+    """A segmenter for ``ref`` in ``dtype``: a ``.pth`` file -> :class:`SegmentAnythingSegmenter`, else
+    transformers SAM."""
     if ref.endswith(".pth"):
-        return SegmentAnythingSegmenter.load(ref, device, half_precision)
-    return HFSamSegmenter.load(ref, models_dir, device, half_precision)
+        return SegmentAnythingSegmenter.load(ref, device, dtype)
+    return HFSamSegmenter.load(ref, models_dir, device, dtype)
 
 
 # --- one caption -> rows ---------------------------------------------------------------------------
@@ -616,7 +604,7 @@ class RunContext:
 def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) -> list[Path]:
     """Run Grounded-SAM over every nouns row into ``ctx.out_dir`` (resumable; this rank's shards)."""
     items = read_nouns(ctx.nouns_dir)
-    dtype = inference_dtype(ctx.device, scale.half_precision)
+    dtype = inference_dtype(scale.dtype, ctx.device)
     fingerprint = {
         "source": "grounded_sam", "box_threshold": cfg.box_threshold, "text_threshold": cfg.text_threshold,
         "detector": scale.detector, "segmenter": scale.segmenter, "batch_size": scale.batch_size,
@@ -631,8 +619,8 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
     @functools.cache
     def grounder() -> Grounder:
         """Grounding DINO and SAM, loaded on the first call."""
-        return Grounder(GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, scale.half_precision),
-                        load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, scale.half_precision),
+        return Grounder(GroundingDetector.load(scale.detector, ctx.models_dir, ctx.device, dtype),
+                        load_segmenter(scale.segmenter, ctx.models_dir, ctx.device, dtype),
                         cfg.box_threshold, cfg.text_threshold, scale.batch_size, ctx.resolution)
 
     # Models load before stale shards are dropped: a reference that does not load loses no finished work.
@@ -680,22 +668,6 @@ def read_authors_mask(path: Path) -> tuple[np.ndarray | None, str, str]:
     if not mask.any():
         return None, "blank_mask", f"{path}: all black (empty, or whole-image mask written black by plt.imsave)"
     return mask, STATUS_OK, ""
-
-
-def read_authors_metadata(text: str, source: str) -> list[dict[str, Any]]:
-    """Lines of the authors' metadata.jsonl ``text`` as dicts; a bad line becomes ``{"bad_line": n, "error": ...}``
-    (``source`` names the file in the errors)."""
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(check_record(json.loads(line), f"{source}:{n}"))
-        except MetadataError as err:
-            out.append({"bad_line": n, "error": str(err)})
-        except ValueError as err:  # not JSON
-            out.append({"bad_line": n, "error": f"{source}:{n}: {err}"})
-    return out
 
 
 def _nouns_lookup(nouns: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[list[int], str, str]]]:
@@ -747,12 +719,12 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
                                 f"or set profiles.<p>.masks.authors_masks")
     try:
         text = read_source(scale.authors_metadata).decode("utf-8")
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise MissingInputError(f"authors' metadata: {err}; set profiles.<p>.masks.authors_metadata") from err
-    entries = read_authors_metadata(text, scale.authors_metadata)
+    entries = read_records(text, scale.authors_metadata, keep_bad=True)
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
     masks = files_digest(dir_files(masks_dir), relative_to=masks_dir, full_hash_limit=-1)  # size and mtime
-    fingerprint = {"source": "authors", "metadata": hashlib.sha256(text.encode()).hexdigest()[:16], "masks": masks,
+    fingerprint = {"source": "authors", "metadata": shards.fingerprint_of(text), "masks": masks,
                    "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
     code = shards.code_digest(__name__)
     shards.prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)

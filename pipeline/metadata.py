@@ -1,12 +1,13 @@
 """Records of TokenCompose's ``metadata.jsonl`` (SPEC §2.7): one JSON object per line with ``file_name``,
 ``text`` (the caption) and ``attn_list`` = ``[[phrase, mask path or null], ...]``.
 
-Both readers of the file (the COCO training set and the authors' masks) check records here, so a malformed
-line is reported the same way whichever stage meets it first.
+Both users of the file (the COCO training set and the authors' masks) read it with :func:`read_records`, so
+a malformed line is reported the same way whichever stage meets it first.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .config import StageError
@@ -38,3 +39,30 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     if not ok:
         raise MetadataError(f"{where}: attn_list must be a list of [phrase, mask path or null] pairs")
     return record
+
+
+def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[str, Any]]:
+    """Records of a ``metadata.jsonl`` text, in file order; blank lines skipped.
+
+    A malformed line raises :class:`MetadataError` naming ``source:line``; with ``keep_bad`` it becomes
+    ``{"bad_line": n, "error": message}`` in its place instead (a stage that records per-line failures).
+    A text without any line raises either way.
+    """
+    out: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+            out.append(check_record(record, where))
+        except MetadataError as err:
+            if not keep_bad:
+                raise
+            out.append({"bad_line": number, "error": str(err)})
+    if not out:
+        raise MetadataError(f"{source}: no records")
+    return out

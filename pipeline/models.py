@@ -19,9 +19,17 @@ from typing import Any, Literal
 
 import torch
 
-from .config import ConfigError, StageError
+from .config import ConfigError, DtypeName, StageError
 
 EMBEDDED_PREFIX = "embedded:"
+
+
+def inference_dtype(name: DtypeName, device: torch.device | str) -> torch.dtype:
+    """The torch dtype of an inference-dtype param: ``auto`` is float16 on CUDA and float32 elsewhere (CPU
+    kernels for half are slow or missing); any other name is that torch dtype."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 class ModelLoadError(StageError, RuntimeError):

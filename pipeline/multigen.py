@@ -26,7 +26,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Fraction, FractionBelowOne, InputDataError, MissingInputError, NonEmpty, PositiveInt
+from .config import DtypeName, Fraction, FractionBelowOne, InputDataError, MissingInputError, NonEmpty, PositiveInt
 from .shards import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class MultiGenScale:
 
     detector: str                           # google/owlv2-large-patch14-ensemble | embedded:tiny-owlv2
     batch_size: PositiveInt                 # images per detector call
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # float32: as the original
+    dtype: DtypeName = "float32"            # float32: as the original
     shard_size: PositiveInt = 1             # sample shards per detection shard
     image_backend: Literal["pil", "torchvision"] = "pil"  # pil: the original's resizing; torchvision: faster
 
@@ -260,9 +260,9 @@ def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: str = "f
     import torch
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-    from .models import ModelLoadError, from_pretrained
+    from .models import ModelLoadError, from_pretrained, inference_dtype
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = inference_dtype(dtype, device)
     model = from_pretrained(AutoModelForZeroShotObjectDetection, ref, models_dir, dtype=torch_dtype)
     if model.config.model_type not in OWL_MODEL_TYPES:
         raise ModelLoadError(f"{ref!r} is a {model.config.model_type!r} model; the detector must be OWLv2 or "

@@ -24,10 +24,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from .config import (ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt, active_profile,
-                     section)
+from .config import (ConfigError, DtypeName, Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt,
+                     active_profile, section)
+from .models import inference_dtype
 from .multigen import MultiGenPrompt
 from .seeding import standard_normal, torch_generator
+from .sequences import subsequence_starts
 from .shards import STATUS_OK, code_digest, png_bytes, write_shards
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class SamplingScale:
     images_per_prompt: PositiveInt = 10
     batch_size: PositiveInt = 10      # images per pipeline call
     resolution: Pixels | None = None  # None: the model's default (unet sample_size x 8)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    dtype: DtypeName = "auto"         # auto: fp16 on CUDA, fp32 on CPU
     shard_size: PositiveInt = 100     # images per Parquet shard (the unit of resume)
     max_prompts: PositiveInt | None = None  # None: the whole prompt file
     compile: bool = False             # torch.compile the UNet (channels_last); plain SD only, not A&E
@@ -147,14 +149,6 @@ def head_word(name: str) -> tuple[int, str]:
     return len(words) - 1, words[-1]
 
 
-def _find(seq: Sequence[int], sub: Sequence[int], start: int) -> int:
-    """First position >= ``start`` where ``sub`` occurs in ``seq`` (-1 if none)."""
-    for i in range(start, len(seq) - len(sub) + 1):
-        if list(seq[i : i + len(sub)]) == list(sub):
-            return i
-    return -1
-
-
 def ae_token_indices(tokenizer: Any, text: str, objects: Sequence[str], rule: TokenRule = "head_word") -> list[int]:
     """Token indices (SOT = 0) that Attend-and-Excite should excite for a MultiGen prompt.
 
@@ -173,8 +167,9 @@ def ae_token_indices(tokenizer: Any, text: str, objects: Sequence[str], rule: To
         found = []
         for article in ("a", "an"):
             span = tokenizer(f"{article} {name}", add_special_tokens=False).input_ids
-            at = _find(ids, span, pos)
-            if at >= 0:
+            starts = subsequence_starts(ids, span, pos)
+            if starts:
+                at = starts[0]
                 found.append((at, at + len(tokenizer(article, add_special_tokens=False).input_ids), at + len(span)))
         if not found:
             raise TokenIndexError(f"prompt {text!r}: object {name!r} ('a {name}' or 'an {name}') not found in its "
@@ -218,13 +213,6 @@ PNG_THREADS = 4  # PNG encoders running beside the sampler (zlib releases the GI
 def _png_of(image: np.ndarray) -> bytes:
     """PNG bytes of an (H, W, 3) float image in [0, 1], rounded to 8 bits."""
     return png_bytes((image * 255).round().astype(np.uint8))
-
-
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """``auto`` -> fp16 on CUDA, fp32 elsewhere; otherwise the named torch dtype."""
-    if name == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 
@@ -402,7 +390,7 @@ class Sampler:
 def open_sampler(ref: EvalModelRef, model: EvalModel, models_dir: str | Path, cfg: SamplingCfg,
                  scale: SamplingScale, seed: int, device: torch.device) -> Sampler:
     """The :class:`Sampler` of an evaluated model: its pipeline loaded on ``device`` in ``scale.dtype``."""
-    pipe = load_pipeline(ref, model.sampler, models_dir, cfg, resolve_dtype(scale.dtype, device), device)
+    pipe = load_pipeline(ref, model.sampler, models_dir, cfg, inference_dtype(scale.dtype, device), device)
     return Sampler(pipe, model.sampler, cfg, scale, seed)
 
 

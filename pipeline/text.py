@@ -36,6 +36,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 
 from .config import Bounds, ConfigError, Fraction, InputDataError, MissingInputError, PositiveInt, StageError
 from .seeding import derive_seed
+from .sequences import subsequence_starts
 from .shards import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -377,11 +378,6 @@ def _fail(status: str, caption_id: str, phrase: Any, detail: str) -> Alignment:
     return Alignment([], status, f"caption {caption_id}: word {phrase!r} {detail}; phrase skipped")
 
 
-def _matches(ids: Sequence[int], target: Sequence[int]) -> list[int]:
-    n = len(target)
-    return [i for i in range(len(ids) - n + 1) if list(ids[i : i + n]) == list(target)]
-
-
 def _partial_at_end(ids: Sequence[int], target: Sequence[int]) -> bool:
     start = max(0, len(ids) - len(target) + 1)
     return any(list(ids[i:]) == list(target[: len(ids) - i]) for i in range(start, len(ids)))
@@ -427,7 +423,7 @@ def align_phrase(
     target = tokenizer(phrase.lower(), add_special_tokens=False)["input_ids"] if phrase.strip() else []
     if not target:
         return _fail("empty_phrase", caption_id, phrase, "is empty")
-    candidates = _matches(tokens.ids, target)
+    candidates = subsequence_starts(tokens.ids, target)
     if not candidates:
         if _partial_at_end(tokens.ids, target):
             return _fail("partial_at_end", caption_id, phrase, "only partly ends the caption's CLIP tokens")

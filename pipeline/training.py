@@ -18,7 +18,6 @@ current step: those of a longer run with the same settings are left alone).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -45,7 +44,8 @@ from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
 from .models import compile_unet, from_pretrained
 from .seeding import numpy_rng, torch_generator
 from .grounding import resize_center_crop, train_mask
-from .shards import STATUS_OK, code_digest, decode_error, image_from_bytes, iter_rows, rle_decode, rle_encode
+from .shards import (STATUS_OK, code_digest, decode_error, fingerprint_of, image_from_bytes, iter_rows, rle_decode,
+                     rle_encode)
 
 log = logging.getLogger(__name__)
 TRAINING_RUN_FILE = "training_run.json"  # beside the trained UNet: the run's fingerprint and steps
@@ -283,12 +283,8 @@ def object_mask_records(images_dir: Path, tokenizer: Any, resolution: int, split
 
 
 def data_fingerprint(records: Sequence[TrainRecord]) -> str:
-    """SHA-256 (16 hex) over image ids, image bytes, captions and word targets."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(r.image_id.encode() + hashlib.sha256(r.image).digest() + r.caption.encode())
-        h.update(json.dumps([asdict(w) for w in r.words], sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    """:func:`~pipeline.shards.fingerprint_of` the image ids, image bytes, captions and word targets."""
+    return fingerprint_of([[r.image_id, r.image, r.caption, [asdict(w) for w in r.words]] for r in records])
 
 
 def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -517,50 +513,6 @@ def check_finite(values: dict[str, float], step: int, image_ids: Sequence[str]) 
 
 
 
-@torch.no_grad()
-def attention_share(unet: torch.nn.Module, models: SDModels, records: Sequence[TrainRecord], groups: Sequence[str],
-                    resolution: int, timesteps: Sequence[int], seed: int, batch_size: int = 4) -> dict[str, float]:
-    """How much of each word's cross-attention falls inside its mask (the quantity the token loss raises).
-
-    For every word, noise level t (same seeded latents and noise for every model) and group: the ratio
-    Σ_mask A / Σ A of :func:`pipeline.losses.mask_ratios`, averaged over layers, heads and sub-tokens.
-    Returns ``share`` (mean over words, timesteps and groups), ``share_<group>``, the same for ``chance``
-    (the mask's share of the map: the share a uniform attention would give) and ``words``.
-    """
-    from .attention import capturing
-    from .losses import gather_token_maps, mask_ratios, resize_masks
-
-    device = next(unet.parameters()).device
-    dataset = GroundedImageDataset([r for r in records if r.words], models.tokenizer, resolution)
-    sums = {f"{k}_{g}": 0.0 for k in ("share", "chance") for g in groups}
-    words = 0
-    with capturing(unet, groups, detach=True) as store:
-        for first in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
-            gen = torch_generator(seed, "attention-share", first)
-            latents, states = encode_batch(models, batch["pixel_values"], batch["input_ids"], gen)
-            targets = batch["targets"].to(device)
-            valid = targets.token_valid
-            for t in timesteps:
-                steps = torch.full((latents.shape[0],), int(t), device=device)
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                store.reset()
-                unet(models.noise_scheduler.add_noise(latents, noise, steps), steps, states)
-                for g in groups:
-                    cols = gather_token_maps(torch.stack(store.maps[g]), targets.token_ids)
-                    small = resize_masks(targets.masks, store.resolution(g))
-                    ratio = mask_ratios(cols, small).mean(dim=(0, 2))  # (B, W, S)
-                    per_word = (ratio * valid).sum(-1) / valid.sum(-1).clamp(min=1)
-                    sums[f"share_{g}"] += float(per_word[targets.word_valid].sum())
-                    sums[f"chance_{g}"] += float(small.mean(-1)[targets.word_valid].sum())
-            words += int(targets.word_valid.sum())
-    n = max(1, words * len(timesteps))
-    out = {k: v / n for k, v in sums.items()}
-    for k in ("share", "chance"):
-        out[k] = float(np.mean([out[f"{k}_{g}"] for g in groups]))
-    out["words"] = words
-    return out
-
 # ------------------------------------------------------------------------------------ checkpoints
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -664,7 +616,7 @@ def run_fingerprint(run: TrainRun, data_fp: str) -> str:
     blob = dict(sd_model=run.sd_model, resolution=run.resolution, seed=run.seed, loss=asdict(run.loss),
                 optim=asdict(run.optim), train=train, scale=scale, data=data_fp,
                 code=code_digest(__name__))  # a checkpoint of other code is not resumed
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint_of(blob)
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -11,14 +11,13 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from pipeline.benchmarks import MAPPING_FILE, load_example, read_mapping, strip_brackets
 from pipeline.config import ConfigError, active_profile, load_params, section
 from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
                               edit_fingerprint, edit_rows)
-from pipeline.models import load_sd_pipeline
+from pipeline.models import inference_dtype, load_sd_pipeline
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
                               stage_argument, wait_for_everyone, write_json)
 from pipeline.shards import STATUS_OK, code_digest, prepare_for_ranks, read_shards, write_shards
@@ -42,11 +41,11 @@ def main(name: str) -> None:
                           f"(known: {', '.join(scale.backbones)})")
     backbone, dist = scale.backbones[name], dist_info()  # one process, or one per GPU under accelerate
     pipe = load_sd_pipeline(backbone.model, active_profile(params)["models_dir"], unet_ref=backbone.unet,
-                            torch_dtype=getattr(torch, scale.dtype), device=rank_device())
+                            torch_dtype=inference_dtype(scale.dtype, rank_device()), device=rank_device())
     editor = BlendedLatentEditor(pipe, cfg, scale.num_inference_steps, params["seed"])
     records = sorted(read_mapping(DATA / MAPPING_FILE).items())
     out_dir = Path("artifacts/edits") / name
-    start, fingerprint = time.perf_counter(), edit_fingerprint(editor, scale, backbone, DATA)
+    start, fingerprint = time.perf_counter(), edit_fingerprint(editor, backbone, DATA)
     rank, world = dist.rank, dist.world_size
     code = code_digest(__file__)
     prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, wait_for_everyone, code)

@@ -16,6 +16,7 @@ from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compa
                                      grounding_rows, load_sampler, summarize_grounding)
 from pipeline.config import active_profile, load_params, section
 from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
+from pipeline.models import inference_dtype
 from pipeline.multigen import MultiGenCfg, load_prompt_set
 from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
 from pipeline.sampling import prompt_items
@@ -32,8 +33,9 @@ def main(key: str) -> None:
     mg = section(params, "multigen", MultiGenCfg)
     sampler, ref = load_sampler(params, key)
     models_dir, device = Path(active_profile(params)["models_dir"]), sampler.pipe.unet.device
-    grounder = Grounder(GroundingDetector.load(masks.detector, models_dir, device, masks.half_precision),
-                        load_segmenter(masks.segmenter, models_dir, device, masks.half_precision),
+    dtype = inference_dtype(masks.dtype, device)
+    grounder = Grounder(GroundingDetector.load(masks.detector, models_dir, device, dtype),
+                        load_segmenter(masks.segmenter, models_dir, device, dtype),
                         gsam.box_threshold, gsam.text_threshold, masks.batch_size, sampler.size)
     metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "detector": masks.detector,
                "segmenter": masks.segmenter, "box_threshold": gsam.box_threshold,

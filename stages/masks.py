@@ -17,6 +17,7 @@ from pipeline import grounding
 from pipeline.config import ConfigError, Pixels, active_profile, load_params, profile_fields, section
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
                               stage_argument, wait_for_everyone, write_json)
+from pipeline.models import inference_dtype
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
@@ -69,7 +70,7 @@ def main() -> None:
                    text_threshold=cfg.text_threshold, detector=scale.detector if scale.source != "authors" else "",
                    segmenter=scale.segmenter if scale.source != "authors" else "",
                    resolution=ctx.resolution, device=str(ctx.device), world_size=info.world_size,
-                   half_precision=scale.half_precision, overlay_images=drawn)
+                   dtype=str(inference_dtype(scale.dtype, ctx.device)).removeprefix("torch."), overlay_images=drawn)
     write_json("metrics/masks.json", metrics)
     log.info("masks: %d rows, %d with a mask, %d images", metrics["rows"], metrics["phrases_with_mask"],
              metrics["images"])

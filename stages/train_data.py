@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import Fraction, FractionBelowOne, PositiveInt, load_params, section
-from pipeline.demo_data import DemoDataScale, image_set_summary, write_demo_training_set
+from pipeline.demo_data import DemoDataScale, write_demo_training_set
 from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
+from pipeline.shards import image_set_summary
 
 log = logging.getLogger("stages.train_data")
 OUT = Path("artifacts/data/images")

@@ -215,7 +215,7 @@ def test_write_coco_training_set_fetches_checks_and_records_failures(served, tmp
     assert server.requests["000000000004.jpg"] == 1  # a 404 is not retried
     assert df["caption"].tolist()[0] == "A cat on a mat." and set(df["split"]) == {"train"}
     assert metrics["images"] == 5 and metrics["ok"] == 3 and metrics["download_failed"] == 1
-    assert metrics["decode_failed"] == 1 and metrics["metadata_records"] == 5 and metrics["train"] == 5
+    assert metrics["decode_failed"] == 1 and metrics["metadata_records"] == 5 and metrics["train"] == 3
 
 
 def test_write_coco_training_set_resumes_and_refetches_failed_downloads(served, tmp_path):

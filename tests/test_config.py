@@ -214,7 +214,7 @@ def test_values_at_the_bounds_are_accepted():
     ("profile.sampling", "max_prompts", -1, r"profiles.demo.sampling.max_prompts: -1 is out of range"),
     ("profile.sampling", "resolution", 100, r"resolution: 100 is not a multiple of 8"),
     ("profile.editing", "num_inference_steps", -5, r"profiles.demo.editing.num_inference_steps: -5 is out of range"),
-    ("profile.multigen", "dtype", "fp16", r"profiles.demo.multigen.dtype: expected one of \['float32'"),
+    ("profile.multigen", "dtype", "fp16", r"profiles.demo.multigen.dtype: expected one of \['auto', 'float32'"),
     ("grounding", "box_threshold", 2.0, r"grounding.box_threshold: 2.0 is out of range"),
     ("multigen", "threshold", 1.0, r"multigen.threshold: 1.0 is out of range; expected >= 0 and < 1"),
     ("multigen", "query_template", "a photo of a {object}", r"multigen: query_template .* must hold the object name"),

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline import demo_data as dd
 from pipeline.benchmarks import bracketed_words, strip_brackets
-from pipeline.shards import image_from_bytes, read_shards, shard_files
+from pipeline.shards import image_from_bytes, image_set_summary, read_shards, shard_files
 
 SEED = 0
 NUM = 48
@@ -127,7 +127,7 @@ def test_rows_follow_the_contract(shard_dir, images):
 
 
 def test_summary_counts(shard_dir):
-    summary = dd.image_set_summary(shard_dir)
+    summary = image_set_summary(shard_dir)
     rows = read_shards(shard_dir)
     assert summary == {"images": NUM, "ok": NUM, "failed": 0, "train": 42, "heldout": 6,
                        "objects": int(sum(len(o) for o in rows.objects))}

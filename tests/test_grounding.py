@@ -77,7 +77,7 @@ def tiny_refs(embedded, models_dir) -> tuple[str, str, Path]:
 
 def scale_for(detector: str, segmenter: str, **kw) -> MasksScale:
     base = dict(source="grounded_sam", detector=detector, segmenter=segmenter, batch_size=4, shard_size=2,
-                half_precision=True, cpu_threads=1, overlay_images=2)
+                dtype="auto", cpu_threads=1, overlay_images=2)
     return MasksScale(**{**base, **kw})
 
 
@@ -178,7 +178,7 @@ def test_match_label_table(label, phrases, original, fixed, rule):
 def test_boxes_of_one_phrase_are_unioned_not_last_wins(tiny_refs):
     """Quirk 3 fixed: two labels of one phrase -> union of both SAM masks, enclosing box, best score."""
     _, seg_ref, models_dir = tiny_refs
-    segmenter = grounding.load_segmenter(seg_ref, models_dir, torch.device("cpu"), False)
+    segmenter = grounding.load_segmenter(seg_ref, models_dir, torch.device("cpu"), torch.float32)
     image = Image.fromarray(scene(128, 96, 0))
     boxes = np.array([[4, 4, 40, 50], [60, 30, 120, 90], [10, 60, 50, 95]], np.float32)
     det = Detections(boxes, np.array([0.3, 0.6, 0.9], np.float32), ["cat", "cat.", "woman"])
@@ -278,7 +278,7 @@ def test_detector_matches_transformers_called_directly(tiny_refs):
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
     det_ref, _, models_dir = tiny_refs
-    detector = grounding.GroundingDetector.load(det_ref, models_dir, torch.device("cpu"), True)
+    detector = grounding.GroundingDetector.load(det_ref, models_dir, torch.device("cpu"), torch.float32)
     images = [Image.fromarray(scene(128, 96, s)) for s in (4, 5)]  # same size: no padding in the batch
     prompts = [grounding.build_prompt(["car", "teddy bear"]), grounding.build_prompt(["man", "woman", "table"])]
     batched = detector.detect(images, prompts, 0.25, 0.25)
@@ -313,7 +313,7 @@ def test_sam_batched_matches_transformers_called_directly(tiny_refs):
     from transformers import AutoProcessor, SamModel
 
     _, seg_ref, models_dir = tiny_refs
-    segmenter = grounding.load_segmenter(seg_ref, models_dir, torch.device("cpu"), True)
+    segmenter = grounding.load_segmenter(seg_ref, models_dir, torch.device("cpu"), torch.float32)
     images = [Image.fromarray(scene(128, 96, 6)), Image.fromarray(scene(80, 120, 7)), Image.fromarray(scene(64, 64, 8))]
     boxes = [np.array([[5, 5, 60, 60], [30, 10, 120, 90], [0, 0, 128, 96]], np.float32),
              np.array([[10, 20, 70, 100]], np.float32), np.zeros((0, 4), np.float32)]
@@ -336,7 +336,7 @@ def test_sam_hq_folder_loads_through_the_same_path(tmp_path, tiny_refs):
                          mask_decoder_config={**zg.TINY_SAM_DECODER, "vit_dim": zg.TINY_SAM_VISION["hidden_size"]})
     SamHQModel(config).eval().save_pretrained(tmp_path / "hq")
     zg.sam_processor(zg.TINY_SAM_IMAGE).save_pretrained(tmp_path / "hq")
-    segmenter = grounding.load_segmenter(str(tmp_path / "hq"), tmp_path, torch.device("cpu"), True)
+    segmenter = grounding.load_segmenter(str(tmp_path / "hq"), tmp_path, torch.device("cpu"), torch.float32)
     assert type(segmenter.model).__name__ == "SamHQModel"
     image, boxes = Image.fromarray(scene(100, 80, 9)), np.array([[10, 10, 60, 70], [0, 0, 99, 79]], np.float32)
     got = segmenter.segment([image], [boxes])[0]
@@ -367,7 +367,7 @@ def test_pth_checkpoint_matches_sam_predictor(tmp_path, monkeypatch):
     path = tmp_path / "tiny_vit_b.pth"
     torch.save(reference.state_dict(), path)
     monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", lambda checkpoint=None: tiny_segment_anything_sam())
-    segmenter = grounding.load_segmenter(str(path), tmp_path, torch.device("cpu"), True)
+    segmenter = grounding.load_segmenter(str(path), tmp_path, torch.device("cpu"), torch.float32)
     images = [Image.fromarray(scene(90, 60, 10)), Image.fromarray(scene(50, 70, 11))]
     boxes = [np.array([[5, 5, 50, 40], [20, 10, 89, 59]], np.float32), np.array([[0, 0, 30, 60]], np.float32)]
     masks = segmenter.segment(images, boxes)
@@ -396,7 +396,7 @@ def test_sam_hq_pth_is_refused_with_the_folder_to_use(tmp_path):
     path = tmp_path / "sam_hq_vit_h.pth"
     torch.save({"mask_decoder.hf_token.weight": torch.zeros(1, 4)}, path)
     with pytest.raises(ValueError, match="SAM-HQ checkpoint.*sam-hq-vit-huge"):
-        grounding.SegmentAnythingSegmenter.load(path, torch.device("cpu"), False)
+        grounding.SegmentAnythingSegmenter.load(path, torch.device("cpu"), torch.float32)
 
 
 def test_sam_variant_from_name_or_width():
@@ -549,7 +549,7 @@ profiles:
     models_dir: artifacts/models
     resolution: 64
     masks: {source: grounded_sam, detector: "embedded:tiny-grounding-dino", segmenter: "embedded:tiny-sam",
-            batch_size: 2, shard_size: 1, half_precision: true, cpu_threads: 1, overlay_images: 2}
+            batch_size: 2, shard_size: 1, dtype: auto, cpu_threads: 1, overlay_images: 2}
 """
 
 STAGE_RUNNER = """
@@ -755,7 +755,8 @@ def test_model_inputs_are_the_original_transforms(embedded, models_dir, size):
     w, h = size
     image = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
     embedded("tiny-grounding-dino"), embedded("tiny-sam")
-    detector = grounding.GroundingDetector.load("embedded:tiny-grounding-dino", models_dir, torch.device("cpu"), False)
+    detector = grounding.GroundingDetector.load("embedded:tiny-grounding-dino", models_dir, torch.device("cpu"),
+                                                torch.float32)
     proc = detector.processor.image_processor
     short, cap = proc.size.shortest_edge, proc.size.longest_edge
     if max(w, h) / min(w, h) * short > cap:
@@ -765,7 +766,7 @@ def test_model_inputs_are_the_original_transforms(embedded, models_dir, size):
     got = proc(images=[image], return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got[:oh, :ow], want, atol=1e-5)
 
-    segmenter = grounding.HFSamSegmenter.load("embedded:tiny-sam", models_dir, torch.device("cpu"), False)
+    segmenter = grounding.HFSamSegmenter.load("embedded:tiny-sam", models_dir, torch.device("cpu"), torch.float32)
     proc = segmenter.processor.image_processor
     side = proc.size.longest_edge
     scale = side / max(w, h)
