@@ -6,7 +6,7 @@
 #
 # On an offline machine without this project's dependencies, put their wheels in .whl/ (diffusers,
 # transformers, open_clip_torch, ftfy, wcwidth, importlib_metadata, pycocotools; torch from the machine):
-# they are installed into a private folder first. Each part takes about 4 minutes on an H100, most of it
+# they are installed into a private folder first. Each part takes about 4 minutes on an H100, much of it
 # the compilation; run the parts as separate jobs under a job time limit. With $OUT set, the JSON is
 # written there (after every variant, "complete": false until the last), else to bench/results/.
 set -euo pipefail

@@ -46,7 +46,7 @@ def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[st
 
     A malformed line raises :class:`MetadataError` naming ``source:line``; with ``keep_bad`` it becomes
     ``{"bad_line": n, "error": message}`` in its place instead (a stage that records per-line failures).
-    A text without any line raises either way.
+    A text without any record (empty, or blank lines only) raises either way.
     """
     out: list[dict[str, Any]] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -58,6 +58,8 @@ def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[st
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+            except ValueError as err:  # JSON that Python refuses, e.g. an integer of over 4300 digits
+                raise MetadataError(f"{where}: unreadable JSON ({err})") from err
             out.append(check_record(record, where))
         except MetadataError as err:
             if not keep_bad:

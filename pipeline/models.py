@@ -26,7 +26,7 @@ EMBEDDED_PREFIX = "embedded:"
 
 def inference_dtype(name: DtypeName, device: torch.device | str) -> torch.dtype:
     """The torch dtype of an inference-dtype param: ``auto`` is float16 on CUDA and float32 elsewhere (CPU
-    kernels for half are slow or missing); any other name is that torch dtype."""
+    kernels for half are slow or missing); any other name is that torch dtype, on any device."""
     if name == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     return getattr(torch, name)

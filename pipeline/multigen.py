@@ -249,7 +249,7 @@ class Detector:
 OWL_MODEL_TYPES = ("owlv2", "owlvit")  # the detectors whose outputs :func:`detect_batch` reads
 
 
-def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: str = "float32",
+def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: DtypeName = "float32",
                   image_backend: str = "pil") -> Detector:
     """Load the OWLv2 or OWL-ViT detector ``ref`` (hub id, local folder or ``embedded:NAME``) in eval mode.
 
@@ -276,7 +276,7 @@ def detector_fingerprint(detector: Detector, scale: MultiGenScale, template: str
     processing and queries (batch and shard sizes excluded)."""
     from .zoo import state_dict_hash
 
-    return {"detector": scale.detector, "weights": state_dict_hash(detector.model), "dtype": scale.dtype,
+    return {"detector": scale.detector, "weights": state_dict_hash(detector.model), "dtype": str(detector.dtype),
             "image_backend": scale.image_backend, "template": template}
 
 

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from pipeline import coco, fetch, text
+from pipeline.metadata import read_records
 from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_files, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,28 @@ def test_malformed_metadata_names_the_line(tmp_path, line, message):
     path.write_text(f"{good}\n\n{line}\n{good}\n")
     with pytest.raises(coco.MetadataError, match=f"{path}:3: {message}"):
         coco.read_tokencompose_metadata(path)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"file_name": "a.jpg", "text": "x", "attn_list": [["cat", null]]', "malformed JSON"),
+    ('{"file_name": "a.jpg", "text": "x", "attn_list": [], "n": ' + "1" * 5000 + "}", "unreadable JSON"),
+    ('{"file_name": "a.jpg", "attn_list": []}', "missing key 'text'"),
+])
+def test_keep_bad_turns_each_malformed_line_into_a_row_in_its_place(line, message):
+    """The authors'-masks reading: a bad line becomes a ``bad_line`` row where it stood, with the message the
+    strict reading raises; good lines around it are kept."""
+    good = json.dumps(_record("b.jpg", "A cat."))
+    rows = read_records(f"{good}\n{line}\n\n{good}\n", "m.jsonl", keep_bad=True)
+    assert [r.get("bad_line") for r in rows] == [None, 2, None]
+    assert rows[1]["error"].startswith(f"m.jsonl:2: {message}")
+    with pytest.raises(coco.MetadataError, match=f"m.jsonl:2: {message}"):
+        read_records(f"{good}\n{line}\n", "m.jsonl")
+
+
+@pytest.mark.parametrize("keep_bad", [False, True])
+def test_metadata_without_records_is_an_error_either_way(keep_bad):
+    with pytest.raises(coco.MetadataError, match="empty.jsonl: no records"):
+        read_records("\n  \n", "empty.jsonl", keep_bad=keep_bad)
 
 
 def test_missing_metadata_file_is_a_clear_error(tmp_path):
