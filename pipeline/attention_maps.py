@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import capture_cross_attention, check_group_names, restore_attention, side_of
-from .config import ConfigError, NonEmpty, PositiveInt, active_profile, section
+from .config import ConfigError, NonEmpty, PositiveInt, models_dir_of, section
 from .figures import attention_grid
 from .grounding import make_job
 from .losses import mask_ratios
@@ -333,7 +333,7 @@ def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRe
     """
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
     model, ref = recordable_model(params, key)
-    models_dir = Path(active_profile(params)["models_dir"])
+    models_dir = models_dir_of(params)
     return open_sampler(ref, model, models_dir, cfg, scale, int(params["seed"]), rank_device()), ref
 
 

@@ -155,6 +155,11 @@ def active_profile(params: Mapping[str, Any]) -> dict[str, Any]:
     return params["profiles"][params["profile"]]
 
 
+def models_dir_of(params: Mapping[str, Any]) -> Path:
+    """``profiles.<profile>.models_dir``: where embedded models are built and local model folders resolve."""
+    return Path(active_profile(params)["models_dir"])
+
+
 def section(params: Mapping[str, Any], dotted: str, cls: type[T]) -> T:
     """Parse the section at ``dotted`` (``"loss"``, ``"profile.train"``) into ``cls``.
 

@@ -39,10 +39,12 @@ class FailureRateError(StageError, RuntimeError):
 
 
 def run_stage(main: Callable[..., None], *args: Any) -> None:
-    """Run a stage's ``main(*args)``. A :class:`pipeline.config.StageError` (bad params, a missing input, too
-    many failures: the message names the input and the fix) ends it with that one line on stderr instead of
-    a traceback, exit status 1; ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback. An interrupt (Ctrl-C) ends
-    it with exit status 130: finished shards and checkpoints are kept, and a rerun resumes."""
+    """Run a stage's ``main(*args)`` with logging set up (:func:`setup_logging`). A
+    :class:`pipeline.config.StageError` (bad params, a missing input, too many failures: the message names the
+    input and the fix) ends it with that one line on stderr instead of a traceback, exit status 1;
+    ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback. An interrupt (Ctrl-C) ends it with exit status 130:
+    finished shards and checkpoints are kept, and a rerun resumes."""
+    setup_logging()
     try:
         main(*args)
     except KeyboardInterrupt:
@@ -57,7 +59,7 @@ def run_stage(main: Callable[..., None], *args: Any) -> None:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log ``time level name: message`` to stderr (stages call this once)."""
+    """Log ``time level name: message`` to stderr (:func:`run_stage` calls it for every stage)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

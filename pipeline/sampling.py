@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import (ConfigError, DtypeName, Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt,
-                     active_profile, section)
+                     models_dir_of, section)
 from .models import inference_dtype
 from .multigen import MultiGenPrompt
 from .seeding import standard_normal, torch_generator
@@ -118,7 +118,7 @@ def eval_model(params: dict[str, Any], key: str) -> tuple[EvalModel, EvalModelRe
     model = section(params, f"eval_models.{key}", EvalModel)
     ref = section(params, f"profile.eval_models.{key}", EvalModelRef)
     dep = Path(model.dep).resolve()
-    if dep == Path(active_profile(params)["models_dir"]).resolve():
+    if dep == models_dir_of(params).resolve():
         return model, ref
     loaded = [r for r in (ref.unet, ref.model) if r and not r.startswith("embedded:")]
     if not any(dep == Path(r).resolve() or dep in Path(r).resolve().parents for r in loaded):

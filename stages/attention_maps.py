@@ -14,14 +14,13 @@ from pathlib import Path
 from pipeline.attention_maps import (AttentionMapsCfg, AttentionMapsScale, load_sampler, recordable_model,
                                      write_attention_figures)
 from pipeline.config import load_params, section
-from pipeline.runtime import FailureRateError, run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import FailureRateError, run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.attention_maps")
 OUT = Path("plots/attention")
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "attention_maps", AttentionMapsCfg)
     scale = section(params, "profile.attention_maps", AttentionMapsScale)

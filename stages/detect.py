@@ -10,19 +10,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import active_profile, load_params, section
+from pipeline.config import load_params, models_dir_of, section
 from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, detector_fingerprint, load_detector
-from pipeline.runtime import dist_info, rank_device, run_stage, setup_logging, stage_argument
+from pipeline.runtime import dist_info, rank_device, run_stage, stage_argument
 
 log = logging.getLogger("stages.detect")
 
 
 def main(key: str) -> None:
-    setup_logging()
     params = load_params()
     mg, scale = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
     dist = dist_info()
-    models_dir = Path(active_profile(params)["models_dir"])
+    models_dir = models_dir_of(params)
     detector = load_detector(scale.detector, models_dir, rank_device(), scale.dtype, scale.image_backend)
     fingerprint = detector_fingerprint(detector, scale, mg.query_template)
     for name in mg.prompt_sets:

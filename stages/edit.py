@@ -14,12 +14,12 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.benchmarks import MAPPING_FILE, load_example, read_mapping, strip_brackets
-from pipeline.config import ConfigError, active_profile, load_params, section
+from pipeline.config import ConfigError, load_params, models_dir_of, section
 from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
                               edit_fingerprint, edit_rows)
 from pipeline.models import inference_dtype, load_sd_pipeline
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
-                              stage_argument, wait_for_everyone, write_json)
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
+                              wait_for_everyone, write_json)
 from pipeline.shards import STATUS_OK, code_digest, prepare_for_ranks, read_shards, write_shards
 
 log = logging.getLogger("stages.edit")
@@ -32,7 +32,6 @@ def load(image_id: str, entry) -> EditItem:
 
 
 def main(name: str) -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "editing", EditingCfg)
     scale = section(params, "profile.editing", EditingScale)
@@ -40,7 +39,7 @@ def main(name: str) -> None:
         raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r} "
                           f"(known: {', '.join(scale.backbones)})")
     backbone, dist = scale.backbones[name], dist_info()  # one process, or one per GPU under accelerate
-    pipe = load_sd_pipeline(backbone.model, active_profile(params)["models_dir"], unet_ref=backbone.unet,
+    pipe = load_sd_pipeline(backbone.model, models_dir_of(params), unet_ref=backbone.unet,
                             torch_dtype=inference_dtype(scale.dtype, rank_device()), device=rank_device())
     editor = BlendedLatentEditor(pipe, cfg, scale.num_inference_steps, params["seed"])
     records = sorted(read_mapping(DATA / MAPPING_FILE).items())

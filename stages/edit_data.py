@@ -14,14 +14,13 @@ from pathlib import Path
 from pipeline.benchmarks import PIE_SIZE, PIEBENCH_HELP, EditDataScale, copy_piebench, piebench_summary, sha256_bytes
 from pipeline.config import ConfigError, load_params, section
 from pipeline.demo_data import DemoDataScale, write_demo_piebench
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.edit_data")
 OUT = Path("artifacts/data/piebench")
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "profile.edit_data", EditDataScale)
     if OUT.exists():

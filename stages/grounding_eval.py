@@ -14,25 +14,24 @@ from pathlib import Path
 
 from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples, grounding_failures,
                                      grounding_rows, load_sampler, summarize_grounding)
-from pipeline.config import active_profile, load_params, section
+from pipeline.config import load_params, models_dir_of, section
 from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
 from pipeline.models import inference_dtype
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 from pipeline.sampling import prompt_items
 
 log = logging.getLogger("stages.grounding_eval")
 
 
 def main(key: str) -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "grounding_eval", GroundingEvalCfg)
     scale = section(params, "profile.grounding_eval", GroundingEvalScale)
     gsam, masks = section(params, "grounding", GroundingCfg), section(params, "profile.masks", MasksScale)
     mg = section(params, "multigen", MultiGenCfg)
     sampler, ref = load_sampler(params, key)
-    models_dir, device = Path(active_profile(params)["models_dir"]), sampler.pipe.unet.device
+    models_dir, device = models_dir_of(params), sampler.pipe.unet.device
     dtype = inference_dtype(masks.dtype, device)
     grounder = Grounder(GroundingDetector.load(masks.detector, models_dir, device, dtype),
                         load_segmenter(masks.segmenter, models_dir, device, dtype),

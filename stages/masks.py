@@ -15,9 +15,9 @@ import torch
 
 from pipeline import grounding
 from pipeline.config import ConfigError, Pixels, active_profile, load_params, profile_fields, section
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
-                              stage_argument, wait_for_everyone, write_json)
 from pipeline.models import inference_dtype
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
+                              wait_for_everyone, write_json)
 from pipeline.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
@@ -35,7 +35,6 @@ class ProfileKeys:
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "grounding", grounding.GroundingCfg)
     scale = section(params, "profile.masks", grounding.MasksScale)

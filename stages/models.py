@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import zoo
 from pipeline.config import ConfigError, load_params, profile_fields
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.models")
 OUT = Path("artifacts/models")  # this stage's out in dvc.yaml, replaced whole on every run
@@ -27,7 +27,6 @@ class ModelsScale:
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = profile_fields(params, ModelsScale)
     if cfg.models_dir.resolve() != OUT.resolve():  # never empty a folder that is not this stage's output

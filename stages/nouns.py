@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 from pipeline import coco, text
 from pipeline.config import ConfigError, load_params, profile_fields, section
 from pipeline.models import from_pretrained
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, stage_argument, write_json
 from pipeline.shards import code_digest, fingerprint_of, iter_rows, read_shards, write_shards
 
 log = logging.getLogger("stages.nouns")
@@ -31,7 +31,6 @@ class TokenizerScale:
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "text", text.TextCfg)
     scale = section(params, "profile.text", text.TextScale)

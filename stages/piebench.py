@@ -12,10 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.benchmarks import MAPPING_FILE, read_mapping
-from pipeline.config import ConfigError, active_profile, load_params, section
+from pipeline.config import ConfigError, load_params, models_dir_of, section
 from pipeline.editing import EditingScale
 from pipeline.piebench import PieBenchCfg, PieBenchScale, PieBenchScorer, edits_figure, score_edits, summarize
-from pipeline.runtime import default_device, run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import default_device, run_stage, stage_argument, write_json
 from pipeline.shards import iter_rows
 
 log = logging.getLogger("stages.piebench")
@@ -23,14 +23,13 @@ DATA = Path("artifacts/data/piebench")
 
 
 def main(name: str) -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "piebench", PieBenchCfg)
     scale = section(params, "profile.piebench", PieBenchScale)
     backbones = section(params, "profile.editing", EditingScale).backbones
     if name not in backbones:
         raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r}")
-    models_dir = active_profile(params)["models_dir"]
+    models_dir = models_dir_of(params)
     scorer = PieBenchScorer.load(scale, cfg, models_dir, params["seed"], default_device())
     entries = read_mapping(DATA / MAPPING_FILE)
     edits = {row["image_id"]: row for row in iter_rows(Path("artifacts/edits") / name)}

@@ -14,14 +14,13 @@ from pathlib import Path
 from pipeline.benchmarks import MULTIGEN_SETS, PromptsScale, prepare_multigen_set, prompt_objects, sha256_bytes
 from pipeline.config import load_params, section
 from pipeline.demo_data import DemoDataScale
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.prompts")
 OUT = Path("artifacts/data/multigen")
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "profile.prompts", PromptsScale)
     num_prompts = section(params, "profile.demo_data", DemoDataScale).num_prompts

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import report
 from pipeline.config import NonNegativeInt, load_params, section
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.report")
 
@@ -28,7 +28,6 @@ class ReportCfg:
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "report", ReportCfg)
     profile = params["profile"]

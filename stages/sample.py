@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.config import active_profile, load_params, section
+from pipeline.config import load_params, models_dir_of, section
 from pipeline.multigen import MultiGenCfg, load_prompt_set
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, setup_logging,
-                              stage_argument, wait_for_everyone, write_json)
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
+                              wait_for_everyone, write_json)
 from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
                                sample_prompt_set, sampler_record)
 from pipeline.shards import STATUS_OK, read_shards
@@ -25,13 +25,12 @@ log = logging.getLogger("stages.sample")
 
 
 def main(key: str) -> None:
-    setup_logging()
     params = load_params()
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
     model, ref = eval_model(params, key)
     mg = section(params, "multigen", MultiGenCfg)
     dist, device = dist_info(), rank_device()
-    sampler = open_sampler(ref, model, Path(active_profile(params)["models_dir"]), cfg, scale, int(params["seed"]),
+    sampler = open_sampler(ref, model, models_dir_of(params), cfg, scale, int(params["seed"]),
                            device)
     weights = component_hashes(sampler.pipe)
     metrics = {**sampler_record(sampler, ref), "images_per_prompt": scale.images_per_prompt, "seed": sampler.seed,

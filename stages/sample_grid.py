@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.benchmarks import load_categories
 from pipeline.config import ConfigError, load_params, section
 from pipeline.multigen import MultiGenCfg, MultiGenPrompt, load_prompt_set
-from pipeline.runtime import run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import run_stage, stage_argument, write_json
 from pipeline.sample_grid import (SampleGridCfg, VerdictRule, grid_cells, grid_models, multigen_rule,
                                   sample_grid_figure, spatial_rule)
 from pipeline.sampling import SamplingScale
@@ -46,7 +46,6 @@ def write_grid(name: str, label: str, models: list[str], prompts: list[MultiGenP
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "sample_grid", SampleGridCfg)
     mg, visor = section(params, "multigen", MultiGenCfg), section(params, "visor", VisorCfg)

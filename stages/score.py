@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.config import load_params, section
 from pipeline.multigen import (MultiGenCfg, MultiGenScale, category_counts, format_row, load_prompt_set,
                                score_records)
-from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 from pipeline.sampling import SamplingScale, eval_model
 from pipeline.shards import iter_rows
 
@@ -27,7 +27,6 @@ COLUMNS = ["prompt_id", "image_index", "objects", "label_max_scores", "status"]
 
 
 def main(key: str) -> None:
-    setup_logging()
     params = load_params()
     mg, det = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
     scale = section(params, "profile.sampling", SamplingScale)

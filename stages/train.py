@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import Pixels, load_params, profile_fields, section
 from pipeline.losses import LossCfg
-from pipeline.runtime import dist_info, run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import dist_info, run_stage, stage_argument, write_json
 from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded, load_records, train,
                                write_curves)
 
@@ -36,7 +36,6 @@ class ModelScale:
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     m = profile_fields(params, ModelScale)  # a missing key -> ConfigError naming it
     run = TrainRun(

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipeline.config import Fraction, FractionBelowOne, PositiveInt, load_params, section
 from pipeline.demo_data import DemoDataScale, write_demo_training_set
-from pipeline.runtime import check_failure_rate, run_stage, setup_logging, stage_argument, write_json
+from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 from pipeline.shards import image_set_summary
 
 log = logging.getLogger("stages.train_data")
@@ -34,7 +34,6 @@ class TrainDataScale:
 
 
 def main() -> None:
-    setup_logging()
     params = load_params()
     cfg = section(params, "profile.data", TrainDataScale)
     seed = params["seed"]

@@ -18,10 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.benchmarks import load_categories
-from pipeline.config import active_profile, load_params, section
+from pipeline.config import load_params, models_dir_of, section
 from pipeline.multigen import detect_prompt_set, detector_fingerprint, load_detector
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage,
-                              setup_logging, stage_argument, wait_for_everyone, write_json)
+                              stage_argument, wait_for_everyone, write_json)
 from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
                                sample_prompt_set, sampler_record)
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
@@ -30,14 +30,13 @@ log = logging.getLogger("stages.visor")
 
 
 def main(key: str) -> None:
-    setup_logging()
     params = load_params()
     visor, scale = section(params, "visor", VisorCfg), section(params, "profile.visor", VisorScale)
     sampling = replace(section(params, "profile.sampling", SamplingScale),
                        images_per_prompt=visor.images_per_prompt, max_prompts=None)
     model, ref = eval_model(params, key)
     seed, dist, device = int(params["seed"]), dist_info(), rank_device()
-    models_dir = Path(active_profile(params)["models_dir"])
+    models_dir = models_dir_of(params)
     prompts = spatial_prompts(load_categories("coco"), scale.max_prompts, seed)
     out, det = Path("artifacts/visor") / key, scale.detection
     # the detector is loaded first: a wrong reference fails before hours of sampling, not after
