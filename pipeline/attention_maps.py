@@ -73,7 +73,6 @@ def group_map(layer_maps: Sequence[torch.Tensor], num_images: int | None = None)
     return mean if num_images is None else conditional_half(mean, num_images)
 
 
-
 def token_maps(group: torch.Tensor, token_indices: Sequence[Sequence[int]]) -> torch.Tensor:
     """Spatial maps of words: (B, HW, T) and K index lists → (B, K, h, w).
 
@@ -333,8 +332,7 @@ def load_sampler(params: dict[str, Any], key: str) -> tuple[Sampler, EvalModelRe
     """
     cfg, scale = section(params, "sampling", SamplingCfg), section(params, "profile.sampling", SamplingScale)
     model, ref = recordable_model(params, key)
-    models_dir = models_dir_of(params)
-    return open_sampler(ref, model, models_dir, cfg, scale, int(params["seed"]), rank_device()), ref
+    return open_sampler(ref, model, models_dir_of(params), cfg, scale, int(params["seed"]), rank_device()), ref
 
 
 def sample_with_attention(sampler: Sampler, items: Sequence[SampleItem], groups: Sequence[str],

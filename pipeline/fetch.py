@@ -93,7 +93,7 @@ def read_source(source: str | Path, retries: int = 3, timeout: float = 60.0) -> 
             return fetch(source, retries, timeout, max_bytes=1 << 30)
         except FetchError as err:
             raise SourceUnavailable(f"{source}: download failed ({err}); check the URL and the network, "
-                          f"or download the file and give its local path instead") from err
+                                    f"or download the file and give its local path instead") from err
     path = Path(source)
     if not path.is_file():
         raise MissingInputError(f"{source}: file not found (give an http(s):// URL or an existing local path)")

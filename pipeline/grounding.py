@@ -300,7 +300,7 @@ class SegmentAnythingSegmenter:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if "sam_hq" in path.name or any(".hf_token." in k or "compress_vit_feat" in k for k in state):
             raise ConfigError(f"{path}: a SAM-HQ checkpoint, which segment_anything cannot load; give the "
-                             f"transformers SAM-HQ folder or hub id instead (e.g. syscv-community/sam-hq-vit-huge)")
+                              f"transformers SAM-HQ folder or hub id instead (e.g. syscv-community/sam-hq-vit-huge)")
         variant = sam_variant(path.name, state)
         sam = sam_model_registry[variant]()
         sam.load_state_dict(state)
@@ -348,7 +348,7 @@ def sam_variant(file_name: str, state: dict[str, torch.Tensor]) -> str:
     weight = state.get("image_encoder.patch_embed.proj.weight")
     if weight is None or int(weight.shape[0]) not in SAM_WIDTHS:
         raise ConfigError(f"{file_name}: not a segment-anything SAM checkpoint (no known image_encoder width); "
-                         f"name it sam_vit_h/l/b_*.pth")
+                          f"name it sam_vit_h/l/b_*.pth")
     return SAM_WIDTHS[int(weight.shape[0])]
 
 

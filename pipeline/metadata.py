@@ -41,6 +41,17 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
+def _parse_line(line: str, where: str) -> dict[str, Any]:
+    """The checked record on one line; :class:`MetadataError` naming ``where`` when it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+    except ValueError as err:  # JSON that Python refuses, e.g. an integer of over 4300 digits
+        raise MetadataError(f"{where}: unreadable JSON ({err})") from err
+    return check_record(record, where)
+
+
 def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[str, Any]]:
     """Records of a ``metadata.jsonl`` text, in file order; blank lines skipped.
 
@@ -52,15 +63,8 @@ def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[st
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{source}:{number}"
         try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MetadataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-            except ValueError as err:  # JSON that Python refuses, e.g. an integer of over 4300 digits
-                raise MetadataError(f"{where}: unreadable JSON ({err})") from err
-            out.append(check_record(record, where))
+            out.append(_parse_line(line, f"{source}:{number}"))
         except MetadataError as err:
             if not keep_bad:
                 raise

@@ -37,7 +37,7 @@ from .config import Bounds, ConfigError, NonNegativeInt
 from .benchmarks import PieBenchEntry, load_example, strip_brackets
 from .models import ModelLoadError, from_pretrained, parse_ref, resolve
 from .seeding import derive_seed
-from .shards import image_from_bytes
+from .shards import STATUS_OK, image_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +341,6 @@ def score_edits(
     ``image_id``, ``editing_type_id``, ``status`` ("ok", the edit's own failure status, "missing_edit",
     "bad_input"), ``error`` and the raw metrics of :data:`METRICS` (NaN when not scored).
     """
-    from .shards import STATUS_OK
-
     rows, shown = [], []
     for image_id, entry in tqdm(entries.items(), desc="piebench", unit="image"):
         row: dict[str, Any] = {"image_id": image_id, "editing_type_id": entry.editing_type_id,

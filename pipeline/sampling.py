@@ -215,8 +215,6 @@ def _png_of(image: np.ndarray) -> bytes:
     return png_bytes((image * 255).round().astype(np.uint8))
 
 
-
-
 def load_pipeline(ref: EvalModelRef, sampler: SamplerKind, models_dir: str | Path, cfg: SamplingCfg,
                   dtype: torch.dtype, device: torch.device) -> Any:
     """The pipeline of one evaluated model: base ``ref.model`` with ``ref.unet`` swapped in when given.

@@ -512,7 +512,6 @@ def check_finite(values: dict[str, float], step: int, image_ids: Sequence[str]) 
         "masks, lower optim.lr, or use mixed_precision bf16 instead of fp16")
 
 
-
 # ------------------------------------------------------------------------------------ checkpoints
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -716,8 +715,8 @@ class Trainer:
         made_by = json.loads((path / "state.json").read_text()).get("world_size")
         if made_by != self.acc.num_processes:  # data order and effective batch depend on it: not this run
             raise ConfigError(f"{path} was made by {made_by} processes and this run has {self.acc.num_processes}: "
-                               f"resume with {made_by} (e.g. accelerate launch --num_processes {made_by}), or "
-                               f"delete {self.ckpt_dir} to start over with {self.acc.num_processes}")
+                                f"resume with {made_by} (e.g. accelerate launch --num_processes {made_by}), or "
+                                f"delete {self.ckpt_dir} to start over with {self.acc.num_processes}")
         state = load_checkpoint(path, self.models.unet, self.optimizer, self.ema, self.acc.scaler)
         self.curves = state["curves"]
         log.info("resuming from %s (step %d)", path, state["step"])

@@ -39,8 +39,9 @@ def main(name: str) -> None:
         raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r} "
                           f"(known: {', '.join(scale.backbones)})")
     backbone, dist = scale.backbones[name], dist_info()  # one process, or one per GPU under accelerate
+    device = rank_device()
     pipe = load_sd_pipeline(backbone.model, models_dir_of(params), unet_ref=backbone.unet,
-                            torch_dtype=inference_dtype(scale.dtype, rank_device()), device=rank_device())
+                            torch_dtype=inference_dtype(scale.dtype, device), device=device)
     editor = BlendedLatentEditor(pipe, cfg, scale.num_inference_steps, params["seed"])
     records = sorted(read_mapping(DATA / MAPPING_FILE).items())
     out_dir = Path("artifacts/edits") / name

@@ -195,9 +195,9 @@ def test_models_stage_never_empties_a_folder_that_is_not_its_output(tmp_path):
     assert (mine / "sd-v1-4" / "model.safetensors").read_text() == "weights"
 
 
-@pytest.mark.parametrize("name,device,expected", [("auto", "cpu", torch.float32), ("auto", "cuda", torch.float16),
-                                                  ("auto", "cuda:1", torch.float16), ("float16", "cpu", torch.float16),
-                                                  ("bfloat16", "cuda", torch.bfloat16), ("float32", "cuda", torch.float32)])
+@pytest.mark.parametrize("name,device,expected", [
+    ("auto", "cpu", torch.float32), ("auto", "cuda", torch.float16), ("auto", "cuda:1", torch.float16),
+    ("float16", "cpu", torch.float16), ("bfloat16", "cuda", torch.bfloat16), ("float32", "cuda", torch.float32)])
 def test_inference_dtype_is_the_one_reading_of_dtype_params(name, device, expected):
     """``auto`` is float16 on CUDA only; a named dtype is taken as given (no GPU is needed to resolve it)."""
     assert models.inference_dtype(name, device) == expected
