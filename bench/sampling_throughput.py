@@ -36,11 +36,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.benchmarks import generate_multigen, load_categories  # noqa: E402
-from pipeline.multigen import MultiGenPrompt  # noqa: E402
+from pipeline.datasets.multigen_source import generate_multigen  # noqa: E402
+from pipeline.datasets.categories import load_categories  # noqa: E402
+from pipeline.datasets.multigen_files import MultiGenPrompt  # noqa: E402
 from pipeline.models import inference_dtype  # noqa: E402
 from pipeline.sampling import Sampler, SamplingCfg, SamplingScale, prompt_items  # noqa: E402
-from pipeline.shards import png_bytes  # noqa: E402
+from pipeline.store.codecs import png_bytes  # noqa: E402
 
 log = logging.getLogger("bench.sampling_throughput")
 

@@ -29,7 +29,8 @@ import torch
 from pipeline import zoo
 from pipeline.attention import capturing
 from pipeline.demo_data import write_demo_training_set
-from pipeline.losses import LossCfg, gather_token_maps, mask_ratios, resize_masks
+from pipeline.losses import LossCfg, gather_token_maps, resize_masks
+from pipeline.attention import mask_ratios
 from pipeline.runtime import setup_logging, write_json
 from pipeline.seeding import torch_generator
 from pipeline.training import (GroundedImageDataset, OptimCfg, SDModels, TrainCfg, TrainRecord, TrainRun, TrainScale,

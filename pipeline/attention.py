@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from .config import ConfigError
+from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -239,3 +239,16 @@ def capturing(unet: torch.nn.Module, groups: Iterable[str], detach: bool = False
         yield store
     finally:
         restore_attention(unet)
+
+
+def mask_ratios(cols: torch.Tensor, masks_small: torch.Tensor) -> torch.Tensor:
+    """Share of each sub-token's attention inside its word's mask, per layer and head.
+
+    Args:
+        cols: (L, B, h, P, W, S) token columns from :func:`gather_token_maps`.
+        masks_small: (B, W, P) binary masks at the maps' resolution.
+    Returns:
+        (L, B, h, W, S) ratios Σ_p A·M / Σ_p A (no epsilon, as in the original).
+    """
+    inside = torch.einsum("lbhpws,bwp->lbhws", cols, masks_small)
+    return inside / cols.sum(dim=3)

@@ -25,16 +25,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import capture_cross_attention, check_group_names, restore_attention, side_of
-from .config import ConfigError, NonEmpty, PositiveInt, models_dir_of, section
-from .figures import attention_grid
-from .grounding import make_job
-from .losses import mask_ratios
-from .sampling import (STATUS_FAILED, EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale,
-                       eval_model, open_sampler)
-from .runtime import rank_device
-from .shards import STATUS_OK, image_from_bytes, iter_rows, rle_decode
-from .text import CaptionTokens, align_phrase, locate_phrases
+from pipeline.attention import capture_cross_attention, check_group_names, restore_attention, side_of
+from pipeline.config import ConfigError, NonEmpty, PositiveInt, models_dir_of, section
+from pipeline.figures import attention_grid
+from pipeline.grounding import make_job
+from pipeline.attention import mask_ratios
+from pipeline.sampling import (
+    STATUS_FAILED, EvalModel, EvalModelRef, SampleItem, Sampler, SamplingCfg, SamplingScale, eval_model,
+    open_sampler,
+)
+from pipeline.runtime import rank_device
+from pipeline.store.shards import STATUS_OK, iter_rows
+from pipeline.store.codecs import image_from_bytes, rle_decode
+from pipeline.text import CaptionTokens, align_phrase, locate_phrases
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def grounding_share(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Share of each map's attention mass inside its mask: (K, h, w), (K, H, W) → (K,) in [0, 1].
 
     share_k = Σ_p A_k(p)·m_k(p) / Σ_p A_k(p) — the ratio of TokenCompose's token loss
-    (:func:`pipeline.losses.mask_ratios`), here on head- and layer-averaged word maps and with m_k the
+    (:func:`pipeline.attention.mask_ratios`), here on head- and layer-averaged word maps and with m_k the
     mask **area-averaged** onto the map's grid (the fraction of each attention cell the object covers)
     rather than the training loss's dilating bilinear-then-``> 0`` resize. This equals the share at image
     resolution with each attention cell spread evenly over its pixels. A map with no mass gives NaN.

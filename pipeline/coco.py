@@ -19,11 +19,14 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from .fetch import FetchError, fetch, read_source
-from .metadata import MetadataError, read_records
-from .seeding import numpy_rng
-from .shards import STATUS_OK, code_digest, fingerprint_of, image_set_summary, png_bytes, write_shards
-from .text import failed_row, image_row_failure, locate_phrases, nouns_row
+from pipeline.fetch import FetchError, fetch, read_source
+from pipeline.metadata import MetadataError, read_records
+from pipeline.seeding import numpy_rng
+from pipeline.store.shards import STATUS_OK, write_shards
+from pipeline.store.identity import code_digest, fingerprint_of
+from pipeline.datasets.training_images import image_set_summary
+from pipeline.store.codecs import png_bytes
+from pipeline.text import failed_row, image_row_failure, locate_phrases, nouns_row
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,14 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.benchmarks import (EDITING_TYPES, IMAGES_DIR, MAPPING_FILE, PIE_SIZE, PieBenchEntry, encode_mask,
-                                 write_mapping)
+from pipeline.datasets.piebench_files import (
+    EDITING_TYPES, IMAGES_DIR, MAPPING_FILE, PIE_SIZE, PieBenchEntry, encode_mask, write_mapping,
+)
 from pipeline.config import Pixels, PositiveInt
 from pipeline.seeding import numpy_rng, python_rng
-from pipeline.shards import STATUS_OK, code_digest, png_bytes, rle_encode, write_shards
+from pipeline.store.shards import STATUS_OK, write_shards
+from pipeline.store.identity import code_digest
+from pipeline.store.codecs import png_bytes, rle_encode
 
 log = logging.getLogger(__name__)
 

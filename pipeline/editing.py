@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Bounds, DtypeName, Fraction, PositiveInt
-from .seeding import derive_seed, standard_normal
-from .shards import STATUS_OK, dir_files, files_digest, png_bytes
+from pipeline.config import Bounds, DtypeName, Fraction, PositiveInt
+from pipeline.seeding import derive_seed, standard_normal
+from pipeline.store.shards import STATUS_OK
+from pipeline.store.identity import dir_files, files_digest
+from pipeline.store.codecs import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +317,7 @@ def edit_fingerprint(editor: BlendedLatentEditor, backbone: Backbone, data_root:
 
     The batch size and shard layout are left out: they do not change which noise an image gets.
     """
-    from .sampling import component_hashes
+    from pipeline.sampling import component_hashes
 
     method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
     data = files_digest(dir_files(data_root), relative_to=Path(data_root))

@@ -6,6 +6,8 @@ Used for the paper profile's inputs (TokenCompose metadata, COCO images, the off
 
 from __future__ import annotations
 
+import hashlib
+
 import http.client
 import logging
 import socket
@@ -14,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import MissingInputError, StageError
+from pipeline.config import MissingInputError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +100,23 @@ def read_source(source: str | Path, retries: int = 3, timeout: float = 60.0) -> 
     if not path.is_file():
         raise MissingInputError(f"{source}: file not found (give an http(s):// URL or an existing local path)")
     return path.read_bytes()
+
+
+class HashMismatchError(StageError, ValueError):
+    """A fetched file's SHA-256 differs from the one in params."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(source: str, sha256: str) -> bytes:
+    """Bytes of ``source`` (URL or path) after checking their SHA-256 against ``sha256``."""
+    data = read_source(source)
+    got = sha256_bytes(data)
+    if got != sha256.lower():
+        raise HashMismatchError(
+            f"{source}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; the file changed or is not the "
+            f"one the params name (fix the url or the sha256 in params.yaml)")
+    return data

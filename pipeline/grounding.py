@@ -38,14 +38,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, DtypeName, Fraction, MissingInputError, NonNegativeInt, PositiveInt
-from . import shards
-from .fetch import read_source
-from .metadata import read_records
-from .models import from_pretrained, inference_dtype, parse_ref, resolve
-from .runtime import FailureRateError
-from .sequences import subsequence_starts
-from .shards import STATUS_OK, dir_files, files_digest, image_from_bytes, rle_decode, rle_encode, write_shards
+from pipeline.config import ConfigError, DtypeName, Fraction, MissingInputError, NonNegativeInt, PositiveInt
+from pipeline.store import shards
+from pipeline.store.identity import code_digest, fingerprint_of
+from pipeline.fetch import read_source
+from pipeline.geometry import train_mask
+from pipeline.metadata import read_records
+from pipeline.models import from_pretrained, inference_dtype, parse_ref, resolve
+from pipeline.runtime import FailureRateError
+from pipeline.sequences import subsequence_starts
+from pipeline.store.shards import STATUS_OK, write_shards
+from pipeline.store.identity import dir_files, files_digest
+from pipeline.store.codecs import image_from_bytes, rle_decode, rle_encode
 
 log = logging.getLogger(__name__)
 
@@ -165,25 +169,6 @@ def match_label(label: str, phrases: Sequence[str]) -> tuple[int | None, str]:
         if target and all(any(t == w or t.startswith(w) for t in target) for w in words):
             return i, "prefix"
     return None, "unmatched_label"
-
-
-# --- training-resolution geometry ------------------------------------------------------------------
-
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """The training image transform's geometry (SPEC §1.1): resize the shorter side to ``resolution``
-    (bilinear, PIL, antialiased; longer side truncated as torchvision does), then centre-crop to
-    ``resolution`` x ``resolution`` (torchvision's rounding)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    image = TF.resize(image, resolution, interpolation=InterpolationMode.BILINEAR)
-    return TF.center_crop(image, [resolution, resolution])
-
-
-def train_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
-    """(H, W) bool mask -> (resolution, resolution) bool: :func:`resize_center_crop` on a 0/255 image, > 0."""
-    image = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L")
-    return np.asarray(resize_center_crop(image, resolution)) > 0
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -614,7 +599,7 @@ def write_grounded_masks(ctx: RunContext, cfg: GroundingCfg, scale: MasksScale) 
         "segmenter_files": model_digest(scale.segmenter, ctx.models_dir),
         "inputs": files_digest(shards.shard_files(ctx.nouns_dir) + shards.shard_files(ctx.images_dir)),
     }
-    code = shards.code_digest(__name__)
+    code = code_digest(__name__)
     redo = ("inference_failed",)
     @functools.cache
     def grounder() -> Grounder:
@@ -724,9 +709,9 @@ def write_authors_masks(ctx: RunContext, scale: MasksScale) -> list[Path]:
     entries = read_records(text, scale.authors_metadata, keep_bad=True)
     lookup = _nouns_lookup(read_nouns(ctx.nouns_dir))
     masks = files_digest(dir_files(masks_dir), relative_to=masks_dir, full_hash_limit=-1)  # size and mtime
-    fingerprint = {"source": "authors", "metadata": shards.fingerprint_of(text), "masks": masks,
+    fingerprint = {"source": "authors", "metadata": fingerprint_of(text), "masks": masks,
                    "nouns": files_digest(shards.shard_files(ctx.nouns_dir)), "resolution": ctx.resolution}
-    code = shards.code_digest(__name__)
+    code = code_digest(__name__)
     shards.prepare_for_ranks(ctx.out_dir, len(entries), scale.shard_size, fingerprint, ctx.rank, ctx.barrier, code)
 
     def process(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:

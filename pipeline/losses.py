@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import check_group_names, side_of
-from .config import NonNegativeFloat
+from pipeline.attention import check_group_names, mask_ratios, side_of
+from pipeline.config import NonNegativeFloat
 
 
 @dataclass(frozen=True)
@@ -119,19 +119,6 @@ def gather_token_maps(maps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
                          "captions must fit the 77-token context")
     index = token_ids.reshape(1, b, 1, 1, w * s).expand(n_layers, b, h, p, w * s)
     return maps.gather(-1, index).float().view(n_layers, b, h, p, w, s)
-
-
-def mask_ratios(cols: torch.Tensor, masks_small: torch.Tensor) -> torch.Tensor:
-    """Share of each sub-token's attention inside its word's mask, per layer and head.
-
-    Args:
-        cols: (L, B, h, P, W, S) token columns from :func:`gather_token_maps`.
-        masks_small: (B, W, P) binary masks at the maps' resolution.
-    Returns:
-        (L, B, h, W, S) ratios Σ_p A·M / Σ_p A (no epsilon, as in the original).
-    """
-    inside = torch.einsum("lbhpws,bwp->lbhws", cols, masks_small)
-    return inside / cols.sum(dim=3)
 
 
 def _per_sample_mean(per_word: torch.Tensor, word_valid: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import StageError
+from pipeline.config import StageError
 
 
 class MetadataError(StageError, ValueError):

@@ -6,7 +6,8 @@ Every model parameter in ``params.yaml`` is a string:
   ``@REVISION`` (``CompVis/stable-diffusion-v1-4@<commit sha>``, a branch or a tag) pinned to that revision;
 * ``/data/sd14`` or ``artifacts/train/unet``: a local directory in the same ``save_pretrained`` layout;
 * ``embedded:tiny-sd``: a model from :mod:`pipeline.zoo`, written by the ``models`` stage to
-  ``<models_dir>/tiny-sd``.
+  ``artifacts/models/tiny-sd`` (:data:`MODELS_DIR`). This module never imports the zoo: stages load what
+  the ``models`` stage wrote, so they depend on its output and not on the zoo's code.
 
 :func:`resolve` turns any of them into what ``from_pretrained`` takes, so there is one loading path.
 """
@@ -19,9 +20,10 @@ from typing import Any, Literal
 
 import torch
 
-from .config import ConfigError, DtypeName, StageError
+from pipeline.config import ConfigError, DtypeName, StageError
 
 EMBEDDED_PREFIX = "embedded:"
+MODELS_DIR = Path("artifacts/models")  # the models stage's output: embedded models, by name
 
 
 def inference_dtype(name: DtypeName, device: torch.device | str) -> torch.dtype:
@@ -52,10 +54,8 @@ def parse_ref(ref: str) -> ModelRef:
         raise ConfigError(f"model reference must be a non-empty string, got {ref!r}")
     if ref.startswith(EMBEDDED_PREFIX):
         name = ref[len(EMBEDDED_PREFIX):]
-        from . import zoo
-
-        if name not in zoo.REGISTRY:
-            raise ConfigError(f"{ref!r}: unknown embedded model; known: {', '.join(sorted(zoo.REGISTRY))}")
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"{ref!r}: an embedded model is embedded:NAME, NAME one of the models stage's builds")
         return ModelRef(ref, "embedded", name)
     path = Path(ref).expanduser()
     first = Path(ref.split("/")[0])
@@ -83,7 +83,8 @@ def resolve(ref: str, models_dir: str | Path) -> str:
         path = Path(models_dir) / parsed.name
         if not path.is_dir():
             raise ModelLoadError(
-                f"{ref}: not built at {path}; run `dvc repro models` (or pipeline.zoo.build) first"
+                f"{ref}: not built at {path}; list {parsed.name!r} in profiles.<profile>.embedded and run "
+                f"`dvc repro models` (tests: pipeline.zoo.build)"
             )
         return str(path)
     if parsed.kind == "local":

@@ -26,8 +26,10 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import DtypeName, Fraction, FractionBelowOne, InputDataError, MissingInputError, NonEmpty, PositiveInt
-from .shards import STATUS_OK
+from pipeline.config import (
+    DtypeName, Fraction, FractionBelowOne, InputDataError, MissingInputError, NonEmpty, PositiveInt,
+)
+from pipeline.store.shards import STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +72,7 @@ class MultiGenScale:
     image_backend: Literal["pil", "torchvision"] = "pil"  # pil: the original's resizing; torchvision: faster
 
 
-@dataclass(frozen=True)
-class MultiGenPrompt:
-    """One MultiGen prompt: its id (== list index), text and object names in prompt order."""
-
-    prompt_id: int
-    text: str
-    objects: tuple[str, ...]
-
-
 # --- prompts ----------------------------------------------------------------------------------------
-
-def load_prompt_set(path: str | Path, max_prompts: int | None = None) -> list[MultiGenPrompt]:
-    """Read an official-format MultiGen prompt file (validated by :mod:`pipeline.benchmarks`).
-
-    Returns the first ``max_prompts`` prompts (all when None), ``prompt_id`` = ``unique_id``.
-    """
-    from .benchmarks import prompt_objects, read_multigen
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: MultiGen prompt file not found; run `dvc repro prompts`")
-    entries = read_multigen(path, check_template=False)
-    prompts = [MultiGenPrompt(e["unique_id"], e["text"], tuple(prompt_objects(e))) for e in entries]
-    return prompts[:max_prompts] if max_prompts is not None else prompts
-
 
 def queries_for(objects: Sequence[str], template: str) -> list[str]:
     """The detector queries of one image: ``template`` filled with each object name, in prompt order."""
@@ -260,7 +238,7 @@ def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: DtypeNam
     import torch
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-    from .models import ModelLoadError, from_pretrained, inference_dtype
+    from pipeline.models import ModelLoadError, from_pretrained, inference_dtype
 
     torch_dtype = inference_dtype(dtype, device)
     model = from_pretrained(AutoModelForZeroShotObjectDetection, ref, models_dir, dtype=torch_dtype)
@@ -274,7 +252,7 @@ def load_detector(ref: str, models_dir: str | Path, device: Any, dtype: DtypeNam
 def detector_fingerprint(detector: Detector, scale: MultiGenScale, template: str) -> dict[str, Any]:
     """What a detection row depends on besides its image: the detector, its weights, dtype, image
     processing and queries (batch and shard sizes excluded)."""
-    from .zoo import state_dict_hash
+    from pipeline.store.identity import state_dict_hash
 
     return {"detector": scale.detector, "weights": state_dict_hash(detector.model), "dtype": str(detector.dtype),
             "image_backend": scale.image_backend, "template": template}
@@ -345,7 +323,7 @@ def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str
     ``label_max_scores``, ``status``, ``error``, and ``box_centers`` with ``keep_centers`` (VISOR needs
     them; MultiGen does not, and they would double the size of its shards).
     """
-    from .shards import image_from_bytes
+    from pipeline.store.codecs import image_from_bytes
 
     results: dict[tuple[int, int], dict[str, Any]] = {}
     decoded: list[tuple[tuple[int, int], Any, list[str]]] = []
@@ -395,7 +373,8 @@ def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, templ
     its sample shards (:func:`pipeline.shards.items_digest`): only detections of new or changed samples
     are computed again.
     """
-    from .shards import code_digest, read_table, shard_files, write_shards
+    from pipeline.store.identity import code_digest
+    from pipeline.store.shards import read_table, shard_files, write_shards
 
     files = shard_files(sample_dir)
     if not files:

@@ -33,11 +33,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import Bounds, ConfigError, NonNegativeInt
-from .benchmarks import PieBenchEntry, load_example, strip_brackets
-from .models import ModelLoadError, from_pretrained, parse_ref, resolve
-from .seeding import derive_seed
-from .shards import STATUS_OK, image_from_bytes
+from pipeline.config import Bounds, ConfigError, NonNegativeInt
+from pipeline.datasets.piebench_files import PieBenchEntry, load_example, strip_brackets
+from pipeline.models import ModelLoadError, from_pretrained, parse_ref, resolve
+from pipeline.seeding import derive_seed
+from pipeline.store.shards import STATUS_OK
+from pipeline.store.codecs import image_from_bytes
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from .attention import GROUP_ORDER
-from .benchmarks import EDITING_TYPES
-from .config import InputDataError, MissingInputError
-from .figures import curves_figure, grouped_bars
-from .multigen import MG_LEVELS
-from .piebench import TABLE as PIE_TABLE
-from .shards import image_from_bytes
+from pipeline.attention import GROUP_ORDER
+from pipeline.datasets.piebench_files import EDITING_TYPES
+from pipeline.config import InputDataError, MissingInputError
+from pipeline.figures import curves_figure, grouped_bars
+from pipeline.multigen import MG_LEVELS
+from pipeline.piebench import TABLE as PIE_TABLE
+from pipeline.store.codecs import image_from_bytes
 
 log = logging.getLogger(__name__)
 

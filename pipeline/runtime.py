@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import StageError
+from pipeline.config import StageError
 
 
 def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") -> str | None:

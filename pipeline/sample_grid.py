@@ -18,11 +18,13 @@ from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import Bounds, ConfigError, NonNegativeInt, PositiveInt
-from .figures import image_grid
-from .multigen import MultiGenPrompt, found_names
-from .shards import STATUS_OK, image_from_bytes, read_table, shard_files
-from .visor import SpatialPrompt, image_outcome
+from pipeline.config import Bounds, ConfigError, NonNegativeInt, PositiveInt
+from pipeline.figures import image_grid
+from pipeline.datasets.multigen_files import MultiGenPrompt
+from pipeline.multigen import found_names
+from pipeline.store.shards import STATUS_OK, read_table, shard_files
+from pipeline.store.codecs import image_from_bytes
+from pipeline.visor import SpatialPrompt, image_outcome
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,17 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from .config import (ConfigError, DtypeName, Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt,
-                     models_dir_of, section)
-from .models import inference_dtype
-from .multigen import MultiGenPrompt
-from .seeding import standard_normal, torch_generator
-from .sequences import subsequence_starts
-from .shards import STATUS_OK, code_digest, png_bytes, write_shards
+from pipeline.config import (
+    ConfigError, DtypeName, Fraction, NonNegativeFloat, NonNegativeInt, Pixels, PositiveInt, models_dir_of,
+    section,
+)
+from pipeline.models import inference_dtype
+from pipeline.datasets.multigen_files import MultiGenPrompt
+from pipeline.seeding import standard_normal, torch_generator
+from pipeline.sequences import subsequence_starts
+from pipeline.store.shards import STATUS_OK, write_shards
+from pipeline.store.identity import code_digest
+from pipeline.store.codecs import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +226,7 @@ def load_pipeline(ref: EvalModelRef, sampler: SamplerKind, models_dir: str | Pat
     ``attend_excite`` loads diffusers' (deprecated) ``StableDiffusionAttendAndExcitePipeline``.
     ``cfg.scheduler`` other than ``default`` replaces the scheduler by that diffusers class, same config.
     """
-    from .models import load_sd_pipeline
+    from pipeline.models import load_sd_pipeline
 
     cls = None
     if sampler == "attend_excite":
@@ -247,7 +251,7 @@ def scheduler_class(name: str) -> type:
 
 def component_hashes(pipe: Any) -> dict[str, str]:
     """SHA-256 of the UNet, VAE and text encoder weights (what sampled images depend on)."""
-    from .zoo import state_dict_hash
+    from pipeline.store.identity import state_dict_hash
 
     return {name: state_dict_hash(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}
 
@@ -270,7 +274,7 @@ class Sampler:
         if self.kind == "attend_excite":  # its latent updates differentiate through hooked attention
             log.info("sampling.compile is ignored for Attend-and-Excite; it runs eagerly")
             return
-        from .models import compile_unet
+        from pipeline.models import compile_unet
 
         compile_unet(self.pipe.unet, channels_last=self.pipe.unet.device.type == "cuda")
 

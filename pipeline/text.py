@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Sequence
 
-from .config import Bounds, ConfigError, Fraction, InputDataError, MissingInputError, PositiveInt, StageError
-from .seeding import derive_seed
-from .sequences import subsequence_starts
-from .shards import STATUS_OK
+from pipeline.config import Bounds, ConfigError, Fraction, InputDataError, MissingInputError, PositiveInt, StageError
+from pipeline.seeding import derive_seed
+from pipeline.sequences import subsequence_starts
+from pipeline.store.shards import STATUS_OK
 
 log = logging.getLogger(__name__)
 

@@ -37,15 +37,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .config import (ConfigError, Fraction, FractionBelowOne, InputDataError, NonNegativeFloat, NonNegativeInt,
-                     PositiveFloat, PositiveInt)
-from .attention import AttentionStore, capture_cross_attention, restore_attention
-from .losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
-from .models import compile_unet, from_pretrained
-from .seeding import numpy_rng, torch_generator
-from .grounding import resize_center_crop, train_mask
-from .shards import (STATUS_OK, code_digest, decode_error, fingerprint_of, image_from_bytes, iter_rows, rle_decode,
-                     rle_encode)
+from pipeline.config import (
+    ConfigError, Fraction, FractionBelowOne, InputDataError, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+    PositiveInt,
+)
+from pipeline.attention import AttentionStore, capture_cross_attention, restore_attention
+from pipeline.losses import GroundingLoss, GroundingTargets, LossCfg, grounding_loss
+from pipeline.models import compile_unet, from_pretrained
+from pipeline.seeding import numpy_rng, torch_generator
+from pipeline.geometry import resize_center_crop, train_mask
+from pipeline.store.shards import STATUS_OK, iter_rows
+from pipeline.store.identity import code_digest, fingerprint_of
+from pipeline.store.codecs import decode_error, image_from_bytes, rle_decode, rle_encode
 
 log = logging.getLogger(__name__)
 TRAINING_RUN_FILE = "training_run.json"  # beside the trained UNet: the run's fingerprint and steps
@@ -258,11 +261,11 @@ def object_mask_records(images_dir: Path, tokenizer: Any, resolution: int, split
     """Records of ``split`` supervised by the images' own ``objects`` masks (the demo set's true masks).
 
     Each object name is aligned to the caption's CLIP tokens (:func:`pipeline.text.align_phrase` at the
-    name's position in the caption); its mask goes through :func:`pipeline.grounding.train_mask`, as the
+    name's position in the caption); its mask goes through :func:`pipeline.geometry.train_mask`, as the
     ``masks`` stage's ``train_mask`` column. Returns the records (sorted by id) and the number of objects that
     did not align (left out).
     """
-    from .text import CaptionTokens, align_phrase, locate_phrases
+    from pipeline.text import CaptionTokens, align_phrase, locate_phrases
 
     records, unaligned = [], 0
     for row in iter_rows(images_dir):

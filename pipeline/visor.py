@@ -28,10 +28,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .config import Fraction, FractionBelowOne, InputDataError, PositiveInt
-from .multigen import MultiGenCfg, MultiGenPrompt, MultiGenScale, above_threshold
-from .seeding import numpy_rng
-from .shards import STATUS_OK
+from pipeline.config import Fraction, FractionBelowOne, InputDataError, PositiveInt
+from pipeline.multigen import MultiGenCfg, MultiGenScale, above_threshold
+from pipeline.datasets.multigen_files import MultiGenPrompt
+from pipeline.seeding import numpy_rng
+from pipeline.store.shards import STATUS_OK
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 SR2D_SIZE = 31_680          # every SR2D prompt (VISOR's text_spatial_rel_phrases.json)
@@ -205,7 +206,7 @@ DETECTION_COLUMNS = ["prompt_id", "image_index", "status", "box_scores", "box_la
 
 def score_detections(detections_dir: Path, prompts: Sequence[SpatialPrompt], cfg: VisorCfg) -> dict[str, float]:
     """:func:`visor_scores` of the detection shards in ``detections_dir`` (read column by column)."""
-    from .shards import iter_rows
+    from pipeline.store.shards import iter_rows
 
     return visor_scores(iter_rows(detections_dir, columns=DETECTION_COLUMNS), prompts, cfg.threshold,
                         cfg.images_per_prompt)

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.benchmarks import MAPPING_FILE, load_example, read_mapping, strip_brackets
+from pipeline.datasets.piebench_files import MAPPING_FILE, load_example, read_mapping, strip_brackets
 from pipeline.config import ConfigError, load_params, models_dir_of, section
 from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
                               edit_fingerprint, edit_rows)
 from pipeline.models import inference_dtype, load_sd_pipeline
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
                               wait_for_everyone, write_json)
-from pipeline.shards import STATUS_OK, code_digest, prepare_for_ranks, read_shards, write_shards
+from pipeline.store.shards import STATUS_OK, prepare_for_ranks, read_shards, write_shards
+from pipeline.store.identity import code_digest
 
 log = logging.getLogger("stages.edit")
 DATA = Path("artifacts/data/piebench")

@@ -17,7 +17,8 @@ from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compa
 from pipeline.config import load_params, models_dir_of, section
 from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
 from pipeline.models import inference_dtype
-from pipeline.multigen import MultiGenCfg, load_prompt_set
+from pipeline.multigen import MultiGenCfg
+from pipeline.datasets.multigen_files import load_prompt_set
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 from pipeline.sampling import prompt_items
 

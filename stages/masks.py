@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, Pixels, active_profile, load_params, pr
 from pipeline.models import inference_dtype
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
                               wait_for_everyone, write_json)
-from pipeline.shards import STATUS_OK, read_shards
+from pipeline.store.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
 OUT = Path("artifacts/masks")

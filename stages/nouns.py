@@ -18,7 +18,8 @@ from pipeline import coco, text
 from pipeline.config import ConfigError, load_params, profile_fields, section
 from pipeline.models import from_pretrained
 from pipeline.runtime import run_stage, stage_argument, write_json
-from pipeline.shards import code_digest, fingerprint_of, iter_rows, read_shards, write_shards
+from pipeline.store.identity import code_digest, fingerprint_of
+from pipeline.store.shards import iter_rows, read_shards, write_shards
 
 log = logging.getLogger("stages.nouns")
 IMAGES, OUT, METRICS = Path("artifacts/data/images"), Path("artifacts/nouns"), Path("metrics/nouns.json")

@@ -11,12 +11,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.benchmarks import MAPPING_FILE, read_mapping
+from pipeline.datasets.piebench_files import MAPPING_FILE, read_mapping
 from pipeline.config import ConfigError, load_params, models_dir_of, section
 from pipeline.editing import EditingScale
 from pipeline.piebench import PieBenchCfg, PieBenchScale, PieBenchScorer, edits_figure, score_edits, summarize
 from pipeline.runtime import default_device, run_stage, stage_argument, write_json
-from pipeline.shards import iter_rows
+from pipeline.store.shards import iter_rows
 
 log = logging.getLogger("stages.piebench")
 DATA = Path("artifacts/data/piebench")

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_params, models_dir_of, section
-from pipeline.multigen import MultiGenCfg, load_prompt_set
+from pipeline.multigen import MultiGenCfg
+from pipeline.datasets.multigen_files import load_prompt_set
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
                               wait_for_everyone, write_json)
 from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
                                sample_prompt_set, sampler_record)
-from pipeline.shards import STATUS_OK, read_shards
+from pipeline.store.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.sample")
 

@@ -15,9 +15,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.benchmarks import load_categories
+from pipeline.datasets.categories import load_categories
 from pipeline.config import ConfigError, load_params, section
-from pipeline.multigen import MultiGenCfg, MultiGenPrompt, load_prompt_set
+from pipeline.multigen import MultiGenCfg
+from pipeline.datasets.multigen_files import MultiGenPrompt, load_prompt_set
 from pipeline.runtime import run_stage, stage_argument, write_json
 from pipeline.sample_grid import (SampleGridCfg, VerdictRule, grid_cells, grid_models, multigen_rule,
                                   sample_grid_figure, spatial_rule)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import load_params, section
-from pipeline.multigen import (MultiGenCfg, MultiGenScale, category_counts, format_row, load_prompt_set,
-                               score_records)
+from pipeline.multigen import MultiGenCfg, MultiGenScale, category_counts, format_row, score_records
+from pipeline.datasets.multigen_files import load_prompt_set
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 from pipeline.sampling import SamplingScale, eval_model
-from pipeline.shards import iter_rows
+from pipeline.store.shards import iter_rows
 
 log = logging.getLogger("stages.score")
 CATEGORIES = Path("plots/multigen_categories")

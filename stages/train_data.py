@@ -15,7 +15,7 @@ from typing import Literal
 from pipeline.config import Fraction, FractionBelowOne, PositiveInt, load_params, section
 from pipeline.demo_data import DemoDataScale, write_demo_training_set
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
-from pipeline.shards import image_set_summary
+from pipeline.datasets.training_images import image_set_summary
 
 log = logging.getLogger("stages.train_data")
 OUT = Path("artifacts/data/images")

@@ -17,7 +17,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.benchmarks import load_categories
+from pipeline.datasets.categories import load_categories
 from pipeline.config import load_params, models_dir_of, section
 from pipeline.multigen import detect_prompt_set, detector_fingerprint, load_detector
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage,

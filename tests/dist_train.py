@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.losses import LossCfg  # noqa: E402
 from pipeline.training import OptimCfg, TrainCfg, Trainer, TrainRun, TrainScale, load_records  # noqa: E402
-from pipeline.zoo import state_dict_hash  # noqa: E402
+from pipeline.store.identity import state_dict_hash  # noqa: E402
 
 RES = 128
 

@@ -187,7 +187,7 @@ def _tiny_sampler(tiny_sd, models_dir, batch_size: int, pipe=None):
 def test_recording_pipe_serves_the_sampler_per_image(tiny_sd, models_dir):
     from pipeline.attention import capturing
     from pipeline.sampling import SampleItem
-    from pipeline.shards import image_from_bytes
+    from pipeline.store.codecs import image_from_bytes
 
     items = [SampleItem("coco", p, j, text, ()) for p, text in enumerate(["a cat", "a red cup"]) for j in range(2)]
     plain = _tiny_sampler(tiny_sd, models_dir, batch_size=4).rows(items)
@@ -312,7 +312,7 @@ class _FullMaskGrounder:
     """Stands in for Grounded-SAM: the first phrase of each image gets the whole image, the rest nothing."""
 
     def run(self, jobs):
-        from pipeline.shards import rle_encode
+        from pipeline.store.codecs import rle_encode
 
         rows = []
         for job in jobs:
@@ -327,7 +327,7 @@ class _FullMaskGrounder:
 
 
 def test_grounding_rows_and_summary(tiny_sd, models_dir):
-    from pipeline.multigen import MultiGenPrompt
+    from pipeline.datasets.multigen_files import MultiGenPrompt
     from pipeline.sampling import prompt_items
 
     prompts = [MultiGenPrompt(0, "a photo of a cup, a kite, and a boat.", ("cup", "kite", "boat"))]
@@ -367,7 +367,8 @@ def test_grounding_failures_count_errors_not_empty_detections():
 
 def test_compare_with_samples(tmp_path):
     from pipeline.sampling import SampleItem
-    from pipeline.shards import png_bytes, write_shards
+    from pipeline.store.codecs import png_bytes
+    from pipeline.store.shards import write_shards
 
     img = np.zeros((4, 4, 3), np.uint8)
     other = img.copy()

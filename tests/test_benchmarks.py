@@ -17,7 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import benchmarks as bm
+from pipeline.datasets import categories as category_lists
+from pipeline.datasets import multigen_files
+from pipeline.datasets import multigen_source
+from pipeline.datasets import piebench_files
+from pipeline import fetch
 from pipeline import demo_data as dd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,13 +33,13 @@ OFFICIAL_SHA = {  # also in params.yaml profiles.paper.prompts.files
 
 
 def official(shared_data: Path, name: str) -> Path:
-    return shared_data / "multigen" / bm.OFFICIAL_FILES[name]
+    return shared_data / "multigen" / multigen_files.OFFICIAL_FILES[name]
 
 
 def check_follows_spec(entries: list[dict], categories: set[str]) -> None:
-    """SPEC §3.1, checked with a regex independent of bm.multigen_text."""
+    """SPEC §3.1, checked with a regex independent of multigen_files.multigen_text."""
     for index, entry in enumerate(entries):
-        assert list(entry) == list(bm.MULTIGEN_FIELDS)
+        assert list(entry) == list(multigen_files.MULTIGEN_FIELDS)
         assert entry["unique_id"] == index and entry["num_objects"] == 5
         match = TEMPLATE.match(entry["text"])
         assert match, entry["text"]
@@ -52,60 +56,60 @@ def check_follows_spec(entries: list[dict], categories: set[str]) -> None:
 def test_category_lists_match_official_files(shared_data, name, count, multi_word):
     data = json.loads(official(shared_data, name).read_text())
     used = {e[f"obj_{i}_attributes"][0] for e in data for i in range(1, 6)}
-    names = bm.load_categories(name)
+    names = category_lists.load_categories(name)
     assert len(names) == count and set(names) == used
     assert sum(" " in n for n in names) == multi_word
 
 
 def test_coco_list_in_category_id_order():
-    names = bm.load_categories("coco")
+    names = category_lists.load_categories("coco")
     assert names[:5] == ["person", "bicycle", "car", "motorcycle", "airplane"]
     assert names[-3:] == ["teddy bear", "hair drier", "toothbrush"]
 
 
 # --- generator and parser ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", bm.MULTIGEN_SETS)
+@pytest.mark.parametrize("name", multigen_files.MULTIGEN_SETS)
 def test_generator_follows_official_template(name):
-    categories = bm.load_categories(name)
-    entries = bm.generate_multigen(categories, 300, seed=0, set_name=name)
+    categories = category_lists.load_categories(name)
+    entries = multigen_source.generate_multigen(categories, 300, seed=0, set_name=name)
     check_follows_spec(entries, set(categories))
-    assert bm.generate_multigen(categories, 300, 0, name) == entries
-    assert bm.generate_multigen(categories, 10, 0, name) == entries[:10]  # prompt i depends only on i
-    assert bm.generate_multigen(categories, 10, 1, name) != entries[:10]
-    assert bm.validate_multigen(entries, "generated", categories=categories) is entries
+    assert multigen_source.generate_multigen(categories, 300, 0, name) == entries
+    assert multigen_source.generate_multigen(categories, 10, 0, name) == entries[:10]  # prompt i depends only on i
+    assert multigen_source.generate_multigen(categories, 10, 1, name) != entries[:10]
+    assert multigen_files.validate_multigen(entries, "generated", categories=categories) is entries
 
 
 def test_generated_file_bytes_are_deterministic(tmp_path):
-    categories = bm.load_categories("coco")
-    bm.write_multigen(bm.generate_multigen(categories, 6, 0, "coco"), tmp_path / "a.json")
-    bm.write_multigen(bm.generate_multigen(categories, 6, 0, "coco"), tmp_path / "b.json")
+    categories = category_lists.load_categories("coco")
+    multigen_files.write_multigen(multigen_source.generate_multigen(categories, 6, 0, "coco"), tmp_path / "a.json")
+    multigen_files.write_multigen(multigen_source.generate_multigen(categories, 6, 0, "coco"), tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 
 def test_spec_example_prompt():
     objects = ["book", "cup", "kite", "mouse", "surfboard"]
-    assert bm.multigen_text(objects) == "a photo of a book, a cup, a kite, a mouse, and a surfboard."
+    assert multigen_files.multigen_text(objects) == "a photo of a book, a cup, a kite, a mouse, and a surfboard."
 
 
-@pytest.mark.parametrize("name", bm.MULTIGEN_SETS)
+@pytest.mark.parametrize("name", multigen_files.MULTIGEN_SETS)
 def test_parser_reads_official_files(shared_data, name):
     path = official(shared_data, name)
-    entries = bm.read_multigen(path)
+    entries = multigen_files.read_multigen(path)
     assert len(entries) == 1000
-    check_follows_spec(entries, set(bm.load_categories(name)))
-    assert bm.multigen_json(entries) == path.read_bytes()  # our writer reproduces the official bytes
-    assert bm.sha256_bytes(path.read_bytes()) == OFFICIAL_SHA[name]
+    check_follows_spec(entries, set(category_lists.load_categories(name)))
+    assert multigen_files.multigen_json(entries) == path.read_bytes()  # our writer reproduces the official bytes
+    assert fetch.sha256_bytes(path.read_bytes()) == OFFICIAL_SHA[name]
 
 
 def test_official_first_prompts_match_spec(shared_data):
-    coco = bm.read_multigen(official(shared_data, "coco"))
-    assert bm.prompt_objects(coco[0]) == ["book", "cup", "kite", "mouse", "surfboard"]
-    assert bm.prompt_objects(coco[1]) == ["wine glass", "skateboard", "refrigerator", "boat", "vase"]
+    coco = multigen_files.read_multigen(official(shared_data, "coco"))
+    assert multigen_files.prompt_objects(coco[0]) == ["book", "cup", "kite", "mouse", "surfboard"]
+    assert multigen_files.prompt_objects(coco[1]) == ["wine glass", "skateboard", "refrigerator", "boat", "vase"]
 
 
 def _good_entry() -> dict:
-    return bm.generate_multigen(bm.load_categories("coco"), 1, 0, "coco")[0]
+    return multigen_source.generate_multigen(category_lists.load_categories("coco"), 1, 0, "coco")[0]
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -119,18 +123,18 @@ def _good_entry() -> dict:
 def test_parser_errors_name_entry_and_field(mutate, message):
     entry = _good_entry()
     mutate(entry)
-    with pytest.raises(bm.BenchmarkFormatError, match=message):
-        bm.validate_multigen([entry], "prompts.json")
+    with pytest.raises(multigen_files.BenchmarkFormatError, match=message):
+        multigen_files.validate_multigen([entry], "prompts.json")
 
 
 def test_parser_rejects_non_list_and_unknown_category(tmp_path):
     path = tmp_path / "p.json"
     path.write_text('{"a": 1}')
-    with pytest.raises(bm.BenchmarkFormatError, match="expected a JSON list"):
-        bm.read_multigen(path)
+    with pytest.raises(multigen_files.BenchmarkFormatError, match="expected a JSON list"):
+        multigen_files.read_multigen(path)
     entry = _good_entry()
-    with pytest.raises(bm.BenchmarkFormatError, match="not in the category list"):
-        bm.validate_multigen([entry], "x", categories=bm.load_categories("ade20k")[:5])
+    with pytest.raises(multigen_files.BenchmarkFormatError, match="not in the category list"):
+        multigen_files.validate_multigen([entry], "x", categories=category_lists.load_categories("ade20k")[:5])
 
 
 # --- fetching ---------------------------------------------------------------------------------------
@@ -157,9 +161,9 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_fetch_via_local_server(shared_data, http_root, tmp_path):
     www, base = http_root
     shutil.copyfile(official(shared_data, "coco"), www / "coco.json")
-    cfg = bm.PromptsScale("official", {"coco": bm.PromptFile(f"{base}/coco.json", OFFICIAL_SHA["coco"])})
+    cfg = multigen_source.PromptsScale("official", {"coco": multigen_source.PromptFile(f"{base}/coco.json", OFFICIAL_SHA["coco"])})
     dest = tmp_path / "out" / "coco.json"
-    entries = bm.prepare_multigen_set(cfg, "coco", 0, 6, dest)
+    entries = multigen_source.prepare_multigen_set(cfg, "coco", 0, 6, dest)
     assert len(entries) == 1000
     assert dest.read_bytes() == official(shared_data, "coco").read_bytes()
 
@@ -167,30 +171,30 @@ def test_fetch_via_local_server(shared_data, http_root, tmp_path):
 def test_fetch_hash_mismatch_names_expected_and_got(http_root, tmp_path):
     www, base = http_root
     (www / "coco.json").write_text("[]")
-    cfg = bm.PromptsScale("official", {"coco": bm.PromptFile(f"{base}/coco.json", OFFICIAL_SHA["coco"])})
-    got = bm.sha256_bytes(b"[]")
-    with pytest.raises(bm.HashMismatchError, match=f"expected {OFFICIAL_SHA['coco']}, got {got}"):
-        bm.prepare_multigen_set(cfg, "coco", 0, 6, tmp_path / "coco.json")
+    cfg = multigen_source.PromptsScale("official", {"coco": multigen_source.PromptFile(f"{base}/coco.json", OFFICIAL_SHA["coco"])})
+    got = fetch.sha256_bytes(b"[]")
+    with pytest.raises(fetch.HashMismatchError, match=f"expected {OFFICIAL_SHA['coco']}, got {got}"):
+        multigen_source.prepare_multigen_set(cfg, "coco", 0, 6, tmp_path / "coco.json")
     assert not (tmp_path / "coco.json").exists()
 
 
 def test_fetch_missing_url_and_path(http_root, tmp_path):
     _, base = http_root
     with pytest.raises(OSError, match=r"coco\.json: download failed"):
-        bm.read_verified(f"{base}/coco.json", "0" * 64)
+        fetch.read_verified(f"{base}/coco.json", "0" * 64)
     with pytest.raises(FileNotFoundError, match="file not found"):
-        bm.read_verified(str(tmp_path / "nothing.json"), "0" * 64)
+        fetch.read_verified(str(tmp_path / "nothing.json"), "0" * 64)
 
 
 def test_fetch_local_path_and_invalid_content(shared_data, tmp_path):
     path = official(shared_data, "ade20k")
-    cfg = bm.PromptsScale("official", {"ade20k": bm.PromptFile(str(path), OFFICIAL_SHA["ade20k"])})
-    assert len(bm.prepare_multigen_set(cfg, "ade20k", 0, 6, tmp_path / "a.json")) == 1000
+    cfg = multigen_source.PromptsScale("official", {"ade20k": multigen_source.PromptFile(str(path), OFFICIAL_SHA["ade20k"])})
+    assert len(multigen_source.prepare_multigen_set(cfg, "ade20k", 0, 6, tmp_path / "a.json")) == 1000
     bad = tmp_path / "bad.json"
     bad.write_text('[{"unique_id": 0}]')
-    cfg = bm.PromptsScale("official", {"ade20k": bm.PromptFile(str(bad), bm.sha256_bytes(bad.read_bytes()))})
-    with pytest.raises(bm.BenchmarkFormatError, match="entry 0: missing field 'num_objects'"):
-        bm.prepare_multigen_set(cfg, "ade20k", 0, 6, tmp_path / "b.json")
+    cfg = multigen_source.PromptsScale("official", {"ade20k": multigen_source.PromptFile(str(bad), fetch.sha256_bytes(bad.read_bytes()))})
+    with pytest.raises(multigen_files.BenchmarkFormatError, match="entry 0: missing field 'num_objects'"):
+        multigen_source.prepare_multigen_set(cfg, "ade20k", 0, 6, tmp_path / "b.json")
     assert not (tmp_path / "b.json").exists()
 
 
@@ -211,9 +215,9 @@ def reference_decode(rle: list[int], size: int) -> np.ndarray:
 
 
 def test_spec_4x4_example():
-    raw = bm.decode_mask([5, 3], size=4, force_border=False)
+    raw = piebench_files.decode_mask([5, 3], size=4, force_border=False)
     assert np.array_equal(np.argwhere(raw), [[1, 1], [1, 2], [1, 3]])
-    mask = bm.decode_mask([5, 3], size=4)
+    mask = piebench_files.decode_mask([5, 3], size=4)
     expected = np.ones((4, 4), np.uint8)
     expected[2, 1] = expected[2, 2] = 0
     assert np.array_equal(mask, expected)
@@ -228,7 +232,7 @@ def test_decode_clamps_overflow_and_matches_reference():
             starts = rng.integers(0, total + 3, n)  # some starts past the end
             lengths = rng.integers(0, total // 2 + 2, n)  # overlaps and overflow
             rle = np.stack([starts, lengths], 1).reshape(-1).tolist()
-            assert np.array_equal(bm.decode_mask(rle, size), reference_decode(rle, size))
+            assert np.array_equal(piebench_files.decode_mask(rle, size), reference_decode(rle, size))
 
 
 @pytest.mark.parametrize("size", [4, 16, 64, 512])
@@ -236,13 +240,13 @@ def test_encode_decode_round_trip(size):
     rng = np.random.default_rng(size)
     for density in (0.0, 0.05, 0.5, 1.0):
         mask = rng.random((size, size)) < density
-        rle = bm.encode_mask(mask)
+        rle = piebench_files.encode_mask(mask)
         assert len(rle) % 2 == 0 and all(isinstance(v, int) for v in rle)
-        assert np.array_equal(bm.decode_mask(rle, size, force_border=False), mask)
+        assert np.array_equal(piebench_files.decode_mask(rle, size, force_border=False), mask)
         bordered = mask.copy()
         bordered[[0, -1], :] = True
         bordered[:, [0, -1]] = True
-        assert np.array_equal(bm.decode_mask(rle, size).astype(bool), bordered)
+        assert np.array_equal(piebench_files.decode_mask(rle, size).astype(bool), bordered)
 
 
 def test_encode_is_row_major_starts_and_lengths():
@@ -250,35 +254,35 @@ def test_encode_is_row_major_starts_and_lengths():
     mask[1, 1:] = True
     mask[2, 0] = True  # continues the run of row 1 in row-major order
     mask[3, 2] = True
-    assert bm.encode_mask(mask) == [5, 4, 14, 1]
+    assert piebench_files.encode_mask(mask) == [5, 4, 14, 1]
 
 
 def test_decode_rejects_odd_length():
-    with pytest.raises(bm.BenchmarkFormatError, match="odd length"):
-        bm.decode_mask([1, 2, 3], size=4)
+    with pytest.raises(piebench_files.PieBenchFormatError, match="odd length"):
+        piebench_files.decode_mask([1, 2, 3], size=4)
 
 
 # --- PIE-Bench prompts and mapping ------------------------------------------------------------------
 
 def test_bracket_stripping_and_words():
     prompt = "a slanted [rusty] mountain bicycle on the road in front of a building"
-    assert bm.strip_brackets(prompt) == "a slanted rusty mountain bicycle on the road in front of a building"
-    assert bm.bracketed_words("a [red] [wooden] cat") == ["red", "wooden"]
-    assert bm.strip_brackets("[a] [b c]") == "a b c"
+    assert piebench_files.strip_brackets(prompt) == "a slanted rusty mountain bicycle on the road in front of a building"
+    assert piebench_files.bracketed_words("a [red] [wooden] cat") == ["red", "wooden"]
+    assert piebench_files.strip_brackets("[a] [b c]") == "a b c"
 
 
 def test_blended_word_split():
-    assert bm.split_blended_word("bicycle bicycle") == ("bicycle", "bicycle")
-    assert bm.split_blended_word("cat dog") == ("cat", "dog")
-    assert bm.split_blended_word("") is None
-    with pytest.raises(bm.BenchmarkFormatError, match="blended_word 'cat'"):
-        bm.split_blended_word("cat")
+    assert piebench_files.split_blended_word("bicycle bicycle") == ("bicycle", "bicycle")
+    assert piebench_files.split_blended_word("cat dog") == ("cat", "dog")
+    assert piebench_files.split_blended_word("") is None
+    with pytest.raises(piebench_files.PieBenchFormatError, match="blended_word 'cat'"):
+        piebench_files.split_blended_word("cat")
 
 
 def test_editing_types_follow_spec():
-    counts = {k: int(v[0].rsplit("_", 1)[1]) for k, v in bm.EDITING_TYPES.items()}
+    counts = {k: int(v[0].rsplit("_", 1)[1]) for k, v in piebench_files.EDITING_TYPES.items()}
     assert sum(counts.values()) == 700 and counts["0"] == 140 and counts["6"] == 40
-    assert all(v[0].startswith(f"{k}_") for k, v in bm.EDITING_TYPES.items())
+    assert all(v[0].startswith(f"{k}_") for k, v in piebench_files.EDITING_TYPES.items())
 
 
 def _entry(**changes) -> dict:
@@ -298,25 +302,25 @@ def _entry(**changes) -> dict:
     ("12", _entry(), "12-digit"),
 ])
 def test_mapping_errors_name_entry_and_field(key, value, message):
-    with pytest.raises(bm.BenchmarkFormatError, match=message):
-        bm.parse_entry(key, value, "mapping_file.json")
+    with pytest.raises(piebench_files.PieBenchFormatError, match=message):
+        piebench_files.parse_entry(key, value, "mapping_file.json")
 
 
 def test_demo_piebench_layout(tmp_path):
     out = tmp_path / "piebench"
     entries = dd.write_demo_piebench(out, 4, seed=0, size=512)
     assert len(entries) == 4
-    assert bm.read_mapping(out / "mapping_file.json") == entries
+    assert piebench_files.read_mapping(out / "mapping_file.json") == entries
     for image_id, entry in entries.items():
         assert len(image_id) == 12 and image_id[0] == entry.editing_type_id
-        assert entry.image_path.startswith(bm.EDITING_TYPES[entry.editing_type_id][0] + "/")
+        assert entry.image_path.startswith(piebench_files.EDITING_TYPES[entry.editing_type_id][0] + "/")
         image = Image.open(out / "annotation_images" / entry.image_path)
         assert image.format == "JPEG" and image.size == (512, 512) and image.mode == "RGB"
     scenes = [dd.render_edit_scene(i, 0, 512) for i in range(4)]
     for entry, scene in zip(entries.values(), scenes):
-        assert np.array_equal(bm.decode_mask(entry.mask, 512, force_border=False).astype(bool), scene.mask)
+        assert np.array_equal(piebench_files.decode_mask(entry.mask, 512, force_border=False).astype(bool), scene.mask)
         assert entry.original_prompt == scene.original_prompt
-    summary = bm.piebench_summary(entries)
+    summary = piebench_files.piebench_summary(entries)
     assert summary["entries"] == 4 and summary["type_6"] == 2 and summary["type_1"] == 2
     assert 0 < summary["mean_mask_fraction"] < 1
 
@@ -325,7 +329,7 @@ def test_copy_piebench_validates_and_copies(tmp_path):
     root = tmp_path / "PIE-Bench"
     written = dd.write_demo_piebench(root, 2, seed=0, size=512)
     out = tmp_path / "out"
-    assert bm.copy_piebench(root, out) == written
+    assert piebench_files.copy_piebench(root, out) == written
     assert (out / "mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
     for entry in written.values():
         rel = Path("annotation_images") / entry.image_path
@@ -337,7 +341,7 @@ def test_piebench_copy_of_another_size_is_refused(tmp_path):
     root = tmp_path / "PIE-Bench"
     dd.write_demo_piebench(root, 2, seed=0, size=768)
     with pytest.raises(ValueError, match=r"2 images are not 512x512 .* is 768x768.*resized copy"):
-        bm.copy_piebench(root, tmp_path / "out")
+        piebench_files.copy_piebench(root, tmp_path / "out")
 
 
 def test_piebench_unreadable_image_is_named(tmp_path):
@@ -345,8 +349,8 @@ def test_piebench_unreadable_image_is_named(tmp_path):
     entries = dd.write_demo_piebench(root, 2, seed=0, size=512)
     damaged = root / "annotation_images" / next(iter(entries.values())).image_path
     damaged.write_bytes(b"")
-    with pytest.raises(bm.BenchmarkFormatError, match=rf"{damaged.name}: not a readable image.*replace it"):
-        bm.validate_piebench_root(root)
+    with pytest.raises(piebench_files.PieBenchFormatError, match=rf"{damaged.name}: not a readable image.*replace it"):
+        piebench_files.validate_piebench_root(root)
 
 
 def test_piebench_truncated_jpeg_is_refused(tmp_path):
@@ -356,19 +360,19 @@ def test_piebench_truncated_jpeg_is_refused(tmp_path):
     damaged = root / "annotation_images" / next(iter(entries.values())).image_path
     data = damaged.read_bytes()
     damaged.write_bytes(data[: len(data) // 4])
-    with pytest.raises(bm.BenchmarkFormatError, match=rf"{damaged.name}: not a readable image"):
-        bm.validate_piebench_root(root)
+    with pytest.raises(piebench_files.PieBenchFormatError, match=rf"{damaged.name}: not a readable image"):
+        piebench_files.validate_piebench_root(root)
 
 
 def test_piebench_missing_root_and_images(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"PIE-Bench.*not found.*PnPInversion"):
-        bm.validate_piebench_root(tmp_path / "PIE-Bench")
+        piebench_files.validate_piebench_root(tmp_path / "PIE-Bench")
     root = tmp_path / "pb"
     entries = dd.write_demo_piebench(root, 2, seed=0, size=64)
     first = next(iter(entries.values()))
     (root / "annotation_images" / first.image_path).unlink()
     with pytest.raises(FileNotFoundError, match=rf"1 of 2 images .*{re.escape(first.image_path)}.*PnPInversion"):
-        bm.validate_piebench_root(root)
+        piebench_files.validate_piebench_root(root)
 
 
 # --- the stages in a scratch working directory ------------------------------------------------------
@@ -393,26 +397,26 @@ def _params(profile: str) -> dict:
 def test_prompts_stage_demo(tmp_path):
     metrics = _run_stage("prompts", tmp_path, _params("demo"))
     assert metrics["coco_prompts"] == metrics["ade20k_prompts"] == 6
-    for name in bm.MULTIGEN_SETS:
-        entries = bm.read_multigen(tmp_path / "artifacts/data/multigen" / f"{name}.json")
-        check_follows_spec(entries, set(bm.load_categories(name)))
+    for name in multigen_files.MULTIGEN_SETS:
+        entries = multigen_files.read_multigen(tmp_path / "artifacts/data/multigen" / f"{name}.json")
+        check_follows_spec(entries, set(category_lists.load_categories(name)))
 
 
 def test_prompts_stage_paper_fetches_official_files(shared_data, http_root, tmp_path):
     www, base = http_root
     params = _params("paper")
-    for name in bm.MULTIGEN_SETS:
+    for name in multigen_files.MULTIGEN_SETS:
         shutil.copyfile(official(shared_data, name), www / f"{name}.json")
         spec = params["profiles"]["paper"]["prompts"]["files"][name]
         assert spec["sha256"] == OFFICIAL_SHA[name]
-        assert spec["url"].endswith(f"5633f816116fdf7de74d9055ff9666c5222416e2/multigen/{bm.OFFICIAL_FILES[name]}")
+        assert spec["url"].endswith(f"5633f816116fdf7de74d9055ff9666c5222416e2/multigen/{multigen_files.OFFICIAL_FILES[name]}")
         spec["url"] = f"{base}/{name}.json"
     work = tmp_path / "work"
     work.mkdir()
     metrics = _run_stage("prompts", work, params)
     assert metrics["coco_prompts"] == metrics["ade20k_prompts"] == 1000
     assert metrics["coco_categories"] == 80 and metrics["ade20k_categories"] == 100
-    for name in bm.MULTIGEN_SETS:
+    for name in multigen_files.MULTIGEN_SETS:
         assert (work / "artifacts/data/multigen" / f"{name}.json").read_bytes() == official(shared_data, name).read_bytes()
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from pipeline import coco, fetch, text
 from pipeline.metadata import read_records
-from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_files, write_table
+from pipeline.store.shards import STATUS_OK, read_shards, shard_files, write_table
+from pipeline.store.codecs import image_from_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -113,7 +113,8 @@ def test_unknown_model_name_lists_the_known_ones():
 def _all_sections():
     """(dotted section, dataclass) of every params section a stage parses."""
     from pipeline.attention_maps import AttentionMapsCfg, AttentionMapsScale, GroundingEvalCfg, GroundingEvalScale
-    from pipeline.benchmarks import EditDataScale, PromptsScale
+    from pipeline.datasets.piebench_files import EditDataScale
+    from pipeline.datasets.multigen_source import PromptsScale
     from pipeline.demo_data import DemoDataScale
     from pipeline.editing import EditingCfg, EditingScale
     from pipeline.grounding import GroundingCfg, MasksScale

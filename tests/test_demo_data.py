@@ -9,8 +9,10 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline import demo_data as dd
-from pipeline.benchmarks import bracketed_words, strip_brackets
-from pipeline.shards import image_from_bytes, image_set_summary, read_shards, shard_files
+from pipeline.datasets.piebench_files import bracketed_words, strip_brackets
+from pipeline.store.codecs import image_from_bytes
+from pipeline.datasets.training_images import image_set_summary
+from pipeline.store.shards import read_shards, shard_files
 
 SEED = 0
 NUM = 48

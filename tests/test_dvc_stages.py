@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from pipeline.shards import PACKAGE_DIR, import_closure
+from pipeline.store.identity import PACKAGE_DIR, import_closure
 
 REPO = PACKAGE_DIR.parent
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.benchmarks import decode_mask
+from pipeline.datasets.piebench_files import decode_mask
 from pipeline.editing import (BlendedLatentEditor, bld_scheduler, EditingCfg, EditItem, blended_latent_loop,
                               decode_latents, edit_rows, encode_prompts, encode_source, latent_mask, source_tensor)
 from pipeline.models import load_sd_pipeline
 from pipeline.seeding import derive_seed
-from pipeline.shards import image_from_bytes, read_shards, write_shards
+from pipeline.store.codecs import image_from_bytes
+from pipeline.store.shards import read_shards, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,8 @@ import yaml
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import grounding, shards
+from pipeline import geometry, grounding
+from pipeline.store import codecs, shards
 from pipeline.grounding import Detections, GroundingCfg, Grounder, MasksScale, RunContext
 from pipeline.runtime import FailureRateError
 
@@ -63,7 +64,7 @@ def write_inputs(root: Path, images: list[dict], nouns: list[dict]) -> None:
 
 def good_inputs(n: int) -> tuple[list[dict], list[dict]]:
     sizes = [(96, 128), (128, 96), (112, 112)]
-    images = [image_row(f"img{i}", shards.png_bytes(scene(*sizes[i % 3], i))) for i in range(n)]
+    images = [image_row(f"img{i}", codecs.png_bytes(scene(*sizes[i % 3], i))) for i in range(n)]
     phrases = [["car", "teddy bear", "table"], ["man", "woman"], ["box", "boxes", "kite"]]
     return images, [nouns_row(f"img{i}", phrases[i % 3]) for i in range(n)]
 
@@ -186,7 +187,7 @@ def test_boxes_of_one_phrase_are_unioned_not_last_wins(tiny_refs):
     rows = grounder.run([grounding.make_job(nouns_row("a", ["cat", "man"]), image, "ok", "")])
     single = segmenter.segment([image], [boxes[:2]])[0]
     cat, man = rows
-    assert np.array_equal(shards.rle_decode(cat["mask"]), single[0] | single[1])
+    assert np.array_equal(codecs.rle_decode(cat["mask"]), single[0] | single[1])
     assert cat["box"] == pytest.approx([4, 4, 120, 90]) and cat["score"] == pytest.approx(0.6)
     assert man["status"] == "no_detection" and man["mask"] is None  # "woman" is not "man"
     assert "'woman': unmatched_label" in man["error"]
@@ -224,8 +225,8 @@ def test_empty_and_outside_crop_masks_get_statuses():
     edge = np.zeros((64, 160), bool)
     edge[:, :20] = True
     row = Grounder(FixedDetector([det]), FixedSegmenter(edge), 0.25, 0.25, 2, 64).run([job])[0]
-    assert row["status"] == "outside_crop" and not shards.rle_decode(row["train_mask"]).any()
-    assert shards.rle_decode(row["mask"]).sum() == 64 * 20
+    assert row["status"] == "outside_crop" and not codecs.rle_decode(row["train_mask"]).any()
+    assert codecs.rle_decode(row["mask"]).sum() == 64 * 20
 
 
 def test_failing_batch_is_retried_per_image():
@@ -248,8 +249,8 @@ def test_train_mask_is_aligned_with_the_cropped_image():
     x0, y0, x1, y1 = 110, 20, 150, 90  # a rectangle right of centre, inside the crop
     pixels[y0:y1, x0:x1] = 255
     mask = pixels[..., 0] > 0
-    small = grounding.train_mask(mask, res)
-    cropped = np.asarray(grounding.resize_center_crop(Image.fromarray(pixels), res))
+    small = geometry.train_mask(mask, res)
+    cropped = np.asarray(geometry.resize_center_crop(Image.fromarray(pixels), res))
     assert small.shape == (res, res) and cropped.shape == (res, res, 3)
     assert np.array_equal(small, cropped[..., 0] > 0)  # mask and image share the geometry
     # Independent: PIL resize to (int(64 * 200 / 120), 64) then crop the centre by hand.
@@ -267,9 +268,9 @@ def test_train_mask_is_aligned_with_the_cropped_image():
 def test_rle_round_trip_through_rows(shape):
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
     for mask in (rng.random(shape) > 0.6, np.zeros(shape, bool), np.ones(shape, bool)):
-        rle = shards.rle_encode(mask)
+        rle = codecs.rle_encode(mask)
         assert rle["size"] == list(shape) and isinstance(rle["counts"], str)
-        assert np.array_equal(shards.rle_decode(json.loads(json.dumps(rle))), mask)
+        assert np.array_equal(codecs.rle_decode(json.loads(json.dumps(rle))), mask)
 
 
 # --- models against the libraries called directly --------------------------------------------------
@@ -411,7 +412,7 @@ def test_sam_variant_from_name_or_width():
 
 def test_each_bad_input_gets_its_status(tmp_path, tiny_refs):
     det_ref, seg_ref, models_dir = tiny_refs
-    ok_png = shards.png_bytes(scene(128, 96, 12))
+    ok_png = codecs.png_bytes(scene(128, 96, 12))
     images = [image_row("good", ok_png), image_row("failed", None, status="download_error"),
               image_row("corrupt", b"\x89PNG not really"), image_row("nophr", ok_png), image_row("mixed", ok_png)]
     nouns = [nouns_row("good", ["car", "table"]), nouns_row("failed", ["car"]), nouns_row("corrupt", ["car"]),
@@ -448,10 +449,10 @@ def test_demo_thresholds_give_some_masks_with_train_masks(tmp_path, tiny_refs):
     ok = rows[rows.status == "ok"]
     assert 0 < len(ok) < len(rows)  # a deterministic mix of detections and misses
     for r in ok.itertuples():
-        full = shards.rle_decode(r.mask)
+        full = codecs.rle_decode(r.mask)
         size = next(Image.open(io.BytesIO(i["image"])).size for i in images if i["image_id"] == r.image_id)
         assert full.shape == (size[1], size[0])
-        assert np.array_equal(shards.rle_decode(r.train_mask), grounding.train_mask(full, 64))
+        assert np.array_equal(codecs.rle_decode(r.train_mask), geometry.train_mask(full, 64))
         assert len(r.box) == 4 and 0.25 < r.score <= 1.0
     out = tmp_path / "overlay.png"
     loaded = grounding.ImageStore(ctx.images_dir).load(ok.image_id)
@@ -554,7 +555,7 @@ profiles:
 
 STAGE_RUNNER = """
 import os, sys, time, runpy
-from pipeline import grounding
+from pipeline import geometry, grounding
 if os.environ.get("SLOW_SHARDS") and os.environ.get("RANK", "0") in os.environ.get("SLOW_RANKS", "0").split(","):
     original = grounding.Grounder.run
     def slow(self, jobs):
@@ -703,8 +704,8 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
             grounding.write_authors_masks(ctx, dataclasses.replace(scale, **{empty: ""}))
     for r in rows[rows.status == "ok"].itertuples():
         mask = truth[(r.image_id, r.phrase)]
-        assert np.array_equal(shards.rle_decode(r.mask), mask)
-        assert np.array_equal(shards.rle_decode(r.train_mask), grounding.train_mask(mask, 64))
+        assert np.array_equal(codecs.rle_decode(r.mask), mask)
+        assert np.array_equal(codecs.rle_decode(r.train_mask), geometry.train_mask(mask, 64))
         assert list(r.token_indices) and r.box is None and pd.isna(r.score)
 
 

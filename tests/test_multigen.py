@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.multigen import (STATUS_DETECT_FAILED, STATUS_NO_IMAGE, MultiGenScale, category_counts,
-                               detect_batch, detect_prompt_set, detect_rows, format_row, label_max_scores,
-                               load_detector, load_prompt_set, mg_scores, objects_found, queries_for,
-                               score_records)
-from pipeline.shards import STATUS_OK, png_bytes, read_shards, write_table
+from pipeline.multigen import (
+    STATUS_DETECT_FAILED, STATUS_NO_IMAGE, MultiGenScale, category_counts, detect_batch, detect_prompt_set,
+    detect_rows, format_row, label_max_scores, load_detector, mg_scores, objects_found, queries_for, score_records,
+)
+from pipeline.datasets.multigen_files import load_prompt_set
+from pipeline.store.shards import STATUS_OK, read_shards, write_table
+from pipeline.store.codecs import png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "a photo of a {name}"

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from pipeline import piebench as pb
-from pipeline.benchmarks import decode_mask, load_example, read_mapping
+from pipeline.datasets.piebench_files import decode_mask, load_example, read_mapping
 from pipeline.demo_data import write_demo_piebench
 from pipeline.seeding import derive_seed
-from pipeline.shards import png_bytes
+from pipeline.store.codecs import png_bytes
 
 
 @pytest.fixture(scope="module")

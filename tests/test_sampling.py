@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from pipeline.config import load_params, section
-from pipeline.multigen import MultiGenPrompt, load_prompt_set
+from pipeline.datasets.multigen_files import MultiGenPrompt, load_prompt_set
 from pipeline.sampling import (STATUS_NAN, STATUS_TOKENS_FAILED, AttendExciteCfg, EvalModel, EvalModelRef, Sampler,
                                SamplingCfg, SamplingScale, TokenIndexError, ae_token_indices, component_hashes,
                                head_word, image_generator, load_pipeline, prompt_items,
                                sample_prompt_set)
 from pipeline.seeding import standard_normal
-from pipeline.shards import STATUS_OK, image_from_bytes, read_shards, shard_path
+from pipeline.store.shards import STATUS_OK, read_shards, shard_path
+from pipeline.store.codecs import image_from_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 COCO, ADE = "coco_obj_comp_5_1k.json", "ade20k_obj_comp_5_1k.json"
@@ -68,7 +69,7 @@ def test_chest_of_drawers_excites_only_chest(clip_tokenizer):
 
 def test_token_indices_resolve_for_every_sr2d_prompt(clip_tokenizer):
     """All 25,280 VISOR spatial prompts, "an" included: one index per head-word piece, in prompt order."""
-    from pipeline.benchmarks import load_categories
+    from pipeline.datasets.categories import load_categories
     from pipeline.visor import spatial_prompts
 
     for p in spatial_prompts(load_categories("coco")):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import shards
+from pipeline.store import codecs, identity, shards
 from pipeline.config import MissingInputError
 
 
@@ -57,8 +57,9 @@ def test_changed_code_drops_stale_shards(tmp_path):
 
 
 def test_code_digest_covers_exactly_the_imported_modules(tmp_path, monkeypatch):
-    """A module's digest changes with the module, with what it imports (relative, absolute, lazily inside a
-    function, a package's submodule) and with its package's ``__init__``; not with a module it never imports."""
+    """A module's digest changes with the code of the module, of what it imports (relative, absolute, lazily
+    inside a function, a package's submodule) and of its package's ``__init__``; not with a module it never
+    imports, and not with comments, docstrings or formatting anywhere."""
     package = tmp_path / "pipeline"
     (package / "sub").mkdir(parents=True)
     files = {"__init__.py": "", "a.py": "from .b import f\nfrom . import sub\n\ndef g():\n    import pipeline.c\n",
@@ -66,21 +67,23 @@ def test_code_digest_covers_exactly_the_imported_modules(tmp_path, monkeypatch):
              "sub/__init__.py": "from .d import Z\n", "sub/d.py": "Z = 1\n"}
     for name, text in files.items():
         (package / name).write_text(text)
-    monkeypatch.setattr(shards, "PACKAGE_DIR", package)
-    assert [p.relative_to(package).as_posix() for p in shards.import_closure("pipeline.a")] == [
+    monkeypatch.setattr(identity, "PACKAGE_DIR", package)
+    assert [p.relative_to(package).as_posix() for p in identity.import_closure("pipeline.a")] == [
         "__init__.py", "a.py", "b.py", "c.py", "sub/__init__.py", "sub/d.py"]
-    digest = shards.code_digest("pipeline.a")
+    digest = identity.code_digest("pipeline.a")
     (package / "unrelated.py").write_text("Y = 2\n")
     (package / "notes.txt").write_text("not code")
-    assert shards.code_digest("pipeline.a") == digest
+    assert identity.code_digest("pipeline.a") == digest
     for name in ("b.py", "c.py", "sub/d.py", "__init__.py"):
-        (package / name).write_text(files[name] + "# edited\n")
-        assert shards.code_digest("pipeline.a") != digest, name
+        (package / name).write_text('"""A docstring."""\n# a comment\n\n' + files[name] + "# edited\n")
+        assert identity.code_digest("pipeline.a") == digest, name
+        (package / name).write_text(files[name] + "EDITED = 1\n")
+        assert identity.code_digest("pipeline.a") != digest, name
         (package / name).write_text(files[name])
-    assert shards.code_digest("pipeline.a") == digest
+    assert identity.code_digest("pipeline.a") == digest
     stage = tmp_path / "stage.py"
     stage.write_text("from pipeline.b import f\n")
-    assert [p.name for p in shards.import_closure(stage)] == ["__init__.py", "b.py"]
+    assert [p.name for p in identity.import_closure(stage)] == ["__init__.py", "b.py"]
 
 
 def test_failed_rows_are_retried_and_finished_ones_kept(tmp_path):
@@ -128,13 +131,13 @@ def test_ranks_write_disjoint_shards(tmp_path):
 def test_rle_round_trip_and_png(tmp_path):
     rng = np.random.default_rng(0)
     mask = rng.random((37, 53)) > 0.6
-    rle = shards.rle_encode(mask)
+    rle = codecs.rle_encode(mask)
     assert rle["size"] == [37, 53] and isinstance(rle["counts"], str)
-    np.testing.assert_array_equal(shards.rle_decode(rle), mask)
+    np.testing.assert_array_equal(codecs.rle_decode(rle), mask)
     img = (rng.random((9, 11, 3)) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(np.asarray(shards.image_from_bytes(shards.png_bytes(img))), img)
+    np.testing.assert_array_equal(np.asarray(codecs.image_from_bytes(codecs.png_bytes(img))), img)
     with pytest.raises(ValueError, match="expects an \\(H, W\\) mask"):
-        shards.rle_encode(np.zeros((2, 2, 2)))
+        codecs.rle_encode(np.zeros((2, 2, 2)))
 
 
 def test_damaged_shard_is_computed_again_and_a_clear_error_until_then(tmp_path):
@@ -207,7 +210,7 @@ def test_prepared_record_is_the_one_write_shards_keeps(tmp_path):
     items, fp = list(range(5)), {"x": 1}
     shards.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None, code="c")
     shards.write_table([{"v": -1}], shards.shard_path(tmp_path, 0),  # a shard "another rank" finished
-                       items=shards.items_digest(items[:2]))
+                       items=identity.items_digest(items[:2]))
     (tmp_path / ".tmp-123-part-00001.parquet").write_bytes(b"partial")
     shards.prepare_for_ranks(tmp_path, len(items), 2, fp, rank=0, barrier=None, code="c")
     assert not list(tmp_path.glob(".tmp-*"))
@@ -221,20 +224,20 @@ def test_files_digest_content_names_and_large_files(tmp_path):
     above the limit count by size and modification time."""
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.bin").write_bytes(b"12345")
-    base = shards.files_digest([tmp_path / "a" / "x.bin"])
-    rel = shards.files_digest([tmp_path / "a" / "x.bin"], relative_to=tmp_path)
+    base = identity.files_digest([tmp_path / "a" / "x.bin"])
+    rel = identity.files_digest([tmp_path / "a" / "x.bin"], relative_to=tmp_path)
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "x.bin").rename(tmp_path / "b" / "x.bin")
-    assert shards.files_digest([tmp_path / "b" / "x.bin"]) == base
-    assert shards.files_digest([tmp_path / "b" / "x.bin"], relative_to=tmp_path) != rel
+    assert identity.files_digest([tmp_path / "b" / "x.bin"]) == base
+    assert identity.files_digest([tmp_path / "b" / "x.bin"], relative_to=tmp_path) != rel
     (tmp_path / "b" / "x.bin").write_bytes(b"12346")
-    assert shards.files_digest([tmp_path / "b" / "x.bin"]) != base
+    assert identity.files_digest([tmp_path / "b" / "x.bin"]) != base
     big = tmp_path / "b" / "x.bin"
-    by_stat = shards.files_digest([big], full_hash_limit=2)
+    by_stat = identity.files_digest([big], full_hash_limit=2)
     os.utime(big, ns=(0, 0))
-    assert shards.files_digest([big], full_hash_limit=2) != by_stat
-    assert shards.dir_files(tmp_path) == [big] and shards.dir_files(big) == [big]
-    assert shards.dir_files(tmp_path / "missing") == []
+    assert identity.files_digest([big], full_hash_limit=2) != by_stat
+    assert identity.dir_files(tmp_path) == [big] and identity.dir_files(big) == [big]
+    assert identity.dir_files(tmp_path / "missing") == []
 
 
 def test_missing_and_retryable_shards_are_both_computed(tmp_path):
@@ -338,30 +341,30 @@ def test_items_digest_identity_of_files_dataclasses_and_arrays(tmp_path):
 
     a = tmp_path / "a.bin"
     a.write_bytes(b"1")
-    by_content = shards.items_digest([a])
+    by_content = identity.items_digest([a])
     a.write_bytes(b"2")
-    assert shards.items_digest([a]) != by_content                      # a file counts by its content
-    assert shards.items_digest([Item("x", 1)]) == shards.items_digest([{"name": "x", "index": 1}])
-    assert shards.items_digest([Item("x", 1)]) != shards.items_digest([Item("x", 2)])
+    assert identity.items_digest([a]) != by_content                      # a file counts by its content
+    assert identity.items_digest([Item("x", 1)]) == identity.items_digest([{"name": "x", "index": 1}])
+    assert identity.items_digest([Item("x", 1)]) != identity.items_digest([Item("x", 2)])
     big = np.zeros(5000)
     changed = big.copy()
     changed[2500] = 1                                                  # str() of both elides the middle
-    assert shards.items_digest([{"v": big}]) != shards.items_digest([{"v": changed}])
-    assert shards.items_digest([{"b": b"x" * 10}]) != shards.items_digest([{"b": b"x" * 11}])
-    assert shards.items_digest([0, 1]) != shards.items_digest([1, 0])  # order counts
+    assert identity.items_digest([{"v": big}]) != identity.items_digest([{"v": changed}])
+    assert identity.items_digest([{"b": b"x" * 10}]) != identity.items_digest([{"b": b"x" * 11}])
+    assert identity.items_digest([0, 1]) != identity.items_digest([1, 0])  # order counts
 
     @dataclasses.dataclass(frozen=True)
     class Nested:
         source: tuple
 
     a.write_bytes(b"1")
-    nested = shards.items_digest([("id", Nested((a, big)))])           # a Path and an array inside a tuple
+    nested = identity.items_digest([("id", Nested((a, big)))])           # a Path and an array inside a tuple
     a.write_bytes(b"2")
-    assert shards.items_digest([("id", Nested((a, big)))]) != nested
-    assert shards.items_digest([("id", Nested((a, changed)))]) != shards.items_digest([("id", Nested((a, big)))])
+    assert identity.items_digest([("id", Nested((a, big)))]) != nested
+    assert identity.items_digest([("id", Nested((a, changed)))]) != identity.items_digest([("id", Nested((a, big)))])
     for unknown in ({1, 2}, object()):                                 # hash order / memory address in str()
         with pytest.raises(TypeError, match="no identity for a work item of type"):
-            shards.items_digest([{"x": unknown}])
+            identity.items_digest([{"x": unknown}])
 
 
 def test_pending_shards_is_what_write_shards_computes(tmp_path):

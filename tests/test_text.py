@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline import text
-from pipeline.shards import STATUS_OK, iter_rows, read_shards, write_table
+from pipeline.store.shards import STATUS_OK, iter_rows, read_shards, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "tagger"

@@ -13,10 +13,11 @@ from PIL import Image
 
 from pipeline import training
 from pipeline.losses import LossCfg
-from pipeline.shards import iter_rows, rle_decode, write_shards
+from pipeline.store.shards import iter_rows, write_shards
+from pipeline.store.codecs import rle_decode
 from pipeline.training import (OptimCfg, StreamBatchSampler, TrainCfg, TrainRun, TrainScale, image_tensor,
                                load_records, object_mask_records)
-from pipeline.zoo import state_dict_hash
+from pipeline.store.identity import state_dict_hash
 
 RES = 128
 LAYERS = ["mid_8", "up_16", "up_32", "up_64"]

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.benchmarks import load_categories
+from pipeline.datasets.categories import load_categories
 from pipeline.config import ConfigError, load_params, section
 from pipeline.multigen import detect_rows, load_detector
-from pipeline.shards import STATUS_OK, read_shards
+from pipeline.store.shards import STATUS_OK, read_shards
 from pipeline.visor import (RELATIONS, SPATIAL_SIZE, SR2D_SIZE, VisorCfg, VisorScale, image_outcome,
                             relation_holds, spatial_prompts, sr2d_entries, visor_scores, with_article)
 

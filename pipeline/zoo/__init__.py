@@ -7,7 +7,6 @@ real checkpoints by one code path. Each family registers its builders in its own
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ def build(name: str, out_dir: Path, seed: int) -> Path:
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown embedded model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    from ..models import quiet_loading
+    from pipeline.models import quiet_loading
 
     quiet_loading()
     out_dir = Path(out_dir)
@@ -73,19 +72,8 @@ def _drop_runtime_keys(out_dir: Path) -> None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def state_dict_hash(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's parameters and buffers (names, shapes, bytes), for determinism checks."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)} {t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # Families register on import.
-from . import sd  # noqa: E402,F401
-from . import detection  # noqa: E402,F401
-from . import piebench  # noqa: E402,F401
-from . import grounding  # noqa: E402,F401
+from pipeline.zoo import sd  # noqa: E402,F401
+from pipeline.zoo import detection  # noqa: E402,F401
+from pipeline.zoo import piebench  # noqa: E402,F401
+from pipeline.zoo import grounding  # noqa: E402,F401

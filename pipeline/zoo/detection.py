@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..seeding import derive_seed
-from . import register
-from .sd import TINY_UNET, save_clip_tokenizer
+from pipeline.seeding import derive_seed
+from pipeline.zoo import register
+from pipeline.zoo.sd import TINY_UNET, save_clip_tokenizer
 
 OWL_QUERY_LENGTH = 16  # OWL-ViT / OWLv2 text context (max_position_embeddings)
 OWL_PAD_TOKEN = "!"    # id 0 in CLIP's vocabulary, OWL's padding token

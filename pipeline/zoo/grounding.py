@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import register
+from pipeline.zoo import register
 
 BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
 BERT_BASE_VOCAB_SIZE = 30522  # bert-base-uncased, the text encoder of Grounding DINO

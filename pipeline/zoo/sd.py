@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import register
+from pipeline.zoo import register
 
 TOKENIZER_MAX_LENGTH = 77
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"

@@ -1,4 +1,4 @@
-"""Resumable Parquet shard directories, PNG bytes and COCO RLE masks (DESIGN §4 "Artifacts").
+"""Resumable Parquet shard directories (DESIGN §4 "Artifacts").
 
 A shard directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... and ``_fingerprint.json``.
 Work items are split into fixed, ordered shards of ``shard_size`` items; shard ``i`` always holds items
@@ -6,10 +6,11 @@ Work items are split into fixed, ordered shards of ``shard_size`` items; shard `
 either exists complete or not at all. A rerun after a kill skips the shards that exist and produces
 exactly the files an uninterrupted run would have (no row lost, none duplicated); shards whose rows record
 a retryable failure (``redo_statuses``, e.g. out of memory) are computed again. The fingerprint records
-what the shards were computed from; if it changes (other params, other code), stale shards are removed.
+what the shards were computed from; if it changes (other params, other code), the shards move to a stash
+under their old key, and come back when those settings return (:func:`prepare_shard_dir`).
 Each shard also records the digest of its own items (:func:`items_digest`, in the Parquet schema
 metadata): a rerun over a longer or shorter item list (more prompts, a larger subset) keeps every shard
-whose items are unchanged, computes the others and removes shards past the new end.
+whose items are unchanged, computes the others and stashes shards past the new end.
 
 With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shards ``i`` with
 ``i % w == r``; the files do not overlap.
@@ -17,25 +18,21 @@ With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shard
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
 import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterator, Sequence, TypeVar
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import MissingInputError, StageError
+from pipeline.config import MissingInputError, StageError
+from pipeline.store.identity import fingerprint_of, items_digest
 
 log = logging.getLogger(__name__)
 
@@ -51,60 +48,15 @@ def shard_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"part-{index:05d}.parquet"
 
 
-def fingerprint_of(obj: Any) -> str:
-    """A short SHA-256 of a JSON-serialisable object (params, item keys, input hashes); NumPy arrays count
-    by their values, bytes by their SHA-256, anything else JSON cannot write by its ``str``."""
-    blob = json.dumps(obj, sort_keys=True, default=_json_default).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _json_default(obj: Any) -> Any:
-    """JSON stand-in for the values :func:`fingerprint_of` meets in items and params."""
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, bytes):
-        return hashlib.sha256(obj).hexdigest()
-    return str(obj)
-
-
-def items_digest(items: Sequence[Any]) -> str:
-    """Digest of one shard's work items (:func:`item_identity` of each, in order)."""
-    return fingerprint_of([item_identity(item) for item in items])
-
-
-def item_identity(item: Any) -> Any:
-    """What identifies one work item, as plain JSON values: a file (``Path``) by its name and content, a
-    dataclass by its fields, containers element by element, NumPy values by their values, bytes by their
-    SHA-256. Any other type is an error: its ``str`` might elide content or hold a memory address."""
-    if item is None or isinstance(item, (str, bool, int, float)):
-        return item
-    if isinstance(item, Path):
-        return {"file": item.name, "content": files_digest([item])}
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        return {f.name: item_identity(getattr(item, f.name)) for f in dataclasses.fields(item)}
-    if isinstance(item, dict):
-        return {str(k): item_identity(v) for k, v in item.items()}
-    if isinstance(item, (list, tuple)):
-        return [item_identity(v) for v in item]
-    if isinstance(item, np.ndarray):
-        return item_identity(item.tolist())
-    if isinstance(item, np.generic):
-        return item.item()
-    if isinstance(item, bytes):
-        return {"sha256": hashlib.sha256(item).hexdigest()}
-    raise TypeError(f"items_digest: no identity for a work item of type {type(item).__name__}; pass plain "
-                    f"values, dataclasses, arrays, bytes or Paths")
-
-
 def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: int = 0) -> None:
-    """Create ``out_dir``; drop shards left by a run with another fingerprint, and shards numbered
-    ``num_shards`` or above (a run over more items).
+    """Create ``out_dir`` and make it hold only shards computed under ``fingerprint``, numbered below
+    ``num_shards``. Nothing finished is deleted: shards of another fingerprint (other params, other code)
+    move to the stash under their own key (:func:`stash_dir`), shards past the end (a run over fewer
+    items) under this one, and the stash of ``fingerprint`` moves back in, so returning to earlier
+    settings resumes their work. ``python -m pipeline.store.prune`` lists and removes stashed work.
 
-    Only rank 0 cleans, then writes the fingerprint file; other ranks wait until that file holds the
-    current fingerprint, so no rank skips a stale shard that rank 0 is about to delete. (Shards past the
-    end belong to no rank, so removing them races with nothing.)
+    Only rank 0 moves files, then writes the fingerprint file; other ranks wait until that file holds the
+    current fingerprint, so no rank skips a shard that rank 0 is about to move.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,17 +67,68 @@ def prepare_shard_dir(out_dir: Path, fingerprint: Any, num_shards: int, rank: in
         return
     for tmp in out_dir.glob(f".tmp-*-{FINGERPRINT_FILE}"):  # only rank 0 writes it: a killed run's leftover
         tmp.unlink(missing_ok=True)
-    if fp_file.exists():
-        previous = _read_record(fp_file)
-        if previous == record:
-            _remove_shards_from(out_dir, num_shards)
-            return
-        why = "code or params changed since the last run" if previous else f"{FINGERPRINT_FILE} is unreadable"
-        log.warning("%s: %s; removing stale shards", out_dir, why)
-    for stale in out_dir.glob("part-*.parquet"):
-        stale.unlink(missing_ok=True)
-    for tmp in out_dir.glob(".tmp-*"):
-        tmp.unlink(missing_ok=True)
+    previous = _read_record(fp_file)
+    if previous != record:
+        for tmp in out_dir.glob(".tmp-*"):  # partial writes of a killed run under the other fingerprint
+            tmp.unlink(missing_ok=True)
+        old_key = (previous or {}).get("fingerprint", UNRECORDED)
+        moved = _move_shards(out_dir, stash_dir(out_dir, old_key), lambda index: True)
+        if moved:
+            why = "code or params changed since the last run" if previous else f"{FINGERPRINT_FILE} is unreadable"
+            log.info("%s: %s; %d shards of the last run kept in %s", out_dir, why, moved,
+                     stash_dir(out_dir, old_key))
+        _write_record(fp_file, record)
+    key = record["fingerprint"]
+    restored = _move_shards(stash_dir(out_dir, key), out_dir, lambda index: index < num_shards)
+    if restored:
+        log.info("%s: %d shards of an earlier run with these settings restored from the stash", out_dir, restored)
+    for tmp in out_dir.glob(".tmp-*part-*.parquet"):
+        if int(SHARD_FILE.fullmatch(tmp.name).group(2)) >= num_shards:  # a killed run's write past the end
+            tmp.unlink(missing_ok=True)
+    past_end = _move_shards(out_dir, stash_dir(out_dir, key), lambda index: index >= num_shards)
+    if past_end:
+        log.info("%s: %d shards past the last item kept in the stash (fewer items than the last run)", out_dir,
+                 past_end)
+
+
+UNRECORDED = "unrecorded"  # stash key of shards found without a readable fingerprint file
+STASH = ".stash"
+
+
+def stash_dir(out_dir: Path, key: str) -> Path:
+    """Where shards of ``out_dir`` computed under fingerprint ``key`` wait while another fingerprint is
+    current: ``<artifacts>/.stash/<out_dir below artifacts>/<key>`` when ``out_dir`` lies in a folder named
+    ``artifacts`` (outside every DVC output, so output hashes never see it), else
+    ``<parent>/.stash/<name>/<key>``."""
+    out_dir = Path(out_dir).absolute()
+    root = next((p for p in out_dir.parents if p.name == "artifacts"), out_dir.parent)
+    return root / STASH / out_dir.relative_to(root) / key
+
+
+def _move_shards(src: Path, dst: Path, wanted: Callable[[int], bool]) -> int:
+    """Move the shard files of ``src`` whose index is ``wanted`` into ``dst`` (created when needed), with
+    ``src``'s fingerprint file when ``dst`` has none; a shard ``dst`` already has stays. Returns how many
+    moved."""
+    if not src.is_dir():
+        return 0
+    moved = 0
+    for path in sorted(src.glob("part-*.parquet")):
+        match = SHARD_FILE.fullmatch(path.name)
+        if not match or not wanted(int(match.group(2))):
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        if (dst / path.name).exists():
+            path.unlink()
+        else:
+            os.replace(path, dst / path.name)
+        moved += 1
+    if moved and (src / FINGERPRINT_FILE).exists() and not (dst / FINGERPRINT_FILE).exists():
+        _write_record(dst / FINGERPRINT_FILE, _read_record(src / FINGERPRINT_FILE) or {})
+    return moved
+
+
+def _write_record(fp_file: Path, record: dict) -> None:
+    """Write a fingerprint file atomically."""
     tmp = fp_file.with_name(f".tmp-{os.getpid()}-{FINGERPRINT_FILE}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, fp_file)
@@ -145,18 +148,6 @@ def _read_record(fp_file: Path) -> dict | None:
 
 
 SHARD_FILE = re.compile(r"(\.tmp-\d+-)?part-(\d+)\.parquet")  # a shard, or a killed run's partial write of one
-
-
-def _remove_shards_from(out_dir: Path, first: int) -> None:
-    """Delete the shards numbered ``first`` and above, and partial writes of them left by a killed run (the
-    item list is shorter than when they were written; no rank owns them now)."""
-    extra = [p for p in out_dir.iterdir() if (m := SHARD_FILE.fullmatch(p.name)) and int(m.group(2)) >= first]
-    shards_past_end = sum(not p.name.startswith(".tmp-") for p in extra)
-    if shards_past_end:
-        log.info("%s: %d shards past the last item removed (fewer items than the last run)", out_dir,
-                 shards_past_end)
-    for path in extra:
-        path.unlink(missing_ok=True)
 
 
 def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0) -> None:
@@ -190,118 +181,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-PACKAGE = PACKAGE_DIR.name
-
-
-def module_file(module: str) -> Path | None:
-    """The source file of ``module`` ("pipeline.text", "pipeline.zoo") inside this package, else None."""
-    parts = module.split(".")
-    if parts[0] != PACKAGE:
-        return None
-    base = PACKAGE_DIR.joinpath(*parts[1:])
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _module_name(path: Path) -> str | None:
-    """``pipeline.x.y`` for a file of this package (``pipeline.zoo`` for its ``__init__.py``), else None."""
-    try:
-        rel = path.resolve().relative_to(PACKAGE_DIR).with_suffix("")
-    except ValueError:
-        return None
-    parts = [PACKAGE, *rel.parts]
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Every module name an ``import`` statement of ``path`` may load (top-level and inside functions),
-    with the parent packages Python runs first; ``from m import x`` also names ``m.x`` in case x is a
-    submodule."""
-    import ast
-
-    name = _module_name(path) or ""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)
-    parents = {".".join(m.split(".")[:k]) for m in found for k in range(1, m.count(".") + 1)}
-    return found | parents
-
-
-def import_closure(*roots: str | Path) -> list[Path]:
-    """Source files of this package that ``roots`` import, directly or through each other (static).
-
-    Args:
-        roots: module names ("pipeline.training") or paths of Python files (a stage script).
-    Returns:
-        Sorted paths: the roots that lie in this package and every package file they may import.
-    """
-    todo = [Path(r) if isinstance(r, Path) or str(r).endswith(".py") else module_file(str(r)) for r in roots]
-    if any(t is None or not t.is_file() for t in todo):
-        raise ValueError(f"import_closure: {roots} must be modules of {PACKAGE} or existing .py files")
-    seen: set[Path] = set()
-    while todo:
-        path = todo.pop().resolve()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo += [f for f in map(module_file, _imported_modules(path)) if f is not None]
-    return sorted(p for p in seen if _module_name(p) is not None)
-
-
-def files_digest(paths: Iterable[Path], relative_to: Path | None = None, full_hash_limit: int = 256 << 20) -> str:
-    """SHA-256 (16 hex digits) over files: each one's name (its path relative to ``relative_to`` when given,
-    else the bare name, so a moved copy hashes the same) and its bytes; files above ``full_hash_limit``
-    bytes (model weights) count by size and modification time instead of content."""
-    h = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        name = path.relative_to(relative_to).as_posix() if relative_to is not None else path.name
-        h.update(name.encode() + b"\0")
-        stat = path.stat()
-        if stat.st_size <= full_hash_limit:
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        else:
-            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def dir_files(path: Path) -> list[Path]:
-    """Regular files under ``path`` (a file itself when ``path`` is one; [] when missing)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-
-
-def code_digest(*roots: str | Path) -> str:
-    """SHA-256 (16 hex digits) of the code that computes a result: the files of :func:`import_closure`.
-
-    Part of every shard and checkpoint fingerprint. DVC reruns a stage when its code changes, but its
-    persistent, resumable outputs would otherwise be resumed as they are; with the code in the
-    fingerprint, results written by other code are recomputed, and a rerun after a kill (same code) still
-    resumes. Only the modules the work imports count, so editing an unrelated module (the report, say)
-    keeps a half-finished training run's checkpoints.
-    """
-    return files_digest(import_closure(*roots), relative_to=PACKAGE_DIR)
 
 
 def shard_record(fingerprint: Any, shard_size: int, code: str) -> dict[str, Any]:
@@ -503,71 +382,3 @@ def iter_rows(out_dir: Path, columns: list[str] | None = None) -> Iterator[dict[
     """Rows of a shard directory one at a time (memory stays at one shard)."""
     for f in shard_files(out_dir):
         yield from read_table(f, columns).to_pylist()
-
-
-# --- images ----------------------------------------------------------------------------------------
-
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    """Encode a PIL image or an (H, W[, C]) uint8 array as PNG bytes."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_from_bytes(data: bytes, mode: str = "RGB") -> Image.Image:
-    """Decode PNG/JPEG bytes into a PIL image in ``mode``."""
-    return Image.open(io.BytesIO(data)).convert(mode)
-
-
-def decode_error(data: bytes | None) -> str | None:
-    """Why ``data`` does not decode as an image (every pixel is read), or ``None`` when it does."""
-    if not data:
-        return "no image bytes"
-    try:
-        image_from_bytes(data)
-    except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-# --- masks -----------------------------------------------------------------------------------------
-
-def rle_encode(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a binary (H, W) mask: ``{"size": [H, W], "counts": str}`` (pycocotools)."""
-    from pycocotools import mask as mask_utils
-
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"rle_encode expects an (H, W) mask, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_decode(rle: dict[str, Any]) -> np.ndarray:
-    """Decode :func:`rle_encode` output back into an (H, W) bool mask."""
-    from pycocotools import mask as mask_utils
-
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return mask_utils.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
-
-
-def image_set_summary(out_dir: Path) -> dict[str, int]:
-    """Flat counts of a training-images shard directory (``artifacts/data/images``, COCO or demo): ``images``,
-    ``ok``, ``failed`` and one count per failure status (e.g. ``download_failed``), ``train`` and ``heldout``
-    (usable images of each split) and ``objects`` (object masks, demo images only)."""
-    counts = {"images": 0, "ok": 0, "failed": 0, "train": 0, "heldout": 0, "objects": 0}
-    for row in iter_rows(Path(out_dir), columns=["split", "objects", "status"]):
-        counts["images"] += 1
-        if row["status"] != STATUS_OK:
-            counts["failed"] += 1
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-            continue
-        counts["ok"] += 1
-        if row["split"] in ("train", "heldout"):
-            counts[row["split"]] += 1
-        counts["objects"] += len(row["objects"] or [])
-    return counts
