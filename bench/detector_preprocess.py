@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.multigen import PREPROCESS_THREADS, pixel_values
+from pipeline.multigen.detection import PREPROCESS_THREADS, pixel_values
 from pipeline.runtime import write_json
 
 OUT = Path(__file__).resolve().parents[1] / "bench" / "results" / "detector_preprocess_cpu.json"

@@ -3,7 +3,7 @@
 Default: the embedded tiny models on CPU (seconds). ``--device cuda --real-arch`` builds the paper
 architectures with random weights (Grounding DINO Swin-T OGC + SAM-HQ ViT-H, float16 unless ``--fp32``) and
 times them on a GPU; ``--quick`` shrinks the run. Both modes run the same code as the ``masks`` stage
-(:class:`pipeline.grounding.Grounder`: detection, label matching, SAM, union, RLE rows) on synthetic
+(:class:`pipeline.masks.jobs.Grounder`: detection, label matching, SAM, union, RLE rows) on synthetic
 scenes of one size, and check that the batched rows equal the single-image rows. The detector alone and
 SAM alone (a fixed number of boxes per image) are timed too, since random weights may send few boxes to SAM.
 
@@ -26,9 +26,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import grounding, zoo
+from pipeline import zoo
+from pipeline.masks.jobs import Grounder, make_job
+from pipeline.masks.labels import build_prompt
+from pipeline.masks.models import GroundingDetector, HFSamSegmenter, load_segmenter
 from pipeline.models import inference_dtype
 from pipeline.runtime import write_json
+from pipeline.store.codecs import rle_decode
 from pipeline.zoo import grounding as zg
 
 log = logging.getLogger("bench.masks")
@@ -54,8 +58,8 @@ def tiny_models(device: torch.device, dtype: torch.dtype, folder: Path):
     """The embedded tiny detector and SAM, built into ``folder`` and loaded as the stage loads them."""
     for name in ("tiny-grounding-dino", "tiny-sam"):
         zoo.build(name, folder / name, seed=0)
-    return (grounding.GroundingDetector.load("embedded:tiny-grounding-dino", folder, device, dtype),
-            grounding.load_segmenter("embedded:tiny-sam", folder, device, dtype))
+    return (GroundingDetector.load("embedded:tiny-grounding-dino", folder, device, dtype),
+            load_segmenter("embedded:tiny-sam", folder, device, dtype))
 
 
 def real_models(device: torch.device, dtype: torch.dtype):
@@ -71,9 +75,9 @@ def real_models(device: torch.device, dtype: torch.dtype):
     zg.calibrate_contrastive_logits(detector_model, gain=0.25, bias=zg.CALIBRATION_BIAS)
     processor = zg.grounding_dino_processor(zg.bert_vocab(size=zg.BERT_BASE_VOCAB_SIZE),
                                             {"shortest_edge": 800, "longest_edge": 1333})
-    detector = grounding.GroundingDetector(processor, detector_model.to(device, dtype), device, dtype)
+    detector = GroundingDetector(processor, detector_model.to(device, dtype), device, dtype)
     sam = SamHQModel(zg.real_sam_hq_config()).eval().to(device, dtype)
-    segmenter = grounding.HFSamSegmenter(SamHQProcessor(image_processor=SamImageProcessor()), sam, device, dtype)
+    segmenter = HFSamSegmenter(SamHQProcessor(image_processor=SamImageProcessor()), sam, device, dtype)
     return detector, segmenter
 
 
@@ -82,9 +86,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_run(grounder: grounding.Grounder, images: list[Image.Image], device: torch.device) -> tuple[float, list]:
+def timed_run(grounder: Grounder, images: list[Image.Image], device: torch.device) -> tuple[float, list]:
     """(seconds, rows) for all images through ``grounder``."""
-    jobs = [grounding.make_job({"image_id": f"b{i}", "caption": "", "phrases": PHRASES[i % 3]}, im, "ok", "")
+    jobs = [make_job({"image_id": f"b{i}", "caption": "", "phrases": PHRASES[i % 3]}, im, "ok", "")
             for i, im in enumerate(images)]
     sync(device)
     start = time.perf_counter()
@@ -103,7 +107,7 @@ def timed_parts(detector, segmenter, images: list[Image.Image], batch: int, devi
         xy = rng.uniform(0, 0.6, (boxes_per_image, 2)) * (im.width, im.height)
         wh = rng.uniform(0.1, 0.4, (boxes_per_image, 2)) * (im.width, im.height)
         boxes.append(np.concatenate([xy, xy + wh], axis=1).astype(np.float32))
-    prompts = [grounding.build_prompt(PHRASES[i % 3]) for i in range(len(images))]
+    prompts = [build_prompt(PHRASES[i % 3]) for i in range(len(images))]
     chunks = [slice(i, i + batch) for i in range(0, len(images), batch)]
     out = {}
     for name, call in (("detector", lambda c: detector.detect(images[c], prompts[c], 0.25, 0.25)),
@@ -124,7 +128,7 @@ def same_rows(a: list[dict], b: list[dict]) -> float:
     for x, y in zip(a, b):
         if x["status"] != y["status"]:
             continue
-        if x["mask"] is None or np.mean(grounding.rle_decode(x["mask"]) != grounding.rle_decode(y["mask"])) <= 1e-3:
+        if x["mask"] is None or np.mean(rle_decode(x["mask"]) != rle_decode(y["mask"])) <= 1e-3:
             same += 1
     return same / max(1, len(a))
 
@@ -151,7 +155,7 @@ def main() -> None:
         images = scenes(count, *size)
         results = {}
         for name, bs in (("batched", batch), ("single", 1)):
-            grounder = grounding.Grounder(detector, segmenter, 0.25, 0.25, bs, 512 if args.real_arch else 128)
+            grounder = Grounder(detector, segmenter, 0.25, 0.25, bs, 512 if args.real_arch else 128)
             timed_run(grounder, images[:bs], device)  # warm-up (kernels, allocator)
             runs = [timed_run(grounder, images, device) for _ in range(args.repeats)]
             results[name] = (min(t for t, _ in runs), runs[0][1])

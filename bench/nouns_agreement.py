@@ -1,8 +1,8 @@
 """Agreement of the `nouns` stage's phrases with the authors' on TokenCompose's 4,526 training captions.
 
-The nouns stage's own code (``pipeline.text.tagger_nouns_rows``: tagger, NN* runs, de-duplication, CLIP
-alignment) runs over every caption of ``coco_gsam_metadata.jsonl``; its phrases are compared with the
-caption's ``attn_list`` phrases (flair ``pos-english`` in the original pipeline).
+The nouns stage's own code (``pipeline.text.nouns_rows.tagger_nouns_rows``: tagger, NN* runs,
+de-duplication, CLIP alignment) runs over every caption of ``coco_gsam_metadata.jsonl``; its phrases are
+compared with the caption's ``attn_list`` phrases (flair ``pos-english`` in the original pipeline).
 
 Comparison: per caption, phrases are lower-cased and their whitespace collapsed, then compared as sets
 (the authors' list is de-duplicated the same way). ``recall`` = phrases found by both / phrases in
@@ -24,14 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import coco, text
+from pipeline.datasets.tokencompose_metadata import (
+    TOKENCOMPOSE_METADATA_URL, image_id_of, read_tokencompose_metadata,
+)
 from pipeline.runtime import setup_logging, write_json
+from pipeline.text.nouns_rows import tagger_nouns_rows
+from pipeline.text.tagger import TaggerUnavailable, embedded_tagger, pretrained_tagger, read_tagged_corpus
 from pipeline.zoo.sd import clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_METADATA = REPO.parent / "shared" / "data" / "tokencompose" / "coco_gsam_metadata.jsonl"
 # the copy beside the checkout when there is one, else the authors' file at its pinned commit
-DEFAULT_METADATA = str(LOCAL_METADATA) if LOCAL_METADATA.is_file() else coco.TOKENCOMPOSE_METADATA_URL
+DEFAULT_METADATA = str(LOCAL_METADATA) if LOCAL_METADATA.is_file() else TOKENCOMPOSE_METADATA_URL
 OUT = REPO / "bench" / "results" / "nouns_agreement.json"
 log = logging.getLogger("bench.nouns_agreement")
 
@@ -68,9 +72,9 @@ def agreement(records: list[dict], rows: list[dict]) -> dict[str, Any]:
 
 
 def run(name: str, tagger: Any, records: list[dict], tokenizer: Any) -> dict[str, Any]:
-    images = [{"image_id": coco.image_id_of(r["file_name"]), "caption": r["text"], "status": "ok"} for r in records]
+    images = [{"image_id": image_id_of(r["file_name"]), "caption": r["text"], "status": "ok"} for r in records]
     start = time.perf_counter()
-    rows = text.tagger_nouns_rows(images, tagger, tokenizer, 76)
+    rows = tagger_nouns_rows(images, tagger, tokenizer, 76)
     seconds = time.perf_counter() - start
     result = {**agreement(records, rows), "captions_per_s": len(records) / seconds}
     log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
@@ -83,20 +87,20 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     logging.getLogger("pipeline.text").setLevel(logging.WARNING)
-    records = coco.read_tokencompose_metadata(args.metadata)
+    records = read_tokencompose_metadata(args.metadata)
     tokenizer = clip_tokenizer()
-    corpus = text.read_tagged_corpus(REPO / "data" / "tagger")
+    corpus = read_tagged_corpus(REPO / "data" / "tagger")
     nltk_root = REPO / "nltk_data"
     results = {
         "captions": len(records), "corpus_captions": len(corpus), "seed": 0, "tagger_iterations": 10,
         "comparison": "per caption, lower-cased whitespace-collapsed phrase sets",
-        "embedded": run("embedded", text.embedded_tagger(REPO / "data" / "tagger", nltk_root, 0, 10), records, tokenizer),
+        "embedded": run("embedded", embedded_tagger(REPO / "data" / "tagger", nltk_root, 0, 10), records, tokenizer),
         "baseline_unigram": run("unigram", unigram_tagger(corpus), records, tokenizer),
     }
     try:
-        results["pretrained_nltk"] = run("pretrained", text.pretrained_tagger(nltk_root, download=False), records,
+        results["pretrained_nltk"] = run("pretrained", pretrained_tagger(nltk_root, download=False), records,
                                          tokenizer)
-    except text.TaggerUnavailable:
+    except TaggerUnavailable:
         results["pretrained_nltk"] = None
         log.info("NLTK's averaged_perceptron_tagger_eng not in %s; skipped", nltk_root)
     results["recall_ratio_vs_baseline"] = results["embedded"]["recall"] / results["baseline_unigram"]["recall"]

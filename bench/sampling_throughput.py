@@ -40,7 +40,9 @@ from pipeline.datasets.multigen_source import generate_multigen  # noqa: E402
 from pipeline.datasets.categories import load_categories  # noqa: E402
 from pipeline.datasets.multigen_files import MultiGenPrompt  # noqa: E402
 from pipeline.models import inference_dtype  # noqa: E402
-from pipeline.sampling import Sampler, SamplingCfg, SamplingScale, prompt_items  # noqa: E402
+from pipeline.sampling.sampler import Sampler  # noqa: E402
+from pipeline.sampling.settings import SamplingCfg, SamplingScale  # noqa: E402
+from pipeline.sampling.items import prompt_items  # noqa: E402
 from pipeline.store.codecs import png_bytes  # noqa: E402
 
 log = logging.getLogger("bench.sampling_throughput")

@@ -28,13 +28,17 @@ import torch
 
 from pipeline import zoo
 from pipeline.attention import capturing
-from pipeline.demo_data import write_demo_training_set
-from pipeline.losses import LossCfg, gather_token_maps, resize_masks
+from pipeline.datasets.demo_images import write_demo_training_set
 from pipeline.attention import mask_ratios
 from pipeline.runtime import setup_logging, write_json
 from pipeline.seeding import torch_generator
-from pipeline.training import (GroundedImageDataset, OptimCfg, SDModels, TrainCfg, TrainRecord, TrainRun, TrainScale,
-                               collate, encode_batch, load_models, object_mask_records, train)
+from pipeline.training.data import GroundedImageDataset, collate
+from pipeline.training.losses import LossCfg, gather_token_maps, resize_masks
+from pipeline.training.records import TrainRecord
+from pipeline.training.settings import OptimCfg, TrainCfg, TrainRun, TrainScale
+from pipeline.training.sources import object_mask_records
+from pipeline.training.step import SDModels, encode_batch, load_models
+from pipeline.training.trainer import train
 
 log = logging.getLogger("bench.token_loss_experiment")
 LAYERS = ["mid_8", "up_16", "up_32", "up_64"]
@@ -78,7 +82,7 @@ def attention_share(unet: torch.nn.Module, models: SDModels, records: Sequence[T
     """How much of each word's cross-attention falls inside its mask (the quantity the token loss raises).
 
     For every word, noise level t (same seeded latents and noise for every model) and group: the ratio
-    Σ_mask A / Σ A of :func:`pipeline.losses.mask_ratios`, averaged over layers, heads and sub-tokens.
+    Σ_mask A / Σ A of :func:`pipeline.attention.mask_ratios`, averaged over layers, heads and sub-tokens.
     Returns ``share`` (mean over words, timesteps and groups), ``share_<group>``, the same for ``chance``
     (the mask's share of the map: the share a uniform attention would give) and ``words``.
     """

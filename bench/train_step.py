@@ -1,7 +1,7 @@
 """Training-step time and peak memory: this project's step vs what the original code does, in one run.
 
-Every variant runs a whole training step as :class:`pipeline.training.Trainer` does (VAE encoding and
-posterior sample, text encoding, :func:`pipeline.training.compute_losses`: noise, UNet forward with the
+Every variant runs a whole training step as :class:`pipeline.training.trainer.Trainer` does (VAE encoding and
+posterior sample, text encoding, :func:`pipeline.training.step.compute_losses`: noise, UNet forward with the
 paper's grounding losses on mid_8/up_16/up_32/up_64, backward, clipping, AdamW) on synthetic images,
 captions and three masked words per sample, with gradient checkpointing as configured. Variants, each
 adding one change to the previous one:
@@ -10,7 +10,7 @@ adding one change to the previous one:
   map cloned and stored, every image VAE-encoded at every step, fp32, batch 1;
 * ``capture``  — only the 10 cross-attention layers the losses need are captured, SDPA elsewhere;
 * ``cached_latents`` — plus the VAE posterior of each image kept from its first encoding
-  (:class:`pipeline.training.LatentCache`, ``train.cache_latents``). The bench repeats one batch, so this
+  (:class:`pipeline.training.step.LatentCache`, ``train.cache_latents``). The bench repeats one batch, so this
   is the steady state after the first epoch (the paper profile runs ~21 epochs; the first still encodes);
 * ``bf16``     — plus bf16 autocast, frozen encoders in bf16 (GPU only; CPU training stays fp32);
 * ``batch8``   — plus batch 8 (throughput per sample);
@@ -48,10 +48,10 @@ from pathlib import Path
 import torch
 
 from pipeline.attention import AttentionStore, CaptureProcessor, capture_cross_attention, processor_group
-from pipeline.losses import GroundingTargets, LossCfg
 from pipeline.models import compile_unet
 from pipeline.runtime import setup_logging, write_json
-from pipeline.training import LatentCache, SDModels, compute_losses, encode_batch
+from pipeline.training.losses import GroundingTargets, LossCfg
+from pipeline.training.step import LatentCache, SDModels, compute_losses, encode_batch
 
 log = logging.getLogger("bench.train_step")
 LOSS = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8", "up_16", "up_32", "up_64"])

@@ -35,10 +35,10 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from pipeline.config import ConfigError
+from pipeline.names import GROUP_ORDER
 
 log = logging.getLogger(__name__)
 
-GROUP_ORDER = ("down_64", "down_32", "down_16", "mid_8", "up_16", "up_32", "up_64")
 _NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
 

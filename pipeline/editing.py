@@ -39,10 +39,13 @@ import torch
 from PIL import Image
 
 from pipeline.config import Bounds, DtypeName, Fraction, PositiveInt
+from pipeline.eval_models import Backbone
+from pipeline.models import component_hashes
 from pipeline.seeding import derive_seed, standard_normal
-from pipeline.store.shards import STATUS_OK
-from pipeline.store.identity import dir_files, files_digest
+from pipeline.store.batches import error_text, run_batches
 from pipeline.store.codecs import png_bytes
+from pipeline.store.identity import dir_files, files_digest
+from pipeline.store.shards import STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +79,6 @@ class EditingCfg:
             raise ValueError(f"blend must be 'after_step' or 'before_step', got {self.blend!r}")
         if not 0.0 <= self.blending_start < 1.0:
             raise ValueError(f"blending_start must be in [0, 1), got {self.blending_start}")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A backbone to edit with: a Stable Diffusion pipeline reference and an optional UNet swapped in."""
-
-    model: str
-    unet: str | None = None
 
 
 @dataclass(frozen=True)
@@ -278,24 +273,18 @@ def edit_rows(
         except (OSError, ValueError, KeyError) as err:
             log.warning("%s: cannot load the edit inputs (%s); row kept with status bad_input", image_id, err)
             rows[i] = _row(editor, image_id, "", status=STATUS_BAD_INPUT, error=str(err))
-    for start in range(0, len(ready), batch_size):
-        batch = ready[start:start + batch_size]
-        for (i, _), row in zip(batch, _edit_batch(editor, [it for _, it in batch])):
-            rows[i] = row
+    edited = run_batches([it for _, it in ready], batch_size, lambda items: _edit_batch(editor, items),
+                         lambda it, err: _row(editor, it.image_id, it.prompt, status=STATUS_EDIT_FAILED,
+                                              error=error_text(err)),
+                         lambda it: f"edit of image {it.image_id}")
+    rows.update({i: row for (i, _), row in zip(ready, edited)})
     return [rows[i] for i in range(len(records))]
 
 
 def _edit_batch(editor: BlendedLatentEditor, items: list[EditItem]) -> list[dict[str, Any]]:
-    """Rows of one batch of edits; a batch that raises is retried item by item, and an item that fails
-    alone becomes an ``edit_failed`` row (retried by the next run of the stage)."""
-    try:
-        edits = editor.edit(items)
-    except (RuntimeError, ValueError) as err:
-        if len(items) > 1:
-            log.warning("batch of %d failed (%s); retrying image by image", len(items), err)
-            return [r for it in items for r in _edit_batch(editor, [it])]
-        log.error("%s: edit failed (%s); row kept with status edit_failed", items[0].image_id, err)
-        return [_row(editor, items[0].image_id, items[0].prompt, status=STATUS_EDIT_FAILED, error=str(err))]
+    """Rows of one batch of edits (:func:`~pipeline.store.batches.run_batches` retries a failed batch item
+    by item; an item that fails alone becomes an ``edit_failed`` row, retried by the next run)."""
+    edits = editor.edit(items)
     return [_row(editor, it.image_id, it.prompt, png_bytes(e), _mask_fraction(editor, it.mask))
             for it, e in zip(items, edits)]
 
@@ -317,8 +306,6 @@ def edit_fingerprint(editor: BlendedLatentEditor, backbone: Backbone, data_root:
 
     The batch size and shard layout are left out: they do not change which noise an image gets.
     """
-    from pipeline.sampling import component_hashes
-
     method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
     data = files_digest(dir_files(data_root), relative_to=Path(data_root))
     return {"editing": method, "steps": editor.steps, "dtype": str(editor.pipe.unet.dtype),

@@ -7,7 +7,6 @@ Used for the paper profile's inputs (TokenCompose metadata, COCO images, the off
 from __future__ import annotations
 
 import hashlib
-
 import http.client
 import logging
 import socket

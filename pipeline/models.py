@@ -6,7 +6,7 @@ Every model parameter in ``params.yaml`` is a string:
   ``@REVISION`` (``CompVis/stable-diffusion-v1-4@<commit sha>``, a branch or a tag) pinned to that revision;
 * ``/data/sd14`` or ``artifacts/train/unet``: a local directory in the same ``save_pretrained`` layout;
 * ``embedded:tiny-sd``: a model from :mod:`pipeline.zoo`, written by the ``models`` stage to
-  ``artifacts/models/tiny-sd`` (:data:`MODELS_DIR`). This module never imports the zoo: stages load what
+  ``artifacts/models/tiny-sd`` (:data:`pipeline.paths.MODELS_DIR`). This module never imports the zoo: stages load what
   the ``models`` stage wrote, so they depend on its output and not on the zoo's code.
 
 :func:`resolve` turns any of them into what ``from_pretrained`` takes, so there is one loading path.
@@ -21,9 +21,9 @@ from typing import Any, Literal
 import torch
 
 from pipeline.config import ConfigError, DtypeName, StageError
+from pipeline.store.identity import state_dict_hash
 
 EMBEDDED_PREFIX = "embedded:"
-MODELS_DIR = Path("artifacts/models")  # the models stage's output: embedded models, by name
 
 
 def inference_dtype(name: DtypeName, device: torch.device | str) -> torch.dtype:
@@ -202,3 +202,8 @@ def compile_unet(unet: torch.nn.Module, channels_last: bool = False, backend: st
         unet.to(memory_format=torch.channels_last)
     unet.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
     return unet
+
+
+def component_hashes(pipe: Any) -> dict[str, str]:
+    """SHA-256 of the UNet, VAE and text encoder weights (what sampled images depend on)."""
+    return {name: state_dict_hash(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}

@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from pipeline.config import Bounds, ConfigError, NonNegativeInt
 from pipeline.datasets.piebench_files import PieBenchEntry, load_example, strip_brackets
 from pipeline.models import ModelLoadError, from_pretrained, parse_ref, resolve
+from pipeline.names import PIEBENCH_KEYS as TABLE
 from pipeline.seeding import derive_seed
-from pipeline.store.shards import STATUS_OK
 from pipeline.store.codecs import image_from_bytes
+from pipeline.store.shards import STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,6 @@ METRICS = (
     "clip_similarity_source_image", "clip_similarity_target_image", "clip_similarity_target_image_edit_part",
 )
 BACKGROUND_METRICS = ("psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part")
-# metric -> (name in the table / metrics JSON, factor) — SPEC §5.6
-TABLE = {
-    "structure_distance": ("structure_distance_x1e3", 1e3),
-    "psnr_unedit_part": ("psnr_unedit_part", 1.0),
-    "lpips_unedit_part": ("lpips_unedit_part_x1e3", 1e3),
-    "mse_unedit_part": ("mse_unedit_part_x1e4", 1e4),
-    "ssim_unedit_part": ("ssim_unedit_part_x1e2", 1e2),
-    "clip_similarity_source_image": ("clip_similarity_source_image", 1.0),
-    "clip_similarity_target_image": ("clip_whole", 1.0),
-    "clip_similarity_target_image_edit_part": ("clip_edited", 1.0),
-}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SSIM_ARGS = dict(gaussian_weights=True, sigma=1.5, win_size=11, K1=0.01, K2=0.03, data_range=1.0,
                  use_sample_covariance=False, channel_axis=-1)

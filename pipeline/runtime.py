@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.config import StageError
+from pipeline.config import ConfigError, StageError, active_profile, load_params
 
 
 def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") -> str | None:
@@ -43,9 +43,12 @@ def run_stage(main: Callable[..., None], *args: Any) -> None:
     :class:`pipeline.config.StageError` (bad params, a missing input, too many failures: the message names the
     input and the fix) ends it with that one line on stderr instead of a traceback, exit status 1;
     ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback. An interrupt (Ctrl-C) ends it with exit status 130:
-    finished shards and checkpoints are kept, and a rerun resumes."""
+    finished shards and checkpoints are kept, and a rerun resumes. Torch's CPU threads are set from
+    ``profiles.<p>.cpu_threads`` first (:func:`set_cpu_threads`)."""
     setup_logging()
     try:
+        if Path(PARAMS_FILE).is_file():
+            set_cpu_threads(load_params(PARAMS_FILE))
         main(*args)
     except KeyboardInterrupt:
         print("interrupted: finished shards and checkpoints are kept; run the stage again to resume",
@@ -56,6 +59,22 @@ def run_stage(main: Callable[..., None], *args: Any) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+PARAMS_FILE = "params.yaml"
+
+
+def set_cpu_threads(params: dict[str, Any]) -> None:
+    """Set torch's intra-op threads to ``profiles.<p>.cpu_threads`` (0 or absent: torch's default, one per
+    core). A fixed count makes CPU results independent of the machine: reductions split over threads add in
+    another order, so the same stage on 1 and on 2 threads can differ in the last bits (and then so do the
+    hashes DVC records)."""
+    threads = active_profile(params).get("cpu_threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"profiles.{params['profile']}.cpu_threads: expected a non-negative integer, got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
+        logging.getLogger(__name__).debug("torch CPU threads: %d", threads)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import Bounds, ConfigError, NonNegativeInt, PositiveInt
-from pipeline.figures import image_grid
 from pipeline.datasets.multigen_files import MultiGenPrompt
-from pipeline.multigen import found_names
-from pipeline.store.shards import STATUS_OK, read_table, shard_files
+from pipeline.figures import image_grid
+from pipeline.multigen.found import found_names
 from pipeline.store.codecs import image_from_bytes
+from pipeline.store.shards import STATUS_OK, read_table, shard_files
 from pipeline.visor import SpatialPrompt, image_outcome
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-
 from typing import Sequence
 
 import numpy as np

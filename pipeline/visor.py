@@ -29,8 +29,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from pipeline.config import Fraction, FractionBelowOne, InputDataError, PositiveInt
-from pipeline.multigen import MultiGenCfg, MultiGenScale, above_threshold
 from pipeline.datasets.multigen_files import MultiGenPrompt
+from pipeline.multigen.found import above_threshold
+from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
 from pipeline.seeding import numpy_rng
 from pipeline.store.shards import STATUS_OK
 

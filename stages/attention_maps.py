@@ -11,8 +11,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.attention_maps import (AttentionMapsCfg, AttentionMapsScale, load_sampler, recordable_model,
-                                     write_attention_figures)
+from pipeline.attention_maps.figures import AttentionMapsCfg, AttentionMapsScale, write_attention_figures
+from pipeline.attention_maps.recording import load_sampler, recordable_model
 from pipeline.config import load_params, section
 from pipeline.runtime import FailureRateError, run_stage, stage_argument, write_json
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import load_params, models_dir_of, section
-from pipeline.multigen import MultiGenCfg, MultiGenScale, detect_prompt_set, detector_fingerprint, load_detector
+from pipeline.config import load_params, section
+from pipeline.multigen.detection import detect_prompt_set, detector_fingerprint, load_detector
+from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
+from pipeline.paths import MODELS_DIR
 from pipeline.runtime import dist_info, rank_device, run_stage, stage_argument
 
 log = logging.getLogger("stages.detect")
@@ -21,7 +23,7 @@ def main(key: str) -> None:
     params = load_params()
     mg, scale = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
     dist = dist_info()
-    models_dir = models_dir_of(params)
+    models_dir = MODELS_DIR
     detector = load_detector(scale.detector, models_dir, rank_device(), scale.dtype, scale.image_backend)
     fingerprint = detector_fingerprint(detector, scale, mg.query_template)
     for name in mg.prompt_sets:

@@ -13,15 +13,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.config import ConfigError, load_params, section
 from pipeline.datasets.piebench_files import MAPPING_FILE, load_example, read_mapping, strip_brackets
-from pipeline.config import ConfigError, load_params, models_dir_of, section
 from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
                               edit_fingerprint, edit_rows)
 from pipeline.models import inference_dtype, load_sd_pipeline
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
-                              wait_for_everyone, write_json)
-from pipeline.store.shards import STATUS_OK, prepare_for_ranks, read_shards, write_shards
+from pipeline.paths import MODELS_DIR
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument, wait_for_everyone,
+                              write_json)
 from pipeline.store.identity import code_digest
+from pipeline.store.shards import STATUS_OK, prepare_for_ranks, read_shards, write_shards
 
 log = logging.getLogger("stages.edit")
 DATA = Path("artifacts/data/piebench")
@@ -41,7 +42,7 @@ def main(name: str) -> None:
                           f"(known: {', '.join(scale.backbones)})")
     backbone, dist = scale.backbones[name], dist_info()  # one process, or one per GPU under accelerate
     device = rank_device()
-    pipe = load_sd_pipeline(backbone.model, models_dir_of(params), unet_ref=backbone.unet,
+    pipe = load_sd_pipeline(backbone.model, MODELS_DIR, unet_ref=backbone.unet,
                             torch_dtype=inference_dtype(scale.dtype, device), device=device)
     editor = BlendedLatentEditor(pipe, cfg, scale.num_inference_steps, params["seed"])
     records = sorted(read_mapping(DATA / MAPPING_FILE).items())

@@ -11,10 +11,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from pipeline.config import ConfigError, load_params, section
+from pipeline.datasets.demo_piebench import write_demo_piebench
+from pipeline.datasets.demo_scale import DemoDataScale
 from pipeline.datasets.piebench_files import PIE_SIZE, PIEBENCH_HELP, EditDataScale, copy_piebench, piebench_summary
 from pipeline.fetch import sha256_bytes
-from pipeline.config import ConfigError, load_params, section
-from pipeline.demo_data import DemoDataScale, write_demo_piebench
 from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.edit_data")

@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.attention_maps import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples, grounding_failures,
-                                     grounding_rows, load_sampler, summarize_grounding)
-from pipeline.config import load_params, models_dir_of, section
-from pipeline.grounding import Grounder, GroundingCfg, GroundingDetector, MasksScale, load_segmenter
+from pipeline.attention_maps.grounding_eval import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples,
+                                                    grounding_failures, grounding_rows, summarize_grounding)
+from pipeline.attention_maps.recording import load_sampler
+from pipeline.config import load_params, section
+from pipeline.datasets.multigen_files import PROMPTS_DIR, load_prompt_set
+from pipeline.masks.jobs import Grounder
+from pipeline.masks.models import GroundingDetector, load_segmenter
+from pipeline.masks.params import GroundingCfg, MasksScale
 from pipeline.models import inference_dtype
-from pipeline.multigen import MultiGenCfg
-from pipeline.datasets.multigen_files import load_prompt_set
+from pipeline.paths import MODELS_DIR
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
-from pipeline.sampling import prompt_items
+from pipeline.sampling.items import prompt_items
 
 log = logging.getLogger("stages.grounding_eval")
 
@@ -30,9 +33,8 @@ def main(key: str) -> None:
     cfg = section(params, "grounding_eval", GroundingEvalCfg)
     scale = section(params, "profile.grounding_eval", GroundingEvalScale)
     gsam, masks = section(params, "grounding", GroundingCfg), section(params, "profile.masks", MasksScale)
-    mg = section(params, "multigen", MultiGenCfg)
     sampler, ref = load_sampler(params, key)
-    models_dir, device = models_dir_of(params), sampler.pipe.unet.device
+    models_dir, device = MODELS_DIR, sampler.pipe.unet.device
     dtype = inference_dtype(masks.dtype, device)
     grounder = Grounder(GroundingDetector.load(masks.detector, models_dir, device, dtype),
                         load_segmenter(masks.segmenter, models_dir, device, dtype),
@@ -44,7 +46,7 @@ def main(key: str) -> None:
                "share_over": "all denoising steps, heads and layers of each group; category sub-tokens summed"}
     rows = []
     for name in scale.prompt_sets:
-        prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.num_prompts)
+        prompts = load_prompt_set(PROMPTS_DIR / f"{name}.json", scale.num_prompts)
         items = prompt_items(name, prompts, scale.images_per_prompt)
         set_rows, samples = grounding_rows(sampler, grounder, items, cfg.groups)
         rows += set_rows

@@ -11,13 +11,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from pipeline import grounding
 from pipeline.config import ConfigError, Pixels, active_profile, load_params, profile_fields, section
+from pipeline.masks.authors import write_authors_masks
+from pipeline.masks.grounded_sam import ImageStore, write_grounded_masks
+from pipeline.masks.inputs import RunContext
+from pipeline.masks.overlay import plot_overlay
+from pipeline.masks.params import GroundingCfg, MasksScale
+from pipeline.masks.summary import check_input_errors, summarize
 from pipeline.models import inference_dtype
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
-                              wait_for_everyone, write_json)
+from pipeline.paths import MODELS_DIR
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument, wait_for_everyone,
+                              write_json)
 from pipeline.store.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
@@ -30,23 +34,20 @@ IMAGES = Path("artifacts/data/images")
 class ProfileKeys:
     """The top-level keys of ``profiles.<p>`` this stage reads."""
 
-    models_dir: Path
     resolution: Pixels
 
 
 def main() -> None:
     params = load_params()
-    cfg = section(params, "grounding", grounding.GroundingCfg)
-    scale = section(params, "profile.masks", grounding.MasksScale)
+    cfg = section(params, "grounding", GroundingCfg)
+    scale = section(params, "profile.masks", MasksScale)
     prof = profile_fields(params, ProfileKeys)
     info = dist_info()
-    ctx = grounding.RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=prof.models_dir,
-                               resolution=prof.resolution, device=rank_device(),
-                               rank=info.rank, world_size=info.world_size, barrier=wait_for_everyone)
-    if ctx.device.type == "cpu" and scale.cpu_threads > 0:
-        torch.set_num_threads(scale.cpu_threads)
+    ctx = RunContext(out_dir=OUT, nouns_dir=NOUNS, images_dir=IMAGES, models_dir=MODELS_DIR,
+                     resolution=prof.resolution, device=rank_device(),
+                     rank=info.rank, world_size=info.world_size, barrier=wait_for_everyone)
     if scale.source == "grounded_sam":
-        grounding.write_grounded_masks(ctx, cfg, scale)
+        write_grounded_masks(ctx, cfg, scale)
     else:
         phrases = active_profile(params).get("text", {}).get("phrases")
         if phrases != "authors":  # the authors' words must be aligned where they are, not re-tagged
@@ -54,17 +55,17 @@ def main() -> None:
                               f"profiles.{params['profile']}.text.phrases: authors (it is {phrases!r}): the "
                               f"authors' mask words are looked up in artifacts/nouns, and the tagger misses "
                               f"about a tenth of them")
-        grounding.write_authors_masks(ctx, scale)
+        write_authors_masks(ctx, scale)
     wait_for_everyone()  # returns at once for one process
     if not info.is_main:
         return
     rows = read_shards(OUT).to_dict("records")
-    metrics = grounding.summarize(rows)
+    metrics = summarize(rows)
     shown = [r for r in rows if r["status"] == STATUS_OK][: 20 * scale.overlay_images]
-    images = {} if scale.source == "authors" and not IMAGES.is_dir() else grounding.ImageStore(IMAGES).load(
+    images = {} if scale.source == "authors" and not IMAGES.is_dir() else ImageStore(IMAGES).load(
         r["image_id"] for r in shown)
-    drawn = grounding.plot_overlay(rows, {k: v[0] for k, v in images.items() if v[0] is not None},
-                                   Path("plots/masks_overlay.png"), scale.overlay_images)
+    drawn = plot_overlay(rows, {k: v[0] for k, v in images.items() if v[0] is not None},
+                         Path("plots/masks_overlay.png"), scale.overlay_images)
     metrics.update(profile=params["profile"], source=scale.source, box_threshold=cfg.box_threshold,
                    text_threshold=cfg.text_threshold, detector=scale.detector if scale.source != "authors" else "",
                    segmenter=scale.segmenter if scale.source != "authors" else "",
@@ -73,7 +74,7 @@ def main() -> None:
     write_json("metrics/masks.json", metrics)
     log.info("masks: %d rows, %d with a mask, %d images", metrics["rows"], metrics["phrases_with_mask"],
              metrics["images"])
-    grounding.check_input_errors(metrics, cfg.max_input_error_rate)
+    check_input_errors(metrics, cfg.max_input_error_rate)
     check_failure_rate(metrics.get("status_inference_failed", 0), metrics["rows"], cfg.max_failed_rate,
                        "masks rows (Grounding DINO or SAM raised)", "grounding.max_failed_rate")
 

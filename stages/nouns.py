@@ -14,12 +14,16 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from pipeline import coco, text
 from pipeline.config import ConfigError, load_params, profile_fields, section
+from pipeline.datasets.tokencompose_metadata import read_tokencompose_metadata
 from pipeline.models import from_pretrained
+from pipeline.paths import MODELS_DIR
 from pipeline.runtime import run_stage, stage_argument, write_json
 from pipeline.store.identity import code_digest, fingerprint_of
 from pipeline.store.shards import iter_rows, read_shards, write_shards
+from pipeline.text import tagger as tagging
+from pipeline.text.authors_phrases import authors_nouns_rows
+from pipeline.text.nouns_rows import TextCfg, TextScale, check_skip_rate, summarize, tagger_nouns_rows
 
 log = logging.getLogger("stages.nouns")
 IMAGES, OUT, METRICS = Path("artifacts/data/images"), Path("artifacts/nouns"), Path("metrics/nouns.json")
@@ -27,45 +31,44 @@ IMAGES, OUT, METRICS = Path("artifacts/data/images"), Path("artifacts/nouns"), P
 
 @dataclass(frozen=True)
 class TokenizerScale:
-    models_dir: Path
     sd_model: str
 
 
 def main() -> None:
     params = load_params()
-    cfg = section(params, "text", text.TextCfg)
-    scale = section(params, "profile.text", text.TextScale)
+    cfg = section(params, "text", TextCfg)
+    scale = section(params, "profile.text", TextScale)
     model = profile_fields(params, TokenizerScale)
-    tokenizer = from_pretrained(CLIPTokenizer, model.sd_model, model.models_dir, subfolder="tokenizer")
+    tokenizer = from_pretrained(CLIPTokenizer, model.sd_model, MODELS_DIR, subfolder="tokenizer")
     images = read_shards(IMAGES, columns=["image_id", "caption", "status", "error"]).to_dict("records")
     if scale.phrases == "tagger":
-        tagger = text.load_tagger(scale.tagger, text.DEFAULT_NLTK_DATA, text.DEFAULT_CORPUS_DIR, params["seed"],
-                                  cfg.tagger_iterations)
-        source = {"tagger": scale.tagger, "corpus": text.corpus_fingerprint(
-            text.read_tagged_corpus(text.DEFAULT_CORPUS_DIR), params["seed"], cfg.tagger_iterations)}
+        tagger = tagging.load_tagger(scale.tagger, tagging.DEFAULT_NLTK_DATA, tagging.DEFAULT_CORPUS_DIR,
+                                     params["seed"], cfg.tagger_iterations)
+        source = {"tagger": scale.tagger, "corpus": tagging.corpus_fingerprint(
+            tagging.read_tagged_corpus(tagging.DEFAULT_CORPUS_DIR), params["seed"], cfg.tagger_iterations)}
 
         def process(rows):
-            return text.tagger_nouns_rows(rows, tagger, tokenizer, cfg.max_token_index)
+            return tagger_nouns_rows(rows, tagger, tokenizer, cfg.max_token_index)
     else:
         if not scale.metadata:
             raise ConfigError(f"profiles.{params['profile']}.text.metadata: phrases: authors needs the path "
                               "or URL of TokenCompose's metadata.jsonl")
-        records = coco.read_tokencompose_metadata(scale.metadata)
+        records = read_tokencompose_metadata(scale.metadata)
         source = {"metadata": fingerprint_of(records)}
 
         def process(rows):
-            return coco.authors_nouns_rows(rows, records, tokenizer, cfg.max_token_index)
+            return authors_nouns_rows(rows, records, tokenizer, cfg.max_token_index)
 
     fingerprint = {"images": fingerprint_of(images), "source": source, "max_token_index": cfg.max_token_index,
                    "tokenizer": model.sd_model}
     write_shards(OUT, images, process, scale.shard_size, fingerprint, code=code_digest(__file__), desc="nouns")
-    metrics = text.summarize(iter_rows(OUT, columns=["status", "phrase_status"]))
+    metrics = summarize(iter_rows(OUT, columns=["status", "phrase_status"]))
     metrics.update(profile=params["profile"], phrases_source=scale.phrases, tagger=scale.tagger,
                    tokenizer=model.sd_model, max_token_index=cfg.max_token_index, max_skip_rate=cfg.max_skip_rate)
     write_json(METRICS, metrics)
     log.info("nouns: %d captions, %d phrases, %d aligned, %d skipped", metrics["captions"], metrics["phrases"],
              metrics["aligned"], metrics["skipped"])
-    text.check_skip_rate(metrics, cfg.max_skip_rate)
+    check_skip_rate(metrics, cfg.max_skip_rate)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.config import ConfigError, load_params, section
 from pipeline.datasets.piebench_files import MAPPING_FILE, read_mapping
-from pipeline.config import ConfigError, load_params, models_dir_of, section
-from pipeline.editing import EditingScale
+from pipeline.eval_models import Backbone
+from pipeline.paths import MODELS_DIR
 from pipeline.piebench import PieBenchCfg, PieBenchScale, PieBenchScorer, edits_figure, score_edits, summarize
 from pipeline.runtime import default_device, run_stage, stage_argument, write_json
 from pipeline.store.shards import iter_rows
@@ -26,11 +27,10 @@ def main(name: str) -> None:
     params = load_params()
     cfg = section(params, "piebench", PieBenchCfg)
     scale = section(params, "profile.piebench", PieBenchScale)
-    backbones = section(params, "profile.editing", EditingScale).backbones
-    if name not in backbones:
+    if name not in params["profiles"][params["profile"]].get("editing", {}).get("backbones", {}):
         raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r}")
-    models_dir = models_dir_of(params)
-    scorer = PieBenchScorer.load(scale, cfg, models_dir, params["seed"], default_device())
+    backbone = section(params, f"profile.editing.backbones.{name}", Backbone)
+    scorer = PieBenchScorer.load(scale, cfg, MODELS_DIR, params["seed"], default_device())
     entries = read_mapping(DATA / MAPPING_FILE)
     edits = {row["image_id"]: row for row in iter_rows(Path("artifacts/edits") / name)}
     scores, panels = score_edits(scorer, DATA, entries, edits, cfg, scale.panels)
@@ -39,7 +39,7 @@ def main(name: str) -> None:
     edits_figure(panels, f"plots/edits_{name}.png")
     summary = summarize(scores)
     write_json(f"metrics/piebench/{name}.json", {
-        "backbone": name, "model": backbones[name].model, "unet": backbones[name].unet or "",
+        "backbone": name, "model": backbone.model, "unet": backbone.unet or "",
         **asdict(cfg), **asdict(scale), **summary})
     log.info("piebench %s: %d of %d images scored; PSNR %.2f, CLIP whole %.2f", name, summary["scored"],
              summary["images"], summary["psnr_unedit_part"], summary["clip_whole"])

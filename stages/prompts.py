@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.config import load_params, section
+from pipeline.datasets.demo_scale import DemoDataScale
 from pipeline.datasets.multigen_files import MULTIGEN_SETS, prompt_objects
 from pipeline.datasets.multigen_source import PromptsScale, prepare_multigen_set
 from pipeline.fetch import sha256_bytes
-from pipeline.config import load_params, section
-from pipeline.demo_data import DemoDataScale
 from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.prompts")

@@ -10,8 +10,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import report
 from pipeline.config import NonNegativeInt, load_params, section
+from pipeline.report.blocks import Text
+from pipeline.report.page import build_sections, profile_banner
+from pipeline.report.published import load_published
+from pipeline.report.render import write_report
 from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.report")
@@ -31,10 +34,10 @@ def main() -> None:
     params = load_params()
     cfg = section(params, "report", ReportCfg)
     profile = params["profile"]
-    published = report.load_published(cfg.published)
-    sections = report.build_sections(Path("."), published, profile, cfg.decimals)
-    counts = report.write_report(cfg.out_dir, cfg.title, sections, banner=report.profile_banner(profile))
-    missing = [b.text for s in sections for b in s.blocks if isinstance(b, report.Text) and b.kind == "missing"]
+    published = load_published(cfg.published)
+    sections = build_sections(Path("."), published, profile, cfg.decimals)
+    counts = write_report(cfg.out_dir, cfg.title, sections, banner=profile_banner(profile))
+    missing = [b.text for s in sections for b in s.blocks if isinstance(b, Text) and b.kind == "missing"]
     for note in missing:
         log.warning("%s", note)
     write_json("metrics/report.json", {"profile": profile, **counts})

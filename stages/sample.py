@@ -13,13 +13,16 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.config import load_params, models_dir_of, section
-from pipeline.multigen import MultiGenCfg
-from pipeline.datasets.multigen_files import load_prompt_set
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
-                              wait_for_everyone, write_json)
-from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
-                               sample_prompt_set, sampler_record)
+from pipeline.config import load_params, section
+from pipeline.datasets.multigen_files import PROMPTS_DIR, load_prompt_set
+from pipeline.eval_models import eval_model
+from pipeline.models import component_hashes
+from pipeline.multigen.settings import MultiGenCfg
+from pipeline.paths import MODELS_DIR
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument, wait_for_everyone,
+                              write_json)
+from pipeline.sampling.sampler import open_sampler, sample_prompt_set, sampler_record
+from pipeline.sampling.settings import SamplingCfg, SamplingScale
 from pipeline.store.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.sample")
@@ -31,13 +34,13 @@ def main(key: str) -> None:
     model, ref = eval_model(params, key)
     mg = section(params, "multigen", MultiGenCfg)
     dist, device = dist_info(), rank_device()
-    sampler = open_sampler(ref, model, models_dir_of(params), cfg, scale, int(params["seed"]),
+    sampler = open_sampler(ref, model, MODELS_DIR, cfg, scale, int(params["seed"]),
                            device)
     weights = component_hashes(sampler.pipe)
     metrics = {**sampler_record(sampler, ref), "images_per_prompt": scale.images_per_prompt, "seed": sampler.seed,
                "compiled": scale.compile and model.sampler == "sd"}
     for name in mg.prompt_sets:
-        prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)
+        prompts = load_prompt_set(PROMPTS_DIR / f"{name}.json", scale.max_prompts)
         out_dir = Path("artifacts/samples") / key / name
         start = time.perf_counter()
         sample_prompt_set(sampler, name, prompts, out_dir, weights, dist.rank, dist.world_size)

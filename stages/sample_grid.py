@@ -15,15 +15,16 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.datasets.categories import load_categories
 from pipeline.config import ConfigError, load_params, section
-from pipeline.multigen import MultiGenCfg
-from pipeline.datasets.multigen_files import MultiGenPrompt, load_prompt_set
+from pipeline.datasets.categories import load_categories
+from pipeline.datasets.multigen_files import PROMPTS_DIR, MultiGenPrompt, load_prompt_set
+from pipeline.multigen.settings import MultiGenCfg
 from pipeline.runtime import run_stage, stage_argument, write_json
 from pipeline.sample_grid import (SampleGridCfg, VerdictRule, grid_cells, grid_models, multigen_rule,
                                   sample_grid_figure, spatial_rule)
-from pipeline.sampling import SamplingScale
-from pipeline.visor import PROMPT_SET as SR2D, VisorCfg, VisorScale, spatial_prompts
+from pipeline.sampling.settings import SamplingScale
+from pipeline.visor import PROMPT_SET as SR2D
+from pipeline.visor import VisorCfg, VisorScale, spatial_prompts
 
 log = logging.getLogger("stages.sample_grid")
 OUT = Path("plots/samples")
@@ -61,7 +62,7 @@ def main() -> None:
     metrics = {"models": ",".join(models), "image_index": cfg.image_index, "threshold": mg.threshold,
                "visor_threshold": visor.threshold}
     for name in mg.prompt_sets:
-        prompts = load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts)[: cfg.num_prompts]
+        prompts = load_prompt_set(PROMPTS_DIR / f"{name}.json", scale.max_prompts)[: cfg.num_prompts]
         dirs = {m: (Path("artifacts/samples") / m / name, Path("artifacts/detections") / m / name) for m in models}
         write_grid(name, f"MultiGen {name}", models, prompts, dirs, cfg, multigen_rule(mg.threshold), metrics)
     if cfg.image_index >= visor.images_per_prompt:

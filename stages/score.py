@@ -15,10 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import load_params, section
-from pipeline.multigen import MultiGenCfg, MultiGenScale, category_counts, format_row, score_records
-from pipeline.datasets.multigen_files import load_prompt_set
+from pipeline.datasets.multigen_files import PROMPTS_DIR, load_prompt_set
+from pipeline.eval_models import eval_model
+from pipeline.multigen.scoring import category_counts, format_row, score_records
+from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
-from pipeline.sampling import SamplingScale, eval_model
+from pipeline.sampling.settings import SamplingScale
 from pipeline.store.shards import iter_rows
 
 log = logging.getLogger("stages.score")
@@ -36,7 +38,7 @@ def main(key: str) -> None:
                "steps": scale.num_inference_steps, "seed": int(params["seed"])}
     categories = []
     for name in mg.prompt_sets:
-        num_prompts = len(load_prompt_set(mg.prompts_dir / f"{name}.json", scale.max_prompts))
+        num_prompts = len(load_prompt_set(PROMPTS_DIR / f"{name}.json", scale.max_prompts))
         rows = list(iter_rows(Path("artifacts/detections") / key / name, columns=COLUMNS))
         scores = score_records(rows, mg.threshold, num_prompts, scale.images_per_prompt)
         categories.append(category_counts(rows, mg.threshold).assign(prompt_set=name))

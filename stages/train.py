@@ -2,8 +2,9 @@
 
 Deps: artifacts/data/images/ (split "train"), artifacts/masks/, artifacts/models/ (embedded models).
 Outs: artifacts/train/unet/ (diffusers layout, safetensors, and training_run.json: the run's settings
-fingerprint and steps); artifacts/train/checkpoints/ (not a DVC output: resumes
-after a kill), metrics/train.json, plots/train_curves.csv; artifacts/train/this_run.json (where this
+fingerprint and steps); artifacts/train/checkpoints/<run fingerprint>/ (not a DVC output: one folder per
+run key, with run.json naming its settings; a run resumes from its own key after a kill, and the keys of
+other settings are kept), metrics/train.json, plots/train_curves.csv; artifacts/train/this_run.json (where this
 run resumed, what it computed and how fast; not a DVC output). Multi-GPU: `accelerate launch -m stages.train`.
 """
 
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Pixels, load_params, profile_fields, section
-from pipeline.losses import LossCfg
+from pipeline.paths import MODELS_DIR
 from pipeline.runtime import dist_info, run_stage, stage_argument, write_json
-from pipeline.training import (OptimCfg, TrainCfg, TrainRun, TrainScale, check_grounded, load_records, train,
-                               write_curves)
+from pipeline.training.curves import write_curves
+from pipeline.training.losses import LossCfg
+from pipeline.training.settings import OptimCfg, TrainCfg, TrainRun, TrainScale
+from pipeline.training.sources import check_grounded, load_records
+from pipeline.training.trainer import train
 
 log = logging.getLogger("stages.train")
 
@@ -31,7 +35,6 @@ class ModelScale:
     """The keys of ``profiles.<p>`` this stage reads besides ``train``."""
 
     sd_model: str
-    models_dir: Path
     resolution: Pixels
 
 
@@ -39,7 +42,7 @@ def main() -> None:
     params = load_params()
     m = profile_fields(params, ModelScale)  # a missing key -> ConfigError naming it
     run = TrainRun(
-        sd_model=m.sd_model, models_dir=m.models_dir, resolution=m.resolution, seed=int(params["seed"]),
+        sd_model=m.sd_model, models_dir=MODELS_DIR, resolution=m.resolution, seed=int(params["seed"]),
         loss=section(params, "loss", LossCfg), optim=section(params, "optim", OptimCfg),
         train=section(params, "train", TrainCfg), scale=section(params, "profile.train", TrainScale), out_dir=OUT,
     )

@@ -1,7 +1,7 @@
 """Stage `train_data`: the captioned training images, one shard row per image.
 
-``source: demo`` draws the synthetic set (pipeline.demo_data); ``source: coco`` reads TokenCompose's
-training metadata and fetches its COCO train2017 images (pipeline.coco).
+``source: demo`` draws the synthetic set (pipeline.datasets.demo_images); ``source: coco`` reads
+TokenCompose's training metadata and fetches its COCO train2017 images (pipeline.datasets.coco_images).
 Outs: artifacts/data/images/ (persistent shards), metrics/train_data.json.
 """
 
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import Fraction, FractionBelowOne, PositiveInt, load_params, section
-from pipeline.demo_data import DemoDataScale, write_demo_training_set
-from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
+from pipeline.datasets.demo_images import write_demo_training_set
+from pipeline.datasets.demo_scale import DemoDataScale
 from pipeline.datasets.training_images import image_set_summary
+from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.train_data")
 OUT = Path("artifacts/data/images")
@@ -41,7 +42,7 @@ def main() -> None:
         demo = section(params, "profile.demo_data", DemoDataScale)
         write_demo_training_set(OUT, demo.num_images, demo.image_size, seed, cfg.shard_size, cfg.heldout_fraction)
     else:
-        from pipeline.coco import write_coco_training_set
+        from pipeline.datasets.coco_images import write_coco_training_set
 
         write_coco_training_set(metadata=cfg.tokencompose_metadata, image_base_url=cfg.image_base_url,
                                 out_dir=OUT, shard_size=cfg.shard_size,

@@ -17,13 +17,16 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.config import load_params, section
 from pipeline.datasets.categories import load_categories
-from pipeline.config import load_params, models_dir_of, section
-from pipeline.multigen import detect_prompt_set, detector_fingerprint, load_detector
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage,
-                              stage_argument, wait_for_everyone, write_json)
-from pipeline.sampling import (SamplingCfg, SamplingScale, component_hashes, eval_model, open_sampler,
-                               sample_prompt_set, sampler_record)
+from pipeline.eval_models import eval_model
+from pipeline.models import component_hashes
+from pipeline.multigen.detection import detect_prompt_set, detector_fingerprint, load_detector
+from pipeline.paths import MODELS_DIR
+from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage, stage_argument,
+                              wait_for_everyone, write_json)
+from pipeline.sampling.sampler import open_sampler, sample_prompt_set, sampler_record
+from pipeline.sampling.settings import SamplingCfg, SamplingScale
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
 
 log = logging.getLogger("stages.visor")
@@ -36,7 +39,7 @@ def main(key: str) -> None:
                        images_per_prompt=visor.images_per_prompt, max_prompts=None)
     model, ref = eval_model(params, key)
     seed, dist, device = int(params["seed"]), dist_info(), rank_device()
-    models_dir = models_dir_of(params)
+    models_dir = MODELS_DIR
     prompts = spatial_prompts(load_categories("coco"), scale.max_prompts, seed)
     out, det = Path("artifacts/visor") / key, scale.detection
     # the detector is loaded first: a wrong reference fails before hours of sampling, not after

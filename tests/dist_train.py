@@ -1,7 +1,7 @@
 """Driver for the two-process training test: ``torchrun --nproc_per_node 2 tests/dist_train.py ...``.
 
 Arguments: images dir, masks dir, tiny-sd dir, output dir, max steps. Each rank trains with
-:class:`pipeline.training.Trainer` (accelerate, CPU, gloo) and writes ``<out>/rank<r>.json`` with its final
+:class:`pipeline.training.trainer.Trainer` (accelerate, CPU, gloo) and writes ``<out>/rank<r>.json`` with its final
 UNet hash, metrics and curves, so the test can compare ranks.
 """
 
@@ -14,8 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.losses import LossCfg  # noqa: E402
-from pipeline.training import OptimCfg, TrainCfg, Trainer, TrainRun, TrainScale, load_records  # noqa: E402
+from pipeline.training.losses import LossCfg  # noqa: E402
+from pipeline.training.settings import OptimCfg, TrainCfg, TrainRun, TrainScale  # noqa: E402
+from pipeline.training.sources import load_records  # noqa: E402
+from pipeline.training.trainer import Trainer  # noqa: E402
 from pipeline.store.identity import state_dict_hash  # noqa: E402
 
 RES = 128

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from pipeline.attention import (CaptureProcessor, capture_cross_attention, capturing, cross_attention_groups,
                                 restore_attention)
-from pipeline.losses import GroundingTargets, grounding_loss
+from pipeline.training.losses import GroundingTargets, grounding_loss
 from pipeline.zoo.sd import TINY_UNET
 
 PAPER_GROUPS = ["mid_8", "up_16", "up_32", "up_64"]

@@ -17,12 +17,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.datasets import categories as category_lists
-from pipeline.datasets import multigen_files
-from pipeline.datasets import multigen_source
-from pipeline.datasets import piebench_files
 from pipeline import fetch
-from pipeline import demo_data as dd
+from pipeline.datasets import categories as category_lists
+from pipeline.datasets import multigen_files, multigen_source, piebench_files
+from pipeline.datasets.demo_piebench import render_edit_scene, write_demo_piebench
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = re.compile(r"^a photo of a ([a-z ]+), a ([a-z ]+), a ([a-z ]+), a ([a-z ]+), and a ([a-z ]+)\.$")
@@ -308,7 +306,7 @@ def test_mapping_errors_name_entry_and_field(key, value, message):
 
 def test_demo_piebench_layout(tmp_path):
     out = tmp_path / "piebench"
-    entries = dd.write_demo_piebench(out, 4, seed=0, size=512)
+    entries = write_demo_piebench(out, 4, seed=0, size=512)
     assert len(entries) == 4
     assert piebench_files.read_mapping(out / "mapping_file.json") == entries
     for image_id, entry in entries.items():
@@ -316,7 +314,7 @@ def test_demo_piebench_layout(tmp_path):
         assert entry.image_path.startswith(piebench_files.EDITING_TYPES[entry.editing_type_id][0] + "/")
         image = Image.open(out / "annotation_images" / entry.image_path)
         assert image.format == "JPEG" and image.size == (512, 512) and image.mode == "RGB"
-    scenes = [dd.render_edit_scene(i, 0, 512) for i in range(4)]
+    scenes = [render_edit_scene(i, 0, 512) for i in range(4)]
     for entry, scene in zip(entries.values(), scenes):
         assert np.array_equal(piebench_files.decode_mask(entry.mask, 512, force_border=False).astype(bool), scene.mask)
         assert entry.original_prompt == scene.original_prompt
@@ -327,7 +325,7 @@ def test_demo_piebench_layout(tmp_path):
 
 def test_copy_piebench_validates_and_copies(tmp_path):
     root = tmp_path / "PIE-Bench"
-    written = dd.write_demo_piebench(root, 2, seed=0, size=512)
+    written = write_demo_piebench(root, 2, seed=0, size=512)
     out = tmp_path / "out"
     assert piebench_files.copy_piebench(root, out) == written
     assert (out / "mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
@@ -339,14 +337,14 @@ def test_copy_piebench_validates_and_copies(tmp_path):
 def test_piebench_copy_of_another_size_is_refused(tmp_path):
     """The masks' RLE indexes a 512x512 grid; a resized copy would decode to wrong masks without error."""
     root = tmp_path / "PIE-Bench"
-    dd.write_demo_piebench(root, 2, seed=0, size=768)
+    write_demo_piebench(root, 2, seed=0, size=768)
     with pytest.raises(ValueError, match=r"2 images are not 512x512 .* is 768x768.*resized copy"):
         piebench_files.copy_piebench(root, tmp_path / "out")
 
 
 def test_piebench_unreadable_image_is_named(tmp_path):
     root = tmp_path / "PIE-Bench"
-    entries = dd.write_demo_piebench(root, 2, seed=0, size=512)
+    entries = write_demo_piebench(root, 2, seed=0, size=512)
     damaged = root / "annotation_images" / next(iter(entries.values())).image_path
     damaged.write_bytes(b"")
     with pytest.raises(piebench_files.PieBenchFormatError, match=rf"{damaged.name}: not a readable image.*replace it"):
@@ -356,7 +354,7 @@ def test_piebench_unreadable_image_is_named(tmp_path):
 def test_piebench_truncated_jpeg_is_refused(tmp_path):
     """``Image.verify`` passes a JPEG cut short; every pixel is decoded, so the copy stage refuses it."""
     root = tmp_path / "PIE-Bench"
-    entries = dd.write_demo_piebench(root, 2, seed=0, size=512)
+    entries = write_demo_piebench(root, 2, seed=0, size=512)
     damaged = root / "annotation_images" / next(iter(entries.values())).image_path
     data = damaged.read_bytes()
     damaged.write_bytes(data[: len(data) // 4])
@@ -368,7 +366,7 @@ def test_piebench_missing_root_and_images(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"PIE-Bench.*not found.*PnPInversion"):
         piebench_files.validate_piebench_root(tmp_path / "PIE-Bench")
     root = tmp_path / "pb"
-    entries = dd.write_demo_piebench(root, 2, seed=0, size=64)
+    entries = write_demo_piebench(root, 2, seed=0, size=64)
     first = next(iter(entries.values()))
     (root / "annotation_images" / first.image_path).unlink()
     with pytest.raises(FileNotFoundError, match=rf"1 of 2 images .*{re.escape(first.image_path)}.*PnPInversion"):
@@ -422,7 +420,7 @@ def test_prompts_stage_paper_fetches_official_files(shared_data, http_root, tmp_
 
 def test_edit_data_stage_paper_copies_given_root(tmp_path):
     root = tmp_path / "PIE-Bench"
-    dd.write_demo_piebench(root, 2, seed=3, size=512)
+    write_demo_piebench(root, 2, seed=3, size=512)
     params = _params("paper")
     params["profiles"]["paper"]["edit_data"]["root"] = str(root)
     work = tmp_path / "work"

@@ -16,10 +16,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import coco, fetch, text
-from pipeline.metadata import read_records
-from pipeline.store.shards import STATUS_OK, read_shards, shard_files, write_table
+from pipeline import fetch
+from pipeline.datasets.coco_images import split_of, write_coco_training_set
+from pipeline.datasets.tokencompose_metadata import MetadataError, image_id_of, read_records, read_tokencompose_metadata
 from pipeline.store.codecs import image_from_bytes
+from pipeline.store.shards import STATUS_OK, read_shards, shard_files, write_table
+from pipeline.text.align import CaptionTokens
+from pipeline.text.authors_phrases import authors_nouns_row, authors_nouns_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,7 @@ def metadata_path(shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def records(metadata_path) -> list[dict]:
-    return coco.read_tokencompose_metadata(metadata_path)
+    return read_tokencompose_metadata(metadata_path)
 
 
 class Server:
@@ -110,7 +113,7 @@ def test_shipped_metadata_counts_match_spec(records):
     assert len(records) == 4526
     assert len(pairs) == 15156
     assert sum(1 for _, mask in pairs if mask) == 13634
-    assert coco.image_id_of(records[0]["file_name"]) == "000000000142"
+    assert image_id_of(records[0]["file_name"]) == "000000000142"
 
 
 @pytest.mark.parametrize("line,message", [
@@ -124,8 +127,8 @@ def test_malformed_metadata_names_the_line(tmp_path, line, message):
     good = json.dumps(_record("b.jpg", "A cat."))
     path = tmp_path / "metadata.jsonl"
     path.write_text(f"{good}\n\n{line}\n{good}\n")
-    with pytest.raises(coco.MetadataError, match=f"{path}:3: {message}"):
-        coco.read_tokencompose_metadata(path)
+    with pytest.raises(MetadataError, match=f"{path}:3: {message}"):
+        read_tokencompose_metadata(path)
 
 
 @pytest.mark.parametrize("line,message", [
@@ -140,40 +143,40 @@ def test_keep_bad_turns_each_malformed_line_into_a_row_in_its_place(line, messag
     rows = read_records(f"{good}\n{line}\n\n{good}\n", "m.jsonl", keep_bad=True)
     assert [r.get("bad_line") for r in rows] == [None, 2, None]
     assert rows[1]["error"].startswith(f"m.jsonl:2: {message}")
-    with pytest.raises(coco.MetadataError, match=f"m.jsonl:2: {message}"):
+    with pytest.raises(MetadataError, match=f"m.jsonl:2: {message}"):
         read_records(f"{good}\n{line}\n", "m.jsonl")
 
 
 @pytest.mark.parametrize("keep_bad", [False, True])
 def test_metadata_without_records_is_an_error_either_way(keep_bad):
-    with pytest.raises(coco.MetadataError, match="empty.jsonl: no records"):
+    with pytest.raises(MetadataError, match="empty.jsonl: no records"):
         read_records("\n  \n", "empty.jsonl", keep_bad=keep_bad)
 
 
 def test_missing_metadata_file_is_a_clear_error(tmp_path):
-    with pytest.raises(coco.MetadataError, match="metadata file not found"):
-        coco.read_tokencompose_metadata(tmp_path / "nope.jsonl")
+    with pytest.raises(MetadataError, match="metadata file not found"):
+        read_tokencompose_metadata(tmp_path / "nope.jsonl")
 
 
 def test_metadata_from_a_url(served):
     server, _, records = served
-    assert coco.read_tokencompose_metadata(f"{server.url}/metadata.jsonl") == records
-    with pytest.raises(coco.MetadataError, match="HTTP 404"):
-        coco.read_tokencompose_metadata(f"{server.url}/missing.jsonl")
+    assert read_tokencompose_metadata(f"{server.url}/metadata.jsonl") == records
+    with pytest.raises(MetadataError, match="HTTP 404"):
+        read_tokencompose_metadata(f"{server.url}/missing.jsonl")
 
 
 # --- authors' phrases as nouns rows ----------------------------------------------------------------
 
 def test_authors_rows_align_every_phrase(records, clip_tokenizer):
     """All 15,156 words align, the 13,634 with a mask and the 1,522 without (Grounded-SAM may ground those)."""
-    rows = [coco.authors_nouns_row(r, clip_tokenizer, 76) for r in records]
+    rows = [authors_nouns_row(r, clip_tokenizer, 76) for r in records]
     statuses = Counter((s, m is None) for row in rows for s, m in zip(row["phrase_status"], row["mask_paths"]))
     assert statuses == {("ok", False): 13634, ("ok", True): 1522}
     assert all(row["status"] == STATUS_OK for row in rows)  # every image has a masked phrase (SPEC §2.7)
     first = rows[0]
     assert first["image_id"] == "000000000142" and first["phrases"][-1] == "chocolate spread"
     assert first["mask_paths"] == [m for _, m in records[0]["attn_list"]]
-    tokens = text.CaptionTokens.of(clip_tokenizer, first["caption"])
+    tokens = CaptionTokens.of(clip_tokenizer, first["caption"])
     spelled = "".join(clip_tokenizer.decode([tokens.ids[i - 1]]) for i in first["token_indices"][-1])
     assert spelled == "chocolatespread"
 
@@ -185,7 +188,7 @@ def test_authors_rows_join_on_image_id(records, clip_tokenizer):
         {"image_id": "999999999999", "caption": "Not there.", "status": "ok"},
         {"image_id": "000000000397", "caption": records[2]["text"], "status": "decode_failed", "error": "bad"},
     ]
-    rows = coco.authors_nouns_rows(image_rows, records, clip_tokenizer, 76)
+    rows = authors_nouns_rows(image_rows, records, clip_tokenizer, 76)
     assert [r["status"] for r in rows] == ["ok", "caption_mismatch", "not_in_metadata", "image_failed"]
     assert "999999999999" in rows[2]["error"] and "Another caption." in rows[1]["error"]
     assert all("mask_paths" in r for r in rows)
@@ -204,7 +207,7 @@ def test_nouns_stage_with_authors_phrases(tmp_path, monkeypatch, records):
     save_clip_tokenizer(tmp_path / "artifacts" / "models" / "tiny-sd" / "tokenizer")
     images = tmp_path / "artifacts" / "data" / "images"
     images.mkdir(parents=True)
-    write_table([dict(image_id=coco.image_id_of(r["file_name"]), image=b"", caption=r["text"], split="train",
+    write_table([dict(image_id=image_id_of(r["file_name"]), image=b"", caption=r["text"], split="train",
                       objects=[], status="ok", error="") for r in subset], images / "part-00000.parquet")
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(REPO / "stages" / "nouns.py"), run_name="__main__")
@@ -221,8 +224,8 @@ def test_nouns_stage_with_authors_phrases(tmp_path, monkeypatch, records):
 def test_write_coco_training_set_fetches_checks_and_records_failures(served, tmp_path):
     server, root, _ = served
     out = tmp_path / "images"
-    metrics = coco.write_coco_training_set(f"{server.url}/metadata.jsonl", server.url + "/", out, shard_size=2,
-                                           heldout_fraction=0.0, seed=0, retries=2, timeout=5.0)
+    metrics = write_coco_training_set(f"{server.url}/metadata.jsonl", server.url + "/", out, shard_size=2,
+                                      heldout_fraction=0.0, seed=0, retries=2, timeout=5.0)
     df = read_shards(out)
     assert df["image_id"].tolist() == ["000000000001", "000000000002", "000000000003", "000000000004",
                                        "000000000005"]
@@ -247,12 +250,12 @@ def test_write_coco_training_set_resumes_and_refetches_failed_downloads(served, 
     out = tmp_path / "images"
     args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=2,
                 heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
-    coco.write_coco_training_set(**args)
+    write_coco_training_set(**args)
     first = {p.name: p.read_bytes() for p in shard_files(out)}
     assert read_shards(out)["status"].tolist()[4] == "download_failed"  # flaky and no retries
     (root / "000000000004.jpg").write_bytes((root / "000000000001.jpg").read_bytes())  # now served
     before = server.requests.copy()
-    coco.write_coco_training_set(**args)
+    write_coco_training_set(**args)
     fetched = server.requests - before
     assert set(fetched) == {"000000000003.jpg", "000000000004.jpg", "000000000005.jpg"}  # shards 1 and 2 redone
     assert (out / "part-00000.parquet").read_bytes() == first["part-00000.parquet"]
@@ -261,17 +264,17 @@ def test_write_coco_training_set_resumes_and_refetches_failed_downloads(served, 
 
 def test_heldout_split_is_seeded_per_image():
     ids = [f"{i:012d}" for i in range(2000)]
-    splits = [coco.split_of(i, 0.25, seed=3) for i in ids]
+    splits = [split_of(i, 0.25, seed=3) for i in ids]
     assert 0.22 < splits.count("heldout") / len(ids) < 0.28
-    assert splits == [coco.split_of(i, 0.25, seed=3) for i in ids]
-    assert splits != [coco.split_of(i, 0.25, seed=4) for i in ids]
-    assert set(coco.split_of(i, 0.0, seed=3) for i in ids) == {"train"}
+    assert splits == [split_of(i, 0.25, seed=3) for i in ids]
+    assert splits != [split_of(i, 0.25, seed=4) for i in ids]
+    assert set(split_of(i, 0.0, seed=3) for i in ids) == {"train"}
 
 
 def test_fetch_gives_up_after_retries_naming_the_url(monkeypatch):
     monkeypatch.setattr(fetch, "BACKOFF_S", 0.0)
-    with pytest.raises(coco.FetchError, match=r"http://127\.0\.0\.1:9/x\.jpg"):
-        coco.fetch("http://127.0.0.1:9/x.jpg", retries=1, timeout=2.0)
+    with pytest.raises(fetch.FetchError, match=r"http://127\.0\.0\.1:9/x\.jpg"):
+        fetch.fetch("http://127.0.0.1:9/x.jpg", retries=1, timeout=2.0)
 
 
 def test_unreachable_image_source_stops_after_the_first_images(served, tmp_path, monkeypatch):
@@ -281,9 +284,9 @@ def test_unreachable_image_source_stops_after_the_first_images(served, tmp_path,
     records = [_record(f"{i:012d}.jpg", f"A cat number {i}.") for i in range(100, 140)]
     (root / "many.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "images"
-    with pytest.raises(coco.FetchError, match=r"first 16 COCO images all failed to download from .*HTTP 404"):
-        coco.write_coco_training_set(str(root / "many.jsonl"), server.url, out, shard_size=40,
-                                     heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    with pytest.raises(fetch.FetchError, match=r"first 16 COCO images all failed to download from .*HTTP 404"):
+        write_coco_training_set(str(root / "many.jsonl"), server.url, out, shard_size=40,
+                                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
     assert sum(server.requests.values()) == 16 and not shard_files(out)
 
 
@@ -299,8 +302,8 @@ def test_unknown_host_and_missing_local_file_are_not_retried(monkeypatch, tmp_pa
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
     monkeypatch.setattr(urllib.request, "urlopen", no_dns)
-    with pytest.raises(coco.FetchError, match="Name or service not known") as err:
-        coco.fetch("http://images.example/x.jpg", retries=3)
+    with pytest.raises(fetch.FetchError, match="Name or service not known") as err:
+        fetch.fetch("http://images.example/x.jpg", retries=3)
     assert not err.value.transient and len(calls) == 1
     calls.clear()
     monkeypatch.setattr(fetch, "BACKOFF_S", 0.0)
@@ -310,10 +313,10 @@ def test_unknown_host_and_missing_local_file_are_not_retried(monkeypatch, tmp_pa
         raise urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(urllib.request, "urlopen", dns_blip)
-    with pytest.raises(coco.FetchError, match="Temporary failure") as err:
-        coco.fetch("http://images.example/x.jpg", retries=2)
+    with pytest.raises(fetch.FetchError, match="Temporary failure") as err:
+        fetch.fetch("http://images.example/x.jpg", retries=2)
     assert err.value.transient and len(calls) == 3  # a temporary resolver failure is retried
     monkeypatch.undo()
-    with pytest.raises(coco.FetchError) as err:
-        coco.fetch((tmp_path / "absent.jpg").as_uri(), retries=3)
+    with pytest.raises(fetch.FetchError) as err:
+        fetch.fetch((tmp_path / "absent.jpg").as_uri(), retries=3)
     assert not err.value.transient

@@ -80,31 +80,83 @@ def test_repository_params_profiles_define_the_same_sections():
     assert set(demo) == set(paper), set(demo) ^ set(paper)
 
 
-def test_known_keys_are_exactly_the_repository_params_keys():
-    """The key lists that catch misspelled sections name what params.yaml holds, no more, no less."""
-    from pipeline.config import PROFILE_KEYS, TOP_LEVEL_KEYS
+REPO = Path(__file__).resolve().parents[1]
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    assert set(params) == TOP_LEVEL_KEYS
-    assert set(params["profiles"]["demo"]) == PROFILE_KEYS
+
+def _declared():
+    """(top-level, profile) keys that the repository's dvc.yaml reads."""
+    from pipeline.params_check import declared_keys
+
+    text = (REPO / "dvc.yaml").read_text()
+    return declared_keys(yaml.safe_load(text), text)
+
+
+def test_every_repository_params_key_is_read_by_a_stage():
+    """params.yaml holds no key that no stage reads (each would be a silently ignored setting), and every key
+    a stage declares exists in it."""
+    from pipeline.params_check import unknown_keys
+
+    params = load_params(REPO / "params.yaml")
+    top, profile = _declared()
+    assert unknown_keys(params, top, profile) == []
+    assert top == set(params) and profile == set(params["profiles"]["demo"])
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda p: p.update(los={"token_weight": 1.0}), r"top-level key 'los' is not a params key; did you mean 'loss'\?"),
-    (lambda p: p["profiles"]["demo"].update(resolutoin=64), r"profiles.demo.'resolutoin' is not a params key; did you mean 'resolution'\?"),
+    (lambda p: p.update(los={"token_weight": 1.0}), r"params.yaml: los: no stage reads this key \(dvc.yaml\); did you mean 'loss'\?"),
+    (lambda p: p["profiles"]["demo"].update(resolutoin=64), r"profiles.demo.resolutoin: no stage reads this key \(dvc.yaml\); did you mean 'resolution'\?"),
 ])
-def test_misspelled_sections_are_errors(tmp_path, edit, message):
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+def test_misspelled_sections_are_errors(tmp_path, monkeypatch, edit, message):
+    """The check_params stage, run as `dvc repro` runs it, fails on a key no stage reads, naming the closest one."""
+    import runpy
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     edit(params)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
+        runpy.run_path(str(REPO / "stages" / "check_params.py"), run_name="__main__")
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_params_check_stage_depends_on_the_whole_params_file():
+    """A new misspelt key changes no stage's declared params, so only a stage with params.yaml itself as a
+    dependency reruns on it: check_params."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["check_params"]
+    assert "params.yaml" in stage["deps"] and "dvc.yaml" in stage["deps"]
+
+
+@pytest.mark.parametrize("text,value", [
+    ("1e-05", 1e-05), ("3e-6", 3e-06), ("5.0e-5", 5e-05), ("1E5", 1e5), ("-2.5", -2.5), (".5", 0.5),
+    ("10", 10), ("1_000", 1000), ("0x10", 16), ("true", True), ("yes", "yes"), ("off", "off"), ("'1e-5'", "1e-5"),
+])
+def test_params_are_read_as_yaml_1_2(tmp_path, text, value):
+    """Numbers as DVC writes them (`dvc exp run -S optim.lr=1e-05` writes YAML 1.2) are floats; YAML 1.1's
+    other booleans stay strings, as DVC reads them."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"profile: demo\nseed: 0\nx: {text}\nprofiles:\n  demo: {{}}\n")
+    got = load_params(path)["x"]
+    assert got == value and type(got) is type(value)
+
+
+def test_exponent_floats_pass_float_params(tmp_path):
+    """A float param written without a dot (DVC's `1e-05`) passes a float field."""
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: demo\nseed: 0\nloss: {lr: 1e-05}\nprofiles:\n  demo: {}\n")
+    assert section(load_params(path), "loss", Inner).lr == 1e-05
+
+
+def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: demo\nseed: 0\nloss: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML \(.* at line \d+, column \d+\)"):
         load_params(path)
 
 
 def test_unknown_model_name_lists_the_known_ones():
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    from pipeline.sampling import EvalModel
+    from pipeline.eval_models import EvalModel
 
     with pytest.raises(ConfigError, match=r"eval_models.sd41: missing section; .*\(known: sd14, "):
         section(params, "eval_models.sd41", EvalModel)
@@ -112,19 +164,21 @@ def test_unknown_model_name_lists_the_known_ones():
 
 def _all_sections():
     """(dotted section, dataclass) of every params section a stage parses."""
-    from pipeline.attention_maps import AttentionMapsCfg, AttentionMapsScale, GroundingEvalCfg, GroundingEvalScale
-    from pipeline.datasets.piebench_files import EditDataScale
+    from pipeline.attention_maps.figures import AttentionMapsCfg, AttentionMapsScale
+    from pipeline.attention_maps.grounding_eval import GroundingEvalCfg, GroundingEvalScale
+    from pipeline.datasets.demo_scale import DemoDataScale
     from pipeline.datasets.multigen_source import PromptsScale
-    from pipeline.demo_data import DemoDataScale
+    from pipeline.datasets.piebench_files import EditDataScale
     from pipeline.editing import EditingCfg, EditingScale
-    from pipeline.grounding import GroundingCfg, MasksScale
-    from pipeline.losses import LossCfg
-    from pipeline.multigen import MultiGenCfg, MultiGenScale
+    from pipeline.eval_models import EvalModel, EvalModelRef
+    from pipeline.masks.params import GroundingCfg, MasksScale
+    from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
     from pipeline.piebench import PieBenchCfg, PieBenchScale
     from pipeline.sample_grid import SampleGridCfg
-    from pipeline.sampling import EvalModel, EvalModelRef, SamplingCfg, SamplingScale
-    from pipeline.text import TextCfg, TextScale
-    from pipeline.training import OptimCfg, TrainCfg, TrainScale
+    from pipeline.sampling.settings import SamplingCfg, SamplingScale
+    from pipeline.text.nouns_rows import TextCfg, TextScale
+    from pipeline.training.losses import LossCfg
+    from pipeline.training.settings import OptimCfg, TrainCfg, TrainScale
 
     fixed = [
         ("text", TextCfg), ("profile.text", TextScale), ("profile.demo_data", DemoDataScale),
@@ -152,25 +206,25 @@ def test_every_stage_section_parses_in_both_profiles(profile):
         section(params, dotted, cls)
 
 
-def test_params_survive_dvc_set_rewrites():
-    """`dvc exp run -S k=v` rewrites params.yaml with ruamel.yaml; the result must still parse.
-
-    YAML 1.1 turns bare words like ``no``/``on`` into booleans, so a string value that DVC writes back
-    unquoted must not be one of them.
-    """
+@pytest.mark.parametrize("key,value", [("loss.pixel_weight", 5e-05), ("optim.lr", 1e-05), ("optim.eps", 3e-06),
+                                       ("loss.token_weight", 0.002)])
+def test_params_survive_dvc_set_rewrites(tmp_path, key, value):
+    """`dvc exp run -S k=v` rewrites params.yaml with ruamel.yaml (YAML 1.2, which writes 1e-05 without a
+    dot); the result must still parse, with the value a float in every section that reads it."""
     import io
 
-    import yaml
     from ruamel.yaml import YAML
 
     path = Path(__file__).resolve().parents[1] / "params.yaml"
     rt = YAML()
     data = rt.load(path.read_text())
-    data["loss"]["pixel_weight"] = 1e-4  # what `-S loss.pixel_weight=1e-4` does
+    section_name, name = key.split(".")
+    data[section_name][name] = value  # what `-S loss.pixel_weight=5e-05` does
     buf = io.StringIO()
     rt.dump(data, buf)
-    rewritten = yaml.safe_load(buf.getvalue())
-    assert rewritten["loss"]["pixel_weight"] == 1e-4
+    (tmp_path / "params.yaml").write_text(buf.getvalue())
+    rewritten = load_params(tmp_path / "params.yaml")
+    assert rewritten[section_name][name] == value and isinstance(rewritten[section_name][name], float)
     for profile in ("demo", "paper"):
         rewritten["profile"] = profile
         for dotted, cls in _all_sections():
@@ -241,19 +295,19 @@ def test_values_at_the_bounds_are_accepted():
 def test_repository_sections_reject_values_that_would_fail_late_or_silently(dotted, key, value, message):
     """Each of these used to crash deep inside a stage, after deleting finished work, or to run and write
     meaningless numbers."""
+    from pipeline.attention_maps.figures import AttentionMapsCfg
+    from pipeline.attention_maps.grounding_eval import GroundingEvalCfg
     from pipeline.editing import EditingCfg, EditingScale
-    from pipeline.grounding import GroundingCfg
-    from pipeline.losses import LossCfg
-    from pipeline.multigen import MultiGenCfg, MultiGenScale
+    from pipeline.masks.params import GroundingCfg
+    from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
     from pipeline.piebench import PieBenchScale
-    from pipeline.text import TextCfg
-    from stages.train_data import TrainDataScale
-    from pipeline.attention_maps import AttentionMapsCfg, GroundingEvalCfg
-    from pipeline.sampling import SamplingScale
     from pipeline.sample_grid import SampleGridCfg
-    from pipeline.sampling import SamplingCfg
-    from pipeline.training import TrainScale
+    from pipeline.sampling.settings import SamplingCfg, SamplingScale
+    from pipeline.text.nouns_rows import TextCfg
+    from pipeline.training.losses import LossCfg
+    from pipeline.training.settings import TrainScale
     from stages.report import ReportCfg
+    from stages.train_data import TrainDataScale
 
     classes = {"sampling": SamplingCfg, "report": ReportCfg, "profile.train": TrainScale, "profile.sampling": SamplingScale, "profile.editing": EditingScale,
                "profile.multigen": MultiGenScale, "grounding": GroundingCfg, "multigen": MultiGenCfg,
@@ -268,7 +322,7 @@ def test_repository_sections_reject_values_that_would_fail_late_or_silently(dott
 
 
 def test_plain_fine_tuning_may_have_no_layers():
-    from pipeline.losses import LossCfg
+    from pipeline.training.losses import LossCfg
 
     assert parse(LossCfg, {"token_weight": 0, "pixel_weight": 0, "layers": []}, "loss").layers == []
 
@@ -284,6 +338,6 @@ def test_seed_must_be_a_non_negative_integer(tmp_path, seed):
 
 
 def test_checkpoint_limit_zero_keeps_every_checkpoint():
-    from pipeline.training import TrainCfg
+    from pipeline.training.settings import TrainCfg
 
     assert parse(TrainCfg, {"checkpoint_limit": 0}, "train").checkpoint_limit == 0

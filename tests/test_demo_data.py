@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline import demo_data as dd
+from pipeline.datasets.demo_drawing import ACCENT, NOUNS, PALETTE
+from pipeline.datasets.demo_images import (PLURALS, DemoImage, heldout_ids, image_id_of, render_image,
+                                           write_demo_training_set)
+from pipeline.datasets.demo_piebench import TABLE_COLOUR, render_edit_scene
+from pipeline.datasets.demo_vocabulary import VOCABULARY
 from pipeline.datasets.piebench_files import bracketed_words, strip_brackets
-from pipeline.store.codecs import image_from_bytes
 from pipeline.datasets.training_images import image_set_summary
+from pipeline.store.codecs import image_from_bytes
 from pipeline.store.shards import read_shards, shard_files
 
 SEED = 0
@@ -19,14 +23,14 @@ NUM = 48
 
 
 @pytest.fixture(scope="module")
-def images() -> list[dd.DemoImage]:
-    return [dd.render_image(dd.image_id_of(i), SEED, 128) for i in range(NUM)]
+def images() -> list[DemoImage]:
+    return [render_image(image_id_of(i), SEED, 128) for i in range(NUM)]
 
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("images") / "images"
-    dd.write_demo_training_set(out, NUM, 128, SEED, shard_size=16, heldout_fraction=0.125)
+    write_demo_training_set(out, NUM, 128, SEED, shard_size=16, heldout_fraction=0.125)
     return out
 
 
@@ -37,16 +41,16 @@ def _coco_decode(rle: dict) -> np.ndarray:
 
 def test_same_seed_same_bytes(tmp_path, shard_dir):
     again = tmp_path / "again"
-    dd.write_demo_training_set(again, NUM, 128, SEED, shard_size=16, heldout_fraction=0.125)
+    write_demo_training_set(again, NUM, 128, SEED, shard_size=16, heldout_fraction=0.125)
     first, second = shard_files(shard_dir), shard_files(again)
     assert [f.name for f in first] == [f.name for f in second] == [f"part-0000{i}.parquet" for i in range(3)]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
 
 
 def test_image_depends_only_on_seed_and_id():
-    a = dd.render_image("demo00003", SEED, 128)
-    b = dd.render_image("demo00003", SEED, 128)
-    c = dd.render_image("demo00003", SEED + 1, 128)
+    a = render_image("demo00003", SEED, 128)
+    b = render_image("demo00003", SEED, 128)
+    c = render_image("demo00003", SEED + 1, 128)
     assert np.array_equal(a.pixels, b.pixels) and a.caption == b.caption
     assert not (a.pixels.shape == c.pixels.shape and np.array_equal(a.pixels, c.pixels))
 
@@ -59,7 +63,7 @@ def test_sizes_include_non_square(images):
 
 def test_true_masks_match_drawn_pixels(images):
     """Masks are derived independently from the pixels: non-background = some channel < 170."""
-    accent = np.array(dd.ACCENT)
+    accent = np.array(ACCENT)
     for im in images:
         px = im.pixels.astype(int)
         drawn = px.min(axis=2) < 170
@@ -68,7 +72,7 @@ def test_true_masks_match_drawn_pixels(images):
             assert obj.mask.any(), (im.image_id, obj.name)
             assert not (union & obj.mask).any(), f"{im.image_id}: masks overlap"
             union |= obj.mask
-            body = (px == np.array(dd.PALETTE[obj.colour])).all(axis=2)
+            body = (px == np.array(PALETTE[obj.colour])).all(axis=2)
             is_accent = (px == accent).all(axis=2)
             assert body.any()
             # every pixel of the body colour is in this object's mask (colours are distinct per image)
@@ -84,7 +88,7 @@ def test_true_masks_match_drawn_pixels(images):
 
 
 def test_captions_name_each_object_once(images):
-    vocab = {w for words in dd.VOCABULARY.values() for w in words}
+    vocab = {w for words in VOCABULARY.values() for w in words}
     for im in images:
         words = re.findall(r"[a-z]+", im.caption.lower())
         assert set(words) <= vocab, (im.caption, set(words) - vocab)
@@ -95,7 +99,7 @@ def test_captions_name_each_object_once(images):
             pos = words.index(obj.name)
             assert words[pos - 1] == obj.colour
             if obj.name != obj.noun:
-                assert obj.name == dd.PLURALS[obj.noun] and "two" in words[max(0, pos - 3):pos]
+                assert obj.name == PLURALS[obj.noun] and "two" in words[max(0, pos - 3):pos]
         assert im.caption[0].isupper() and im.caption.endswith(".")
 
 
@@ -116,7 +120,7 @@ def test_spatial_words_are_true(images):
 def test_rows_follow_the_contract(shard_dir, images):
     rows = read_shards(shard_dir)
     assert list(rows.columns) == ["image_id", "image", "caption", "split", "objects", "status", "error"]
-    assert list(rows.image_id) == [dd.image_id_of(i) for i in range(NUM)]
+    assert list(rows.image_id) == [image_id_of(i) for i in range(NUM)]
     assert (rows.status == "ok").all() and (rows.error == "").all()
     assert (rows.split == "heldout").sum() == 6 and (rows.split == "train").sum() == 42
     for row, im in zip(rows.itertuples(), images):
@@ -136,20 +140,20 @@ def test_summary_counts(shard_dir):
 
 
 def test_heldout_split():
-    ids = [dd.image_id_of(i) for i in range(48)]
-    assert dd.heldout_ids(ids, 0.125, 0) == dd.heldout_ids(ids, 0.125, 0)
-    assert len(dd.heldout_ids(ids, 0.125, 0)) == 6
-    assert dd.heldout_ids(ids, 0.0, 0) == set()
-    assert len(dd.heldout_ids(ids[:3], 0.1, 0)) == 1
+    ids = [image_id_of(i) for i in range(48)]
+    assert heldout_ids(ids, 0.125, 0) == heldout_ids(ids, 0.125, 0)
+    assert len(heldout_ids(ids, 0.125, 0)) == 6
+    assert heldout_ids(ids, 0.0, 0) == set()
+    assert len(heldout_ids(ids[:3], 0.1, 0)) == 1
     with pytest.raises(ValueError, match="heldout_fraction"):
-        dd.heldout_ids(ids, 1.0, 0)
+        heldout_ids(ids, 1.0, 0)
 
 
 def test_changed_params_redraw(tmp_path):
     out = tmp_path / "images"
-    dd.write_demo_training_set(out, 4, 64, SEED, shard_size=2, heldout_fraction=0.0)
+    write_demo_training_set(out, 4, 64, SEED, shard_size=2, heldout_fraction=0.0)
     small = read_shards(out)
-    dd.write_demo_training_set(out, 4, 96, SEED, shard_size=2, heldout_fraction=0.0)
+    write_demo_training_set(out, 4, 96, SEED, shard_size=2, heldout_fraction=0.0)
     big = read_shards(out)
     assert min(image_from_bytes(small.image[0]).size) == 64
     assert min(image_from_bytes(big.image[0]).size) == 96
@@ -157,21 +161,21 @@ def test_changed_params_redraw(tmp_path):
 
 @pytest.mark.parametrize("index", range(6))
 def test_edit_scene_mask_and_prompts(index):
-    scene = dd.render_edit_scene(index, SEED, 256)
+    scene = render_edit_scene(index, SEED, 256)
     assert scene.pixels.shape == (256, 256, 3) and scene.mask.shape == (256, 256)
     px = scene.pixels.astype(int)
     source, target = bracketed_words(scene.original_prompt), bracketed_words(scene.editing_prompt)
     assert len(source) == len(target) == 1 and source != target
     words = strip_brackets(scene.original_prompt).split()
     colour, noun = words[1], words[2]
-    body = (px == np.array(dd.PALETTE[colour])).all(axis=2)
-    is_accent = (px == np.array(dd.ACCENT)).all(axis=2)
+    body = (px == np.array(PALETTE[colour])).all(axis=2)
+    is_accent = (px == np.array(ACCENT)).all(axis=2)
     assert np.array_equal(scene.mask & ~is_accent, body) and not (is_accent & ~scene.mask).any()
-    table = (px == np.array(dd.TABLE_COLOUR)).all(axis=2)
+    table = (px == np.array(TABLE_COLOUR)).all(axis=2)
     assert table.any() and not (table & scene.mask).any()
     if scene.editing_type_id == "6":
-        assert source == [colour] and target[0] in dd.PALETTE and scene.blended_word == f"{noun} {noun}"
+        assert source == [colour] and target[0] in PALETTE and scene.blended_word == f"{noun} {noun}"
     else:
-        assert scene.editing_type_id == "1" and source == [noun] and target[0] in dd.NOUNS
+        assert scene.editing_type_id == "1" and source == [noun] and target[0] in NOUNS
         assert scene.blended_word == f"{noun} {target[0]}"
     assert strip_brackets(scene.editing_prompt).endswith("on a table")

@@ -74,14 +74,16 @@ def test_declared_params_exist_in_each_profile(profile):
 
 
 def test_import_closure_follows_relative_lazy_and_package_imports(tmp_path):
-    """The closure of the training module holds what it imports directly (losses), through another module
-    (attention via losses or training), lazily inside functions, and the zoo package's submodules."""
-    names = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("pipeline.training")}
-    assert {"training.py", "losses.py", "attention.py", "shards.py", "zoo/__init__.py", "zoo/sd.py"} <= names
-    assert not names & {"report.py", "piebench.py", "editing.py", "multigen.py"}
+    """The closure of the trainer holds what it imports directly (losses), through another module
+    (attention via losses), lazily inside functions, and the packages' ``__init__`` files; never the zoo."""
+    names = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("pipeline.training.trainer")}
+    assert {"training/trainer.py", "training/losses.py", "attention.py", "store/identity.py",
+            "training/__init__.py", "store/__init__.py"} <= names
+    assert not {n for n in names if n.startswith(("zoo/", "report/", "multigen/", "masks/"))}
+    assert not names & {"piebench.py", "editing.py"}
     script = tmp_path / "stage.py"
-    script.write_text("def main():\n    from pipeline.report import build_report\n")
-    assert PACKAGE_DIR / "report.py" in import_closure(script)
+    script.write_text("def main():\n    from pipeline.report.render import write_report\n")
+    assert PACKAGE_DIR / "report" / "render.py" in import_closure(script)
     with pytest.raises(ValueError, match="must be modules"):
         import_closure("pipeline.no_such_module")
 
@@ -107,3 +109,48 @@ def test_stages_run_as_modules_of_the_checkout():
         cmd = stage.get("do", stage)["cmd"]
         assert re.match(r"(python|\$\{launcher\}) -m stages\.\w+", cmd), (name, cmd)
         assert (REPO / "stages" / (re.search(r"-m stages\.(\w+)", cmd).group(1) + ".py")).is_file(), name
+
+
+def test_docs_module_table_is_current():
+    """docs/caching.md holds the module → stage instances table of this dvc.yaml (`python -m pipeline.deps_table`)."""
+    from pipeline.deps_table import current_table
+
+    text = (REPO / "docs" / "caching.md").read_text()
+    block = text.split("<!-- deps-table:begin -->\n")[1].split("<!-- deps-table:end -->")[0]
+    assert block == current_table(), "regenerate the table: python -m pipeline.deps_table"
+
+
+def _rerun(module: str) -> list[str]:
+    from pipeline.deps_table import rerun_by_module
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return rerun_by_module({"stages": STAGES}, params, [module])[module]
+
+
+@pytest.mark.parametrize("module,only,never", [
+    ("pipeline/multigen/scoring.py", ("score@",), ("sample@", "detect@", "visor@", "edit@", "piebench@")),
+    ("pipeline/zoo/sd.py", ("models",), ()),
+    ("pipeline/zoo/__init__.py", ("models",), ()),
+    ("pipeline/editing.py", ("edit@",), ("piebench@", "sample@")),
+    ("pipeline/piebench.py", ("piebench@",), ("edit@", "report")),
+    ("pipeline/training/losses.py", ("train",), ("sample@", "masks", "edit@", "attention_maps", "grounding_eval@")),
+    ("pipeline/multigen/detection.py", ("detect@", "visor@"), ("sample@", "score@")),
+    ("pipeline/report/sections.py", ("report",), ()),
+])
+def test_an_edit_reruns_only_the_stages_that_run_the_module(module, only, never):
+    """The edits the layout is built for: each module's rerun set holds only its own family's instances."""
+    def matches(name: str, patterns: tuple[str, ...]) -> bool:  # "score@" matches score@*, "train" only train
+        return any(name.startswith(p) if p.endswith("@") else name == p for p in patterns)
+
+    names = _rerun(module)
+    assert names, module
+    assert all(matches(n, only) for n in names), names
+    assert not [n for n in names if matches(n, never)], names
+
+
+def test_no_stage_but_models_depends_on_the_embedded_zoo():
+    """Stages load what the models stage wrote (artifacts/models), never the zoo's code: a paper-profile run,
+    which builds no embedded model, does not depend on it."""
+    users = {name for name, stage in STAGES.items() for d in stage.get("do", stage).get("deps", [])
+             if str(d).startswith("pipeline/zoo")}
+    assert users == {"models"}

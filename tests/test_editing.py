@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.datasets.piebench_files import decode_mask
-from pipeline.editing import (BlendedLatentEditor, bld_scheduler, EditingCfg, EditItem, blended_latent_loop,
+from pipeline.editing import (BlendedLatentEditor, EditingCfg, EditItem, bld_scheduler, blended_latent_loop,
                               decode_latents, edit_rows, encode_prompts, encode_source, latent_mask, source_tensor)
 from pipeline.models import load_sd_pipeline
 from pipeline.seeding import derive_seed
@@ -257,7 +257,7 @@ def _edit_project(root: Path, tiny_sd: Path) -> Path:
     three drawn PIE-Bench scenes, and the embedded models."""
     import yaml
 
-    from pipeline.demo_data import write_demo_piebench
+    from pipeline.datasets.demo_piebench import write_demo_piebench
 
     root.mkdir(parents=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -16,14 +16,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
-from pipeline import geometry, grounding
-from pipeline.store import codecs, shards
-from pipeline.grounding import Detections, GroundingCfg, Grounder, MasksScale, RunContext
+from pipeline import geometry
+from pipeline.masks.authors import authors_mask_path, write_authors_masks
+from pipeline.masks.grounded_sam import ImageStore, write_grounded_masks
+from pipeline.masks.inputs import RunContext
+from pipeline.masks.jobs import Detections, Grounder, make_job
+from pipeline.masks.labels import build_prompt, match_label
+from pipeline.masks.models import (GroundingDetector, HFSamSegmenter, SegmentAnythingSegmenter, load_segmenter,
+                                   sam_variant)
+from pipeline.masks.overlay import plot_overlay
+from pipeline.masks.params import GroundingCfg, MasksScale
+from pipeline.masks.summary import check_input_errors, summarize
 from pipeline.runtime import FailureRateError
+from pipeline.store import codecs, shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +87,7 @@ def tiny_refs(embedded, models_dir) -> tuple[str, str, Path]:
 
 def scale_for(detector: str, segmenter: str, **kw) -> MasksScale:
     base = dict(source="grounded_sam", detector=detector, segmenter=segmenter, batch_size=4, shard_size=2,
-                dtype="auto", cpu_threads=1, overlay_images=2)
+                dtype="auto", overlay_images=2)
     return MasksScale(**{**base, **kw})
 
 
@@ -88,13 +97,14 @@ def test_embedded_models_are_seeded_and_load_offline(tmp_path, tiny_refs):
     from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel
 
     from pipeline import zoo
+    from pipeline.store.identity import state_dict_hash
 
     _, _, models_dir = tiny_refs
     for name, cls in (("tiny-grounding-dino", GroundingDinoForObjectDetection), ("tiny-sam", SamModel)):
         again, other = zoo.build(name, tmp_path / "a" / name, 0), zoo.build(name, tmp_path / "b" / name, 1)
-        reference = zoo.state_dict_hash(cls.from_pretrained(models_dir / name))
-        assert zoo.state_dict_hash(cls.from_pretrained(again)) == reference
-        assert zoo.state_dict_hash(cls.from_pretrained(other)) != reference
+        reference = state_dict_hash(cls.from_pretrained(models_dir / name))
+        assert state_dict_hash(cls.from_pretrained(again)) == reference
+        assert state_dict_hash(cls.from_pretrained(other)) != reference
     model = GroundingDinoForObjectDetection.from_pretrained(models_dir / "tiny-grounding-dino")
     assert model.config.decoder_layers >= 2
     tokenizer = AutoProcessor.from_pretrained(models_dir / "tiny-grounding-dino").tokenizer
@@ -110,9 +120,9 @@ def test_embedded_models_are_seeded_and_load_offline(tmp_path, tiny_refs):
 
 def test_prompt_is_spec_example():
     phrases = ["piece", "carton", "Plate", "Silk", "bananas", "bread", "chocolate spread"]
-    assert grounding.build_prompt(phrases) == "piece . carton . plate . silk . bananas . bread . chocolate spread."
-    assert grounding.build_prompt(["cat."]) == "cat."
-    assert grounding.build_prompt([" Coca-Cola bottle "]) == "coca-cola bottle."
+    assert build_prompt(phrases) == "piece . carton . plate . silk . bananas . bread . chocolate spread."
+    assert build_prompt(["cat."]) == "cat."
+    assert build_prompt([" Coca-Cola bottle "]) == "coca-cola bottle."
 
 
 def original_match(p: str, words: list[str]) -> str | None:
@@ -171,7 +181,7 @@ MATCH_TABLE = [
 @pytest.mark.parametrize("label,phrases,original,fixed,rule", MATCH_TABLE)
 def test_match_label_table(label, phrases, original, fixed, rule):
     assert original_match(label, phrases) == original  # the table describes the original faithfully
-    k, why = grounding.match_label(label, phrases)
+    k, why = match_label(label, phrases)
     assert (phrases[k] if k is not None else None) == fixed
     assert why == rule
 
@@ -179,12 +189,12 @@ def test_match_label_table(label, phrases, original, fixed, rule):
 def test_boxes_of_one_phrase_are_unioned_not_last_wins(tiny_refs):
     """Quirk 3 fixed: two labels of one phrase -> union of both SAM masks, enclosing box, best score."""
     _, seg_ref, models_dir = tiny_refs
-    segmenter = grounding.load_segmenter(seg_ref, models_dir, torch.device("cpu"), torch.float32)
+    segmenter = load_segmenter(seg_ref, models_dir, torch.device("cpu"), torch.float32)
     image = Image.fromarray(scene(128, 96, 0))
     boxes = np.array([[4, 4, 40, 50], [60, 30, 120, 90], [10, 60, 50, 95]], np.float32)
     det = Detections(boxes, np.array([0.3, 0.6, 0.9], np.float32), ["cat", "cat.", "woman"])
     grounder = Grounder(FixedDetector([det]), segmenter, 0.25, 0.25, 4, 64)
-    rows = grounder.run([grounding.make_job(nouns_row("a", ["cat", "man"]), image, "ok", "")])
+    rows = grounder.run([make_job(nouns_row("a", ["cat", "man"]), image, "ok", "")])
     single = segmenter.segment([image], [boxes[:2]])[0]
     cat, man = rows
     assert np.array_equal(codecs.rle_decode(cat["mask"]), single[0] | single[1])
@@ -219,7 +229,7 @@ class FixedSegmenter:
 def test_empty_and_outside_crop_masks_get_statuses():
     image = Image.fromarray(scene(160, 64, 1))  # wide: the 64 px crop drops 48 columns each side
     det = Detections(np.array([[0, 0, 20, 20]], np.float32), np.array([0.5], np.float32), ["cat"])
-    job = grounding.make_job(nouns_row("w", ["cat"]), image, "ok", "")
+    job = make_job(nouns_row("w", ["cat"]), image, "ok", "")
     empty = Grounder(FixedDetector([det]), FixedSegmenter(np.zeros((64, 160), bool)), 0.25, 0.25, 2, 64)
     assert empty.run([job])[0]["status"] == "empty_mask"
     edge = np.zeros((64, 160), bool)
@@ -235,10 +245,61 @@ def test_failing_batch_is_retried_per_image():
     mask = np.zeros((64, 96), bool)
     mask[20:40, 30:60] = True
     grounder = Grounder(FixedDetector([det], fail_on={97}), FixedSegmenter(mask), 0.25, 0.25, 4, 64)
-    jobs = [grounding.make_job(nouns_row(i, ["cat"]), im, "ok", "") for i, im in (("a", ok_image), ("b", bad_image))]
+    jobs = [make_job(nouns_row(i, ["cat"]), im, "ok", "") for i, im in (("a", ok_image), ("b", bad_image))]
     rows = grounder.run(jobs)
     assert [r["status"] for r in rows] == ["ok", "inference_failed"]
-    assert "out of memory" in rows[1]["error"]
+    assert rows[1]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert rows[1]["mask"] is None and rows[1]["token_indices"] == [2]
+    assert grounder.detector.calls == [["cat.", "cat."], ["cat."], ["cat."]]  # the batch, then each image alone
+
+
+def test_failing_image_in_a_batch_of_one_is_recorded_not_raised():
+    image = Image.fromarray(scene(97, 64, 3))
+    det = Detections(np.array([[0, 0, 20, 20]], np.float32), np.array([0.5], np.float32), ["cat"])
+    grounder = Grounder(FixedDetector([det], fail_on={97}), FixedSegmenter(np.ones((64, 97), bool)), 0.25, 0.25, 1, 64)
+    jobs = [make_job(nouns_row("b", ["cat", "dog"]), image, "ok", ""), make_job(nouns_row("c", []), None, "ok", "")]
+    rows = grounder.run(jobs)
+    assert [(r["image_id"], r["phrase"], r["status"]) for r in rows] == [
+        ("b", "cat", "inference_failed"), ("b", "dog", "inference_failed"), ("c", "", "no_phrases")]
+    assert {r["error"] for r in rows[:2]} == {"RuntimeError: CUDA out of memory (simulated)"}
+    assert len(grounder.detector.calls) == 1  # the job without phrases never reaches the models
+
+
+# --- import graph: what each stage's code digest and DVC deps cover -------------------------------
+
+def _closure(root: str | Path) -> set[str]:
+    from pipeline.store.identity import import_closure
+
+    return {p.relative_to(REPO).as_posix() for p in import_closure(root)}
+
+
+MASKS_STAGE_ONLY = {"pipeline/masks/grounded_sam.py", "pipeline/masks/authors.py", "pipeline/masks/overlay.py",
+                    "pipeline/masks/summary.py", "pipeline/masks/inputs.py"}
+
+
+def test_grounding_eval_imports_the_models_but_not_the_masks_stage_writers():
+    closure = _closure(REPO / "stages/grounding_eval.py")
+    assert {"pipeline/masks/jobs.py", "pipeline/masks/models.py", "pipeline/masks/labels.py",
+            "pipeline/masks/params.py", "pipeline/masks/rows.py"} <= closure
+    assert not closure & (MASKS_STAGE_ONLY | {"pipeline/grounding.py"})
+
+
+def test_make_job_does_not_import_model_loading():
+    """``pipeline.attention_maps`` needs ``make_job``: its module must not pull Grounding DINO / SAM loading."""
+    closure = _closure("pipeline.masks.jobs")
+    assert {"pipeline/masks/labels.py", "pipeline/masks/rows.py"} <= closure
+    assert not closure & (MASKS_STAGE_ONLY | {"pipeline/masks/models.py", "pipeline/masks/params.py"})
+
+
+def test_each_mask_source_digest_covers_only_its_own_code():
+    grounded = _closure("pipeline.masks.grounded_sam")
+    assert {"pipeline/masks/jobs.py", "pipeline/masks/models.py", "pipeline/masks/labels.py", "pipeline/masks/rows.py",
+            "pipeline/masks/params.py", "pipeline/masks/inputs.py", "pipeline/geometry.py"} <= grounded
+    assert not grounded & {"pipeline/masks/authors.py", "pipeline/masks/overlay.py", "pipeline/masks/summary.py"}
+    authors = _closure("pipeline.masks.authors")
+    assert {"pipeline/masks/rows.py", "pipeline/masks/inputs.py", "pipeline/geometry.py"} <= authors
+    assert not authors & {"pipeline/masks/jobs.py", "pipeline/masks/models.py", "pipeline/masks/labels.py",
+                          "pipeline/masks/grounded_sam.py", "pipeline/masks/overlay.py", "pipeline/masks/summary.py"}
 
 
 # --- geometry and RLE ------------------------------------------------------------------------------
@@ -279,9 +340,9 @@ def test_detector_matches_transformers_called_directly(tiny_refs):
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
     det_ref, _, models_dir = tiny_refs
-    detector = grounding.GroundingDetector.load(det_ref, models_dir, torch.device("cpu"), torch.float32)
+    detector = GroundingDetector.load(det_ref, models_dir, torch.device("cpu"), torch.float32)
     images = [Image.fromarray(scene(128, 96, s)) for s in (4, 5)]  # same size: no padding in the batch
-    prompts = [grounding.build_prompt(["car", "teddy bear"]), grounding.build_prompt(["man", "woman", "table"])]
+    prompts = [build_prompt(["car", "teddy bear"]), build_prompt(["man", "woman", "table"])]
     batched = detector.detect(images, prompts, 0.25, 0.25)
     path = models_dir / "tiny-grounding-dino"
     processor, model = AutoProcessor.from_pretrained(path), GroundingDinoForObjectDetection.from_pretrained(path).eval()
@@ -314,7 +375,7 @@ def test_sam_batched_matches_transformers_called_directly(tiny_refs):
     from transformers import AutoProcessor, SamModel
 
     _, seg_ref, models_dir = tiny_refs
-    segmenter = grounding.load_segmenter(seg_ref, models_dir, torch.device("cpu"), torch.float32)
+    segmenter = load_segmenter(seg_ref, models_dir, torch.device("cpu"), torch.float32)
     images = [Image.fromarray(scene(128, 96, 6)), Image.fromarray(scene(80, 120, 7)), Image.fromarray(scene(64, 64, 8))]
     boxes = [np.array([[5, 5, 60, 60], [30, 10, 120, 90], [0, 0, 128, 96]], np.float32),
              np.array([[10, 20, 70, 100]], np.float32), np.zeros((0, 4), np.float32)]
@@ -337,7 +398,7 @@ def test_sam_hq_folder_loads_through_the_same_path(tmp_path, tiny_refs):
                          mask_decoder_config={**zg.TINY_SAM_DECODER, "vit_dim": zg.TINY_SAM_VISION["hidden_size"]})
     SamHQModel(config).eval().save_pretrained(tmp_path / "hq")
     zg.sam_processor(zg.TINY_SAM_IMAGE).save_pretrained(tmp_path / "hq")
-    segmenter = grounding.load_segmenter(str(tmp_path / "hq"), tmp_path, torch.device("cpu"), torch.float32)
+    segmenter = load_segmenter(str(tmp_path / "hq"), tmp_path, torch.device("cpu"), torch.float32)
     assert type(segmenter.model).__name__ == "SamHQModel"
     image, boxes = Image.fromarray(scene(100, 80, 9)), np.array([[10, 10, 60, 70], [0, 0, 99, 79]], np.float32)
     got = segmenter.segment([image], [boxes])[0]
@@ -368,7 +429,7 @@ def test_pth_checkpoint_matches_sam_predictor(tmp_path, monkeypatch):
     path = tmp_path / "tiny_vit_b.pth"
     torch.save(reference.state_dict(), path)
     monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", lambda checkpoint=None: tiny_segment_anything_sam())
-    segmenter = grounding.load_segmenter(str(path), tmp_path, torch.device("cpu"), torch.float32)
+    segmenter = load_segmenter(str(path), tmp_path, torch.device("cpu"), torch.float32)
     images = [Image.fromarray(scene(90, 60, 10)), Image.fromarray(scene(50, 70, 11))]
     boxes = [np.array([[5, 5, 50, 40], [20, 10, 89, 59]], np.float32), np.array([[0, 0, 30, 60]], np.float32)]
     masks = segmenter.segment(images, boxes)
@@ -387,8 +448,8 @@ def test_pth_checkpoint_in_half_precision_runs_and_agrees_with_float32(tmp_path)
     sam = tiny_segment_anything_sam()
     images = [Image.fromarray(scene(90, 60, 10)), Image.fromarray(scene(50, 70, 11))]
     boxes = [np.array([[5, 5, 50, 40], [20, 10, 89, 59]], np.float32), np.array([[0, 0, 30, 60]], np.float32)]
-    full = grounding.SegmentAnythingSegmenter(sam, torch.device("cpu"), torch.float32).segment(images, boxes)
-    half = grounding.SegmentAnythingSegmenter(sam, torch.device("cpu"), torch.bfloat16).segment(images, boxes)
+    full = SegmentAnythingSegmenter(sam, torch.device("cpu"), torch.float32).segment(images, boxes)
+    half = SegmentAnythingSegmenter(sam, torch.device("cpu"), torch.bfloat16).segment(images, boxes)
     for a, b in zip(full, half):
         assert a.shape == b.shape and (a == b).mean() > 0.98
 
@@ -397,15 +458,15 @@ def test_sam_hq_pth_is_refused_with_the_folder_to_use(tmp_path):
     path = tmp_path / "sam_hq_vit_h.pth"
     torch.save({"mask_decoder.hf_token.weight": torch.zeros(1, 4)}, path)
     with pytest.raises(ValueError, match="SAM-HQ checkpoint.*sam-hq-vit-huge"):
-        grounding.SegmentAnythingSegmenter.load(path, torch.device("cpu"), torch.float32)
+        SegmentAnythingSegmenter.load(path, torch.device("cpu"), torch.float32)
 
 
 def test_sam_variant_from_name_or_width():
-    assert grounding.sam_variant("sam_vit_h_4b8939.pth", {}) == "vit_h"
+    assert sam_variant("sam_vit_h_4b8939.pth", {}) == "vit_h"
     width = {"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}
-    assert grounding.sam_variant("checkpoint.pth", width) == "vit_l"
+    assert sam_variant("checkpoint.pth", width) == "vit_l"
     with pytest.raises(ValueError, match="not a segment-anything SAM checkpoint"):
-        grounding.sam_variant("other.pth", {})
+        sam_variant("other.pth", {})
 
 
 # --- the stage driver: statuses, resume ------------------------------------------------------------
@@ -421,7 +482,7 @@ def test_each_bad_input_gets_its_status(tmp_path, tiny_refs):
     write_inputs(tmp_path, images, nouns)
     ctx = RunContext(tmp_path / "masks", tmp_path / "artifacts/nouns", tmp_path / "artifacts/data/images", models_dir, 64)
     scale = scale_for(det_ref, seg_ref)
-    grounding.write_grounded_masks(ctx, GroundingCfg(1.01, 0.25, 0.5), scale)  # nothing passes 1.01
+    write_grounded_masks(ctx, GroundingCfg(1.01, 0.25, 0.5), scale)  # nothing passes 1.01
     rows = shards.read_shards(ctx.out_dir)
     got = {(r.image_id, r.phrase): r.status for r in rows.itertuples()}
     assert got == {
@@ -432,10 +493,10 @@ def test_each_bad_input_gets_its_status(tmp_path, tiny_refs):
     assert rows.loc[rows.phrase == "kite", "error"].item() == "reason past_context"
     assert "download_error" in rows.loc[rows.image_id == "failed", "error"].item()
     assert rows.loc[(rows.image_id == "mixed") & (rows.phrase == "kite"), "token_indices"].item().tolist() == []
-    metrics = grounding.summarize(rows.to_dict("records"))
+    metrics = summarize(rows.to_dict("records"))
     assert metrics["status_missing_image"] == 2 and metrics["input_errors"] == 3 and metrics["images"] == 6
     with pytest.raises(FailureRateError, match="max_input_error_rate"):
-        grounding.check_input_errors(metrics, 0.2)
+        check_input_errors(metrics, 0.2)
 
 
 def test_demo_thresholds_give_some_masks_with_train_masks(tmp_path, tiny_refs):
@@ -443,7 +504,7 @@ def test_demo_thresholds_give_some_masks_with_train_masks(tmp_path, tiny_refs):
     images, nouns = good_inputs(6)
     write_inputs(tmp_path, images, nouns)
     ctx = RunContext(tmp_path / "masks", tmp_path / "artifacts/nouns", tmp_path / "artifacts/data/images", models_dir, 64)
-    grounding.write_grounded_masks(ctx, GroundingCfg(0.25, 0.25, 0.5), scale_for(det_ref, seg_ref))
+    write_grounded_masks(ctx, GroundingCfg(0.25, 0.25, 0.5), scale_for(det_ref, seg_ref))
     rows = shards.read_shards(ctx.out_dir)
     assert len(rows) == sum(len(n["phrases"]) for n in nouns)
     ok = rows[rows.status == "ok"]
@@ -455,8 +516,8 @@ def test_demo_thresholds_give_some_masks_with_train_masks(tmp_path, tiny_refs):
         assert np.array_equal(codecs.rle_decode(r.train_mask), geometry.train_mask(full, 64))
         assert len(r.box) == 4 and 0.25 < r.score <= 1.0
     out = tmp_path / "overlay.png"
-    loaded = grounding.ImageStore(ctx.images_dir).load(ok.image_id)
-    assert grounding.plot_overlay(rows.to_dict("records"), {k: v[0] for k, v in loaded.items()}, out, 2) == 2
+    loaded = ImageStore(ctx.images_dir).load(ok.image_id)
+    assert plot_overlay(rows.to_dict("records"), {k: v[0] for k, v in loaded.items()}, out, 2) == 2
     assert Image.open(out).size[0] > 100
 
 
@@ -467,12 +528,12 @@ def test_a_model_that_does_not_load_loses_no_finished_masks(tmp_path, tiny_refs,
     write_inputs(tmp_path, images, nouns)
     ctx = RunContext(tmp_path / "masks", tmp_path / "artifacts/nouns", tmp_path / "artifacts/data/images", models_dir, 64)
     cfg = GroundingCfg(0.25, 0.25, 0.5)
-    grounding.write_grounded_masks(ctx, cfg, scale_for(det_ref, seg_ref))
+    write_grounded_masks(ctx, cfg, scale_for(det_ref, seg_ref))
     finished = {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(Exception, match="syscv-community/sam-hq-vit-hug"):  # a hub id, not in the cache
-        grounding.write_grounded_masks(ctx, cfg, scale_for(det_ref, "syscv-community/sam-hq-vit-hug"))
+        write_grounded_masks(ctx, cfg, scale_for(det_ref, "syscv-community/sam-hq-vit-hug"))
     assert {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
 
 
@@ -483,16 +544,16 @@ def test_models_are_loaded_only_when_a_shard_is_pending(tmp_path, tiny_refs, mon
     write_inputs(tmp_path, images, nouns)
     ctx = RunContext(tmp_path / "masks", tmp_path / "artifacts/nouns", tmp_path / "artifacts/data/images", models_dir, 64)
     cfg, scale = GroundingCfg(0.25, 0.25, 0.5), scale_for(det_ref, seg_ref)
-    grounding.write_grounded_masks(ctx, cfg, scale)
+    write_grounded_masks(ctx, cfg, scale)
     finished = {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)}
     loads = []
-    real_load = grounding.GroundingDetector.load
-    monkeypatch.setattr(grounding.GroundingDetector, "load",
+    real_load = GroundingDetector.load
+    monkeypatch.setattr(GroundingDetector, "load",
                         classmethod(lambda cls, *a, **k: loads.append(a[0]) or real_load(*a, **k)))
-    grounding.write_grounded_masks(ctx, cfg, scale)
+    write_grounded_masks(ctx, cfg, scale)
     assert loads == [] and {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
     shards.shard_files(ctx.out_dir)[-1].unlink()
-    grounding.write_grounded_masks(ctx, cfg, scale)
+    write_grounded_masks(ctx, cfg, scale)
     assert loads == [det_ref] and {p.name: p.read_bytes() for p in shards.shard_files(ctx.out_dir)} == finished
 
 
@@ -503,8 +564,8 @@ def test_ranks_split_shards_and_together_equal_one_process(tmp_path, tiny_refs):
     cfg, scale = GroundingCfg(0.25, 0.25, 0.5), scale_for(det_ref, seg_ref)
     paths = dict(nouns_dir=tmp_path / "artifacts/nouns", images_dir=tmp_path / "artifacts/data/images",
                  models_dir=models_dir, resolution=64)
-    single = grounding.write_grounded_masks(RunContext(tmp_path / "one", **paths), cfg, scale)
-    mine = [grounding.write_grounded_masks(RunContext(tmp_path / "two", rank=r, world_size=2, **paths), cfg, scale)
+    single = write_grounded_masks(RunContext(tmp_path / "one", **paths), cfg, scale)
+    mine = [write_grounded_masks(RunContext(tmp_path / "two", rank=r, world_size=2, **paths), cfg, scale)
             for r in (0, 1)]
     assert [p.name for p in mine[0]] == ["part-00000.parquet", "part-00002.parquet"]
     assert [p.name for p in mine[1]] == ["part-00001.parquet"]
@@ -521,7 +582,7 @@ def test_rerun_retries_images_whose_inference_failed(tmp_path, tiny_refs, monkey
     paths = dict(nouns_dir=tmp_path / "artifacts/nouns", images_dir=tmp_path / "artifacts/data/images",
                  models_dir=models_dir, resolution=64)
     ctx = RunContext(tmp_path / "masks", **paths)
-    real_detect = grounding.GroundingDetector.detect
+    real_detect = GroundingDetector.detect
 
     def out_of_memory_on_img1(self, images, *args, **kwargs):
         if any(im.width == 128 for im in images):
@@ -529,13 +590,13 @@ def test_rerun_retries_images_whose_inference_failed(tmp_path, tiny_refs, monkey
         return real_detect(self, images, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(grounding.GroundingDetector, "detect", out_of_memory_on_img1)
-        grounding.write_grounded_masks(ctx, cfg, scale)
+        patch.setattr(GroundingDetector, "detect", out_of_memory_on_img1)
+        write_grounded_masks(ctx, cfg, scale)
     first = shards.read_shards(ctx.out_dir)
     assert set(first[first.status == "inference_failed"].image_id) == {"img1"}
     untouched = shards.shard_path(ctx.out_dir, 1).read_bytes()
-    grounding.write_grounded_masks(ctx, cfg, scale)
-    reference = grounding.write_grounded_masks(RunContext(tmp_path / "reference", **paths), cfg, scale)
+    write_grounded_masks(ctx, cfg, scale)
+    reference = write_grounded_masks(RunContext(tmp_path / "reference", **paths), cfg, scale)
     assert "inference_failed" not in set(shards.read_shards(ctx.out_dir).status)
     assert [p.read_bytes() for p in reference] == [p.read_bytes() for p in shards.shard_files(ctx.out_dir)]
     assert shards.shard_path(ctx.out_dir, 1).read_bytes() == untouched  # the shard without failures is kept
@@ -547,21 +608,20 @@ seed: 0
 grounding: {box_threshold: 0.25, text_threshold: 0.25, max_input_error_rate: 0.5}
 profiles:
   demo:
-    models_dir: artifacts/models
     resolution: 64
     masks: {source: grounded_sam, detector: "embedded:tiny-grounding-dino", segmenter: "embedded:tiny-sam",
-            batch_size: 2, shard_size: 1, dtype: auto, cpu_threads: 1, overlay_images: 2}
+            batch_size: 2, shard_size: 1, dtype: auto, overlay_images: 2}
 """
 
 STAGE_RUNNER = """
 import os, sys, time, runpy
-from pipeline import geometry, grounding
+from pipeline.masks.jobs import Grounder
 if os.environ.get("SLOW_SHARDS") and os.environ.get("RANK", "0") in os.environ.get("SLOW_RANKS", "0").split(","):
-    original = grounding.Grounder.run
+    original = Grounder.run
     def slow(self, jobs):
         time.sleep(float(os.environ["SLOW_SHARDS"]))
         return original(self, jobs)
-    grounding.Grounder.run = slow
+    Grounder.run = slow
 script = sys.argv.pop(1)  # the stage script sees its own command line, as under dvc
 runpy.run_path(script, run_name="__main__")
 """
@@ -668,16 +728,16 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
             mask = np.zeros((48, 72), bool)
             y, x = rng.integers(0, 30), rng.integers(0, 50)
             mask[y : y + 15, x : x + 20] = True
-            target = grounding.authors_mask_path(path, masks_dir)
+            target = authors_mask_path(path, masks_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             plt.imsave(target, mask, cmap="gray")  # how gen_mask.py wrote them (RGBA)
             truth[(Path(e["file_name"]).stem, word)] = mask
     first = entries[0]  # 000000000142: 7 words with masks
     stem = Path(first["file_name"]).stem
-    plt.imsave(grounding.authors_mask_path(first["attn_list"][0][1], masks_dir), np.ones((48, 72), bool), cmap="gray")
-    grounding.authors_mask_path(first["attn_list"][1][1], masks_dir).unlink()
-    grounding.authors_mask_path(first["attn_list"][2][1], masks_dir).write_bytes(b"not a png")
-    assert Image.open(grounding.authors_mask_path(first["attn_list"][3][1], masks_dir)).mode == "RGBA"
+    plt.imsave(authors_mask_path(first["attn_list"][0][1], masks_dir), np.ones((48, 72), bool), cmap="gray")
+    authors_mask_path(first["attn_list"][1][1], masks_dir).unlink()
+    authors_mask_path(first["attn_list"][2][1], masks_dir).write_bytes(b"not a png")
+    assert Image.open(authors_mask_path(first["attn_list"][3][1], masks_dir)).mode == "RGBA"
     metadata = tmp_path / "metadata.jsonl"
     bad_pair = json.dumps({"file_name": "x.jpg", "text": "A cat.", "attn_list": [["cat"]]})
     metadata.write_text("\n".join(lines) + "\n{broken json\n" + bad_pair + "\n")
@@ -686,7 +746,7 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
     shards.write_shards(tmp_path / "nouns", nouns, lambda c: c, 4, "fixture", code="test")
     ctx = RunContext(tmp_path / "masks", tmp_path / "nouns", tmp_path / "images", tmp_path, 64)
     scale = scale_for("unused", "unused", source="authors", authors_metadata=str(metadata), authors_masks=str(masks_dir))
-    grounding.write_authors_masks(ctx, scale)
+    write_authors_masks(ctx, scale)
     rows = shards.read_shards(ctx.out_dir)
     assert len(rows) == sum(len(e["attn_list"]) for e in entries) + 2
     status = {(r.image_id, r.phrase): r.status for r in rows.itertuples()}
@@ -695,13 +755,13 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
     assert status[("000000000370", "piece")] == "no_detection"  # null path in the metadata
     assert status[("line7", "")] == "bad_metadata" and status[("line8", "")] == "bad_metadata"
     assert "attn_list must be a list of [phrase, mask path or null] pairs" in rows[rows.image_id == "line8"].error.item()
-    summary = grounding.summarize(rows.to_dict("records"))
+    summary = summarize(rows.to_dict("records"))
     assert summary["input_errors"] == 4  # two bad lines, the missing and the corrupt mask file
     with pytest.raises(RuntimeError, match="4 of .* rows have a missing/corrupt image"):
-        grounding.check_input_errors(summary, 0.05)
+        check_input_errors(summary, 0.05)
     for empty in ("authors_metadata", "authors_masks"):
         with pytest.raises(FileNotFoundError, match=f"masks.{empty} is empty"):
-            grounding.write_authors_masks(ctx, dataclasses.replace(scale, **{empty: ""}))
+            write_authors_masks(ctx, dataclasses.replace(scale, **{empty: ""}))
     for r in rows[rows.status == "ok"].itertuples():
         mask = truth[(r.image_id, r.phrase)]
         assert np.array_equal(codecs.rle_decode(r.mask), mask)
@@ -712,18 +772,18 @@ def test_authors_masks_read_into_the_same_rows(tmp_path, shared_data):
 def test_authors_mask_path_drops_only_a_leading_seg():
     """SPEC §1.1 step 3 quirk fixed: the original replaced every "seg" substring, corrupting words like "segway"."""
     root = Path("/data/coco_gsam_seg")
-    path = grounding.authors_mask_path("seg/000000000142/mask_000000000142_segway.png", root)
+    path = authors_mask_path("seg/000000000142/mask_000000000142_segway.png", root)
     assert path == root / "000000000142" / "mask_000000000142_segway.png"
-    assert grounding.authors_mask_path("000000000142/mask_000000000142_cat.png", root) == (
+    assert authors_mask_path("000000000142/mask_000000000142_cat.png", root) == (
         root / "000000000142" / "mask_000000000142_cat.png")
 
 
 def test_a_phrase_repeated_in_other_case_is_usable_when_one_occurrence_aligned():
     """Record 000000481821 has "legs" and "Legs": one prompt phrase, grounded when either aligned."""
-    job = grounding.make_job(nouns_row("r", ["legs", "Legs", "shoes"], ["ok", "not_in_caption", "past_context"]),
+    job = make_job(nouns_row("r", ["legs", "Legs", "shoes"], ["ok", "not_in_caption", "past_context"]),
                              None, "ok", "")
     assert job.phrases == ["legs", "shoes"] and job.usable == [True, False]
-    job = grounding.make_job(nouns_row("r", ["Legs", "legs"], ["not_in_caption", "ok"]), None, "ok", "")
+    job = make_job(nouns_row("r", ["Legs", "legs"], ["not_in_caption", "ok"]), None, "ok", "")
     assert job.phrases == ["legs"] and job.usable == [True]
 
 
@@ -742,7 +802,7 @@ def test_imsave_writes_a_full_mask_black():
 
 def test_prefix_rule_needs_every_label_word():
     """Rule 4 (SPEC §2.6): every space-token of the label must be a substring of the word."""
-    assert grounding.match_label("banana split", ["bananas"]) == (None, "unmatched_label")
+    assert match_label("banana split", ["bananas"]) == (None, "unmatched_label")
 
 
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -756,7 +816,7 @@ def test_model_inputs_are_the_original_transforms(embedded, models_dir, size):
     w, h = size
     image = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
     embedded("tiny-grounding-dino"), embedded("tiny-sam")
-    detector = grounding.GroundingDetector.load("embedded:tiny-grounding-dino", models_dir, torch.device("cpu"),
+    detector = GroundingDetector.load("embedded:tiny-grounding-dino", models_dir, torch.device("cpu"),
                                                 torch.float32)
     proc = detector.processor.image_processor
     short, cap = proc.size.shortest_edge, proc.size.longest_edge
@@ -767,7 +827,7 @@ def test_model_inputs_are_the_original_transforms(embedded, models_dir, size):
     got = proc(images=[image], return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got[:oh, :ow], want, atol=1e-5)
 
-    segmenter = grounding.HFSamSegmenter.load("embedded:tiny-sam", models_dir, torch.device("cpu"), torch.float32)
+    segmenter = HFSamSegmenter.load("embedded:tiny-sam", models_dir, torch.device("cpu"), torch.float32)
     proc = segmenter.processor.image_processor
     side = proc.size.longest_edge
     scale = side / max(w, h)

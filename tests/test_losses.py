@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resize
 
-from pipeline.losses import GroundingTargets, grounding_loss, resize_masks
+from pipeline.training.losses import GroundingTargets, grounding_loss, resize_masks
 
 
 def worked_example_maps(n_layers: int) -> dict[str, list[torch.Tensor]]:

@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.multigen import (
-    STATUS_DETECT_FAILED, STATUS_NO_IMAGE, MultiGenScale, category_counts, detect_batch, detect_prompt_set,
-    detect_rows, format_row, label_max_scores, load_detector, mg_scores, objects_found, queries_for, score_records,
-)
 from pipeline.datasets.multigen_files import load_prompt_set
-from pipeline.store.shards import STATUS_OK, read_shards, write_table
+from pipeline.multigen.detection import (STATUS_DETECT_FAILED, STATUS_NO_IMAGE, detect_batch, detect_prompt_set,
+                                         detect_rows, label_max_scores, load_detector, queries_for)
+from pipeline.multigen.found import objects_found
+from pipeline.multigen.scoring import category_counts, format_row, mg_scores, score_records
+from pipeline.multigen.settings import MultiGenScale
 from pipeline.store.codecs import png_bytes
+from pipeline.store.shards import STATUS_OK, read_shards, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "a photo of a {name}"
@@ -199,7 +200,7 @@ def test_detector_input_is_the_original_resize(embedded, side):
     from PIL import Image
     from skimage.transform import resize
 
-    from pipeline.multigen import pixel_values
+    from pipeline.multigen.detection import pixel_values
 
     arrays = random_images(3, seed=side, size=(side, side))
     images = [Image.fromarray(a) for a in arrays]
@@ -232,7 +233,7 @@ def test_detect_rows_keep_failed_samples(detector, monkeypatch):
     rows = detect_rows(detector, samples, TEMPLATE, batch_size=2)
     assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK, STATUS_NO_IMAGE]
     assert "nan_image" in rows[2]["error"] and rows[0]["queries"][1] == "a photo of a cup"
-    monkeypatch.setattr("pipeline.multigen.detect_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("oom")))
+    monkeypatch.setattr("pipeline.multigen.detection.detect_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("oom")))
     failed = detect_rows(detector, samples[:2], TEMPLATE, batch_size=2)
     assert [r["status"] for r in failed] == [STATUS_DETECT_FAILED] * 2 and "oom" in failed[0]["error"]
 
@@ -240,7 +241,7 @@ def test_detect_rows_keep_failed_samples(detector, monkeypatch):
 def test_one_bad_image_fails_only_itself(detector, monkeypatch):
     """A corrupt PNG and an image whose detection raises even alone cost only their own rows: the batch is
     retried image by image, and the other images get the same detections as an undisturbed run."""
-    from pipeline import multigen
+    from pipeline.multigen import detection as multigen
 
     samples = [{"prompt_id": 0, "image_index": j, "objects": WORKED[0], "status": STATUS_OK, "error": "",
                 "image": png_bytes(a)} for j, a in enumerate(random_images(4))]
@@ -282,7 +283,7 @@ def test_detections_follow_new_samples(detector, tmp_path):
 
 def test_only_new_sample_shards_are_detected(detector, tmp_path, monkeypatch):
     """A second sample shard (more prompts): the first detection shard is kept, the second computed."""
-    from pipeline import multigen
+    from pipeline.multigen import detection as multigen
 
     sample_dir, out = tmp_path / "samples", tmp_path / "det"
     sample_dir.mkdir()

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from pipeline import piebench as pb
+from pipeline.datasets.demo_piebench import write_demo_piebench
 from pipeline.datasets.piebench_files import decode_mask, load_example, read_mapping
-from pipeline.demo_data import write_demo_piebench
 from pipeline.seeding import derive_seed
 from pipeline.store.codecs import png_bytes
 

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import figures, report
-from pipeline.piebench import TABLE as PIE_TABLE
+from pipeline import figures
+from pipeline.names import PIEBENCH_KEYS
+from pipeline.report import sections as report_sections
+from pipeline.report.blocks import Figure, Section, Table, Text, fmt
+from pipeline.report.page import build_sections, profile_banner
+from pipeline.report.published import load_published
+from pipeline.report.render import EMBED_PNG_LIMIT, embedded_image, write_report
+from pipeline.report.sections import (PIE_COLUMNS, PIE_HEADERS, categories_section, editing_types, multigen_chart,
+                                      multigen_section, piebench_section, piebench_type_chart, read_category_tables,
+                                      visor_section)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO.parent / "shared" / "reference" / "SPEC.md"
@@ -47,7 +55,7 @@ def _clean(name: str) -> str:
 
 def test_published_multigen_matches_spec_3_7():
     spec = _spec_table("### 3.7")
-    rows = {r["method"]: r for r in report.load_published(PUBLISHED)["multigen"]["rows"]}
+    rows = {r["method"]: r for r in load_published(PUBLISHED)["multigen"]["rows"]}
     names = {"SD 1.4": "SD 1.4", "Attend-and-Excite": "Attend-and-Excite", "TokenCompose": "TokenCompose"}
     assert len(spec) == 3 and {s[0] for s in spec} == set(names)
     for cells in spec:
@@ -62,7 +70,7 @@ def test_published_fid_and_latency_match_the_spec():
     """SPEC §3.7 quotes the README's FID and latency for SD 1.4, TokenCompose and A&E; the rows hold them."""
     spec = SPEC.read_text() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
     line = re.search(r"Also in README: (.*)", spec).group(1)
-    rows = {r["method"]: r for r in report.load_published(PUBLISHED)["multigen"]["rows"]}
+    rows = {r["method"]: r for r in load_published(PUBLISHED)["multigen"]["rows"]}
     coco, flickr, latency = (re.search(rf"{what} (?:SD1.4 )?([\d.]+)(?: s)? vs (?:TC )?([\d.]+)", line).groups()
                              for what in (r"FID\(COCO\)", r"FID\(Flickr30K\)", "latency"))
     for key, (sd, tc) in (("fid_coco", coco), ("fid_flickr30k", flickr), ("latency_s", latency)):
@@ -74,7 +82,7 @@ def test_published_fid_and_latency_match_the_spec():
 def test_published_multigen_rows_are_consistent():
     """A transcription check on every row (three are not in the SPEC): MG_k falls with k, stds are small and
     positive, and each row has every key the report reads."""
-    for row in report.load_published(PUBLISHED)["multigen"]["rows"]:
+    for row in load_published(PUBLISHED)["multigen"]["rows"]:
         for s in ("coco", "ade20k"):
             means = [row[f"{s}_mg{k}"] for k in (2, 3, 4, 5)]
             assert means == sorted(means, reverse=True) and all(0 < row[f"{s}_mg{k}_std"] < 5 for k in (2, 3, 4, 5))
@@ -83,11 +91,11 @@ def test_published_multigen_rows_are_consistent():
 
 def test_published_piebench_matches_spec_5_7():
     spec = _spec_table("### 5.7")
-    published = report.load_published(PUBLISHED)["piebench"]["rows"]
+    published = load_published(PUBLISHED)["piebench"]["rows"]
     assert len(spec) == len(published) == 11
     for cells, row in zip(spec, published):
         assert (_clean(cells[0]), _clean(cells[1])) == (row["inversion"], row["editing"])
-        assert [float(c) for c in cells[2:]] == [row[key] for key, _ in report.PIE_COLUMNS]
+        assert [float(c) for c in cells[2:]] == [row[key] for key, _ in PIE_COLUMNS]
         assert ("base" in row) == cells[1].endswith("*")
         assert ("note" in row) == ("†" in cells[0])
 
@@ -99,11 +107,11 @@ def test_piebench_headers_are_the_spec_columns_and_units():
     start = next(i for i, line in enumerate(lines) if line.startswith("### 5.7"))
     header = next(line for line in lines[start:] if line.startswith("|"))
     spec_columns = [c.strip() for c in header.strip().strip("|").split("|")][2:]
-    shown = [h.rstrip(" ↑↓").replace("Structure", "Struct") for _, h in report.PIE_COLUMNS]
+    shown = [h.rstrip(" ↑↓").replace("Structure", "Struct") for _, h in PIE_COLUMNS]
     assert shown == spec_columns
     factors = {"Struct ×10³": 1e3, "PSNR": 1, "LPIPS ×10³": 1e3, "MSE ×10⁴": 1e4, "SSIM ×10²": 1e2,
                "CLIP Whole": 1, "CLIP Edited": 1}
-    assert [factors[c] for c in spec_columns] == [PIE_TABLE[m][1] for m in report.PIE_HEADERS]
+    assert [factors[c] for c in spec_columns] == [PIEBENCH_KEYS[m][1] for m in PIE_HEADERS]
 
 
 def test_bars_hatch_published_series_only_and_draw_error_bars(monkeypatch):
@@ -130,7 +138,7 @@ def test_bars_hatch_published_series_only_and_draw_error_bars(monkeypatch):
 
 def test_published_sources_cite_spec_commits():
     spec = SPEC.read_text() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
-    published = report.load_published(PUBLISHED)
+    published = load_published(PUBLISHED)
     for part, short in (("multigen", "TC"), ("piebench", "PNP")):
         src = published[part]["source"]
         match = re.search(rf"\| {short} \| `([^`]+)`\s*\| `([0-9a-f]{{40}})`", spec)
@@ -144,7 +152,7 @@ def test_published_sources_cite_spec_commits():
 def test_published_visor_oa_is_the_value_both_readmes_give():
     """SPEC §3.6: the TokenCompose README's SD 1.4 OA (29.86) is VISOR's own SD row."""
     spec = SPEC.read_text() if SPEC.is_file() else pytest.skip(f"{SPEC} not present")
-    published = report.load_published(PUBLISHED)
+    published = load_published(PUBLISHED)
     sd = published["visor"]["rows"][0]
     assert "SD1.4 = 29.86 in TC README equals VISOR README's \"SD\" OA 29.86" in spec
     assert sd["oa"] == published["multigen"]["rows"][0]["oa"] == 29.86
@@ -162,38 +170,38 @@ def _mg_metrics(base: float) -> dict:
 
 
 def test_multigen_section_lines_up_run_and_published_rows():
-    published = report.load_published(PUBLISHED)
-    section = report.multigen_section({"sd14": _mg_metrics(60.0)}, published["multigen"], "demo")
-    coco = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "multigen_coco")
+    published = load_published(PUBLISHED)
+    section = multigen_section({"sd14": _mg_metrics(60.0)}, published["multigen"], "demo")
+    coco = next(b for b in section.blocks if isinstance(b, Table) and b.name == "multigen_coco")
     assert coco.columns == ["Model", "Source", "MG2", "MG3", "MG4", "MG5"]
     assert coco.rows[0] == ["sd14", "this run (demo)", "30.00(0.50)", "20.00(0.33)", "15.00(0.25)",
                             "12.00(0.20)"]
     assert coco.rows[6][0] == "TokenCompose" and coco.rows[6][2] == "98.08(0.40)"
     assert coco.rows[2] == ["Composable Diffusion", "published (mlpc-ucsd/TokenCompose)", "63.33(0.59)",
                             "21.87(1.01)", "3.25(0.45)", "0.23(0.18)"]
-    extra = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "multigen_published_only")
+    extra = next(b for b in section.blocks if isinstance(b, Table) and b.name == "multigen_published_only")
     assert extra.columns == ["Method", "FID (COCO) ↓", "FID (Flickr30K) ↓", "Latency, s ↓"]
     assert extra.rows[0] == ["SD 1.4", "20.88", "71.46", "7.54(0.17)"]
     assert extra.rows[4] == ["Attend-and-Excite", "—", "71.68", "25.43(4.89)"]  # the README prints "-"
-    prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("MultiGen: what"))
+    prov = next(b for b in section.blocks if isinstance(b, Table) and b.caption.startswith("MultiGen: what"))
     assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
                                   "num_prompts = 6"]]
     assert coco.rows[1][1] == "published (mlpc-ucsd/TokenCompose)"
-    chart = [b for b in section.blocks if isinstance(b, report.Figure)]
+    chart = [b for b in section.blocks if isinstance(b, Figure)]
     assert [b.name for b in chart] == ["multigen_chart.png"] and chart[0].png.startswith(b"\x89PNG")
-    assert not [b for b in report.multigen_section({}, published["multigen"], "demo").blocks
-                if isinstance(b, report.Figure)]  # no chart without this run's numbers
+    assert not [b for b in multigen_section({}, published["multigen"], "demo").blocks
+                if isinstance(b, Figure)]  # no chart without this run's numbers
 
 
 def test_multigen_chart_reads_every_model_and_published_row(monkeypatch):
     """The chart gets, per prompt set, MG2-MG5 and their stds of each model and of each published row (hatched);
     a key missing from a metrics file is NaN (no bar), not an error."""
-    published = report.load_published(PUBLISHED)["multigen"]
+    published = load_published(PUBLISHED)["multigen"]
     seen = {}
-    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, hatched, **kw: seen.update(
+    monkeypatch.setattr(report_sections, "grouped_bars", lambda panels, categories, hatched, **kw: seen.update(
         panels=panels, categories=categories, hatched=hatched) or b"")
     partial = {k: v for k, v in _mg_metrics(60.0).items() if k != "ade20k_mg5"}
-    report.multigen_chart({"sd14": _mg_metrics(60.0), "trained": partial}, published, "demo")
+    multigen_chart({"sd14": _mg_metrics(60.0), "trained": partial}, published, "demo")
     assert seen["categories"] == ["MG2", "MG3", "MG4", "MG5"]
     assert list(seen["panels"]) == ["MultiGen COCO", "MultiGen ADE20K"]
     coco = seen["panels"]["MultiGen COCO"]
@@ -205,11 +213,11 @@ def test_multigen_chart_reads_every_model_and_published_row(monkeypatch):
 
 
 def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
-    published = report.load_published(PUBLISHED)
+    published = load_published(PUBLISHED)
     values = {"oa": 40.0, "oa_a": 70.0, "oa_b": 55.5, "visor_uncond": 20.0, "visor_cond": 50.0, "visor_1": 30.0,
               "visor_2": 20.0, "visor_3": 10.0, "visor_4": 5.0, "prompts": 4, "detector": "embedded:tiny-owlvit"}
-    section = report.visor_section({"trained": values}, published["visor"], published["multigen"], "demo")
-    table = next(b for b in section.blocks if isinstance(b, report.Table) and b.name == "visor")
+    section = visor_section({"trained": values}, published["visor"], published["multigen"], "demo")
+    table = next(b for b in section.blocks if isinstance(b, Table) and b.name == "visor")
     assert table.columns[:5] == ["Model", "Source", "OA", "OA(A)", "OA(B)"] and table.columns[-1] == "VISOR_4"
     assert table.rows[0][:5] == ["trained", "this run (demo)", "40.00", "70.00", "55.50"]
     assert table.rows[1] == ["SD (VISOR)", "published (microsoft/VISOR)", "29.86", "—", "—", "18.81", "62.98",
@@ -218,13 +226,13 @@ def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
     assert [r[0] for r in table.rows[2:7]] == ["SD 1.4", "Composable Diffusion", "Layout Guidance",
                                                "Structured Diffusion", "Attend-and-Excite"]
     assert len(table.rows) == 8
-    six = report.visor_section({"m": dict(values, visor_5=1.0, visor_6=0.0)}, published["visor"],
+    six = visor_section({"m": dict(values, visor_5=1.0, visor_6=0.0)}, published["visor"],
                                published["multigen"], "demo")
-    assert next(b for b in six.blocks if isinstance(b, report.Table)).columns[-2:] == ["VISOR_5", "VISOR_6"]
-    prov = next(b for b in section.blocks if isinstance(b, report.Table) and b.caption.startswith("VISOR: what"))
+    assert next(b for b in six.blocks if isinstance(b, Table)).columns[-2:] == ["VISOR_5", "VISOR_6"]
+    prov = next(b for b in section.blocks if isinstance(b, Table) and b.caption.startswith("VISOR: what"))
     assert prov.rows == [["trained", "detector = embedded:tiny-owlvit; prompts = 4"]]
-    empty = report.visor_section({}, published["visor"], published["multigen"], "demo")
-    notes = [b.text for b in empty.blocks if isinstance(b, report.Text) and b.kind == "missing"]
+    empty = visor_section({}, published["visor"], published["multigen"], "demo")
+    notes = [b.text for b in empty.blocks if isinstance(b, Text) and b.kind == "missing"]
     assert notes and "dvc repro visor" in notes[0]
 
 
@@ -232,20 +240,20 @@ def test_piebench_type_chart_has_every_column_per_type_and_backbone(monkeypatch)
     """Types in id order with their PIE-Bench names; a type one backbone lacks is NaN (no bar) for it; no
     per-type keys, no chart."""
     seen = {}
-    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, **kw: seen.update(
+    monkeypatch.setattr(report_sections, "grouped_bars", lambda panels, categories, **kw: seen.update(
         panels=panels, categories=categories, **kw) or b"png")
     metrics = {"base": {"type_6.clip_whole": 0.4, "type_1.clip_whole": 0.2, "type_1.scored": 3, "clip_whole": 0.3},
                "trained": {"type_1.clip_whole": 0.25, "type_1.scored": 3}}
-    assert report.editing_types(metrics) == ["1", "6"]
-    assert report.piebench_type_chart(metrics) == b"png"
+    assert editing_types(metrics) == ["1", "6"]
+    assert piebench_type_chart(metrics) == b"png"
     assert seen["categories"] == ["change object", "change color"]
-    assert list(seen["panels"]) == [header for _, header in report.PIE_COLUMNS]
+    assert list(seen["panels"]) == [header for _, header in PIE_COLUMNS]
     whole = seen["panels"]["CLIP Whole ↑"]
     assert whole["base"][0] == [0.2, 0.4] and whole["trained"][0][0] == 0.25 and np.isnan(whole["trained"][0][1])
     assert all(np.isnan(whole["base"][1])) and seen["sharey"] is False  # no per-type std; own scale per column
-    assert report.piebench_type_chart({"base": {"clip_whole": 0.3}}) is None
-    section = report.piebench_section(metrics, report.load_published(PUBLISHED)["piebench"], "demo")
-    assert [b.name for b in section.blocks if isinstance(b, report.Figure)] == ["piebench_types.png"]
+    assert piebench_type_chart({"base": {"clip_whole": 0.3}}) is None
+    section = piebench_section(metrics, load_published(PUBLISHED)["piebench"], "demo")
+    assert [b.name for b in section.blocks if isinstance(b, Figure)] == ["piebench_types.png"]
 
 
 def _categories(rates: dict[str, float], prompt_set: str = "coco"):
@@ -259,23 +267,23 @@ def test_category_chart_shows_the_categories_that_differ_most(monkeypatch):
     """Largest spread between models first (ties by name); a category one model lacks is NaN for it; one
     model alone: its least found categories; no tables: a note naming the stage."""
     seen = {}
-    monkeypatch.setattr(report, "grouped_bars", lambda panels, categories, **kw: seen.update(
+    monkeypatch.setattr(report_sections, "grouped_bars", lambda panels, categories, **kw: seen.update(
         panels=panels, categories=categories) or b"png")
     tables = {"sd14": _categories({"cat": 50.0, "dog": 100.0, "cup": 0.0, "kite": 25.0}),
               "trained": _categories({"cat": 75.0, "dog": 0.0, "cup": 0.0})}
-    section = report.categories_section(tables, size=3)
-    assert [b.name for b in section.blocks if isinstance(b, report.Figure)] == ["categories_coco.png"]
+    section = categories_section(tables, size=3)
+    assert [b.name for b in section.blocks if isinstance(b, Figure)] == ["categories_coco.png"]
     assert seen["categories"] == ["dog (n=4)", "cat (n=4)", "cup (n=4)"]  # spreads 100, 25, 0 (kite: one model)
     (panel,) = seen["panels"].values()
     assert panel["sd14"][0] == [100.0, 50.0, 0.0] and panel["trained"][0] == [0.0, 75.0, 0.0]
-    report.categories_section({"sd14": tables["sd14"]}, size=2)
+    categories_section({"sd14": tables["sd14"]}, size=2)
     assert seen["categories"] == ["cup (n=4)", "kite (n=4)"]
     nan_model = {"sd14": tables["sd14"], "broken": _categories({"cat": float("nan"), "dog": float("nan")})}
-    report.categories_section(nan_model, size=2)  # a model without any rate: drawn without bars, no crash
+    categories_section(nan_model, size=2)  # a model without any rate: drawn without bars, no crash
     assert seen["categories"] == ["cup (n=4)", "kite (n=4)"] and np.isnan(seen["panels"][next(iter(
         seen["panels"]))]["broken"][0]).all()
-    empty = report.categories_section({})
-    assert any(b.kind == "missing" and "dvc repro score" in b.text for b in empty.blocks if isinstance(b, report.Text))
+    empty = categories_section({})
+    assert any(b.kind == "missing" and "dvc repro score" in b.text for b in empty.blocks if isinstance(b, Text))
 
 
 def test_category_names_are_read_as_text(tmp_path):
@@ -284,9 +292,9 @@ def test_category_names_are_read_as_text(tmp_path):
     folder.mkdir()
     _categories({"1": 50.0, "NA": 10.0}).to_csv(folder / "a.csv", index=False)
     _categories({"1": 40.0, "x": 10.0}).to_csv(folder / "b.csv", index=False)
-    tables = report.read_category_tables(folder)
+    tables = read_category_tables(folder)
     assert list(tables["a"]["category"]) == ["1", "NA"] and list(tables["b"]["category"]) == ["1", "x"]
-    assert report.read_category_tables(tmp_path / "absent") == {}
+    assert read_category_tables(tmp_path / "absent") == {}
 
 
 def test_attention_figures_of_one_prompt_sit_together(tmp_path):
@@ -294,25 +302,25 @@ def test_attention_figures_of_one_prompt_sit_together(tmp_path):
     folder.mkdir(parents=True)
     for name in ("sd14_0", "sd14_1", "trained_0", "trained_1", "tokencompose_a_10", "tokencompose_a_2", "notes"):
         (folder / f"{name}.png").write_bytes(_png((1, 2, 3)))
-    sections = report.build_sections(tmp_path, report.load_published(PUBLISHED), "demo")
+    sections = build_sections(tmp_path, load_published(PUBLISHED), "demo")
     shown = [b.caption.rsplit("/", 1)[1] for s in sections for b in s.blocks
-             if isinstance(b, report.Figure) and "plots/attention" in b.caption]
+             if isinstance(b, Figure) and "plots/attention" in b.caption]
     assert shown == ["sd14_0.png", "trained_0.png", "sd14_1.png", "trained_1.png", "tokencompose_a_2.png",
                      "tokencompose_a_10.png", "notes.png"]
 
 
 def test_missing_inputs_are_named_not_hidden():
-    published = report.load_published(PUBLISHED)
-    section = report.piebench_section({}, published["piebench"], "demo")
-    notes = [b.text for b in section.blocks if isinstance(b, report.Text) and b.kind == "missing"]
+    published = load_published(PUBLISHED)
+    section = piebench_section({}, published["piebench"], "demo")
+    notes = [b.text for b in section.blocks if isinstance(b, Text) and b.kind == "missing"]
     assert notes and "metrics/piebench/<backbone>.json" in notes[0] and "dvc repro piebench" in notes[0]
-    table = next(b for b in section.blocks if isinstance(b, report.Table))
+    table = next(b for b in section.blocks if isinstance(b, Table))
     assert len(table.rows) == 11  # the published rows are still shown
 
 
 def test_fmt_handles_missing_and_nan():
-    assert report.fmt(None) == "—" and report.fmt(float("nan"), 1.0) == "—"
-    assert report.fmt(1.0, None) == "1.00" and report.fmt(1.005, 0.25, decimals=1) == "1.0(0.2)"
+    assert fmt(None) == "—" and fmt(float("nan"), 1.0) == "—"
+    assert fmt(1.0, None) == "1.00" and fmt(1.005, 0.25, decimals=1) == "1.0(0.2)"
 
 
 # --- rendering and the browser ---------------------------------------------------------------------
@@ -332,20 +340,20 @@ def _noise_png(size=(900, 700)) -> bytes:
 
 def test_large_figures_are_inlined_as_jpeg():
     small = _png((1, 2, 3))
-    assert report.embedded_image(small) == ("image/png", small)
+    assert embedded_image(small) == ("image/png", small)
     big = _noise_png((2000, 500))
-    assert len(big) > report.EMBED_PNG_LIMIT
-    mime, data = report.embedded_image(big)
+    assert len(big) > EMBED_PNG_LIMIT
+    mime, data = embedded_image(big)
     image = Image.open(io.BytesIO(data))
     assert mime == "image/jpeg" and image.format == "JPEG" and image.size == (1600, 400) and len(data) < len(big)
 
 
-def _sections() -> list[report.Section]:
-    table = report.Table("numbers <&>", ["Model", "Source", "x|y"], [["a", "b", "1.00"], ["c", "d", "2.00"]], "t1")
-    figs = [report.Figure(f"figure {i}", _png((40 * i, 90, 200)), f"f{i}.png") for i in range(3)]
-    return [report.Section("One", [report.Text("intro"), table, figs[0]]),
-            report.Section("Two", [report.Text("absent", kind="missing"), *figs[1:],
-                                   report.Table("second", ["A", "B"], [["1", "2"]], "t2")])]
+def _sections() -> list[Section]:
+    table = Table("numbers <&>", ["Model", "Source", "x|y"], [["a", "b", "1.00"], ["c", "d", "2.00"]], "t1")
+    figs = [Figure(f"figure {i}", _png((40 * i, 90, 200)), f"f{i}.png") for i in range(3)]
+    return [Section("One", [Text("intro"), table, figs[0]]),
+            Section("Two", [Text("absent", kind="missing"), *figs[1:],
+                                   Table("second", ["A", "B"], [["1", "2"]], "t2")])]
 
 
 class _Collect(HTMLParser):
@@ -367,7 +375,7 @@ class _Collect(HTMLParser):
 
 
 def test_html_is_self_contained_and_markdown_twin_matches(tmp_path):
-    counts = report.write_report(tmp_path, "Report", _sections(), banner="demo profile")
+    counts = write_report(tmp_path, "Report", _sections(), banner="demo profile")
     assert counts == {"sections": 2, "tables": 2, "figures": 3, "missing_inputs": 1}
     page = (tmp_path / "index.html").read_text()
     parsed = _Collect()
@@ -376,7 +384,7 @@ def test_html_is_self_contained_and_markdown_twin_matches(tmp_path):
     assert parsed.links == [f"#{i}" for i in parsed.sections] == ["#s0", "#s1"]  # the contents: in-page links only
     assert "numbers &lt;&amp;&gt;" in page and "http" not in page
     decoded = [base64.b64decode(img["src"].removeprefix("data:image/png;base64,")) for img in parsed.images]
-    assert decoded == [b.png for s in _sections() for b in s.blocks if isinstance(b, report.Figure)]
+    assert decoded == [b.png for s in _sections() for b in s.blocks if isinstance(b, Figure)]
     md = (tmp_path / "README.md").read_text()
     assert "| a | b | 1.00 |" in md and "x\\|y" in md and "> **demo profile**" in md
     for i in range(3):
@@ -394,8 +402,8 @@ def test_page_in_headless_chromium(tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("headless browser check needs Debian's chromium at /usr/bin/chromium "
                     "(apt-get install -y chromium); CI installs it")
-    sections = _sections() + [report.Section("Big", [report.Figure("noise", _noise_png(), "big.png")])]
-    report.write_report(tmp_path / "report", "Report", sections, banner="demo profile")
+    sections = _sections() + [Section("Big", [Figure("noise", _noise_png(), "big.png")])]
+    write_report(tmp_path / "report", "Report", sections, banner="demo profile")
     url = (tmp_path / "report" / "index.html").as_uri()
     dom = _chromium(["--dump-dom", url], tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -424,7 +432,7 @@ def _write_outputs(root: Path) -> None:
     (root / "metrics" / "visor").mkdir()
     (root / "metrics" / "visor" / "sd14.json").write_text(json.dumps({"oa": 30.0, "visor_uncond": 10.0}))
     (root / "metrics" / "piebench").mkdir()
-    pie = {key: 1.0 + i for i, (key, _) in enumerate(report.PIE_COLUMNS)}
+    pie = {key: 1.0 + i for i, (key, _) in enumerate(PIE_COLUMNS)}
     pie.update({"backbone": "base", "scored": 6, "type_0.clip_whole": 3.0, "clip_whole.n": 6, "clip_whole.nan": 0})
     (root / "metrics" / "piebench" / "base.json").write_text(json.dumps(pie))
     (root / "metrics" / "grounding").mkdir()
@@ -444,9 +452,9 @@ def _write_outputs(root: Path) -> None:
 
 def test_build_sections_from_pipeline_outputs(tmp_path):
     _write_outputs(tmp_path)
-    published = report.load_published(PUBLISHED)
-    sections = report.build_sections(tmp_path, published, "demo")
-    tables = {b.name: b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.name}
+    published = load_published(PUBLISHED)
+    sections = build_sections(tmp_path, published, "demo")
+    tables = {b.name: b for s in sections for b in s.blocks if isinstance(b, Table) and b.name}
     assert set(tables) >= {"multigen_coco", "multigen_ade20k", "multigen_published_only", "visor", "piebench",
                            "grounding", "train"}
     assert tables["visor"].rows[0][:6] == ["sd14", "this run (demo)", "30.00", "—", "—", "10.00"]
@@ -454,27 +462,27 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
                                           "1.00", "2.00", "3.00", "4.00", "5.00", "6.00", "7.00"]
     assert tables["grounding"].columns == ["Model", "down_64", "up_16", "mean", "chance"]  # SD1.4 group order
     assert tables["grounding"].rows == [["sd14", "0.500", "0.250", "0.375", "0.125"]]
-    prov = [b for s in sections for b in s.blocks if isinstance(b, report.Table) and b.caption.startswith("PIE-Bench: what")]
+    prov = [b for s in sections for b in s.blocks if isinstance(b, Table) and b.caption.startswith("PIE-Bench: what")]
     assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
-    figures = [b.name for s in sections for b in s.blocks if isinstance(b, report.Figure)]
+    figures = [b.name for s in sections for b in s.blocks if isinstance(b, Figure)]
     assert figures == ["multigen_chart.png", "samples_coco.png", "categories_coco.png", "piebench_types.png",
                        "plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
-    texts = [b for s in sections for b in s.blocks if isinstance(b, report.Text)]
+    texts = [b for s in sections for b in s.blocks if isinstance(b, Text)]
     assert [b.text for b in texts if b.kind == "note"] == [published["study"]["note"]]
     assert not [b.text for b in texts if b.kind == "missing"]  # every input present
 
 
 def test_build_sections_names_every_missing_input(tmp_path):
-    sections = report.build_sections(tmp_path, report.load_published(PUBLISHED), "paper")
-    notes = " ".join(b.text for s in sections for b in s.blocks if isinstance(b, report.Text) and b.kind == "missing")
+    sections = build_sections(tmp_path, load_published(PUBLISHED), "paper")
+    notes = " ".join(b.text for s in sections for b in s.blocks if isinstance(b, Text) and b.kind == "missing")
     for path in ("metrics/multigen/<model>.json", "metrics/piebench/<backbone>.json", "plots/edits_<backbone>.png",
                  "metrics/train.json", "train_curves.csv", "plots/attention/<model>_<i>.png",
                  "metrics/grounding/<model>.json", "plots/samples/<set>.png",
                  "plots/multigen_categories/<model>.csv"):
         assert path in notes
-    assert "meaningless" in report.profile_banner("demo") and "meaningless" not in report.profile_banner("paper")
+    assert "meaningless" in profile_banner("demo") and "meaningless" not in profile_banner("paper")
 
 
 def test_missing_published_file_names_the_param(tmp_path):
     with pytest.raises(FileNotFoundError, match="set report.published in params.yaml"):
-        report.load_published(tmp_path / "publshed.yaml")
+        load_published(tmp_path / "publshed.yaml")

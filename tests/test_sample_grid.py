@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.figures import grouped_bars, image_grid
-from pipeline.multigen import STATUS_NO_IMAGE, objects_found
 from pipeline.datasets.multigen_files import MultiGenPrompt
+from pipeline.figures import grouped_bars, image_grid
+from pipeline.multigen.detection import STATUS_NO_IMAGE
+from pipeline.multigen.found import objects_found
 from pipeline.sample_grid import (SampleGridCfg, grid_cells, grid_models, multigen_rule, multigen_verdict,
                                   sample_grid_figure, spatial_rule, spatial_verdict)
-from pipeline.sampling import STATUS_FAILED
-from pipeline.store.shards import STATUS_OK, shard_path, write_table
+from pipeline.sampling.sampler import STATUS_FAILED
 from pipeline.store.codecs import png_bytes
+from pipeline.store.shards import STATUS_OK, shard_path, write_table
 from pipeline.visor import SpatialPrompt
 
 OBJECTS = ["cat", "dog", "cup", "kite", "boat"]

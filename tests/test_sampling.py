@@ -11,13 +11,15 @@ import torch
 
 from pipeline.config import load_params, section
 from pipeline.datasets.multigen_files import MultiGenPrompt, load_prompt_set
-from pipeline.sampling import (STATUS_NAN, STATUS_TOKENS_FAILED, AttendExciteCfg, EvalModel, EvalModelRef, Sampler,
-                               SamplingCfg, SamplingScale, TokenIndexError, ae_token_indices, component_hashes,
-                               head_word, image_generator, load_pipeline, prompt_items,
-                               sample_prompt_set)
+from pipeline.eval_models import EvalModel, EvalModelRef
+from pipeline.models import component_hashes
+from pipeline.sampling.attend_excite import TokenIndexError, ae_token_indices, head_word
+from pipeline.sampling.items import image_generator, prompt_items
+from pipeline.sampling.sampler import STATUS_NAN, STATUS_TOKENS_FAILED, Sampler, load_pipeline, sample_prompt_set
+from pipeline.sampling.settings import AttendExciteCfg, SamplingCfg, SamplingScale
 from pipeline.seeding import standard_normal
-from pipeline.store.shards import STATUS_OK, read_shards, shard_path
 from pipeline.store.codecs import image_from_bytes
+from pipeline.store.shards import STATUS_OK, read_shards, shard_path
 
 REPO = Path(__file__).resolve().parents[1]
 COCO, ADE = "coco_obj_comp_5_1k.json", "ade20k_obj_comp_5_1k.json"
@@ -253,7 +255,7 @@ def test_nan_image_is_recorded(sd, monkeypatch):
 
 def test_a_failing_batch_is_retried_image_by_image(sd, monkeypatch):
     """One bad image must not take the other images of its batch down with it."""
-    from pipeline.sampling import STATUS_FAILED
+    from pipeline.sampling.sampler import STATUS_FAILED
 
     def call(self, items, tok):
         if any(it.image_index == 1 for it in items):
@@ -335,8 +337,8 @@ def test_params_sections_parse_in_both_profiles():
 
 
 def test_seed_depends_on_prompt_set_prompt_and_image():
+    from pipeline.sampling.items import SampleItem, image_generator
     from pipeline.seeding import torch_generator
-    from pipeline.sampling import SampleItem, image_generator
 
     item = SampleItem("coco", 0, 0, "t", ("a",))
     draw = lambda g: torch.randn(8, generator=g)
@@ -345,7 +347,7 @@ def test_seed_depends_on_prompt_set_prompt_and_image():
 
 
 def test_prompt_items_are_prompt_major():
-    from pipeline.sampling import prompt_items
+    from pipeline.sampling.items import prompt_items
 
     prompts = [MultiGenPrompt(0, "x", ("a",)), MultiGenPrompt(1, "y", ("b",))]
     assert [(i.prompt_id, i.image_index) for i in prompt_items("coco", prompts, 2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -367,7 +369,7 @@ def test_earlier_article_wins(clip_tokenizer):
 
 
 def test_image_with_one_nan_pixel_is_recorded(monkeypatch):
-    from pipeline import sampling
+    from pipeline.sampling import sampler as sampling
 
     sampler = sampling.Sampler.__new__(sampling.Sampler)
     sampler.kind, sampler.scale, sampler._tokens = "sd", SamplingScale(batch_size=2), {}
@@ -383,7 +385,7 @@ def test_eval_model_refuses_a_dep_whose_weights_are_not_loaded(monkeypatch):
     import copy
 
     from pipeline.config import ConfigError
-    from pipeline.sampling import eval_model
+    from pipeline.eval_models import eval_model
 
     monkeypatch.chdir(REPO)
     params = load_params(REPO / "params.yaml")
@@ -406,7 +408,7 @@ def test_eval_model_refuses_a_dep_whose_weights_are_not_loaded(monkeypatch):
 
 
 def test_checkpoint_unet_records_its_step_and_training_run(tmp_path, caplog):
-    from pipeline.sampling import checkpoint_of
+    from pipeline.eval_models import checkpoint_of
 
     unet = tmp_path / "checkpoints" / "checkpoint-20" / "unet"
     unet.mkdir(parents=True)

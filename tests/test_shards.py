@@ -1,14 +1,16 @@
-"""Shard writer: atomic shards, resume, stale-shard cleanup, rank split; RLE and PNG round trips."""
+"""Shard writer: atomic shards, resume, the stash of other settings' shards, rank split; RLE and PNG round trips."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.store import codecs, identity, shards
 from pipeline.config import MissingInputError
+from pipeline.store import codecs, identity, shards
 
 
 def _process(calls):
@@ -34,13 +36,29 @@ def test_write_and_resume_skip_finished_shards(tmp_path):
     assert df["key"].tolist() == list(range(10))
 
 
-def test_changed_fingerprint_drops_stale_shards(tmp_path):
+def test_changed_fingerprint_stashes_the_shards_and_returning_restores_them(tmp_path):
+    """Other settings compute anew; the finished shards of the old settings wait in the stash under their own
+    key (outside the output) and come back, computing nothing, when the old settings return."""
     calls = []
-    out = tmp_path / "out"
+    out = tmp_path / "artifacts" / "samples" / "m" / "coco"
     shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1}, code="test")
+    first = {p.name: p.read_bytes() for p in shards.shard_files(out)}
+    old_key = json.loads((out / shards.FINGERPRINT_FILE).read_text())["fingerprint"]
     calls.clear()
     shards.write_shards(out, list(range(4)), _process(calls), 2, {"p": 2}, code="test")
     assert len(calls) == 2 and len(shards.shard_files(out)) == 2
+    other_key = json.loads((out / shards.FINGERPRINT_FILE).read_text())["fingerprint"]
+    stash = tmp_path / "artifacts" / ".stash" / "samples" / "m" / "coco" / old_key
+    assert shards.stash_dir(out, old_key) == stash
+    assert {p.name: p.read_bytes() for p in stash.glob("part-*.parquet")} == first
+    calls.clear()
+    shards.write_shards(out, list(range(6)), _process(calls), 2, {"p": 1}, code="test")
+    assert calls == [] and {p.name: p.read_bytes() for p in shards.shard_files(out)} == first
+    assert len(list(shards.stash_dir(out, other_key).glob("part-*.parquet"))) == 2  # the {"p": 2} run's shards
+
+
+def test_a_stash_outside_an_artifacts_folder_sits_beside_the_output(tmp_path):
+    assert shards.stash_dir(tmp_path / "out", "k") == tmp_path / ".stash" / "out" / "k"
 
 
 def test_changed_code_drops_stale_shards(tmp_path):
@@ -294,13 +312,15 @@ def test_a_longer_item_list_keeps_the_shards_whose_items_are_unchanged(tmp_path)
     assert [p.read_bytes() for p in shards.shard_files(out)] == [p.read_bytes() for p in shards.shard_files(fresh)]
 
 
-def test_a_shorter_item_list_removes_the_shards_past_its_end(tmp_path):
+def test_a_shorter_item_list_stashes_the_shards_past_its_end(tmp_path):
     calls = []
     shards.write_shards(tmp_path, list(range(10)), _process(calls), 4, {"p": 1}, code="c")
     calls.clear()
     shards.write_shards(tmp_path, list(range(4)), _process(calls), 4, {"p": 1}, code="c")
     assert calls == [] and [p.name for p in shards.shard_files(tmp_path)] == ["part-00000.parquet"]
     assert shards.read_shards(tmp_path)["key"].tolist() == [0, 1, 2, 3]
+    shards.write_shards(tmp_path, list(range(10)), _process(calls), 4, {"p": 1}, code="c")
+    assert calls == [] and shards.read_shards(tmp_path)["key"].tolist() == list(range(10))  # back from the stash
 
 
 def test_partial_writes_past_the_new_end_are_removed_and_stray_names_left_alone(tmp_path):
@@ -389,3 +409,32 @@ def test_an_unreadable_fingerprint_file_makes_the_shards_stale_not_a_crash(tmp_p
     shards.write_shards(tmp_path, [0, 1], _process(calls), 1, {"p": 1}, code="c")
     assert calls == [[0], [1]] and shards.read_shards(tmp_path)["key"].tolist() == [0, 1]
     assert shards.pending_shards(tmp_path, [0, 1], 1, {"p": 1}, code="c") == []
+
+
+def test_prune_lists_kept_work_and_removes_it_only_when_asked(tmp_path, monkeypatch, capsys):
+    """Stashed shards and other training runs are listed with their sizes; ``--remove`` deletes them except
+    the newest ``--keep`` per output and the run of the current trained UNet."""
+    from pipeline.store import prune
+
+    monkeypatch.chdir(tmp_path)
+    out = Path("artifacts/samples/m/coco")
+    for p in (1, 2, 3):
+        shards.write_shards(out, list(range(4)), _process([]), 2, {"p": p}, code="c")
+    for key in ("run-a", "run-b"):
+        (Path("artifacts/train/checkpoints") / key / "checkpoint-10").mkdir(parents=True)
+        (Path("artifacts/train/checkpoints") / key / "checkpoint-10" / "state.json").write_text("{}")
+    Path("artifacts/train/unet").mkdir(parents=True)
+    Path("artifacts/train/unet/training_run.json").write_text(json.dumps({"fingerprint": "run-a"}))
+    found = prune.kept_work()
+    assert sorted((w.group, w.key) for w in found)[0][0] == "samples/m/coco"
+    assert len(found) == 4  # two stashed settings, two training runs
+    assert prune.main([]) == 0 and "add --remove" in capsys.readouterr().out
+    assert len(prune.kept_work()) == 4
+    prune.main(["--remove", "--keep", "1"])
+    left = prune.kept_work()
+    assert {w.key for w in left if w.group.startswith("training")} == {"run-a", "run-b"} or \
+        {w.key for w in left if w.group.startswith("training")} >= {"run-a"}
+    assert len([w for w in left if w.group == "samples/m/coco"]) == 1
+    prune.main(["--remove"])
+    assert [w.key for w in prune.kept_work()] == ["run-a"]  # the current run is never removed
+    assert len(shards.shard_files(out)) == 2  # the output itself is untouched

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import text
 from pipeline.store.shards import STATUS_OK, iter_rows, read_shards, write_table
+from pipeline.text import tagger as tagging
+from pipeline.text.align import CaptionTokens, align_phrase, locate_phrases
+from pipeline.text.nouns_rows import SkipRateError, check_skip_rate, summarize, tagger_nouns_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "tagger"
@@ -62,7 +64,7 @@ def nltk_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tagger(nltk_root):
-    return text.embedded_tagger(CORPUS, nltk_root, seed=0, iterations=10)
+    return tagging.embedded_tagger(CORPUS, nltk_root, seed=0, iterations=10)
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +103,21 @@ def reference_get_word_idx(tokenizer, caption: str, word: str) -> list[int]:
 
 def test_word_spans_follow_treebank_splits_and_keep_offsets():
     caption = "A man's teddy-bear, don't   touch (it)."
-    words = text.word_spans(caption)
+    words = tagging.word_spans(caption)
     assert [w.text for w in words] == ["A", "man", "'s", "teddy-bear", ",", "do", "n't", "touch", "(", "it", ")", "."]
     assert all(caption[w.start:w.end] == w.text for w in words)
 
 
 def test_parse_tagged_line_rejects_bad_items_and_tokenization():
-    assert text.parse_tagged_line("A/DT cat/NN ./.", "x:1") == [("A", "DT"), ("cat", "NN"), (".", ".")]
+    assert tagging.parse_tagged_line("A/DT cat/NN ./.", "x:1") == [("A", "DT"), ("cat", "NN"), (".", ".")]
     with pytest.raises(ValueError, match="x:2: 'cat' is not word/TAG"):
-        text.parse_tagged_line("A/DT cat", "x:2")
+        tagging.parse_tagged_line("A/DT cat", "x:2")
     with pytest.raises(ValueError, match="x:3: words .* re-tokenize"):
-        text.parse_tagged_line("man's/NN hat/NN", "x:3")
+        tagging.parse_tagged_line("man's/NN hat/NN", "x:3")
 
 
 def test_corpus_is_large_varied_and_not_copied_from_the_metadata(metadata):
-    sentences = text.read_tagged_corpus(CORPUS)
+    sentences = tagging.read_tagged_corpus(CORPUS)
     assert len(sentences) >= 300
     tags = Counter(tag for s in sentences for _, tag in s)
     assert {"NN", "NNS", "JJ", "VBG", "VBZ", "IN", "DT", "CD", "PRP$", "RB"} <= set(tags)
@@ -127,21 +129,21 @@ def test_corpus_is_large_varied_and_not_copied_from_the_metadata(metadata):
 def test_embedded_tagger_is_saved_and_loaded_from_the_project_nltk_folder(tagger, nltk_root):
     folders = list((nltk_root / "taggers").glob("embedded_*"))
     assert len(folders) == 1
-    assert sorted(p.name for p in folders[0].iterdir()) == sorted(text._param_files())
-    again = text.embedded_tagger(CORPUS, nltk_root, seed=0, iterations=10)  # cached: loaded, not retrained
+    assert sorted(p.name for p in folders[0].iterdir()) == sorted(tagging._param_files())
+    again = tagging.embedded_tagger(CORPUS, nltk_root, seed=0, iterations=10)  # cached: loaded, not retrained
     words = "A cat sleeping on a laptop computer .".split()
     assert again.tag(words) == tagger.tag(words)
 
 
 def test_tagger_training_is_deterministic_across_runs_and_hash_seeds(tmp_path):
-    sentences = text.read_tagged_corpus(CORPUS)
-    a, b = text.train_tagger(sentences, 0, 5), text.train_tagger(sentences, 0, 5)
+    sentences = tagging.read_tagged_corpus(CORPUS)
+    a, b = tagging.train_tagger(sentences, 0, 5), tagging.train_tagger(sentences, 0, 5)
     assert a.model.weights == b.model.weights and a.tagdict == b.tagdict
     captions = [c for c, _ in HAND_CHECKED]
     script = (
-        "import json,sys; from pipeline import text\n"
-        "t = text.train_tagger(text.read_tagged_corpus(text.Path(sys.argv[1])), 0, 5)\n"
-        "print(json.dumps([t.tag([w.text for w in text.word_spans(c)]) for c in json.loads(sys.argv[2])]))\n"
+        "import json,sys; from pathlib import Path; from pipeline.text import tagger\n"
+        "t = tagger.train_tagger(tagger.read_tagged_corpus(Path(sys.argv[1])), 0, 5)\n"
+        "print(json.dumps([t.tag([w.text for w in tagger.word_spans(c)]) for c in json.loads(sys.argv[2])]))\n"
     )
     outputs = []
     for hash_seed in ("1", "2"):
@@ -150,15 +152,15 @@ def test_tagger_training_is_deterministic_across_runs_and_hash_seeds(tmp_path):
                              capture_output=True, text=True, check=True, cwd=REPO)
         outputs.append(run.stdout)
     assert outputs[0] == outputs[1]
-    expected = [[[w, t] for w, t in a.tag([w.text for w in text.word_spans(c)])] for c in captions]
+    expected = [[[w, t] for w, t in a.tag([w.text for w in tagging.word_spans(c)])] for c in captions]
     assert json.loads(outputs[0]) == expected
 
 
 def test_embedded_tagger_accuracy_on_a_held_out_slice():
-    sentences = text.read_tagged_corpus(CORPUS)
+    sentences = tagging.read_tagged_corpus(CORPUS)
     train = [s for i, s in enumerate(sentences) if i % 5]
     held = [s for i, s in enumerate(sentences) if i % 5 == 0]
-    tagger = text.train_tagger(train, 0, 10)
+    tagger = tagging.train_tagger(train, 0, 10)
     pairs = [(gold, pred) for s in held for (_, gold), (_, pred) in zip(s, tagger.tag([w for w, _ in s]))]
     accuracy = sum(g == p for g, p in pairs) / len(pairs)
     noun_pairs = [(g, p) for g, p in pairs if "NN" in g or "NN" in p]
@@ -178,8 +180,8 @@ def test_pretrained_tagger_error_names_files_and_folder(tmp_path, monkeypatch):
         raise ValueError("no network")
 
     monkeypatch.setattr(nltk, "download", offline_download)
-    with pytest.raises(text.TaggerUnavailable) as err:
-        text.pretrained_tagger(tmp_path / "nltk_data")
+    with pytest.raises(tagging.TaggerUnavailable) as err:
+        tagging.pretrained_tagger(tmp_path / "nltk_data")
     message = str(err.value)
     folder = (tmp_path / "nltk_data" / "taggers" / "averaged_perceptron_tagger_eng").resolve()
     assert str(folder) in message and "averaged_perceptron_tagger_eng.zip" in message
@@ -193,10 +195,10 @@ def test_pretrained_tagger_loads_files_placed_in_the_folder(tmp_path, monkeypatc
     import nltk
 
     monkeypatch.setattr(nltk, "download", lambda *a, **k: pytest.fail("must not download when present"))
-    root = text.use_nltk_data(tmp_path / "nltk_data")
-    trained = text.train_tagger(text.read_tagged_corpus(CORPUS), 0, 3)
+    root = tagging.use_nltk_data(tmp_path / "nltk_data")
+    trained = tagging.train_tagger(tagging.read_tagged_corpus(CORPUS), 0, 3)
     trained.save_to_json(lang="eng", loc=str(root / "taggers" / "averaged_perceptron_tagger_eng"))
-    loaded = text.pretrained_tagger(tmp_path / "nltk_data")
+    loaded = tagging.pretrained_tagger(tmp_path / "nltk_data")
     words = "Two dogs playing in the snow .".split()
     assert loaded.tag(words) == trained.tag(words)
 
@@ -207,29 +209,30 @@ def test_noun_runs_join_consecutive_nouns_and_dedupe_keeps_first_occurrence():
     tags = {"Maine": "NNP", "coon": "NN", "cat": "NN", "chocolate": "NN", "spread": "NN", "Plate": "NN",
             "plate": "NN", "sits": "VBZ", "dark": "JJ"}
     caption = "Plate with Maine coon cat, dark chocolate spread and a plate"
-    phrases = text.noun_phrases(DictTagger(tags), caption)
+    phrases = tagging.noun_phrases(DictTagger(tags), caption)
     assert [p.text for p in phrases] == ["Plate", "Maine coon cat", "chocolate spread"]
     assert [caption[p.start:p.end] for p in phrases] == ["Plate", "Maine coon cat", "chocolate spread"]
-    assert text.noun_phrases(DictTagger(tags), "") == []
-    assert text.noun_phrases(DictTagger({"cat": "NN", "?": "NN", "'": "NN"}), "cat ? ' cat") == [text.Phrase("cat", 0, 3)]
+    assert tagging.noun_phrases(DictTagger(tags), "") == []
+    assert tagging.noun_phrases(DictTagger({"cat": "NN", "?": "NN", "'": "NN"}), "cat ? ' cat") == [tagging.Phrase("cat", 0, 3)]
 
 
 @pytest.mark.parametrize("caption,expected", HAND_CHECKED)
 def test_phrases_of_hand_checked_captions(tagger, caption, expected):
-    assert [p.text for p in text.noun_phrases(tagger, caption)] == expected
+    assert [p.text for p in tagging.noun_phrases(tagger, caption)] == expected
 
 
 def test_demo_captions_give_exactly_their_object_names(tagger):
-    demo = pytest.importorskip("pipeline.demo_data")
+    from pipeline.datasets.demo_images import image_id_of, render_image
+
     for index in range(150):
-        image = demo.render_image(demo.image_id_of(index), 0, 32)
-        got = [p.text for p in text.noun_phrases(tagger, image.caption)]
+        image = render_image(image_id_of(index), 0, 32)
+        got = [p.text for p in tagging.noun_phrases(tagger, image.caption)]
         assert sorted(got) == sorted(o.name for o in image.objects), image.caption
 
 
 def test_locate_phrases_prefers_the_occurrence_outside_longer_phrases():
     caption = "A teddy bear sitting next to a brown bear and a woman."
-    starts = text.locate_phrases(caption, ["teddy bear", "bear", "man", "Woman", "", 5])
+    starts = locate_phrases(caption, ["teddy bear", "bear", "man", "Woman", "", 5])
     assert starts == [caption.index("teddy bear"), caption.rindex("bear"), None, caption.index("woman"), None, None]
 
 
@@ -240,10 +243,10 @@ def test_all_masked_pairs_of_the_tokencompose_metadata_align(metadata, clip_toke
     for record in metadata:
         phrases = [w for w, _ in record["attn_list"]]  # all of them place each other, as in the nouns stage
         words = [w for w, mask in record["attn_list"] if mask]
-        tokens = text.CaptionTokens.of(clip_tokenizer, record["text"])
-        starts = text.locate_phrases(record["text"], phrases)
+        tokens = CaptionTokens.of(clip_tokenizer, record["text"])
+        starts = locate_phrases(record["text"], phrases)
         for word, start in ((w, st) for (w, mask), st in zip(record["attn_list"], starts) if mask):
-            a = text.align_phrase(clip_tokenizer, tokens, word, start, 75, record["file_name"])
+            a = align_phrase(clip_tokenizer, tokens, word, start, 75, record["file_name"])
             assert a.status == STATUS_OK, a.error
             spelled = "".join(clip_tokenizer.decode([tokens.ids[i - 1]]).strip() for i in a.indices)
             assert spelled == word.lower().replace(" ", "")
@@ -266,19 +269,19 @@ def test_all_masked_pairs_of_the_tokencompose_metadata_align(metadata, clip_toke
 
 def test_repeated_word_maps_to_its_own_occurrence(clip_tokenizer, tagger):
     caption = "A teddy bear sitting next to a brown bear."
-    tokens = text.CaptionTokens.of(clip_tokenizer, caption)
-    original = text.align_phrase(clip_tokenizer, tokens, "bear", None)
-    fixed = text.align_phrase(clip_tokenizer, tokens, "bear", caption.rindex("bear"))
+    tokens = CaptionTokens.of(clip_tokenizer, caption)
+    original = align_phrase(clip_tokenizer, tokens, "bear", None)
+    fixed = align_phrase(clip_tokenizer, tokens, "bear", caption.rindex("bear"))
     assert original.indices == [3]  # SOT, a, teddy, bear -> the bear of "teddy bear"
     assert fixed.indices == [9]  # ..., next, to, a, brown, bear
-    row = text.tagger_nouns_rows([{"image_id": "x", "caption": caption, "status": "ok"}], tagger, clip_tokenizer, 75)[0]
+    row = tagger_nouns_rows([{"image_id": "x", "caption": caption, "status": "ok"}], tagger, clip_tokenizer, 75)[0]
     assert row["phrases"] == ["teddy bear", "bear"] and row["token_indices"] == [[2, 3], [9]]
 
 
 def test_each_failure_mode_has_its_reason_code(clip_tokenizer):
     def align(caption, phrase, start=None, max_index=75):
-        tokens = text.CaptionTokens.of(clip_tokenizer, caption)
-        return text.align_phrase(clip_tokenizer, tokens, phrase, start, max_index, "cap7")
+        tokens = CaptionTokens.of(clip_tokenizer, caption)
+        return align_phrase(clip_tokenizer, tokens, phrase, start, max_index, "cap7")
 
     cases = {
         "invalid_phrase": align("A cat on a mat.", 3),
@@ -307,18 +310,18 @@ def test_nouns_rows_record_failed_images_and_captions(clip_tokenizer):
         {"image_id": "d", "caption": "Two of them are very happy.", "status": "ok"},
         {"image_id": "e", "caption": "A 猫 on a rug.", "status": "ok"},
     ]
-    out = text.tagger_nouns_rows(rows, DictTagger({"cat": "NN", "mat": "NN", "猫": "NN"}), clip_tokenizer, 75)
+    out = tagger_nouns_rows(rows, DictTagger({"cat": "NN", "mat": "NN", "猫": "NN"}), clip_tokenizer, 75)
     assert [r["status"] for r in out] == ["ok", "image_failed", "empty_caption", "no_phrases", "no_aligned_phrases"]
     assert out[4]["phrase_status"] == ["decode_mismatch"] and out[4]["token_indices"] == [[]]
     assert out[0]["phrases"] == ["cat", "mat"] and out[0]["token_indices"] == [[2], [5]]
     assert "HTTP 404" in out[1]["error"]
-    metrics = text.summarize(out)
+    metrics = summarize(out)
     assert metrics["captions"] == 5 and metrics["skipped"] == 4 and metrics["aligned"] == 2
     assert metrics["skipped_image_failed"] == metrics["skipped_empty_caption"] == 1
     assert metrics["phrases"] == 3 and metrics["phrase_decode_mismatch"] == 1
-    text.check_skip_rate(metrics, 0.8)
-    with pytest.raises(text.SkipRateError, match="4 of 5 captions skipped"):
-        text.check_skip_rate(metrics, 0.5)
+    check_skip_rate(metrics, 0.8)
+    with pytest.raises(SkipRateError, match="4 of 5 captions skipped"):
+        check_skip_rate(metrics, 0.5)
 
 
 # --- the nouns stage, end to end -------------------------------------------------------------------
@@ -364,7 +367,7 @@ def test_nouns_stage_writes_shards_and_metrics(tmp_path, monkeypatch):
 def test_nouns_stage_fails_loudly_past_the_skip_rate(tmp_path, monkeypatch):
     root = _stage_dir(tmp_path, _image_rows(["A cat.", "A dog.", "A bird."], failed=2))
     monkeypatch.chdir(root)
-    with pytest.raises(text.SkipRateError, match="2 of 3 captions skipped"):
+    with pytest.raises(SkipRateError, match="2 of 3 captions skipped"):
         runpy.run_path(str(REPO / "stages" / "nouns.py"), run_name="__main__")
     metrics = json.loads((root / "metrics" / "nouns.json").read_text())
     assert metrics["skipped_image_failed"] == 2  # written before failing, for inspection
@@ -375,7 +378,7 @@ def test_a_word_on_the_eot_position_is_refused(clip_tokenizer):
     """77 positions = SOT + 75 tokens + EOT: position 76 holds EOT after truncation, never the word."""
     def align(n_before):
         caption = " ".join(["red"] * n_before) + " cat"
-        return text.align_phrase(clip_tokenizer, text.CaptionTokens.of(clip_tokenizer, caption), "cat", None, 75, "c")
+        return align_phrase(clip_tokenizer, CaptionTokens.of(clip_tokenizer, caption), "cat", None, 75, "c")
 
     assert align(74).indices == [75] and align(74).status == "ok"
     assert align(75).status == "past_context"
@@ -388,12 +391,12 @@ def test_caption_stays_ok_when_only_some_phrases_fail(clip_tokenizer):
         def tag(self, words):
             return [(w, "NN" if w in ("cat", "猫") else "DT") for w in words]
 
-    row = text.tagger_nouns_rows([{"image_id": "m", "caption": "A cat and a 猫.", "status": "ok"}], Tagger(),
-                                 clip_tokenizer, 75)[0]
+    row = tagger_nouns_rows([{"image_id": "m", "caption": "A cat and a 猫.", "status": "ok"}], Tagger(),
+                            clip_tokenizer, 75)[0]
     assert row["phrase_status"] == ["ok", "decode_mismatch"] and row["status"] == "ok"
 
 
 def test_multi_token_phrase_crossing_the_last_position_is_past_context(clip_tokenizer):
     caption = "red " * 74 + "teddy bear"   # "teddy bear" would sit at 75-76: its last token is past 75
-    aligned = text.align_phrase(clip_tokenizer, text.CaptionTokens.of(clip_tokenizer, caption), "teddy bear", None, 75)
+    aligned = align_phrase(clip_tokenizer, CaptionTokens.of(clip_tokenizer, caption), "teddy bear", None, 75)
     assert aligned.status == "past_context"

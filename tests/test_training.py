@@ -11,13 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import training
-from pipeline.losses import LossCfg
-from pipeline.store.shards import iter_rows, write_shards
-from pipeline.store.codecs import rle_decode
-from pipeline.training import (OptimCfg, StreamBatchSampler, TrainCfg, TrainRun, TrainScale, image_tensor,
-                               load_records, object_mask_records)
+from pipeline.store.codecs import rle_decode, rle_encode
 from pipeline.store.identity import state_dict_hash
+from pipeline.store.shards import iter_rows, write_shards
+from pipeline.training import checkpoints
+from pipeline.training import step as training_step
+from pipeline.training import trainer
+from pipeline.training.data import StreamBatchSampler, image_tensor
+from pipeline.training.losses import LossCfg
+from pipeline.training.settings import OptimCfg, TrainCfg, TrainRun, TrainScale
+from pipeline.training.sources import load_records, object_mask_records
 
 RES = 128
 LAYERS = ["mid_8", "up_16", "up_32", "up_64"]
@@ -40,7 +43,7 @@ def masks_rows(images_dir: Path, tokenizer, resolution: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory, clip_tokenizer):
     """Demo images (12, 3 held out) and mask rows; the last train image keeps no mask (ungrounded)."""
-    from pipeline.demo_data import write_demo_training_set
+    from pipeline.datasets.demo_images import write_demo_training_set
 
     root = tmp_path_factory.mktemp("data")
     images, masks = root / "images", root / "masks"
@@ -61,6 +64,11 @@ def make_run(out_dir: Path, tiny_sd: Path, **scale) -> TrainRun:
         optim=OptimCfg(lr=1e-4, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, max_grad_norm=1.0),
         train=TrainCfg(checkpoint_limit=2), scale=TrainScale(**sizes), out_dir=out_dir,
     )
+
+
+def run_key(out_dir: Path, result: trainer.TrainResult) -> Path:
+    """The checkpoint folder of the run that produced ``result``: ``checkpoints/<run fingerprint>``."""
+    return out_dir / "checkpoints" / result.metrics["fingerprint"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -106,10 +114,18 @@ def test_resume_takes_the_latest_checkpoint_of_this_run_within_max_steps(tmp_pat
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
-    assert training.find_resume(tmp_path, "run", max_steps=10) == tmp_path / "checkpoint-4"
-    assert training.find_resume(tmp_path, "run", max_steps=3) == tmp_path / "checkpoint-2"
-    assert training.find_resume(tmp_path, "run", max_steps=1) is None
-    assert training.find_resume(tmp_path, "another", max_steps=10) is None
+    assert checkpoints.find_resume(tmp_path, "run", max_steps=10) == tmp_path / "checkpoint-4"
+    assert checkpoints.find_resume(tmp_path, "run", max_steps=3) == tmp_path / "checkpoint-2"
+    assert checkpoints.find_resume(tmp_path, "run", max_steps=1) is None
+    assert checkpoints.find_resume(tmp_path, "another", max_steps=10) is None
+
+
+def test_run_dir_is_one_plain_folder_per_key(tmp_path):
+    """A key folder is ``<root>/<fingerprint>``; a fingerprint that would leave the root is refused."""
+    assert checkpoints.run_dir(tmp_path, "0123abcd") == tmp_path / "0123abcd"
+    for bad in ("../up", "a/b", "", "."):
+        with pytest.raises(ValueError, match="not a plain folder name"):
+            checkpoints.run_dir(tmp_path, bad)
 
 
 def test_v_prediction_target_is_the_velocity():
@@ -121,8 +137,8 @@ def test_v_prediction_target_is_the_velocity():
     t = torch.tensor([500])
     abar = scheduler.alphas_cumprod.numpy()[500]
     want = np.sqrt(abar) * eps.numpy() - np.sqrt(1 - abar) * x0.numpy()
-    np.testing.assert_allclose(training._target(scheduler, x0, eps, t).numpy(), want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(training._target(DDPMScheduler(), x0, eps, t), eps)
+    np.testing.assert_allclose(training_step._target(scheduler, x0, eps, t).numpy(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(training_step._target(DDPMScheduler(), x0, eps, t), eps)
 
 
 def test_empty_masks_train_towards_zero_or_are_skipped(data_dirs, tmp_path, clip_tokenizer):
@@ -130,7 +146,7 @@ def test_empty_masks_train_towards_zero_or_are_skipped(data_dirs, tmp_path, clip
     all-zero target by default, as the original trained them; ``empty_masks="skip"`` leaves them out."""
     images, _ = data_dirs
     rows = masks_rows(images, clip_tokenizer, RES)[2:]
-    empty = training.rle_encode(np.zeros((RES, RES), dtype=bool))
+    empty = rle_encode(np.zeros((RES, RES), dtype=bool))
     changed = {0: ("empty_mask", empty), 1: ("outside_crop", empty), 2: ("blank_mask", None)}
     for i, (status, mask) in changed.items():
         rows[i].update(status=status, error=status, train_mask=mask)
@@ -200,13 +216,14 @@ def test_train_tiny_end_to_end_and_load_into_pipeline(data_dirs, tiny_sd, tmp_pa
     from pipeline.models import load_sd_pipeline
 
     records, _ = load_records(*data_dirs, RES)
-    result = training.train(make_run(tmp_path, tiny_sd), records)
+    result = trainer.train(make_run(tmp_path, tiny_sd), records)
     assert [r["step"] for r in result.curves] == [1, 2, 3, 4]
     for key in ["loss", "denoise", "token", "pixel"] + [f"{k}_{g}" for k in ("token", "pixel") for g in LAYERS]:
         assert all(np.isfinite(r[key]) for r in result.curves), key
     assert result.curves[0]["token"] > 0 and result.this_run["samples_this_run"] == 16
-    assert [p.name for _, p in training.list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2",
-                                                                                      "checkpoint-4"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [result.metrics["fingerprint"]]
+    assert [p.name for _, p in checkpoints.list_checkpoints(run_key(tmp_path, result))] == ["checkpoint-2",
+                                                                                         "checkpoint-4"]
     base = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     trained = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -234,7 +251,7 @@ def test_denoising_objective_is_epsilon_mse_at_uniform_timesteps():
                           beta_end=0.012)
     latents = torch.randn(512, 4, 2, 2, generator=torch.Generator().manual_seed(1))
     loss_cfg = LossCfg(token_weight=0.0, pixel_weight=0.0, layers=[])
-    out = training.compute_losses(unet, sched, latents, torch.zeros(512, 77, 8), None, None, loss_cfg,
+    out = training_step.compute_losses(unet, sched, latents, torch.zeros(512, 77, 8), None, None, loss_cfg,
                                   torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(latents.shape, generator=gen)
@@ -252,10 +269,10 @@ def test_latents_are_a_scaled_posterior_sample(tiny_sd):
     from transformers import CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(tiny_sd / "vae")
-    models = training.SDModels(vae=vae, text_encoder=CLIPTextModel.from_pretrained(tiny_sd / "text_encoder"),
+    models = training_step.SDModels(vae=vae, text_encoder=CLIPTextModel.from_pretrained(tiny_sd / "text_encoder"),
                                unet=None, noise_scheduler=None, tokenizer=None)
     pixels = torch.rand(2, 3, RES, RES) * 2 - 1
-    latents, states = training.encode_batch(models, pixels, torch.zeros(2, 77, dtype=torch.long),
+    latents, states = training_step.encode_batch(models, pixels, torch.zeros(2, 77, dtype=torch.long),
                                             torch.Generator().manual_seed(3))
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
@@ -281,7 +298,7 @@ def test_gradients_are_clipped_before_every_optimizer_step(data_dirs, tiny_sd, t
     records, _ = load_records(*data_dirs, RES)
     run = make_run(tmp_path, tiny_sd, max_steps=2)
     run = replace(run, optim=replace(run.optim, max_grad_norm=1e-3))
-    training.train(run, records)
+    trainer.train(run, records)
     assert len(norms) == 2  # one per optimizer step (2 micro-steps each)
     assert norms == pytest.approx([1e-3, 1e-3], rel=1e-3)
 
@@ -302,30 +319,30 @@ def test_checkpoint_limit_keeps_the_newest_up_to_the_current_step(tmp_path):
     model, opt = Saveable(), torch.optim.AdamW(net.parameters())
 
     def steps() -> list[int]:
-        return [s for s, _ in training.list_checkpoints(tmp_path)]
+        return [s for s, _ in checkpoints.list_checkpoints(tmp_path)]
 
     for step in (10, 20, 30, 40):
-        training.save_checkpoint(tmp_path, step, model, opt, {"step": step}, limit=2)
+        checkpoints.save_checkpoint(tmp_path, step, model, opt, {"step": step}, limit=2)
     assert steps() == [30, 40]
     for step in (1, 2, 3):  # a shorter run
-        training.save_checkpoint(tmp_path, step, model, opt, {"step": step}, limit=2)
+        checkpoints.save_checkpoint(tmp_path, step, model, opt, {"step": step}, limit=2)
     assert steps() == [2, 3, 30, 40]
-    training.save_checkpoint(tmp_path, 50, model, opt, {"step": 50}, limit=0)
+    checkpoints.save_checkpoint(tmp_path, 50, model, opt, {"step": 50}, limit=0)
     assert steps() == [2, 3, 30, 40, 50]  # limit 0 keeps every checkpoint
 
 
 def kill_after_first_checkpoint(run: TrainRun, records, monkeypatch) -> None:
     """Train ``run`` and kill it (KeyboardInterrupt) right after its first checkpoint is written."""
-    real_save = training.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt("killed after the first checkpoint")
 
     with monkeypatch.context() as patch:
-        patch.setattr(training, "save_checkpoint", save_then_die)
+        patch.setattr(trainer, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            training.train(run, records)
+            trainer.train(run, records)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
@@ -336,10 +353,10 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dirs, tiny_sd, tmp_path
         plain = make_run(tmp_path / folder, tiny_sd, max_steps=6)
         return replace(plain, optim=replace(plain.optim, lr_schedule=schedule, warmup_steps=3))
 
-    straight = training.train(run("a"), records)
+    straight = trainer.train(run("a"), records)
     kill_after_first_checkpoint(run("b"), records, monkeypatch)
     assert not (tmp_path / "b" / "unet").exists()
-    resumed = training.train(run("b"), records)
+    resumed = trainer.train(run("b"), records)
     assert resumed.this_run["resumed_from_step"] == 2
     if schedule == "linear":  # the rate each step used; the resumed schedule continues where it stopped
         assert [row["lr"] for row in resumed.curves] == pytest.approx([1e-4 * f for f in (0, 1/3, 2/3, 1, 2/3, 1/3)])
@@ -354,36 +371,114 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dirs, tiny_sd, tmp_path
     assert state_dict_hash(a) == state_dict_hash(b)
 
 
-def test_changed_params_do_not_resume_stale_checkpoints(data_dirs, tiny_sd, tmp_path):
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_other_settings_keep_checkpoints_and_switching_back_resumes(data_dirs, tiny_sd, tmp_path):
+    """Each run writes under its own key: a run with other loss weights starts from scratch and leaves the
+    first run's checkpoints (and any other folder) byte for byte; going back to the first settings resumes
+    from their latest checkpoint. Each key's run.json tells the runs apart."""
+    from datetime import datetime
+
+    from pipeline.store.identity import fingerprint_of
+
     records, _ = load_records(*data_dirs, RES)
-    training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    root = tmp_path / "checkpoints"
+    foreign = {root / "0123456789abcdef" / "checkpoint-7", root / "checkpoint-3"}  # another key, the old layout
+    for folder in foreign:
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text('{"step": 7, "fingerprint": "other-run"}')
+    first = trainer.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    key_a = run_key(tmp_path, first)
+    kept = snapshot(key_a)
+    assert [p.name for _, p in checkpoints.list_checkpoints(key_a)] == ["checkpoint-2"]
+    created = checkpoints.read_run_info(key_a)["created"]
     other = replace(make_run(tmp_path, tiny_sd, max_steps=2), loss=LossCfg(1e-2, 5e-5, LAYERS))
-    result = training.train(other, records)
-    assert result.this_run["resumed_from_step"] == 0
-    state = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "state.json").read_text())
-    assert state["fingerprint"] == result.metrics["fingerprint"]
+    second = trainer.train(other, records)
+    key_b = run_key(tmp_path, second)
+    assert second.this_run["resumed_from_step"] == 0 and key_b != key_a
+    state = json.loads((key_b / "checkpoint-2" / "state.json").read_text())
+    assert state["fingerprint"] == second.metrics["fingerprint"]
+    assert snapshot(key_a) == kept
+    back = trainer.train(make_run(tmp_path, tiny_sd, max_steps=4), records)
+    assert back.this_run["resumed_from_step"] == 2 and back.metrics["fingerprint"] == first.metrics["fingerprint"]
+    assert back.curves[:2] == first.curves and [r["step"] for r in back.curves] == [1, 2, 3, 4]
+    assert [s for s, _ in checkpoints.list_checkpoints(key_a)] == [2, 4]
+    assert [s for s, _ in checkpoints.list_checkpoints(key_b)] == [2]
+    assert all((folder / "state.json").is_file() for folder in foreign)
+    runs = dict(checkpoints.list_runs(root))
+    assert set(runs) == {key_a, key_b, root / "0123456789abcdef"} and runs[root / "0123456789abcdef"] is None
+    info_a, info_b = runs[key_a], runs[key_b]
+    for key, info in ((key_a, info_a), (key_b, info_b)):  # run.json holds exactly what the key hashes
+        assert info["fingerprint"] == key.name == fingerprint_of(info["params"])
+        assert datetime.fromisoformat(info["created"]) <= datetime.fromisoformat(info["updated"])
+    assert info_a["params"]["loss"]["token_weight"] == 1e-3 and info_b["params"]["loss"]["token_weight"] == 1e-2
+    assert (info_a["last_saved_step"], info_a["max_steps"], info_a["world_size"]) == (4, 4, 1)
+    assert info_b["last_saved_step"] == 2 and info_a["created"] == created
 
 
 def test_checkpoints_of_other_code_are_not_resumed(data_dirs, tiny_sd, tmp_path, monkeypatch):
     records, _ = load_records(*data_dirs, RES)
-    first = training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
-    monkeypatch.setattr(training, "code_digest", lambda *_: "edited-code")
-    again = training.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    first = trainer.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
+    kept = snapshot(run_key(tmp_path, first))
+    monkeypatch.setattr(trainer, "code_digest", lambda *_: "edited-code")
+    again = trainer.train(make_run(tmp_path, tiny_sd, max_steps=2), records)
     assert again.this_run["resumed_from_step"] == 0 and again.metrics["fingerprint"] != first.metrics["fingerprint"]
+    assert snapshot(run_key(tmp_path, first)) == kept  # the other code's checkpoints stay
+    assert [s for s, _ in checkpoints.list_checkpoints(run_key(tmp_path, again))] == [2]
+
+
+def test_run_key_counts_the_trainer_code_by_its_syntax(tmp_path, monkeypatch):
+    """On a copy of the package: a comment or docstring edit in a module the trainer imports (or in the
+    trainer) keeps the run key, so a rerun resumes; a code edit there changes it; code edits in every module
+    the trainer does not import (how records are loaded, the curves file, the other stages) keep it."""
+    import shutil
+
+    from pipeline.store import identity
+
+    run = make_run(tmp_path, Path("tiny-sd"))
+    key = trainer.run_fingerprint(run, "data")
+    assert trainer.run_fingerprint(run, "other data") != key
+    assert trainer.run_fingerprint(replace(run, seed=1), "data") != key
+    copy = tmp_path / "pipeline"
+    shutil.copytree(identity.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(identity, "PACKAGE_DIR", copy)
+    assert trainer.run_fingerprint(run, "data") == key  # a faithful copy
+    closure = {p.relative_to(copy).as_posix() for p in identity.import_closure("pipeline.training.trainer")}
+    assert {"training/trainer.py", "training/step.py", "training/losses.py", "training/data.py",
+            "training/checkpoints.py", "attention.py", "geometry.py"} <= closure
+    assert not closure & {"training/sources.py", "training/curves.py", "report.py"}
+    for name in ("training/trainer.py", "training/losses.py", "training/data.py", "attention.py", "geometry.py"):
+        path = copy / name
+        original = path.read_text()
+        assert original.startswith('"""')
+        cosmetic = '"""Reworded. ' + original[3:].replace("\n\n\n", "\n\n\n# a comment\n", 1) + "\n# the end\n"
+        path.write_text(cosmetic)
+        assert trainer.run_fingerprint(run, "data") == key, name
+        path.write_text(original + "\nEDITED = 1\n")
+        assert trainer.run_fingerprint(run, "data") != key, name
+        path.write_text(original)
+    outside = [p for p in copy.rglob("*.py") if p.relative_to(copy).as_posix() not in closure]
+    assert {copy / "training" / "sources.py", copy / "training" / "curves.py"} <= set(outside)
+    for path in outside:
+        path.write_text(path.read_text() + "\nEDITED = 1\n")
+    assert trainer.run_fingerprint(run, "data") == key
 
 
 def test_non_finite_loss_stops_naming_step_and_images(data_dirs, tiny_sd, tmp_path, monkeypatch):
     records, _ = load_records(*data_dirs, RES)
-    real = training.grounding_loss
+    real = training_step.grounding_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out.token = out.token * float("nan")
         return out
 
-    monkeypatch.setattr(training, "grounding_loss", poisoned)
+    monkeypatch.setattr(training_step, "grounding_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"optimizer step 1 .*images \['demo"):
-        training.train(make_run(tmp_path, tiny_sd, max_steps=1), records)
+        trainer.train(make_run(tmp_path, tiny_sd, max_steps=1), records)
 
 
 def test_denoise_only_training_without_masks(data_dirs, tiny_sd, tmp_path):
@@ -392,7 +487,7 @@ def test_denoise_only_training_without_masks(data_dirs, tiny_sd, tmp_path):
     records, stats = load_records(images, None, RES)
     assert stats["images_grounded"] == 0
     run = replace(make_run(tmp_path, tiny_sd, max_steps=1, grad_accum=1), loss=LossCfg(0.0, 0.0, LAYERS))
-    result = training.train(run, records)
+    result = trainer.train(run, records)
     assert "token" not in result.curves[0] and np.isfinite(result.curves[0]["denoise"])
     with pytest.raises(ValueError, match="no training images"):
         load_records(images, None, RES, skip_ungrounded=True)
@@ -410,14 +505,14 @@ def test_ema_with_checkpointing_saves_the_average_and_resumes_exactly(data_dirs,
         run = make_run(out, tiny_sd, max_steps=4, gradient_checkpointing=True)
         return replace(run, train=TrainCfg(use_ema=True, ema_decay=0.5, checkpoint_limit=2))
 
-    straight = training.train(run_in(tmp_path / "a"), records)
+    straight = trainer.train(run_in(tmp_path / "a"), records)
     assert straight.metrics["ema"] and np.isfinite(straight.curves[-1]["token"])
     kill_after_first_checkpoint(run_in(tmp_path / "b"), records, monkeypatch)
-    resumed = training.train(run_in(tmp_path / "b"), records)
+    resumed = trainer.train(run_in(tmp_path / "b"), records)
     assert resumed.this_run["resumed_from_step"] == 2 and resumed.curves == straight.curves
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "unet")
     assert state_dict_hash(saved) == state_dict_hash(UNet2DConditionModel.from_pretrained(tmp_path / "b" / "unet"))
-    last = tmp_path / "a" / "checkpoints" / "checkpoint-4"
+    last = run_key(tmp_path / "a", straight) / "checkpoint-4"
     shadow = torch.load(last / "ema.pt", weights_only=True)["shadow_params"]
     for param, average in zip(saved.parameters(), shadow):
         torch.testing.assert_close(param, average, rtol=0, atol=0)
@@ -450,14 +545,14 @@ def test_mixed_precision_training_on_gpu(data_dirs, tiny_sd, tmp_path, precision
     records, _ = load_records(*data_dirs, RES)
     run = make_run(tmp_path / "a", tiny_sd, max_steps=4, checkpoint_every=2, mixed_precision=precision,
                    gradient_checkpointing=True)
-    result = training.train(run, records)
+    result = trainer.train(run, records)
     assert result.metrics["mixed_precision"] == precision
     assert all(np.isfinite(r["token"]) and np.isfinite(r["pixel"]) for r in result.curves)
-    last = tmp_path / "a" / "checkpoints" / "checkpoint-4"
+    last = run_key(tmp_path / "a", result) / "checkpoint-4"
     assert (last / ("scaler.pt" if precision == "fp16" else "unet")).exists()
-    first_half = training.train(replace(run, out_dir=tmp_path / "b", scale=replace(run.scale, max_steps=2)), records)
+    first_half = trainer.train(replace(run, out_dir=tmp_path / "b", scale=replace(run.scale, max_steps=2)), records)
     assert first_half.metrics["steps"] == 2
-    resumed = training.train(replace(run, out_dir=tmp_path / "b"), records)
+    resumed = trainer.train(replace(run, out_dir=tmp_path / "b"), records)
     assert resumed.this_run["resumed_from_step"] == 2
     for a, b in zip(result.curves, resumed.curves):  # GPU kernels may round differently between runs
         assert b["step"] == a["step"] and b["loss"] == pytest.approx(a["loss"], rel=1e-2)
@@ -474,11 +569,11 @@ def test_compiled_training_equals_eager_training(data_dirs, tiny_sd, tmp_path, m
 
     monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")  # dynamo + AOT autograd, no code generation
     records, _ = load_records(*data_dirs, RES)
-    eager = training.train(make_run(tmp_path / "eager", tiny_sd, max_steps=2, gradient_checkpointing=checkpointing),
+    eager = trainer.train(make_run(tmp_path / "eager", tiny_sd, max_steps=2, gradient_checkpointing=checkpointing),
                            records)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = training.train(make_run(tmp_path / "compiled", tiny_sd, max_steps=2,
+    compiled = trainer.train(make_run(tmp_path / "compiled", tiny_sd, max_steps=2,
                                        gradient_checkpointing=checkpointing, compile=True), records)
     if not checkpointing:  # one graph for all 4 micro-steps: no graph break, no recompilation
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -516,12 +611,17 @@ def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    stale = tmp_path / "straight" / "checkpoints"  # another run's checkpoints: removed once, by rank 0
-    for step in range(1, 41):
-        (stale / f"checkpoint-{step}").mkdir(parents=True)
-        (stale / f"checkpoint-{step}" / "state.json").write_text('{"fingerprint": "other-run"}')
+    root = tmp_path / "straight" / "checkpoints"  # another key's checkpoints and the old flat layout: kept
+    stale = [root / "0123456789abcdef" / f"checkpoint-{step}" for step in range(1, 21)]
+    stale += [root / f"checkpoint-{step}" for step in range(1, 21)]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text('{"fingerprint": "other-run"}')
     straight = launch(tmp_path / "straight", 4)
-    assert not any((stale / f"checkpoint-{step}").exists() for step in (1, 3, 5, 40))
+    assert all((folder / "state.json").is_file() for folder in stale)
+    key = root / straight[0]["metrics"]["fingerprint"]
+    assert [s for s, _ in checkpoints.list_checkpoints(key)] == [2, 4]
+    assert checkpoints.read_run_info(key)["world_size"] == 2
     launch(tmp_path / "resumed", 2)
     resumed = launch(tmp_path / "resumed", 4)
     for ranks in (straight, resumed):
@@ -537,7 +637,8 @@ def test_two_processes_stay_in_sync_and_resume(data_dirs, tiny_sd, tmp_path):
     # One process cannot continue a two-process run (other data order and effective batch): refused, kept.
     alone = run(tmp_path / "resumed", 6, processes=1)
     assert alone.returncode != 0 and "was made by 2 processes and this run has 1" in alone.stderr
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "state.json").is_file()
+    assert (tmp_path / "resumed" / "checkpoints" / resumed[0]["metrics"]["fingerprint"] / "checkpoint-4"
+            / "state.json").is_file()
 
 
 def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tiny_sd, tmp_path, monkeypatch):
@@ -547,7 +648,7 @@ def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tin
 
     records, _ = load_records(*data_dirs, RES)
     encoded: list[int] = []
-    real = training.LatentCache.posterior
+    real = training_step.LatentCache.posterior
 
     def counting(self, vae, pixel_values, image_ids):
         before = self.encoded
@@ -555,10 +656,10 @@ def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tin
         encoded.append(self.encoded - before)
         return out
 
-    monkeypatch.setattr(training.LatentCache, "posterior", counting)
+    monkeypatch.setattr(training_step.LatentCache, "posterior", counting)
     steps = 6  # 24 samples over 9 training images: every image comes back
-    plain = training.train(make_run(tmp_path / "plain", tiny_sd, max_steps=steps, cache_latents=False), records)
-    cached = training.train(make_run(tmp_path / "cached", tiny_sd, max_steps=steps, cache_latents=True), records)
+    plain = trainer.train(make_run(tmp_path / "plain", tiny_sd, max_steps=steps, cache_latents=False), records)
+    cached = trainer.train(make_run(tmp_path / "cached", tiny_sd, max_steps=steps, cache_latents=True), records)
     assert sum(encoded) == cached.this_run["vae_encodes_rank0"] == len(records) == 9
     assert plain.this_run["vae_encodes_rank0"] == 24 and len(encoded) == 12  # one call per micro-step
     assert cached.metrics["fingerprint"] == plain.metrics["fingerprint"]
@@ -573,7 +674,7 @@ def test_latent_cache_encodes_each_image_once_and_changes_nothing(data_dirs, tin
 
 def test_grounding_losses_without_any_mask_are_refused():
     """Weights > 0 and no image with an aligned mask would silently be plain fine-tuning."""
-    from pipeline.training import check_grounded
+    from pipeline.training.sources import check_grounded
 
     loss = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8"])
     with pytest.raises(ValueError, match="no training image has an aligned mask"):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.datasets.categories import load_categories
 from pipeline.config import ConfigError, load_params, section
-from pipeline.multigen import detect_rows, load_detector
+from pipeline.datasets.categories import load_categories
+from pipeline.multigen.detection import detect_rows, load_detector
 from pipeline.store.shards import STATUS_OK, read_shards
-from pipeline.visor import (RELATIONS, SPATIAL_SIZE, SR2D_SIZE, VisorCfg, VisorScale, image_outcome,
-                            relation_holds, spatial_prompts, sr2d_entries, visor_scores, with_article)
+from pipeline.visor import (RELATIONS, SPATIAL_SIZE, SR2D_SIZE, VisorCfg, VisorScale, image_outcome, relation_holds,
+                            spatial_prompts, sr2d_entries, visor_scores, with_article)
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = load_categories("coco")
@@ -214,7 +214,7 @@ def test_stage_tracks_every_sampler_setting_it_uses():
     """dvc.yaml lists each sampling field the stage reads, and not the two that visor.* replaces."""
     from dataclasses import fields
 
-    from pipeline.sampling import SamplingScale
+    from pipeline.sampling.settings import SamplingScale
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["visor"]["do"]
     listed = {p.split(".", 3)[3] for p in stage["params"] if p.startswith("profiles.${profile}.sampling.")}
@@ -343,7 +343,7 @@ def test_visor_k_counts_only_prompts_with_a_scored_image():
 
 
 def test_defaults_are_the_benchmarks_own():
-    from pipeline.multigen import MultiGenCfg
+    from pipeline.multigen.settings import MultiGenCfg
 
     assert MultiGenCfg().threshold == VisorCfg().threshold == 0.1
     assert VisorCfg().images_per_prompt == 4 and VisorCfg().query_template == "a photo of a {name}"

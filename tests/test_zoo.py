@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from pipeline import models, zoo
+from pipeline.store.identity import state_dict_hash
 
 
 def test_clip_tokenizer_matches_sd14_ids(clip_tokenizer):
@@ -30,9 +33,9 @@ def test_tiny_sd_is_deterministic_and_round_trips(tmp_path, tiny_sd):
     for sub, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
         a = cls.from_pretrained(tiny_sd / sub)
         b = cls.from_pretrained(other / sub)
-        assert zoo.state_dict_hash(a) == zoo.state_dict_hash(b)
+        assert state_dict_hash(a) == state_dict_hash(b)
     different = zoo.build("tiny-sd", tmp_path / "seed1", seed=1)
-    assert zoo.state_dict_hash(UNet2DConditionModel.from_pretrained(different / "unet")) != zoo.state_dict_hash(
+    assert state_dict_hash(UNet2DConditionModel.from_pretrained(different / "unet")) != state_dict_hash(
         UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     )
 
@@ -58,14 +61,17 @@ def test_pipeline_loads_by_reference_and_samples(tiny_sd):
     image = pipe("a photo of a cat", num_inference_steps=2, generator=gen, output_type="np").images
     assert image.shape == (1, 128, 128, 3)
     swapped = models.load_sd_pipeline("embedded:tiny-sd", tiny_sd.parent, unet_ref=str(tiny_sd / "unet"))
-    assert zoo.state_dict_hash(swapped.unet) == zoo.state_dict_hash(pipe.unet)
+    assert state_dict_hash(swapped.unet) == state_dict_hash(pipe.unet)
 
 
 def test_reference_errors_are_actionable(tmp_path):
     with pytest.raises(models.ModelLoadError, match="run `dvc repro models`"):
         models.resolve("embedded:tiny-sd", tmp_path)
-    with pytest.raises(ValueError, match="unknown embedded model"):
+    with pytest.raises(models.ModelLoadError, match=r"embedded:nope: not built at .*list 'nope' in "
+                                                     r"profiles.<profile>.embedded and run `dvc repro models`"):
         models.resolve("embedded:nope", tmp_path)
+    with pytest.raises(ValueError, match="an embedded model is embedded:NAME"):
+        models.parse_ref("embedded:../outside")
     with pytest.raises(models.ModelLoadError, match="does not exist"):
         models.resolve(str(tmp_path / "missing"), tmp_path)
     assert models.parse_ref("CompVis/stable-diffusion-v1-4").kind == "hub"
@@ -109,8 +115,8 @@ def test_pinned_hub_revision_loads_that_snapshot(tiny_sd, tmp_path, monkeypatch)
 
     pinned = models.load_unet(f"lab/unet-repo@{old}", tmp_path)
     latest = models.load_unet("lab/unet-repo", tmp_path)
-    assert zoo.state_dict_hash(pinned) == zoo.state_dict_hash(models.load_unet(str(tiny_sd), tmp_path))
-    assert zoo.state_dict_hash(latest) == zoo.state_dict_hash(changed)
+    assert state_dict_hash(pinned) == state_dict_hash(models.load_unet(str(tiny_sd), tmp_path))
+    assert state_dict_hash(latest) == state_dict_hash(changed)
     assert models.parse_ref(f"lab/unet-repo@{old}") == models.ModelRef(f"lab/unet-repo@{old}", "hub",
                                                                          "lab/unet-repo", old)
     with pytest.raises(models.ModelLoadError, match=f"hf download lab/unet-repo --revision {'3' * 40}"):
@@ -124,7 +130,7 @@ def test_bare_unet_folder_and_pipeline_folder_both_load(tiny_sd):
     """A UNet reference may name a pipeline (its unet/) or a UNet saved on its own."""
     from_pipeline = models.load_unet(str(tiny_sd), tiny_sd.parent)
     bare = models.load_unet(str(tiny_sd / "unet"), tiny_sd.parent)
-    assert zoo.state_dict_hash(from_pipeline) == zoo.state_dict_hash(bare)
+    assert state_dict_hash(from_pipeline) == state_dict_hash(bare)
 
 
 @pytest.mark.slow
@@ -144,7 +150,7 @@ def test_state_dict_hash_covers_scalars_and_dtypes():
     b.register_buffer("scale", torch.tensor(2.0, dtype=torch.float64))
     c = torch.nn.Module()
     c.register_buffer("scale", torch.tensor(3.0))
-    assert len({zoo.state_dict_hash(m) for m in (a, b, c)}) == 3
+    assert len({state_dict_hash(m) for m in (a, b, c)}) == 3
 
 
 def test_tiny_vae_scaling_gives_unit_variance_latents(tiny_sd):
@@ -173,8 +179,9 @@ def test_builds_do_not_depend_on_the_offline_setting(tmp_path):
         assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "0" / rel).read_bytes(), rel
 
 
-def test_models_stage_never_empties_a_folder_that_is_not_its_output(tmp_path):
-    """profiles.<p>.models_dir pointing at a user's folder: the stage refuses instead of deleting it."""
+def test_models_stage_refuses_an_unknown_name_before_touching_its_output(tmp_path):
+    """A misspelt embedded model is a one-line error naming the known ones, raised before the stage replaces
+    artifacts/models (the only folder it writes: a fixed path, not a param)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -183,16 +190,17 @@ def test_models_stage_never_empties_a_folder_that_is_not_its_output(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    mine = tmp_path / "my-models"
-    (mine / "sd-v1-4").mkdir(parents=True)
-    (mine / "sd-v1-4" / "model.safetensors").write_text("weights")
-    params["profiles"]["demo"]["models_dir"] = str(mine)
-    params["profiles"]["demo"]["embedded"] = []
+    params["profiles"]["demo"]["embedded"] = ["tiny-sd", "tiny-sdd"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    built = tmp_path / "artifacts" / "models" / "tiny-sd"
+    built.mkdir(parents=True)
+    (built / "model_index.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k != "TOKENCOMPOSE_TRACEBACK"}
     proc = subprocess.run([sys.executable, str(repo / "stages/models.py")], cwd=tmp_path, capture_output=True,
-                          text=True)
-    assert proc.returncode != 0 and "is not artifacts/models" in proc.stderr
-    assert (mine / "sd-v1-4" / "model.safetensors").read_text() == "weights"
+                          text=True, env=env)
+    assert proc.returncode == 1 and "profiles.demo.embedded: ['tiny-sdd'] are not embedded models" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tiny-sd," in proc.stderr
+    assert (built / "model_index.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("name,device,expected", [

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from pipeline.config import InputDataError, MissingInputError
-
 
 CATEGORIES_DIR = Path(__file__).resolve().parents[2] / "data" / "categories"
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from pipeline.config import InputDataError, MissingInputError
 from pipeline.store.files import atomic_write
 

@@ -4,20 +4,17 @@ fetched and checked against their SHA-256 (paper)."""
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-
 from pipeline.config import ConfigError, InputDataError
 from pipeline.datasets.categories import load_categories
-from pipeline.datasets.multigen_files import (
-    NUM_OBJECTS, BenchmarkFormatError, multigen_text, validate_multigen, write_multigen,
-)
+from pipeline.datasets.multigen_files import (NUM_OBJECTS, BenchmarkFormatError, multigen_text, validate_multigen,
+                                              write_multigen)
 from pipeline.fetch import read_verified
-from pipeline.store.files import atomic_write
 from pipeline.seeding import python_rng
+from pipeline.store.files import atomic_write
 
 
 @dataclass(frozen=True)

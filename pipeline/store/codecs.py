@@ -34,7 +34,6 @@ def decode_error(data: bytes | None) -> str | None:
     return None
 
 
-
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     """COCO RLE of a binary (H, W) mask: ``{"size": [H, W], "counts": str}`` (pycocotools)."""
     from pycocotools import mask as mask_utils
@@ -54,5 +53,3 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return mask_utils.decode({"size": list(rle["size"]), "counts": counts}).astype(bool)
-
-

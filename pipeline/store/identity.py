@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+
 def fingerprint_of(obj: Any) -> str:
     """A short SHA-256 of a JSON-serialisable object (params, item keys, input hashes); NumPy arrays count
     by their values, bytes by their SHA-256, anything else JSON cannot write by its ``str``."""
@@ -64,7 +65,6 @@ def item_identity(item: Any) -> Any:
                     f"values, dataclasses, arrays, bytes or Paths")
 
 
-
 def files_digest(paths: Iterable[Path], relative_to: Path | None = None, full_hash_limit: int = 256 << 20) -> str:
     """SHA-256 (16 hex digits) over files: each one's name (its path relative to ``relative_to`` when given,
     else the bare name, so a moved copy hashes the same) and its bytes; files above ``full_hash_limit``
@@ -90,7 +90,6 @@ def dir_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-
 
 
 def state_dict_hash(module: Any) -> str:

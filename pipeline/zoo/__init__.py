@@ -1,6 +1,6 @@
 """Registry of embedded models: small configs built with seeded random weights (DESIGN §4).
 
-``embedded:NAME`` model references resolve to ``<models_dir>/NAME``, which the ``models`` stage writes
+``embedded:NAME`` model references resolve to ``artifacts/models/NAME``, which the ``models`` stage writes
 with :func:`build` in the standard ``save_pretrained`` layout, so later stages load embedded models and
 real checkpoints by one code path. Each family registers its builders in its own module of this package.
 """
@@ -72,7 +72,7 @@ def _drop_runtime_keys(out_dir: Path) -> None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-# Families register on import.
+# Families register on import (after REGISTRY and register exist: each family's module imports them).
 from pipeline.zoo import sd  # noqa: E402,F401
 from pipeline.zoo import detection  # noqa: E402,F401
 from pipeline.zoo import piebench  # noqa: E402,F401

@@ -1,18 +1,8 @@
-"""MultiGen: prompt files, OWLv2 detection and the MG1-MG5 scores (SPEC §3).
-
-* Prompts: the official file format (SPEC §3.1), a JSON list of ``{"unique_id", "num_objects",
-  "obj_1_attributes": [name], ..., "text"}``; :func:`load_prompt_set` validates it.
-* Detection (SPEC §3.3): OWLv2 with the queries ``"a photo of a {name}"`` for the prompt's objects, one
-  query list per image, batched. Every predicted box is kept with its score (sigmoid of its best query
-  logit) and label (that query), unlike the original script, whose post-processing dropped every box
-  scoring <= 0.1 before its own 0.01 "save threshold" [QUIRK]; so MG can be rescored at any threshold
-  without detecting again.
-* Scoring (SPEC §3.4): an image finds object ``q`` when some box labelled ``q`` scores > threshold
-  (strict); ``n`` = distinct objects found; ``MG_k`` = 100 x share of images with ``n >= k``; its std is the
-  population std (ddof = 0) over image index ``j`` of the per-index success rates.
-
-This module imports torch only inside the detection functions, so scoring stays light.
-"""
+"""MultiGen detection (SPEC §3.3): OWLv2 with the queries ``"a photo of a {name}"`` for the prompt's objects,
+one query list per image, batched. Every predicted box is kept with its score (sigmoid of its best query
+logit) and label (that query), unlike the original script, whose post-processing dropped every box
+scoring <= 0.1 before its own 0.01 "save threshold" [QUIRK]; so MG can be rescored at any threshold
+without detecting again."""
 
 from __future__ import annotations
 
@@ -21,65 +11,30 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 
-from pipeline.config import (
-    DtypeName, Fraction, FractionBelowOne, InputDataError, MissingInputError, NonEmpty, PositiveInt,
-)
+from pipeline.config import DtypeName, MissingInputError
+from pipeline.multigen.settings import MultiGenScale
+from pipeline.store.batches import error_text, run_batches
 from pipeline.store.shards import STATUS_OK
 
 log = logging.getLogger(__name__)
 
-MG_LEVELS = (1, 2, 3, 4, 5)
 STATUS_NO_IMAGE = "no_image"  # the sample row has no image (its sampling failed)
+
+
 STATUS_CORRUPT_IMAGE = "corrupt_image"  # the sample row's image bytes do not decode
+
+
 STATUS_DETECT_FAILED = "detect_failed"
 
-
-@dataclass(frozen=True)
-class MultiGenCfg:
-    """Top-level ``multigen`` params: method settings shared by every profile (SPEC §3.3-3.4)."""
-
-    threshold: FractionBelowOne = 0.1         # found: a box scores > this
-    query_template: str = "a photo of a {name}"
-    prompt_sets: Annotated[tuple[str, ...], NonEmpty()] = ("coco", "ade20k")
-    prompts_dir: Path = Path("artifacts/data/multigen")
-    max_failed_rate: Fraction = 0.01        # a stage fails when more images than this failed
-
-    def __post_init__(self) -> None:
-        import string
-
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.query_template) if f is not None]
-        except ValueError:  # unbalanced braces
-            fields = []
-        if fields != ["name"]:
-            raise ValueError(f"query_template {self.query_template!r} must hold the object name once as {{name}} "
-                             f"(e.g. 'a photo of a {{name}}')")
-
-
-@dataclass(frozen=True)
-class MultiGenScale:
-    """``profiles.<p>.multigen``: the detector reference and how detection is run."""
-
-    detector: str                           # google/owlv2-large-patch14-ensemble | embedded:tiny-owlv2
-    batch_size: PositiveInt                 # images per detector call
-    dtype: DtypeName = "float32"            # float32: as the original
-    shard_size: PositiveInt = 1             # sample shards per detection shard
-    image_backend: Literal["pil", "torchvision"] = "pil"  # pil: the original's resizing; torchvision: faster
-
-
-# --- prompts ----------------------------------------------------------------------------------------
 
 def queries_for(objects: Sequence[str], template: str) -> list[str]:
     """The detector queries of one image: ``template`` filled with each object name, in prompt order."""
     return [template.format(name=name) for name in objects]
 
-
-# --- scoring -----------------------------------------------------------------------------------------
 
 def label_max_scores(box_scores: Sequence[float], box_labels: Sequence[int], num_queries: int) -> list[float]:
     """Per query ``q``: the highest score of the boxes labelled ``q`` (0.0 when no box has that label).
@@ -101,118 +56,6 @@ def label_max_scores(box_scores: Sequence[float], box_labels: Sequence[int], num
     np.maximum.at(best, labels, scores)
     return best.tolist()
 
-
-def above_threshold(scores: Sequence[float], threshold: float) -> np.ndarray:
-    """(N,) bool: ``score > threshold`` compared in float32, as the detectors' own post-processing compares
-    its float32 scores with a Python threshold (a score of exactly float32(0.1) is not above 0.1)."""
-    return np.asarray(scores, dtype=np.float32).reshape(-1) > np.float32(threshold)
-
-
-def found_names(objects: Sequence[str], per_query_max: Sequence[float], threshold: float) -> set[str]:
-    """The prompt objects that have a box labelled with them scoring > ``threshold`` (the MG_k rule)."""
-    if len(objects) != len(per_query_max):
-        raise ValueError(f"{len(objects)} objects but {len(per_query_max)} query scores")
-    return {name for name, hit in zip(objects, above_threshold(per_query_max, threshold)) if hit}
-
-
-def objects_found(objects: Sequence[str], per_query_max: Sequence[float], threshold: float) -> int:
-    """``n``: how many distinct prompt objects have a box labelled with them scoring > ``threshold``."""
-    return len(found_names(objects, per_query_max, threshold))
-
-
-def mg_scores(found: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
-    """MG_k and its std over image index from a (P, J) grid of per-image object counts.
-
-    Args:
-        found: (P, J) int, ``found[p, j]`` = objects found in image ``j`` of prompt ``p``.
-        valid: (P, J) bool, images that exist and were scored (default: all). Invalid images are left out
-            of every denominator, as the original divides by the number of result entries.
-    Returns:
-        ``{"mg1": ..., "mg1_std": ..., ..., "mg5_std": ...}`` in percent. ``mgK`` = 100 x (valid images
-        with n >= K) / (valid images); ``mgK_std`` = population std (ddof=0) over j of the per-index rates
-        ``100 x (valid images at j with n >= K) / (valid images at j)`` (indices with none are skipped).
-    """
-    found = np.asarray(found)
-    valid = np.ones(found.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    if found.ndim != 2 or found.shape != valid.shape:
-        raise ValueError(f"found {found.shape} and valid {valid.shape} must be the same (P, J) shape")
-    out: dict[str, float] = {}
-    per_index = valid.sum(axis=0)
-    for k in MG_LEVELS:
-        hit = (found >= k) & valid
-        total = valid.sum()
-        out[f"mg{k}"] = float(100.0 * hit.sum() / total) if total else float("nan")
-        has = per_index > 0
-        rates = 100.0 * hit.sum(axis=0)[has] / per_index[has]
-        out[f"mg{k}_std"] = float(np.std(rates)) if rates.size else float("nan")
-    return out
-
-
-def score_records(records: Iterable[dict[str, Any]], threshold: float, num_prompts: int,
-                  images_per_prompt: int) -> dict[str, float]:
-    """MG scores and counts of one prompt set from detection rows.
-
-    Args:
-        records: rows with ``prompt_id``, ``image_index``, ``objects``, ``label_max_scores``, ``status``.
-        threshold: strict score threshold (0.1 in the original).
-        num_prompts, images_per_prompt: the expected (P, J) grid; keys outside it are an error.
-    Returns:
-        ``mg1..mg5``, ``mg1_std..mg5_std``, ``images_expected``, ``images_scored``, ``images_failed``,
-        ``images_missing``.
-    """
-    shape = (num_prompts, images_per_prompt)
-    found = np.zeros(shape, dtype=np.int64)
-    valid = np.zeros(shape, dtype=bool)
-    seen = np.zeros(shape, dtype=bool)
-    for rec in records:
-        p, j = int(rec["prompt_id"]), int(rec["image_index"])
-        if not (0 <= p < num_prompts and 0 <= j < images_per_prompt):
-            raise InputDataError(f"detection row prompt {p} image {j} lies outside the expected {shape} grid; "
-                                 f"the detections were made with other sampling params; rerun `dvc repro`")
-        seen[p, j] = True
-        if rec["status"] == STATUS_OK:
-            found[p, j] = objects_found(rec["objects"], rec["label_max_scores"], threshold)
-            valid[p, j] = True
-    scores = mg_scores(found, valid)
-    scores.update(images_expected=int(found.size), images_scored=int(valid.sum()),
-                  images_failed=int((seen & ~valid).sum()), images_missing=int((~seen).sum()))
-    return scores
-
-
-def category_counts(records: Iterable[dict[str, Any]], threshold: float) -> pd.DataFrame:
-    """How often each category is found in the scored images whose prompt names it.
-
-    Args:
-        records: detection rows with ``objects``, ``label_max_scores`` and ``status`` (only ``ok`` rows count).
-        threshold: strict score threshold, as for MG_k (:func:`found_names`).
-    Returns:
-        One row per category, sorted by name: ``category``, ``images`` (scored images whose prompt names it),
-        ``found`` (those in which a box labelled with it scores above the threshold), ``rate`` (100 x
-        found / images, in percent).
-    """
-    images: dict[str, int] = {}
-    found: dict[str, int] = {}
-    for rec in records:
-        if rec["status"] != STATUS_OK:
-            continue
-        hits = found_names(rec["objects"], rec["label_max_scores"], threshold)
-        for name in dict.fromkeys(rec["objects"]):
-            images[name] = images.get(name, 0) + 1
-            found[name] = found.get(name, 0) + (name in hits)
-    names = sorted(images)
-    counts = pd.DataFrame({"category": names, "images": [images[n] for n in names],
-                           "found": [found[n] for n in names]}, columns=["category", "images", "found"])
-    counts = counts.astype({"category": str, "images": "int64", "found": "int64"})
-    counts["rate"] = 100.0 * counts["found"] / counts["images"] if len(counts) else pd.Series(dtype=float)
-    return counts
-
-
-def format_row(scores: dict[str, float], levels: Sequence[int] = MG_LEVELS) -> str:
-    """The original table cells ``"{mean:.2f}({std:.2f})"`` for MG levels ``levels``."""
-    return " ".join(f"{scores[f'mg{k}']:.2f}({scores[f'mg{k}_std']:.2f})" for k in levels)
-
-
-# --- detection -----------------------------------------------------------------------------------------
 
 @dataclass
 class Detector:
@@ -337,8 +180,10 @@ def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str
         except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes; recorded per row
             log.error("prompt %s image %s: image does not decode (%s)", *key, err)
             results[key] = _failed_row(STATUS_CORRUPT_IMAGE, f"image does not decode: {err}")
-    for start in range(0, len(decoded), batch_size):
-        results.update(_detect_batch_rows(detector, decoded[start : start + batch_size]))
+    detected = run_batches(decoded, batch_size, lambda batch: _detect_batch_rows(detector, batch),
+                           lambda one, err: _failed_row(STATUS_DETECT_FAILED, error_text(err)),
+                           lambda one: f"detection of prompt {one[0][0]} image {one[0][1]}")
+    results.update({key: row for (key, _, _), row in zip(decoded, detected)})
     rows = [{"prompt_id": s["prompt_id"], "image_index": s["image_index"], "objects": list(s["objects"]),
              "queries": queries_for(s["objects"], template), **results[(s["prompt_id"], s["image_index"])]}
             for s in samples]
@@ -349,19 +194,10 @@ def detect_rows(detector: Detector, samples: list[dict[str, Any]], template: str
 
 
 def _detect_batch_rows(detector: Detector, batch: list[tuple[tuple[int, int], Any, list[str]]]
-                       ) -> dict[tuple[int, int], dict[str, Any]]:
-    """Detection results of ``(key, image, queries)`` items, keyed by (prompt id, image index); a batch
-    that raises is retried one image at a time, and only the images that fail alone are ``detect_failed``."""
-    try:
-        dets = detect_batch(detector, [image for _, image, _ in batch], [q for _, _, q in batch])
-        return {key: dict(d, status=STATUS_OK, error="") for (key, _, _), d in zip(batch, dets)}
-    except Exception as err:  # noqa: BLE001 - recorded per row, counted and checked by the stage
-        if len(batch) > 1:
-            log.warning("detection of prompts %s failed (%s); retrying image by image",
-                        sorted({key[0] for key, _, _ in batch}), err)
-            return {k: v for one in batch for k, v in _detect_batch_rows(detector, [one]).items()}
-        log.exception("detection failed for prompt %s image %s", *batch[0][0])
-        return {batch[0][0]: _failed_row(STATUS_DETECT_FAILED, f"{type(err).__name__}: {err}")}
+                       ) -> list[dict[str, Any]]:
+    """Detection results of a batch of ``(key, image, queries)`` items, one per item, in order."""
+    dets = detect_batch(detector, [image for _, image, _ in batch], [q for _, _, q in batch])
+    return [dict(d, status=STATUS_OK, error="") for d in dets]
 
 
 def detect_prompt_set(detector: Detector, sample_dir: Path, out_dir: Path, template: str, scale: MultiGenScale,

@@ -1,16 +1,24 @@
-"""Records of TokenCompose's ``metadata.jsonl`` (SPEC §2.7): one JSON object per line with ``file_name``,
-``text`` (the caption) and ``attn_list`` = ``[[phrase, mask path or null], ...]``.
+"""TokenCompose's ``metadata.jsonl`` (SPEC §2.7): one JSON object per line with ``file_name``, ``text`` (the
+caption) and ``attn_list`` = ``[[phrase, mask path or null], ...]``.
 
-Both users of the file (the COCO training set and the authors' masks) read it with :func:`read_records`, so
-a malformed line is reported the same way whichever stage meets it first.
+Every user of the file (the COCO training set, the authors' phrases, the authors' masks) reads it with
+:func:`read_records`, so a malformed line is reported the same way whichever stage meets it first;
+:func:`read_tokencompose_metadata` reads and checks it from a path or URL in one call.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import StageError
+from pipeline.fetch import read_source
+
+TOKENCOMPOSE_METADATA_URL = (
+    "https://raw.githubusercontent.com/mlpc-ucsd/TokenCompose/5633f816116fdf7de74d9055ff9666c5222416e2/"
+    "train/data/coco_gsam_img/train/metadata.jsonl"
+)
 
 
 class MetadataError(StageError, ValueError):
@@ -72,3 +80,27 @@ def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[st
     if not out:
         raise MetadataError(f"{source}: no records")
     return out
+
+
+def read_metadata_text(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
+    """Text of a metadata file at a local path or a URL (UTF-8); a :class:`MetadataError` when unreadable."""
+    try:
+        return read_source(source, retries, timeout).decode("utf-8")
+    except FileNotFoundError as err:
+        raise MetadataError(f"{source}: metadata file not found; give a path or an http(s) URL") from err
+    except OSError as err:
+        raise MetadataError(str(err)) from err
+
+
+def read_tokencompose_metadata(path: str | Path, retries: int = 3, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """TokenCompose's ``metadata.jsonl`` (SPEC §2.7) from a path or URL: a list of checked records.
+
+    Each record is ``{"file_name": str, "text": str, "attn_list": [[phrase, mask path | None], ...]}``.
+    Raises :class:`MetadataError` naming the file and line of a malformed record.
+    """
+    return read_records(read_metadata_text(path, retries, timeout), str(path))
+
+
+def image_id_of(file_name: str) -> str:
+    """``"000000000142.jpg"`` -> ``"000000000142"`` (SPEC §2.7's ``img_id``)."""
+    return Path(file_name).stem

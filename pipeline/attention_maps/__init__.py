@@ -1,0 +1,1 @@
+"""Cross-attention maps per token: recording while sampling, the figures, and the grounding share."""

@@ -1,0 +1,1 @@
+"""Phrase masks of the training images (artifacts/masks/): Grounded-SAM or the authors' released masks."""

@@ -1,0 +1,1 @@
+"""Seeded, batched text-to-image sampling: settings, items, Attend-and-Excite token indices, the sampler."""

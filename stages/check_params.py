@@ -1,0 +1,28 @@
+"""Stage `check_params`: every key of params.yaml is one that some stage reads (a misspelt `los:` fails).
+
+Deps: params.yaml and dvc.yaml as files, so it runs on every change of either (about a second), also when
+no stage's own params changed. Every key a stage's `params` list (or a `${...}` in dvc.yaml) names is known;
+values are checked by the stages that read them. Outs: metrics/params.json (how many keys were checked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import load_params
+from pipeline.params_check import check_known_keys
+from pipeline.runtime import run_stage, stage_argument, write_json
+
+
+def main() -> None:
+    params = load_params()
+    text = Path("dvc.yaml").read_text()
+    checked = check_known_keys(params, yaml.safe_load(text), text)
+    write_json("metrics/params.json", {"keys_checked": checked, "profile": params["profile"]})
+
+
+if __name__ == "__main__":
+    stage_argument(__doc__)
+    run_stage(main)
