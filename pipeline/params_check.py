@@ -3,8 +3,8 @@ is silently ignored.
 
 The known keys come from ``dvc.yaml`` itself (the ``params`` each stage declares and the ``${...}`` values its
 commands, paths and ``foreach`` use), so adding a section to a stage is all it takes to make it known. The
-``check_params`` stage runs this whenever ``params.yaml`` or ``dvc.yaml`` changes, also when no stage's own
-params changed (a new, misspelt key changes none of them).
+``check_params`` stage runs this whenever ``params.yaml`` changes, also when no stage's own params changed (a
+new, misspelt key changes none of them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage `check_params`: every key of params.yaml is one that some stage reads (a misspelt `los:` fails).
 
-Deps: params.yaml and dvc.yaml as files, so it runs on every change of either (about a second), also when
-no stage's own params changed. Every key a stage's `params` list (or a `${...}` in dvc.yaml) names is known;
+Deps: params.yaml as a file, so it runs on every change of it (about a second), also when no stage's own
+params changed (DVC refuses dvc.yaml itself as a dependency; a test checks the repository's two files). Every key a stage's `params` list (or a `${...}` in dvc.yaml) names is known;
 values are checked by the stages that read them. Outs: metrics/params.json (how many keys were checked).
 """
 
