@@ -1,7 +1,8 @@
 """Downloads with retries: a URL's bytes, or a :class:`FetchError` that names the URL and the last error.
 
 Used for the paper profile's inputs (TokenCompose metadata, COCO images, the official prompt files).
-``file://`` URLs work too, which tests and offline mirrors use.
+``file://`` URLs work too, which tests and offline mirrors use. A file pinned by a SHA-256 in params is read
+with :func:`read_verified` (or :func:`read_pinned`, where ``null`` means "not checked").
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import re
 import socket
 import time
 import urllib.error
@@ -105,17 +107,46 @@ class HashMismatchError(StageError, ValueError):
     """A fetched file's SHA-256 differs from the one in params."""
 
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 
-def read_verified(source: str, sha256: str) -> bytes:
-    """Bytes of ``source`` (URL or path) after checking their SHA-256 against ``sha256``."""
-    data = read_source(source)
+def check_sha256_param(value: str | None, key: str) -> None:
+    """``ValueError`` naming ``key`` unless ``value`` is ``None`` or 64 hex digits (a SHA-256 pin in params).
+
+    Dataclasses of params sections call it in ``__post_init__``, so a mistyped pin fails before any download.
+    """
+    if value is not None and not SHA256_HEX.fullmatch(value.lower()):
+        raise ValueError(f"{key}: {value!r} is not a SHA-256 (64 hex digits); copy it from `sha256sum FILE`, "
+                         f"or set null to read the file unchecked")
+
+
+def read_verified(source: str | Path, sha256: str, retries: int = 3, timeout: float = 60.0,
+                  param: str = "the sha256 in params.yaml") -> bytes:
+    """Bytes of ``source`` (URL or path, read by :func:`read_source`) after checking their SHA-256.
+
+    Raises :class:`HashMismatchError` naming the source, both digests and ``param`` (the key that pins it).
+    """
+    data = read_source(source, retries, timeout)
     got = sha256_bytes(data)
     if got != sha256.lower():
         raise HashMismatchError(
             f"{source}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; the file changed or is not the "
-            f"one the params name (fix the url or the sha256 in params.yaml)")
+            f"one the params name (fix the url, or {param} if the new file is the one you want)")
     return data
+
+
+def read_pinned(source: str | Path, sha256: str | None, retries: int = 3, timeout: float = 60.0,
+                param: str = "the sha256 in params.yaml") -> bytes:
+    """:func:`read_verified` when ``sha256`` is given; ``None`` means "not checked": plain
+    :func:`read_source`, with a warning when ``source`` is a URL (its content may change upstream)."""
+    if sha256 is not None:
+        return read_verified(source, sha256, retries, timeout, param)
+    if is_url(source):
+        log.warning("%s: read without a SHA-256 check (%s is null); pin it to detect a changed file",
+                    source, param)
+    return read_source(source, retries, timeout)

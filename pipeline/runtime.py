@@ -6,11 +6,12 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
@@ -18,13 +19,17 @@ from pipeline.config import ConfigError, StageError, active_profile, load_params
 
 
 def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") -> str | None:
-    """Parse a stage script's command line: ``-h``/``--help`` prints the script's docstring and exits;
+    """Parse a stage script's command line: ``-h``/``--help`` prints the script's docstring, then what
+    ``dvc.yaml`` declares for its stage (params read, inputs, outputs: :func:`declared_io`), and exits;
     the stage takes one positional argument ``name`` (described by ``meaning``) or none. A wrong command
     line exits with the usage before anything runs (``dvc.yaml`` runs the scripts with their arguments)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{Path(sys.argv[0]).stem}", description=doc,
+    script = Path(sys.argv[0])
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{script.stem}", description=doc, add_help=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action=_help_action(script, name),
+                        help="show this help (and the stage's params, inputs and outputs in dvc.yaml) and exit")
     if name:
         parser.add_argument(name, help=meaning)
     # torch.distributed.launch and DeepSpeed pass the local rank as an option (torchrun and accelerate set
@@ -34,6 +39,120 @@ def stage_argument(doc: str | None, name: str | None = None, meaning: str = "") 
     return getattr(args, name) if name else None
 
 
+def _help_action(script: Path, placeholder: str | None) -> type:
+    """The argparse action of ``--help``: the usage and docstring, then :func:`declared_io` (``dvc.yaml`` is
+    read only when help is asked for)."""
+    import argparse
+
+    class StageHelp(argparse.Action):
+        def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+            super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.epilog = declared_io(script, placeholder)
+            parser.print_help()
+            parser.exit()
+
+    return StageHelp
+
+
+DVC_FILE = "dvc.yaml"
+HELP_WIDTH = 100
+
+
+def declared_io(script: str | Path, placeholder: str | None = None) -> str:
+    """What ``dvc.yaml`` beside the repository root of ``script`` (``<root>/stages/<name>.py``) declares for
+    the stage that runs it: ``Params read (dvc.yaml): ...``, ``Inputs: ...`` (its non-code deps) and
+    ``Outputs: ...`` (outs, metrics, plots). ``${profile}`` reads ``<profile>``; a foreach stage's
+    ``${key}``/``${item}`` read ``<placeholder>``. Empty when there is no such file or stage; a file that
+    does not parse gives one line saying so (help never fails because of it)."""
+    path = Path(script).resolve().parent.parent / DVC_FILE
+    if not path.is_file():
+        return ""
+    try:
+        import yaml
+
+        stages = yaml.safe_load(path.read_text())["stages"]
+        found = _stage_of(stages, Path(script).stem)
+        return _io_text(*found, placeholder or "KEY", path.parent) if found else ""
+    except Exception as err:  # noqa: BLE001 - help must print whatever dvc.yaml holds
+        return f"({path}: could not read the stage's params: {type(err).__name__}: {err})"
+
+
+def _stage_of(stages: dict[str, Any], module: str) -> tuple[str, dict[str, Any]] | None:
+    """(name, stage) of the ``dvc.yaml`` stage whose command runs ``-m stages.<module>``."""
+    for stage_name, stage in stages.items():
+        if re.search(rf"-m stages\.{module}(\s|$)", str(stage.get("do", stage).get("cmd", ""))):
+            return stage_name, stage
+    return None
+
+
+def _io_text(stage_name: str, stage: dict[str, Any], placeholder: str, root: Path) -> str:
+    """The help lines of one ``dvc.yaml`` stage (see :func:`declared_io`)."""
+    import textwrap
+
+    body, each = stage.get("do", stage), stage.get("foreach")
+    title = f"Stage (dvc.yaml): {stage_name}"
+    if each is not None:
+        title += f"@<{placeholder}>, <{placeholder}> one of: {', '.join(_foreach_keys(each, root))}"
+    fields = {
+        "Params read (dvc.yaml)": [_entry(e) for e in body.get("params", [])],
+        "Inputs": [_entry(d) for d in body.get("deps", []) if not str(d).startswith(("stages/", "pipeline/"))],
+        "Outputs": [_entry(e) for kind in ("outs", "metrics", "plots") for e in body.get(kind, [])],
+    }
+    lines = [title] + [f"{label}: {', '.join(_render(v, each, placeholder) for v in values) or '(none)'}"
+                       for label, values in fields.items()]
+    return "\n".join(textwrap.fill(line, HELP_WIDTH, subsequent_indent="  ", break_long_words=False,
+                                   break_on_hyphens=False) for line in lines)
+
+
+def _entry(entry: Any) -> str:
+    """A ``dvc.yaml`` list entry as text: a path or key, or the path of ``{path: options}``."""
+    if isinstance(entry, dict):
+        return ", ".join(str(k) if not isinstance(v, list) else f"{k}: {', '.join(map(str, v))}"
+                         for k, v in entry.items())
+    return str(entry)
+
+
+def _foreach_keys(each: Any, root: Path) -> list[str]:
+    """The keys of a foreach stage: a mapping's keys, a list's items, or the keys of the params mapping a
+    ``${name}`` names (read from params.yaml beside dvc.yaml; ``[name]`` when it cannot be read)."""
+    if isinstance(each, (dict, list)):
+        return [str(k) for k in each]
+    import yaml
+
+    name = str(each).strip().removeprefix("${").removesuffix("}")
+    try:
+        return [str(k) for k in yaml.safe_load((root / PARAMS_FILE).read_text())[name]]
+    except Exception:  # noqa: BLE001 - help shows the reference instead
+        return [f"the keys of {name} in {PARAMS_FILE}"]
+
+
+def _render(text: str, each: Any, placeholder: str) -> str:
+    """``text`` with dvc.yaml's ``${...}`` written for a reader: ``${profile}`` -> ``<profile>``,
+    ``${key}``/``${item}`` -> ``<KEY>``, ``${item.field}`` -> the field of the foreach entry (the params key it
+    comes from, or its value per key)."""
+    def one(match: re.Match) -> str:
+        ref = match.group(1).strip()
+        if ref in ("key", "item"):
+            return f"<{placeholder}>"
+        if ref.startswith("item."):
+            return _item_field(each, ref.removeprefix("item."), placeholder)
+        return f"<{ref}>"
+
+    return re.sub(r"\$\{([^}]*)\}", one, text)
+
+
+def _item_field(each: Any, name: str, placeholder: str) -> str:
+    """``${item.<name>}`` of a foreach stage: ``<params.<KEY>.<name>>`` for a params mapping, else the values
+    of the foreach mapping by key (``artifacts/models (base) or artifacts/train/unet (trained)``)."""
+    if isinstance(each, dict):
+        return " or ".join(f"{entry.get(name, '?') if isinstance(entry, dict) else '?'} ({key})"
+                           for key, entry in each.items())
+    source = str(each).strip().removeprefix("${").removesuffix("}")
+    return f"<{source}.{placeholder}.{name}>"
+
+
 class FailureRateError(StageError, RuntimeError):
     """More items of a stage failed than its params allow (:func:`check_failure_rate`)."""
 
@@ -41,7 +160,8 @@ class FailureRateError(StageError, RuntimeError):
 def run_stage(main: Callable[..., None], *args: Any) -> None:
     """Run a stage's ``main(*args)`` with logging set up (:func:`setup_logging`). A
     :class:`pipeline.config.StageError` (bad params, a missing input, too many failures: the message names the
-    input and the fix) ends it with that one line on stderr instead of a traceback, exit status 1;
+    input and the fix) ends it with that one line on stderr instead of a traceback, exit status 1 (a
+    sentence in it that points at a stack trace gives way to the root cause: :func:`without_traceback_pointers`);
     ``TOKENCOMPOSE_TRACEBACK=1`` shows the traceback. An interrupt (Ctrl-C) ends it with exit status 130:
     finished shards and checkpoints are kept, and a rerun resumes. Torch's CPU threads are set from
     ``profiles.<p>.cpu_threads`` first (:func:`set_cpu_threads`)."""
@@ -57,8 +177,28 @@ def run_stage(main: Callable[..., None], *args: Any) -> None:
     except StageError as err:
         if os.environ.get("TOKENCOMPOSE_TRACEBACK"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {without_traceback_pointers(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# A sentence that sends the reader to a stack trace (diffusers: "Please check out the root cause in the
+# stacktrace above."), which the one-line error of run_stage does not show.
+_TRACEBACK_SENTENCE = re.compile(r"(?:(?<=[.!?])[ \t]+|^)[^.!?\n]*\b(?:stack ?trace|traceback)s?\b[^.!?\n]*[.!?]?",
+                                 re.IGNORECASE | re.MULTILINE)
+
+
+def without_traceback_pointers(err: BaseException) -> str:
+    """``err``'s text as :func:`run_stage` prints it, without a traceback: each sentence that points at a
+    stack trace (a library's error embedded in ours, e.g. by :func:`pipeline.models.from_pretrained`) is
+    replaced by the root cause it refers to, the last exception of the ``raise ... from`` chain."""
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    named = f" Root cause: {type(root).__name__}{': ' + first if first else ''}" if root is not err else ""
+    if named and named[-1] not in ".!?":
+        named += "."
+    return _TRACEBACK_SENTENCE.sub(lambda match: named, str(err)).strip()
 
 
 PARAMS_FILE = "params.yaml"
@@ -99,18 +239,37 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-RETRIED_ROWS = "see the rows' `error` column, fix the cause and rerun (failed rows are retried)"
+RETRIED = "retried by the next run"  # the stage's rerun computes rows of this status again (redo_statuses)
+NOT_RETRIED = "not retried: fix the input"  # a rerun keeps them: the same input fails the same way
+SEE_ERRORS = "see the rows' `error` column"
 
 
-def check_failure_rate(failed: int, total: int, limit: float, where: str, param: str,
-                       remedy: str = RETRIED_ROWS) -> None:
+def status_remedy(status: str, retried: Collection[str], remedies: Mapping[str, str] | None = None) -> str:
+    """What fixes rows of ``status``: its own text in ``remedies``, else :data:`RETRIED` when the stage's
+    next run computes it again (``status in retried``), else :data:`NOT_RETRIED`."""
+    if remedies and status in remedies:
+        return remedies[status]
+    return RETRIED if status in retried else NOT_RETRIED
+
+
+def check_failure_rate(failed: int | Mapping[str, int], total: int, limit: float, where: str, param: str,
+                       remedy: str | None = None, *, retried: Collection[str] = (),
+                       remedies: Mapping[str, str] | None = None) -> None:
     """Raise when more than ``limit`` of ``total`` items failed (DESIGN §5: a stage fails loudly).
 
-    ``param`` names the params key that sets ``limit``, so the message says how to accept more failures;
-    ``remedy`` says how to fix them (the default: shard stages, whose rerun retries only the failed rows).
+    ``failed`` is a count, or the failed items by status (``{"edit_failed": 3, "bad_input": 1}``): the
+    message then says of each status whether the next run retries it (``retried``, the stage's
+    ``redo_statuses``) or what fixes it (:func:`status_remedy`): ``3 edit_failed (retried by the next
+    run), 1 bad_input (not retried: fix the input)``. ``param`` names the params key that sets ``limit``, so
+    the message says how to accept more failures; ``remedy`` says where to look (default :data:`SEE_ERRORS`).
     """
-    if total and failed / total > limit:
-        raise FailureRateError(f"{where}: {failed} of {total} failed (limit {limit:.1%}); {remedy}, or raise {param}")
+    by_status = dict(failed) if isinstance(failed, Mapping) else {}
+    count = sum(by_status.values()) if isinstance(failed, Mapping) else failed
+    if not total or count / total <= limit:
+        return
+    detail = ", ".join(f"{n} {s} ({status_remedy(s, retried, remedies)})" for s, n in by_status.items() if n)
+    raise FailureRateError(f"{where}: {count} of {total} failed (limit {limit:.1%}){': ' + detail if detail else ''}; "
+                           f"{remedy or SEE_ERRORS}, or raise {param}")
 
 
 def release_memory() -> None:

@@ -15,8 +15,9 @@ from PIL import Image
 
 from pipeline.config import ConfigError, load_params, section
 from pipeline.datasets.piebench_files import MAPPING_FILE, load_example, read_mapping, strip_brackets
-from pipeline.editing import (STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale, EditItem,
-                              edit_fingerprint, edit_rows)
+from pipeline.editing import (STATUS_BAD_INPUT, STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale,
+                              EditItem, edit_fingerprint, edit_rows)
+from pipeline.failures import report_failures
 from pipeline.models import inference_dtype, load_sd_pipeline
 from pipeline.paths import MODELS_DIR
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument, wait_for_everyone,
@@ -26,6 +27,8 @@ from pipeline.store.shards import STATUS_OK, prepare_for_ranks, read_shards, wri
 
 log = logging.getLogger("stages.edit")
 DATA = Path("artifacts/data/piebench")
+RETRIED = {STATUS_EDIT_FAILED}  # write_shards' redo_statuses below
+REMEDIES = {STATUS_BAD_INPUT: f"not retried: fix the input: the source image or mask in {DATA} does not load"}
 
 
 def load(image_id: str, entry) -> EditItem:
@@ -49,11 +52,11 @@ def main(name: str) -> None:
     out_dir = Path("artifacts/edits") / name
     start, fingerprint = time.perf_counter(), edit_fingerprint(editor, backbone, DATA)
     rank, world = dist.rank, dist.world_size
-    code = code_digest(__file__)
+    code = code_digest("pipeline.editing")  # the code that computes the rows, not this script
     prepare_for_ranks(out_dir, len(records), scale.shard_size, fingerprint, rank, wait_for_everyone, code)
     write_shards(out_dir, records, lambda chunk: edit_rows(editor, chunk, load, scale.batch_size),
                  scale.shard_size, fingerprint, rank, world, code=code,
-                 desc=f"edit {name}", redo_statuses=(STATUS_EDIT_FAILED,))
+                 desc=f"edit {name}", redo_statuses=tuple(RETRIED))
     wait_for_everyone()
     if not dist.is_main:
         return
@@ -66,9 +69,10 @@ def main(name: str) -> None:
         "guidance_scale": cfg.guidance_scale, "blending_start": cfg.blending_start,
         "mean_latent_mask_fraction": float(rows["mask_fraction"].mean()) if ok else None})
     log.info("edit %s: %d images in %.1f s", name, len(rows), time.perf_counter() - start)
-    if ok < len(rows):
-        log.warning("%d of %d edits failed; see the status/error columns of %s", len(rows) - ok, len(rows), out_dir)
-    check_failure_rate(len(rows) - ok, len(rows), cfg.max_failed_rate, f"edit {name}", "editing.max_failed_rate")
+    failures = report_failures(log, rows.to_dict("records"), lambda row: str(row["image_id"]), RETRIED,
+                               where=f"edit@{name}", remedies=REMEDIES, unit="edits", id_name="image")
+    check_failure_rate(failures.counts, len(rows), cfg.max_failed_rate, f"edit {name}", "editing.max_failed_rate",
+                       f"see the status/error columns of {out_dir}", retried=RETRIED, remedies=REMEDIES)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.attention_maps.grounding_eval import (GroundingEvalCfg, GroundingEvalScale, compare_with_samples,
-                                                    grounding_failures, grounding_rows, summarize_grounding)
+from pipeline.attention_maps.grounding_eval import (GROUNDING_FAILURES, GroundingEvalCfg, GroundingEvalScale,
+                                                    compare_with_samples, grounding_rows, summarize_grounding)
 from pipeline.attention_maps.recording import load_sampler
 from pipeline.config import load_params, section
+from pipeline.failures import report_failures
 from pipeline.datasets.multigen_files import PROMPTS_DIR, load_prompt_set
 from pipeline.masks.jobs import Grounder
 from pipeline.masks.models import GroundingDetector, load_segmenter
@@ -26,6 +27,10 @@ from pipeline.runtime import check_failure_rate, run_stage, stage_argument, writ
 from pipeline.sampling.items import prompt_items
 
 log = logging.getLogger("stages.grounding_eval")
+# The stage keeps no rows between runs: its next run computes every category again.
+RETRIED = set(GROUNDING_FAILURES)
+REMEDIES = {"missing_image": "the image was not generated (its sampling failed); the next run samples it again, "
+                             "and a nan_image or token_indices_failed fails the same way"}
 
 
 def main(key: str) -> None:
@@ -54,10 +59,13 @@ def main(key: str) -> None:
         metrics.update({f"{name}_prompts": len(prompts), **{f"{name}_{k}": v for k, v in same.items()}})
     metrics.update(summarize_grounding(rows, cfg.groups))
     write_json(f"metrics/grounding/{key}.json", metrics)
-    check_failure_rate(grounding_failures(metrics), metrics["categories"], gsam.max_failed_rate,
+    failures = report_failures(log, rows, lambda row: f"{row['image_id']}:{row['phrase']}", RETRIED,
+                               where=f"grounding_eval@{key}", remedies=REMEDIES, failed=GROUNDING_FAILURES,
+                               unit="categories", id_name="image:category")
+    check_failure_rate(failures.counts, metrics["categories"], gsam.max_failed_rate,
                        f"grounding_eval {key} categories", "grounding.max_failed_rate",
-                       f"the status_* counts in metrics/grounding/{key}.json say where they failed (sampling or "
-                       f"Grounded-SAM); fix the cause and rerun")
+                       f"the warning above names them (status_* counts: metrics/grounding/{key}.json)",
+                       retried=RETRIED, remedies=REMEDIES)
     log.info("%s: %d of %d categories scored; mean share %.3f (uniform attention: %.3f)", key,
              metrics["categories_scored"], metrics["categories"], metrics["share_mean"], metrics["mask_area_mean"])
 

@@ -17,6 +17,7 @@ import pandas as pd
 from pipeline.config import load_params, section
 from pipeline.datasets.multigen_files import PROMPTS_DIR, load_prompt_set
 from pipeline.eval_models import eval_model
+from pipeline.failures import MISSING, prompt_image_id, report_failures
 from pipeline.multigen.scoring import category_counts, format_row, score_records
 from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
@@ -28,6 +29,17 @@ CATEGORIES = Path("plots/multigen_categories")
 COLUMNS = ["prompt_id", "image_index", "objects", "label_max_scores", "status"]
 
 
+def remedies(key: str) -> dict[str, str]:
+    """What fixes the detection rows this stage cannot score (statuses of pipeline.multigen.detection); this
+    stage retries nothing itself, it scores what sample@ and detect@ wrote."""
+    return {"detect_failed": f"retried by the next run of detect@{key}",
+            "no_image": f"the sampling failed: sample@{key} retries sample_failed images on its next run, "
+                        f"nan_image and token_indices_failed stay",
+            "corrupt_image": f"not retried: the PNG in artifacts/samples/{key} does not decode; delete that shard "
+                             f"and run `dvc repro -f -s sample@{key}`",
+            MISSING: f"no detection row: sample@{key} and detect@{key} ran over fewer images; run them"}
+
+
 def main(key: str) -> None:
     params = load_params()
     mg, det = section(params, "multigen", MultiGenCfg), section(params, "profile.multigen", MultiGenScale)
@@ -36,11 +48,14 @@ def main(key: str) -> None:
     metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
                "detector": det.detector, "threshold": mg.threshold, "images_per_prompt": scale.images_per_prompt,
                "steps": scale.num_inference_steps, "seed": int(params["seed"])}
-    categories = []
+    categories, failures = [], {}
     for name in mg.prompt_sets:
         num_prompts = len(load_prompt_set(PROMPTS_DIR / f"{name}.json", scale.max_prompts))
         rows = list(iter_rows(Path("artifacts/detections") / key / name, columns=COLUMNS))
         scores = score_records(rows, mg.threshold, num_prompts, scale.images_per_prompt)
+        failures[name] = report_failures(log, rows, prompt_image_id, (), where=f"score@{key} {name} (left out of MG)",
+                                         remedies=remedies(key), missing=scores["images_missing"], unit="images",
+                                         id_name="prompt/image")
         categories.append(category_counts(rows, mg.threshold).assign(prompt_set=name))
         metrics[f"{name}_prompts"] = num_prompts
         metrics.update({f"{name}_{k}": v for k, v in scores.items()})
@@ -50,10 +65,9 @@ def main(key: str) -> None:
     table = pd.concat(categories, ignore_index=True)[["prompt_set", "category", "images", "found", "rate"]]
     table.to_csv(CATEGORIES / f"{key}.csv", index=False, float_format="%.4f")
     for name in mg.prompt_sets:
-        lost = metrics[f"{name}_images_failed"] + metrics[f"{name}_images_missing"]
-        check_failure_rate(lost, metrics[f"{name}_images_expected"], mg.max_failed_rate, f"{key}/{name} images",
-                           "multigen.max_failed_rate", f"they failed or are missing in sample@{key} or detect@{key}: "
-                           f"rerun those stages (they retry failed rows)")
+        check_failure_rate(failures[name].counts, metrics[f"{name}_images_expected"], mg.max_failed_rate,
+                           f"{key}/{name} images", "multigen.max_failed_rate",
+                           f"see the `error` column of artifacts/detections/{key}/{name}", remedies=remedies(key))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def main() -> None:
         train=section(params, "train", TrainCfg), scale=section(params, "profile.train", TrainScale), out_dir=OUT,
     )
     records, data_stats = load_records(IMAGES, MASKS, run.resolution, run.train.skip_ungrounded,
-                                       run.train.max_word_skip_rate, run.train.empty_masks)
+                                       run.train.max_word_skip_rate, run.train.empty_masks,
+                                       run.train.max_corrupt_rate)
     check_grounded(data_stats, run.loss)
     log.info("training on %d images (%d with masks, %d words)", data_stats["images_used"],
              data_stats["images_grounded"], data_stats["words_used"])

@@ -360,15 +360,6 @@ def test_summarize_grounding_known_answer():
     assert empty["categories"] == 0 and math.isnan(empty["share_mean"])
 
 
-def test_grounding_failures_count_errors_not_empty_detections():
-    nan = math.nan
-    rows = [{"status": s, "mask_area": nan, "share_up_16": nan}
-            for s in ["no_detection", "inference_failed", "missing_image", "not_in_caption", "inference_failed"]]
-    summary = am_grounding.summarize_grounding(rows, ["up_16"])
-    assert am_grounding.grounding_failures(summary) == 3
-    assert am_grounding.grounding_failures(am_grounding.summarize_grounding(rows[:1], ["up_16"])) == 0
-
-
 def test_compare_with_samples(tmp_path):
     from pipeline.sampling.items import SampleItem
     from pipeline.store.codecs import png_bytes

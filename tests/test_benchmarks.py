@@ -21,6 +21,7 @@ from pipeline import fetch
 from pipeline.datasets import categories as category_lists
 from pipeline.datasets import multigen_files, multigen_source, piebench_files
 from pipeline.datasets.demo_piebench import render_edit_scene, write_demo_piebench
+from pipeline.safe_paths import UnsafePathError
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = re.compile(r"^a photo of a ([a-z ]+), a ([a-z ]+), a ([a-z ]+), a ([a-z ]+), and a ([a-z ]+)\.$")
@@ -327,7 +328,7 @@ def test_copy_piebench_validates_and_copies(tmp_path):
     root = tmp_path / "PIE-Bench"
     written = write_demo_piebench(root, 2, seed=0, size=512)
     out = tmp_path / "out"
-    assert piebench_files.copy_piebench(root, out) == written
+    assert piebench_files.copy_piebench(root, out) == (written, [])
     assert (out / "mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
     for entry in written.values():
         rel = Path("annotation_images") / entry.image_path
@@ -371,6 +372,85 @@ def test_piebench_missing_root_and_images(tmp_path):
     (root / "annotation_images" / first.image_path).unlink()
     with pytest.raises(FileNotFoundError, match=rf"1 of 2 images .*{re.escape(first.image_path)}.*PnPInversion"):
         piebench_files.validate_piebench_root(root)
+
+
+def _snapshot(folder: Path, skip: Path) -> dict[str, tuple[int, int] | None]:
+    """Everything under ``folder`` except ``skip`` and what it holds: relative path -> (size, mtime_ns) of a
+    file or link, None for a folder (creating ``skip`` changes its parent's mtime)."""
+    found = {}
+    for path in folder.rglob("*"):
+        if skip != path and skip not in path.parents:
+            info = path.lstat()
+            found[str(path.relative_to(folder))] = None if path.is_dir() and not path.is_symlink() else (
+                info.st_size, info.st_mtime_ns)
+    return found
+
+
+def _hostile_piebench(tmp_path: Path) -> tuple[Path, dict, dict[str, str]]:
+    """A demo PIE-Bench copy with four good entries plus four hostile ones; a bait image lies outside it.
+
+    Returns the root, the good entries and the expected reason of each hostile image id.
+    """
+    root = tmp_path / "PIE-Bench"
+    good = write_demo_piebench(root, 4, seed=0, size=512)
+    bait = tmp_path / "outside" / "x.jpg"
+    bait.parent.mkdir()
+    shutil.copyfile(root / "annotation_images" / next(iter(good.values())).image_path, bait)
+    os.symlink(bait, root / "annotation_images" / "linked.jpg")
+    template = json.loads((root / "mapping_file.json").read_text())[next(iter(good))]
+    hostile = {
+        "900000000001": ({"image_path": "../../outside/x.jpg"}, "parent_escape"),  # the bait itself
+        "900000000002": ({"image_path": str(bait)}, "absolute_path"),
+        "900000000003": ({"image_path": "linked.jpg"}, "symlink_escape"),
+        "900000000004": ({"mask": [10, 5, 512 * 512, 3]}, "mask_out_of_frame"),
+    }
+    mapping = json.loads((root / "mapping_file.json").read_text())
+    mapping.update({image_id: {**template, **change} for image_id, (change, _) in hostile.items()})
+    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    return root, good, {image_id: reason for image_id, (_, reason) in hostile.items()}
+
+
+def test_hostile_piebench_entries_are_left_out_and_nothing_escapes(tmp_path):
+    root, good, reasons = _hostile_piebench(tmp_path)
+    out = tmp_path / "work" / "out"  # its '../../outside/x.jpg' would be work/outside/x.jpg
+    out.parent.mkdir()
+    before = _snapshot(tmp_path, out)
+    entries, rejected = piebench_files.copy_piebench(root, out)
+    assert dict(rejected) == reasons and len(rejected) == 4
+    assert entries == good
+    assert _snapshot(tmp_path, out) == before  # nothing written (or touched) outside the output folder
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert copied == sorted(["mapping_file.json"] + [f"annotation_images/{e.image_path}" for e in good.values()])
+    for entry in good.values():
+        rel = Path("annotation_images") / entry.image_path
+        assert (out / rel).read_bytes() == (root / rel).read_bytes()
+    assert piebench_files.read_mapping(out / "mapping_file.json") == good
+    summary = piebench_files.rejected_summary(rejected)
+    assert summary["bad_input"] == 4 and summary["bad_input_parent_escape"] == 1
+    assert summary["bad_input_mask_out_of_frame"] == 1 and summary["bad_input_empty_name"] == 0
+
+
+def test_piebench_with_only_hostile_entries_is_refused(tmp_path):
+    root, good, _ = _hostile_piebench(tmp_path)
+    mapping = json.loads((root / "mapping_file.json").read_text())
+    (root / "mapping_file.json").write_text(json.dumps({k: v for k, v in mapping.items() if k not in good}))
+    with pytest.raises(piebench_files.PieBenchFormatError, match=r"all 4 entries are unusable.*stay inside"):
+        piebench_files.copy_piebench(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_example_refuses_unsafe_paths_and_masks_past_the_frame(tmp_path):
+    root, good, _ = _hostile_piebench(tmp_path)
+    mapping = piebench_files.read_mapping(root / "mapping_file.json")
+    for image_id, rule in [("900000000001", "parent_escape"), ("900000000002", "absolute_path"),
+                           ("900000000003", "symlink_escape")]:
+        with pytest.raises(UnsafePathError) as info:
+            piebench_files.load_example(root, mapping[image_id])
+        assert info.value.rule == rule and isinstance(info.value, ValueError)
+    with pytest.raises(piebench_files.PieBenchFormatError, match="past a 512x512 grid"):
+        piebench_files.load_example(root, mapping["900000000004"])
+    image, mask = piebench_files.load_example(root, mapping[next(iter(good))])
+    assert image.shape == (512, 512, 3) and mask.shape == (512, 512)
 
 
 # --- the stages in a scratch working directory ------------------------------------------------------
@@ -428,6 +508,27 @@ def test_edit_data_stage_paper_copies_given_root(tmp_path):
     metrics = _run_stage("edit_data", work, params)
     assert metrics["source"] == "piebench" and metrics["entries"] == 2
     assert (work / "artifacts/data/piebench/mapping_file.json").read_bytes() == (root / "mapping_file.json").read_bytes()
+    assert metrics["bad_input"] == 0
     params["profiles"]["paper"]["edit_data"]["root"] = str(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="forms.gle"):
         _run_stage("edit_data", work, params)
+
+
+def test_edit_data_stage_counts_hostile_entries(tmp_path, caplog):
+    root, good, reasons = _hostile_piebench(tmp_path)
+    params = _params("paper")
+    params["profiles"]["paper"]["edit_data"]["root"] = str(root)
+    work = tmp_path / "work"
+    work.mkdir()
+    before = _snapshot(tmp_path, work)
+    with caplog.at_level("WARNING", logger="stages.edit_data"):
+        metrics = _run_stage("edit_data", work, params)
+    assert metrics["entries"] == len(good) == 4
+    assert metrics["bad_input"] == 4
+    for reason in ("parent_escape", "absolute_path", "symlink_escape", "mask_out_of_frame"):
+        assert metrics[f"bad_input_{reason}"] == 1
+    assert metrics["bad_input_empty_name"] == 0
+    summary = [r.getMessage() for r in caplog.records if r.name == "stages.edit_data" and r.levelname == "WARNING"]
+    assert len(summary) == 1 and "4 entries" in summary[0]
+    assert all(image_id in summary[0] for image_id in reasons)
+    assert _snapshot(tmp_path, work) == before

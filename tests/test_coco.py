@@ -262,6 +262,35 @@ def test_write_coco_training_set_resumes_and_refetches_failed_downloads(served, 
     assert read_shards(out)["status"].tolist() == ["ok", "ok", "decode_failed", "ok", "ok"]
 
 
+def test_a_downloaded_image_damaged_in_its_shard_is_fetched_again(served, tmp_path, caplog):
+    """An ``ok`` image whose stored bytes no longer decode (the shard itself still reads): a rerun fetches
+    that shard's images again and the directory equals the first run's byte for byte."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    server, root, _ = served
+    out = tmp_path / "images"
+    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=2,
+                heldout_fraction=0.0, seed=0, retries=2, timeout=5.0)
+    write_coco_training_set(**args)
+    first = {p.name: p.read_bytes() for p in shard_files(out)}
+    path = out / "part-00000.parquet"
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[1] = images[1][: len(images[1]) // 3]  # status stays ok
+    index = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(images, pa.binary())), path)
+    before = server.requests.copy()
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.shards"):
+        write_coco_training_set(**args)
+    fetched = set(server.requests - before)  # shard 0 repaired, shard 1 retries its 404 as always, shard 2 kept
+    assert fetched == {"000000000001.jpg", "000000000002.jpg", "000000000003.jpg", "000000000004.jpg"}
+    assert "part-00000.parquet is damaged (1 of 2 images in column 'image' do not decode (000000000002: " in caplog.text
+    assert {p.name: p.read_bytes() for p in shard_files(out)} == first
+
+
 def test_heldout_split_is_seeded_per_image():
     ids = [f"{i:012d}" for i in range(2000)]
     splits = [split_of(i, 0.25, seed=3) for i in ids]
@@ -320,3 +349,93 @@ def test_unknown_host_and_missing_local_file_are_not_retried(monkeypatch, tmp_pa
     with pytest.raises(fetch.FetchError) as err:
         fetch.fetch((tmp_path / "absent.jpg").as_uri(), retries=3)
     assert not err.value.transient
+
+
+# --- verified downloads: metadata SHA-256, COCO over https, a digest per image ----------------------
+
+def test_pinned_metadata_sha256_is_that_of_the_real_file(metadata_path):
+    """The paper profile pins the SHA-256 of TokenCompose's metadata file (the file at the pinned URL, of
+    which ../shared/data holds a copy) in both places that read it, and fetches COCO over https."""
+    from pipeline.datasets.coco_images import DEFAULT_IMAGE_BASE_URL
+    from pipeline.datasets.tokencompose_metadata import TOKENCOMPOSE_METADATA_SHA256, TOKENCOMPOSE_METADATA_URL
+
+    paper = yaml.safe_load((REPO / "params.yaml").read_text())["profiles"]["paper"]
+    assert fetch.sha256_bytes(metadata_path.read_bytes()) == TOKENCOMPOSE_METADATA_SHA256
+    assert paper["text"]["metadata"] == paper["data"]["tokencompose_metadata"] == TOKENCOMPOSE_METADATA_URL
+    assert paper["text"]["metadata_sha256"] == paper["data"]["tokencompose_metadata_sha256"] \
+        == TOKENCOMPOSE_METADATA_SHA256
+    assert paper["data"]["image_base_url"] == DEFAULT_IMAGE_BASE_URL == "https://images.cocodataset.org/train2017/"
+
+
+def test_metadata_is_checked_against_its_sha256(served, caplog):
+    server, root, records = served
+    url = f"{server.url}/metadata.jsonl"
+    digest = fetch.sha256_bytes((root / "metadata.jsonl").read_bytes())
+    assert read_tokencompose_metadata(url, sha256=digest) == records
+    with pytest.raises(fetch.HashMismatchError, match=f"expected {'0' * 64}, got {digest}.*the.pin.key"):
+        read_tokencompose_metadata(url, sha256="0" * 64, param="the.pin.key")
+    with caplog.at_level("WARNING", logger="pipeline.fetch"):
+        assert read_tokencompose_metadata(url) == records  # null: read unchecked, with a warning for a URL
+    assert f"{url}: read without a SHA-256 check" in caplog.text
+    with pytest.raises(fetch.HashMismatchError):
+        write_coco_training_set(url, server.url, root / "out", 2, 0.0, 0, metadata_sha256="f" * 64)
+    assert not (root / "out").exists()  # nothing fetched before the metadata was verified
+
+
+def test_train_data_params_refuse_a_malformed_sha256():
+    from pipeline.config import ConfigError, parse
+
+    from stages.train_data import TrainDataScale
+    base = {"source": "coco", "shard_size": 2, "heldout_fraction": 0.0}
+    assert parse(TrainDataScale, base, "profiles.paper.data").tokencompose_metadata_sha256 is None
+    with pytest.raises(ConfigError, match="profiles.paper.data: tokencompose_metadata_sha256: 'not-a-hash' is not"):
+        parse(TrainDataScale, {**base, "tokencompose_metadata_sha256": "not-a-hash"}, "profiles.paper.data")
+
+
+def test_each_image_row_records_the_sha256_of_the_downloaded_bytes(served, tmp_path):
+    server, root, _ = served
+    out = tmp_path / "images"
+    write_coco_training_set(str(root / "metadata.jsonl"), server.url, out, shard_size=2, heldout_fraction=0.0,
+                            seed=0, retries=2, timeout=5.0)
+    df = read_shards(out)
+    served_digest = {f"{i:012d}": fetch.sha256_bytes((root / f"{i:012d}.jpg").read_bytes()) for i in (1, 2, 3, 5)}
+    assert dict(zip(df["image_id"], df["image_sha256"])) == {**served_digest, "000000000004": ""}
+    assert df.loc[1, "image"] != (root / "000000000002.jpg").read_bytes()  # re-encoded; the digest is the served file's
+
+
+def test_an_image_changed_upstream_stops_the_rerun_that_fetches_it_again(served, tmp_path):
+    """A rerun fetches the shard with a failed download again; an image in it whose served bytes changed is an
+    error naming the image, both digests, the shard and the way to accept it, and nothing is mixed in."""
+    from pipeline.datasets.coco_images import ChangedUpstreamError
+
+    server, root, _ = served
+    out = tmp_path / "images"
+    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=5,
+                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    write_coco_training_set(**args)  # one shard; 4 is missing and 5 flaky: it is fetched again on a rerun
+    old = read_shards(out)
+    before = fetch.sha256_bytes((root / "000000000001.jpg").read_bytes())
+    (root / "000000000001.jpg").write_bytes(_jpeg(np.full((24, 32, 3), 7, dtype=np.uint8)))  # replaced upstream
+    after = fetch.sha256_bytes((root / "000000000001.jpg").read_bytes())
+    with pytest.raises(ChangedUpstreamError) as err:
+        write_coco_training_set(**args)
+    message = str(err.value)
+    assert f"image 000000000001: {server.url}/000000000001.jpg now has SHA-256 {after}" in message
+    assert f"{out / 'part-00000.parquet'} recorded {before}" in message and "delete" in message
+    assert read_shards(out).equals(old)  # the shard of the earlier run is kept as it was
+    (out / "part-00000.parquet").unlink()  # accepting the new file, as the message says
+    write_coco_training_set(**args)
+    df = read_shards(out)
+    assert df.loc[0, "image_sha256"] == after and df.loc[0, "image"] == (root / "000000000001.jpg").read_bytes()
+
+
+def test_a_rerun_with_unchanged_images_passes_the_check(served, tmp_path):
+    server, root, _ = served
+    out = tmp_path / "images"
+    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=5,
+                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    write_coco_training_set(**args)
+    before = server.requests.copy()
+    write_coco_training_set(**args)
+    assert server.requests - before == Counter({f"{i:012d}.jpg": 1 for i in range(1, 6)})  # all fetched again
+    assert read_shards(out)["status"].tolist() == ["ok", "ok", "decode_failed", "download_failed", "ok"]

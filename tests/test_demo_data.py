@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import runpy
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 from pycocotools import mask as mask_utils
+
+from pipeline.datasets import demo_images
 
 from pipeline.datasets.demo_drawing import ACCENT, NOUNS, PALETTE
 from pipeline.datasets.demo_images import (PLURALS, DemoImage, heldout_ids, image_id_of, render_image,
@@ -15,11 +24,24 @@ from pipeline.datasets.demo_piebench import TABLE_COLOUR, render_edit_scene
 from pipeline.datasets.demo_vocabulary import VOCABULARY
 from pipeline.datasets.piebench_files import bracketed_words, strip_brackets
 from pipeline.datasets.training_images import image_set_summary
-from pipeline.store.codecs import image_from_bytes
-from pipeline.store.shards import read_shards, shard_files
+from pipeline.store.codecs import decode_error, image_from_bytes
+from pipeline.store.shards import read_shards, shard_files, shard_path
 
+REPO = Path(__file__).resolve().parents[1]
 SEED = 0
 NUM = 48
+
+
+def garble_image(path: Path, row: int) -> str:
+    """Rewrite the shard at ``path`` as a valid Parquet file (schema metadata and page checksums kept) whose
+    ``image`` cell ``row`` holds garbage after a PNG signature; returns that row's image id."""
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[row] = b"\x89PNG\r\n\x1a\n" + b"garbage " * 32
+    index = table.schema.get_field_index("image")
+    table = table.set_column(index, table.schema.field(index), pa.array(images, pa.binary()))
+    pq.write_table(table, path, write_page_checksum=True)
+    return table.column("image_id")[row].as_py()
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +159,41 @@ def test_summary_counts(shard_dir):
     rows = read_shards(shard_dir)
     assert summary == {"images": NUM, "ok": NUM, "failed": 0, "train": 42, "heldout": 6,
                        "objects": int(sum(len(o) for o in rows.objects))}
+
+
+def test_a_shard_with_an_undecodable_png_is_drawn_again(tmp_path, shard_dir, monkeypatch, caplog):
+    """Garbage in one ``image`` cell of a readable shard: the next run finds it by decoding, draws only that
+    shard again, and the directory equals a clean run's byte for byte."""
+    out = tmp_path / "images"
+    write_demo_training_set(out, NUM, 128, SEED, shard_size=16, heldout_fraction=0.125)
+    victim = garble_image(shard_path(out, 1), row=3)
+    stored = read_shards(out).set_index("image_id")
+    assert stored.loc[victim, "status"] == "ok" and decode_error(stored.loc[victim, "image"]) is not None
+    drawn = []
+    monkeypatch.setattr(demo_images, "render_image", lambda i, *a: drawn.append(i) or render_image(i, *a))
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.shards"):
+        write_demo_training_set(out, NUM, 128, SEED, shard_size=16, heldout_fraction=0.125)
+    assert drawn == [image_id_of(i) for i in range(16, 32)]
+    assert f"part-00001.parquet is damaged (1 of 16 images in column 'image' do not decode ({victim}: " in caplog.text
+    assert {p.name: p.read_bytes() for p in shard_files(out)} == {p.name: p.read_bytes() for p in shard_files(shard_dir)}
+
+
+def test_train_data_stage_repairs_a_damaged_shard(tmp_path, monkeypatch):
+    """End to end: `train_data` in a scratch project, one PNG garbled, the stage run again: the shard is
+    repaired (its bytes and the metrics equal the first run's) and every image decodes."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "demo"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    out, metrics = tmp_path / "artifacts/data/images", tmp_path / "metrics/train_data.json"
+    runpy.run_path(str(REPO / "stages" / "train_data.py"), run_name="__main__")
+    clean, clean_metrics = {p.name: p.read_bytes() for p in shard_files(out)}, json.loads(metrics.read_text())
+    victim = garble_image(out / "part-00002.parquet", row=0)
+    assert decode_error(read_shards(out).set_index("image_id").loc[victim, "image"]) is not None
+    runpy.run_path(str(REPO / "stages" / "train_data.py"), run_name="__main__")
+    assert {p.name: p.read_bytes() for p in shard_files(out)} == clean
+    assert json.loads(metrics.read_text()) == clean_metrics
+    assert all(decode_error(image) is None for image in read_shards(out, columns=["image"])["image"])
 
 
 def test_heldout_split():

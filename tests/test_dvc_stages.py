@@ -88,17 +88,34 @@ def test_import_closure_follows_relative_lazy_and_package_imports(tmp_path):
         import_closure("pipeline.no_such_module")
 
 
+def _as_help_shows(entries: list, placeholder: str) -> list[str]:
+    """dvc.yaml params or outputs as ``--help`` lists them: ``${key}`` -> ``<MODEL>`` (the script's argument),
+    any other ``${name}`` -> ``<name>``."""
+    names = [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+    return [re.sub(r"\$\{(\w[\w.]*)\}", lambda m: f"<{placeholder if m[1] in ('key', 'item') else m[1]}>", n)
+            for n in names]
+
+
 def test_every_stage_script_answers_help_without_running(tmp_path):
-    """`python stages/X.py --help` prints the script's docstring and exits; it must not run the stage
-    (which would rebuild models, delete checkpoints or rewrite the report)."""
+    """`python stages/X.py --help` prints the script's docstring and the params, inputs and outputs its
+    dvc.yaml stage declares, and exits; it must not run the stage (which would rebuild models, delete
+    checkpoints or rewrite the report)."""
     import subprocess
     import sys
 
+    by_script = {re.search(r"-m stages\.(\w+)", s.get("do", s)["cmd"]).group(1): s.get("do", s)
+                 for s in STAGES.values()}
     for script in sorted((REPO / "stages").glob("*.py")):
         proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
         first_line = ast.get_docstring(ast.parse(script.read_text())).splitlines()[0]
         assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (script.name, proc.stderr[-500:])
         assert first_line.split(":")[0] in proc.stdout, script.name
+        stage, text = by_script[script.stem], " ".join(proc.stdout.split())  # help wraps lines at spaces
+        placeholder = re.match(r"usage: python -m stages\.\w+ \[-h\] ?(\w*)", text).group(1)
+        params = ", ".join(_as_help_shows(stage.get("params", []), placeholder)) or "(none)"
+        assert f" Params read (dvc.yaml): {params} Inputs: " in text, (script.name, text)
+        outputs = ", ".join(_as_help_shows(stage.get("outs", []) + stage.get("metrics", []), placeholder))
+        assert f" Outputs: {outputs}" in text, (script.name, text)
     assert not any(tmp_path.iterdir())  # nothing was written
 
 

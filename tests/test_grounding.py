@@ -32,6 +32,7 @@ from pipeline.masks.overlay import plot_overlay
 from pipeline.masks.params import GroundingCfg, MasksScale
 from pipeline.masks.summary import check_input_errors, summarize
 from pipeline.runtime import FailureRateError
+from pipeline.safe_paths import UnsafePathError
 from pipeline.store import codecs, shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -776,6 +777,55 @@ def test_authors_mask_path_drops_only_a_leading_seg():
     assert path == root / "000000000142" / "mask_000000000142_segway.png"
     assert authors_mask_path("000000000142/mask_000000000142_cat.png", root) == (
         root / "000000000142" / "mask_000000000142_cat.png")
+
+
+def test_authors_mask_path_outside_the_folder_is_refused(tmp_path):
+    root = tmp_path / "coco_gsam_seg"
+    (root / "000000000142").mkdir(parents=True)
+    os.symlink(tmp_path, root / "000000000142" / "up")
+    for path, rule in [("seg/../../secret.png", "parent_escape"), ("../secret.png", "parent_escape"),
+                       ("/etc/passwd", "absolute_path"), ("/seg/000000000142/x.png", "absolute_path"),
+                       ("seg/000000000142/up/secret.png", "symlink_escape"), ("seg/", "empty_name"), ("", "empty_name")]:
+        with pytest.raises(UnsafePathError) as info:
+            authors_mask_path(path, root)
+        assert info.value.rule == rule, path
+        assert repr(path) in str(info.value) and str(root) in str(info.value)
+
+
+def test_authors_unsafe_mask_paths_become_rows_and_nothing_outside_is_read(tmp_path, monkeypatch):
+    """Each hostile path gives an ``unsafe_mask_path`` row, counted as an input error; no file outside the
+    mask folder is opened, even one that would decode as a valid mask."""
+    masks_dir = tmp_path / "coco_gsam_seg"
+    (masks_dir / "000000000001").mkdir(parents=True)
+    good = np.zeros((40, 40), bool)
+    good[10:30, 10:30] = True
+    Image.fromarray(good.astype(np.uint8) * 255).save(masks_dir / "000000000001" / "mask_000000000001_cat.png")
+    bait = tmp_path / "bait.png"
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(bait)
+    os.symlink(bait, masks_dir / "000000000001" / "mask_000000000001_link.png")
+    pairs = [["cat", "seg/000000000001/mask_000000000001_cat.png"], ["dog", "seg/../../bait.png"],
+             ["cow", str(bait)], ["owl", "seg/000000000001/mask_000000000001_link.png"]]
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": "000000000001.jpg", "text": "A cat, a dog, a cow and an owl.",
+                                    "attn_list": pairs}) + "\n")
+    shards.write_shards(tmp_path / "nouns", [nouns_row("000000000001", [w for w, _ in pairs])], lambda c: c, 4,
+                        "fixture", code="test")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(Path(fp).resolve()) or real_open(fp, *a, **k))
+    ctx = RunContext(tmp_path / "masks", tmp_path / "nouns", tmp_path / "images", tmp_path, 32)
+    write_authors_masks(ctx, scale_for("unused", "unused", source="authors", authors_metadata=str(metadata),
+                                       authors_masks=str(masks_dir)))
+    rows = shards.read_shards(ctx.out_dir)
+    status = dict(zip(rows.phrase, rows.status))
+    assert status == {"cat": "ok", "dog": "unsafe_mask_path", "cow": "unsafe_mask_path", "owl": "unsafe_mask_path"}
+    errors = dict(zip(rows.phrase, rows.error))
+    assert "parent_escape" in errors["dog"] and "absolute_path" in errors["cow"] and "symlink_escape" in errors["owl"]
+    assert opened == [(masks_dir / "000000000001" / "mask_000000000001_cat.png").resolve()]
+    summary = summarize(rows.to_dict("records"))
+    assert summary["status_unsafe_mask_path"] == 3 and summary["input_errors"] == 3
+    with pytest.raises(FailureRateError, match="3 of 4 rows .*unsafe mask path"):
+        check_input_errors(summary, 0.05)
 
 
 def test_a_phrase_repeated_in_other_case_is_usable_when_one_occurrence_aligned():

@@ -196,6 +196,99 @@ def test_shard_with_a_damaged_page_but_intact_footer(tmp_path):
     assert calls == [[0, 1]] and path.read_bytes() == good
 
 
+def _blob_rows(calls):
+    """Rows with 4 kB of seeded random bytes each (incompressible, so a flipped byte stays a flipped value)."""
+    def run(chunk):
+        calls.append(list(chunk))
+        return [{"key": k, "blob": np.random.default_rng(k).bytes(4000), "status": "ok"} for k in chunk]
+
+    return run
+
+
+def _accept(table):
+    return None
+
+
+def test_byte_damage_in_a_page_is_found_by_its_checksum(tmp_path, caplog):
+    """One flipped byte inside a column's values: a plain read returns wrong bytes without noticing; the page
+    checksum finds it, readers name the file, and a verifying rerun recomputes exactly that shard."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    out, items = tmp_path / "artifacts/data/images", list(range(6))
+    shards.write_shards(out, items, _blob_rows([]), 3, {}, code="c", verify=_accept)
+    first = {p.name: p.read_bytes() for p in shards.shard_files(out)}
+    path = shards.shard_path(out, 1)
+    column = pq.read_metadata(path).row_group(0).column(1)
+    assert column.path_in_schema == "blob"
+    start = column.dictionary_page_offset or column.data_page_offset
+    damaged = bytearray(first[path.name])
+    damaged[start + column.total_compressed_size // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    plain = pq.read_table(path)  # footer and page headers intact: no error without checksums
+    assert plain.column("key").to_pylist() == [3, 4, 5]
+    assert plain.column("blob").to_pylist() != [np.random.default_rng(k).bytes(4000) for k in (3, 4, 5)]
+    with pytest.raises(shards.ShardReadError, match=r"part-00001.parquet: unreadable shard.*CRC.*dvc repro -s train_data"):
+        shards.read_shards(out)
+    assert shards.pending_shards(out, items, 3, {}, code="c") == []  # without verify only the footer is checked
+    assert shards.pending_shards(out, items, 3, {}, code="c", verify=_accept) == [1]
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.shards"):
+        shards.write_shards(out, items, _blob_rows(calls), 3, {}, code="c", verify=_accept)
+    assert calls == [[3, 4, 5]]
+    assert "part-00001.parquet is damaged (unreadable: " in caplog.text and "CRC" in caplog.text
+    assert {p.name: p.read_bytes() for p in shards.shard_files(out)} == first
+
+
+def test_verify_recomputes_the_shards_it_rejects_and_pending_shards_agrees(tmp_path, caplog):
+    import logging
+
+    items = list(range(6))
+    shards.write_shards(tmp_path, items, _process([]), 2, {}, code="c")
+
+    def reject_key_2(table):
+        return "key 2 is bad" if 2 in table.column("key").to_pylist() else None
+
+    assert shards.pending_shards(tmp_path, items, 2, {}, code="c", verify=reject_key_2) == [1]
+    assert shards.pending_shards(tmp_path, items, 2, {}, code="c", verify=reject_key_2, rank=1, world_size=2) == [1]
+    assert shards.pending_shards(tmp_path, items, 2, {}, code="c", verify=reject_key_2, rank=0, world_size=2) == []
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.shards"):
+        shards.write_shards(tmp_path, items, _process(calls), 2, {}, code="c", verify=reject_key_2)
+    assert calls == [[2, 3]]
+    assert "part-00001.parquet is damaged (key 2 is bad); computing it again" in caplog.text
+    calls.clear()
+    shards.write_shards(tmp_path, items, _process(calls), 2, {}, code="c", verify=_accept)
+    assert calls == []
+
+
+def test_page_checksums_keep_the_bytes_deterministic(tmp_path):
+    """Two writes of the same rows give the same file bytes (checksums are of the bytes, nothing else)."""
+    rows = _blob_rows([])(list(range(5)))
+    for name in ("a", "b"):
+        shards.write_table(rows, tmp_path / f"{name}.parquet", items="digest")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    shards.write_table(rows[:4], tmp_path / "c.parquet", items="digest")
+    assert (tmp_path / "c.parquet").read_bytes() != (tmp_path / "a.parquet").read_bytes()
+
+
+def test_undecodable_images_names_the_ok_rows_that_do_not_decode():
+    import pyarrow as pa
+
+    good = codecs.png_bytes(np.zeros((4, 5, 3), np.uint8))
+    table = pa.table({"image_id": ["a", "b", "c", "d", "e"],
+                      "image": [good, good[: len(good) // 2], None, b"junk", good],
+                      "status": ["ok", "ok", "download_failed", "ok", "ok"]})
+    why = codecs.undecodable_images(table)
+    assert why.startswith("2 of 4 images in column 'image' do not decode (b: ") and "; d: " in why
+    assert "c:" not in why  # a failed download has no image to decode
+    assert codecs.undecodable_images(table.slice(0, 1)) is None
+    no_ids = codecs.undecodable_images(pa.table({"image": [good, b"x"]}))  # rows named by position
+    assert no_ids.startswith("1 of 2 images in column 'image' do not decode (1: ")
+    assert codecs.undecodable_images(pa.table({"key": [1]})) == "no 'image' column"
+
+
 def test_missing_shard_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that writes it"):
         shards.read_shards(tmp_path / "nope")

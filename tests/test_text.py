@@ -400,3 +400,91 @@ def test_multi_token_phrase_crossing_the_last_position_is_past_context(clip_toke
     caption = "red " * 74 + "teddy bear"   # "teddy bear" would sit at 75-76: its last token is past 75
     aligned = align_phrase(clip_tokenizer, CaptionTokens.of(clip_tokenizer, caption), "teddy bear", None, 75)
     assert aligned.status == "past_context"
+
+
+# --- pretrained tagger files: digest pinned in params ------------------------------------------------
+
+PRETRAINED_FILES = [f"averaged_perceptron_tagger_eng.{part}.json" for part in ("classes", "tagdict", "weights")]
+
+
+def _fake_pretrained(root: Path) -> Path:
+    """Tagger files in the pretrained tagger's place (a small tagger trained here: no download in tests)."""
+    folder = tagging.use_nltk_data(root) / "taggers" / "averaged_perceptron_tagger_eng"
+    tagging.train_tagger(tagging.read_tagged_corpus(CORPUS), 0, 2).save_to_json(lang="eng", loc=str(folder))
+    return folder
+
+
+def test_tagger_digest_is_the_sha256sum_of_the_files_sha256sum_lines(tmp_path):
+    import hashlib
+
+    folder = _fake_pretrained(tmp_path / "nltk_data")
+    lines = "".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n" for n in PRETRAINED_FILES)
+    assert tagging.tagger_digest(folder) == hashlib.sha256(lines.encode()).hexdigest()
+    if Path("/usr/bin/sha256sum").exists():  # the command docs/text.md gives
+        shell = subprocess.run(["bash", "-c", "sha256sum " + " ".join(PRETRAINED_FILES) + " | sha256sum"],
+                               cwd=folder, capture_output=True, text=True, check=True)
+        assert shell.stdout.split()[0] == tagging.tagger_digest(folder)
+
+
+def test_pretrained_tagger_files_are_checked_against_the_pin(tmp_path, monkeypatch, caplog):
+    import nltk
+
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: pytest.fail("must not download when present"))
+    folder = _fake_pretrained(tmp_path / "nltk_data")
+    digest = tagging.tagger_digest(folder)
+    words = "A cat on a mat .".split()
+    pinned = tagging.load_tagger("pretrained", tmp_path / "nltk_data", sha256=digest.upper())
+    with caplog.at_level("WARNING", logger="pipeline.text.tagger"):
+        unpinned = tagging.pretrained_tagger(tmp_path / "nltk_data", sha256=None)
+    assert pinned.tag(words) == unpinned.tag(words)
+    assert f"not verified (profiles.<p>.text.tagger_sha256 is null); their digest is {digest}" in caplog.text
+    classes = folder / "averaged_perceptron_tagger_eng.classes.json"
+    classes.write_text(json.dumps(sorted(json.loads(classes.read_text()), reverse=True)))  # same byte count
+    with pytest.raises(tagging.TaggerMismatchError) as err:
+        tagging.pretrained_tagger(tmp_path / "nltk_data", sha256=digest)
+    message = str(err.value)
+    new = tagging.tagger_digest(folder)
+    assert new != digest and f"have digest {new}, but profiles.<p>.text.tagger_sha256 is {digest}" in message
+    assert f"averaged_perceptron_tagger_eng.classes.json {tagging.tagger_file_digests(folder)[classes.name]}" in message
+    assert f"delete {folder}" in message and f"set profiles.<p>.text.tagger_sha256: {new}" in message
+
+
+def test_text_params_refuse_a_malformed_sha256():
+    from pipeline.config import ConfigError, parse
+    from pipeline.text.nouns_rows import TextScale
+
+    ok = parse(TextScale, {"tagger": "pretrained", "phrases": "tagger", "tagger_sha256": "a" * 64}, "profiles.x.text")
+    assert ok.tagger_sha256 == "a" * 64 and ok.metadata_sha256 is None
+    for key in ("tagger_sha256", "metadata_sha256"):
+        with pytest.raises(ConfigError, match=f"profiles.x.text: {key}: 'abc' is not a SHA-256"):
+            parse(TextScale, {"tagger": "pretrained", "phrases": "tagger", key: "abc"}, "profiles.x.text")
+
+
+def test_nouns_stage_checks_and_records_the_pretrained_tagger(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: pytest.fail("must not download when present"))
+    digest = tagging.tagger_digest(_fake_pretrained(tmp_path / "nltk_data"))
+    root = _stage_dir(tmp_path, _image_rows(["A red ball next to a green tree."]), tagger="pretrained",
+                      tagger_sha256=digest)
+    monkeypatch.chdir(root)
+    runpy.run_path(str(REPO / "stages" / "nouns.py"), run_name="__main__")
+    metrics = json.loads((root / "metrics" / "nouns.json").read_text())
+    assert metrics["tagger"] == "pretrained" and metrics["tagger_sha256"] == digest
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profiles"]["demo"]["text"]["tagger_sha256"] = "0" * 64
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(tagging.TaggerMismatchError, match=f"have digest {digest}"):
+        runpy.run_path(str(REPO / "stages" / "nouns.py"), run_name="__main__")
+
+
+def test_nouns_stage_checks_the_authors_metadata_sha256(tmp_path, monkeypatch, shared_data):
+    from pipeline.fetch import HashMismatchError, sha256_bytes
+
+    meta = shared_data / "tokencompose" / "coco_gsam_metadata.jsonl"
+    root = _stage_dir(tmp_path, _image_rows(["A cat."]), phrases="authors", metadata=str(meta),
+                      metadata_sha256="0" * 64)
+    monkeypatch.chdir(root)
+    with pytest.raises(HashMismatchError, match=f"got {sha256_bytes(meta.read_bytes())}.*"
+                                                r"profiles\.demo\.text\.metadata_sha256"):
+        runpy.run_path(str(REPO / "stages" / "nouns.py"), run_name="__main__")

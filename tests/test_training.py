@@ -90,22 +90,56 @@ def test_load_records_joins_masks_and_counts_reasons(data_dirs):
     assert len(grounded) == stats["images_grounded"] and all(r.words for r in grounded)
 
 
-def test_undecodable_training_image_is_left_out_and_counted(data_dirs, tmp_path, caplog):
-    """Bytes that do not decode (a truncated PNG with status ok) are a recorded skip, not a DataLoader crash."""
-    import pandas as pd
+def damaged_images(images: Path, out: Path, count: int) -> list[str]:
+    """A copy of the images shards at ``out`` whose first ``count`` ok training images are truncated PNGs
+    (status still ok, the Parquet files intact); returns their ids."""
+    rows = list(iter_rows(images))
+    victims = [r for r in rows if r["split"] == "train" and r["status"] == "ok"][:count]
+    for row in victims:
+        row["image"] = row["image"][: len(row["image"]) // 2]
+    write_shards(out, rows, lambda chunk: chunk, 6, fingerprint="fixture", code="test")
+    return [r["image_id"] for r in victims]
+
+
+def test_undecodable_training_images_are_counted_in_one_line(data_dirs, tmp_path, caplog):
+    """Bytes that do not decode (truncated PNGs with status ok) are a counted skip below the limit, with one
+    warning line naming the count, the first ids and the repair; not a DataLoader crash."""
+    import logging
 
     images, masks = data_dirs
-    rows = list(iter_rows(images))
-    victim = next(r for r in rows if r["split"] == "train" and r["status"] == "ok")
-    victim["image"] = victim["image"][: len(victim["image"]) // 2]
-    damaged = tmp_path / "images"
-    write_shards(damaged, rows, lambda chunk: chunk, 6, fingerprint="fixture", code="test")
-    assert len(pd.concat([pd.read_parquet(p) for p in sorted(damaged.glob("*.parquet"))])) == len(rows)
-    records, stats = load_records(damaged, masks, RES)
-    clean, clean_stats = load_records(images, masks, RES)
-    assert stats["images_corrupt"] == 1 and clean_stats["images_corrupt"] == 0
-    assert {r.image_id for r in records} == {r.image_id for r in clean} - {victim["image_id"]}
-    assert f"image {victim['image_id']}: left out of training" in caplog.text
+    victims = damaged_images(images, tmp_path / "images", 2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.sources"):
+        records, stats = load_records(tmp_path / "images", masks, RES, max_corrupt_rate=0.25)
+    clean, clean_stats = load_records(images, masks, RES, max_corrupt_rate=0.0)
+    assert stats["images_corrupt"] == 2 and clean_stats["images_corrupt"] == 0
+    assert {r.image_id for r in records} == {r.image_id for r in clean} - set(victims)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"2 of 9 training images in {tmp_path / 'images'} do not decode and are left out (first: " \
+           f"{victims[0]}, {victims[1]})" in warnings[0] and "`dvc repro train_data`" in warnings[0]
+
+
+def test_undecodable_training_images_past_the_limit_fail_naming_the_repair(data_dirs, tmp_path):
+    """Past ``train.max_corrupt_rate`` the loader fails with one line: the count, the first ids, the producer's
+    repair command and the param; the default limit (params.yaml, 1 %) refuses even one of 9 images."""
+    from pipeline.config import InputDataError, load_params, section
+
+    images, masks = data_dirs
+    victims = damaged_images(images, tmp_path / "images", 1)
+    limit = section(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), "train",
+                    TrainCfg).max_corrupt_rate
+    assert limit == TrainCfg().max_corrupt_rate == 0.01
+    with pytest.raises(InputDataError) as err:
+        load_records(tmp_path / "images", masks, RES, max_corrupt_rate=limit)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"1 of 9 training images in {tmp_path / 'images'} do not decode (first: {victims[0]}; "
+                       "limit train.max_corrupt_rate=1.0%); repair them with `dvc repro train_data` (it recomputes "
+                       "damaged shards), or raise train.max_corrupt_rate")
+    with pytest.raises(InputDataError, match=r"1 of 9 training images"):
+        load_records(tmp_path / "images", masks, RES, max_corrupt_rate=0.11)  # 1/9 = 11.1 %
+    _, stats = load_records(tmp_path / "images", masks, RES, max_corrupt_rate=0.12)
+    assert stats["images_corrupt"] == 1
 
 
 def test_resume_takes_the_latest_checkpoint_of_this_run_within_max_steps(tmp_path):

@@ -145,11 +145,6 @@ def summarize_grounding(rows: Sequence[dict], groups: Sequence[str]) -> dict:
 GROUNDING_FAILURES = ("inference_failed", "missing_image")  # Grounded-SAM raised; the image was not generated
 
 
-def grounding_failures(summary: dict) -> int:
-    """Categories of a :func:`summarize_grounding` summary that failed rather than found nothing."""
-    return sum(summary.get(f"status_{s}", 0) for s in GROUNDING_FAILURES)
-
-
 def compare_with_samples(samples_dir: Path, samples: Sequence[dict], items: Sequence[SampleItem]) -> dict:
     """How the regenerated images compare with the ``sample`` stage's images of the same keys.
 

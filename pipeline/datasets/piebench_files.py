@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import InputDataError, MissingInputError, Pixels
+from pipeline.safe_paths import PATH_RULES, UnsafePathError, inside
 from pipeline.store.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -191,54 +192,131 @@ def _image_size(path: Path) -> tuple[int, int]:
                                    f"PIE-Bench. {PIEBENCH_HELP}") from err
 
 
-def validate_piebench_root(root: Path) -> dict[str, PieBenchEntry]:
-    """Check a PIE-Bench folder: mapping file valid and every image present; return its entries."""
-    root = Path(root)
-    for needed in (root, root / MAPPING_FILE, root / IMAGES_DIR):
-        if not needed.exists():
-            raise MissingInputError(f"{needed}: not found. {PIEBENCH_HELP}")
-    entries = read_mapping(root / MAPPING_FILE)
-    missing = [e.image_path for e in entries.values() if not (root / IMAGES_DIR / e.image_path).is_file()]
+# Why an entry is left out of the copy (``copy_piebench``): the path rules of :mod:`pipeline.safe_paths` and a
+# mask whose RLE starts past the 512x512 frame (``load_example`` would refuse it in the edit stage).
+MASK_OUT_OF_FRAME = "mask_out_of_frame"
+REJECT_REASONS = (*PATH_RULES, MASK_OUT_OF_FRAME)
+
+
+def image_file(root: str | Path, entry: PieBenchEntry, image_id: str = "") -> Path:
+    """The resolved image file of ``entry`` under ``<root>/annotation_images``; an ``image_path`` that leaves
+    that folder (absolute, ``..``, a symbolic link out) raises :class:`~pipeline.safe_paths.UnsafePathError`."""
+    where = f"{MAPPING_FILE}: entry {image_id!r} image_path" if image_id else f"{MAPPING_FILE}: image_path"
+    return inside(Path(root) / IMAGES_DIR, entry.image_path, where)
+
+
+def mask_in_frame(entry: PieBenchEntry, size: int = PIE_SIZE) -> bool:
+    """Whether every run of ``entry.mask`` starts inside the ``size`` x ``size`` grid (lengths past its end
+    are clamped by :func:`decode_mask`, as the benchmark does)."""
+    starts = entry.mask[0::2]
+    return not starts or max(starts) < size * size
+
+
+def safe_image_files(root: Path, entries: dict[str, PieBenchEntry]
+                     ) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Split ``entries`` into image id -> resolved image file and the ``(image id, rule)`` pairs of the
+    image paths that leave ``<root>/annotation_images`` (rules of :data:`~pipeline.safe_paths.PATH_RULES`)."""
+    files: dict[str, Path] = {}
+    rejected: list[tuple[str, str]] = []
+    for image_id, entry in entries.items():
+        try:
+            files[image_id] = image_file(root, entry, image_id)
+        except UnsafePathError as err:
+            log.debug("%s", err)
+            rejected.append((image_id, err.rule))
+    return files, rejected
+
+
+def _check_images(root: Path, entries: dict[str, PieBenchEntry], files: dict[str, Path]) -> None:
+    """Raise when an image of ``files`` is missing, unreadable or not 512x512 (errors for the whole folder)."""
+    missing = [entries[i].image_path for i, path in files.items() if not path.is_file()]
     if missing:
         raise MissingInputError(
             f"{root / IMAGES_DIR}: {len(missing)} of {len(entries)} images named in {MAPPING_FILE} are missing "
             f"(first: {missing[:3]}). {PIEBENCH_HELP}")
-    sizes = {e.image_path: _image_size(root / IMAGES_DIR / e.image_path) for e in entries.values()}
+    sizes = {entries[i].image_path: _image_size(path) for i, path in files.items()}
     wrong = {path: size for path, size in sizes.items() if size != (PIE_SIZE, PIE_SIZE)}
     if wrong:
         first = next(iter(wrong.items()))
         raise PieBenchFormatError(f"{root / IMAGES_DIR}: {len(wrong)} images are not {PIE_SIZE}x{PIE_SIZE} "
                                    f"(first: {first[0]} is {first[1][0]}x{first[1][1]}); the masks' RLE addresses "
                                    f"the original {PIE_SIZE}x{PIE_SIZE} images: use those, not a resized copy")
-    return entries
+
+
+def validate_piebench_root(root: Path) -> tuple[dict[str, PieBenchEntry], list[tuple[str, str]]]:
+    """Check a PIE-Bench folder: mapping file valid, every image present and 512x512.
+
+    Returns the usable entries and the ``(image id, reason)`` pairs of the entries left out, reasons from
+    :data:`REJECT_REASONS`: an image path that leaves ``annotation_images/`` (never opened) or a mask RLE
+    starting past the 512x512 frame. A missing, unreadable or resized image, or every entry left out, is an
+    error for the whole folder.
+    """
+    root = Path(root)
+    for needed in (root, root / MAPPING_FILE, root / IMAGES_DIR):
+        if not needed.exists():
+            raise MissingInputError(f"{needed}: not found. {PIEBENCH_HELP}")
+    entries = read_mapping(root / MAPPING_FILE)
+    files, rejected = safe_image_files(root, entries)
+    _check_images(root, entries, files)
+    for image_id in [i for i in files if not mask_in_frame(entries[i])]:
+        log.debug("%s: entry %r: mask RLE starts past the %dx%d frame", MAPPING_FILE, image_id, PIE_SIZE, PIE_SIZE)
+        rejected.append((image_id, MASK_OUT_OF_FRAME))
+        del files[image_id]
+    if not files:
+        raise PieBenchFormatError(f"{root / MAPPING_FILE}: all {len(entries)} entries are unusable (first: "
+                                  f"{rejected[:3]}); image paths must stay inside {root / IMAGES_DIR} and masks "
+                                  f"inside the {PIE_SIZE}x{PIE_SIZE} frame. {PIEBENCH_HELP}")
+    return {i: entries[i] for i in files}, rejected
 
 
 def load_example(root: str | Path, entry: PieBenchEntry) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 source and (H, W) uint8 mask (1 = edit, forced border) of a PIE-Bench entry."""
-    path = Path(root) / IMAGES_DIR / entry.image_path
+    """(H, W, 3) uint8 source and (H, W) uint8 mask (1 = edit, forced border) of a PIE-Bench entry.
+
+    An ``image_path`` leaving ``<root>/annotation_images`` raises
+    :class:`~pipeline.safe_paths.UnsafePathError` (an :class:`InputDataError`) before any file is opened.
+    """
+    path = image_file(root, entry)
     image = np.asarray(Image.open(path).convert("RGB"))
     if image.shape[0] != image.shape[1]:
         raise PieBenchFormatError(f"{path}: image is {image.shape[1]}x{image.shape[0]}; PIE-Bench masks live on "
                                    f"a square grid (512x512): resize the image to a square")
-    starts = entry.mask[0::2]
-    if starts and max(starts) >= image.shape[0] ** 2:
+    if not mask_in_frame(entry, image.shape[0]):
         raise PieBenchFormatError(f"{path}: its mask RLE addresses pixels past a {image.shape[0]}x{image.shape[0]} "
                                    f"grid; PIE-Bench masks are encoded on the original 512x512 images: use those, "
                                    f"not a resized copy")
     return image, decode_mask(entry.mask, size=image.shape[0])
 
 
-def copy_piebench(root: Path, out_dir: Path) -> dict[str, PieBenchEntry]:
-    """Validate the PIE-Bench copy at ``root`` and copy its mapping file and images into ``out_dir``."""
-    entries = validate_piebench_root(root)
-    out_dir = Path(out_dir)
-    for entry in entries.values():
-        dest = out_dir / IMAGES_DIR / entry.image_path
+def copy_piebench(root: Path, out_dir: Path) -> tuple[dict[str, PieBenchEntry], list[tuple[str, str]]]:
+    """Validate the PIE-Bench copy at ``root`` and copy its usable entries into ``out_dir``.
+
+    Returns the copied entries and the ``(image id, reason)`` pairs left out (:func:`validate_piebench_root`).
+    Every file read lies inside ``<root>/annotation_images`` and every file written inside ``out_dir``. The
+    mapping file is copied byte for byte when no entry is left out; otherwise without the left-out entries.
+    """
+    root, out_dir = Path(root), Path(out_dir)
+    entries, rejected = validate_piebench_root(root)
+    for image_id, entry in entries.items():
+        dest = inside(out_dir / IMAGES_DIR, entry.image_path, f"{MAPPING_FILE}: entry {image_id!r} image_path")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(root) / IMAGES_DIR / entry.image_path, dest)
-    shutil.copyfile(Path(root) / MAPPING_FILE, out_dir / MAPPING_FILE)
-    log.info("copied %d PIE-Bench images from %s to %s", len(entries), root, out_dir)
-    return entries
+        shutil.copyfile(image_file(root, entry, image_id), dest)
+    if rejected:
+        raw = json.loads((root / MAPPING_FILE).read_text())
+        atomic_write(out_dir / MAPPING_FILE, json.dumps({k: raw[k] for k in entries}).encode("utf-8"))
+    else:
+        shutil.copyfile(root / MAPPING_FILE, out_dir / MAPPING_FILE)
+    log.info("copied %d PIE-Bench images from %s to %s (%d entries left out)", len(entries), root, out_dir,
+             len(rejected))
+    return entries, rejected
+
+
+def rejected_summary(rejected: list[tuple[str, str]]) -> dict[str, int]:
+    """Flat counts for a metrics file: ``bad_input`` (entries left out) and ``bad_input_<reason>`` for every
+    reason of :data:`REJECT_REASONS` (zero included, so the keys do not depend on the data)."""
+    counts = {f"bad_input_{reason}": 0 for reason in REJECT_REASONS}
+    for _, reason in rejected:
+        counts[f"bad_input_{reason}"] += 1
+    return {"bad_input": len(rejected), **counts}
 
 
 def piebench_summary(entries: dict[str, PieBenchEntry], size: int = PIE_SIZE) -> dict[str, Any]:

@@ -3,7 +3,9 @@ caption) and ``attn_list`` = ``[[phrase, mask path or null], ...]``.
 
 Every user of the file (the COCO training set, the authors' phrases, the authors' masks) reads it with
 :func:`read_records`, so a malformed line is reported the same way whichever stage meets it first;
-:func:`read_tokencompose_metadata` reads and checks it from a path or URL in one call.
+:func:`read_tokencompose_metadata` reads and checks it from a path or URL in one call, after checking the
+file's SHA-256 when params pin one (:data:`TOKENCOMPOSE_METADATA_SHA256` is that of the file at
+:data:`TOKENCOMPOSE_METADATA_URL`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import StageError
-from pipeline.fetch import read_source
+from pipeline.fetch import read_pinned
 
 TOKENCOMPOSE_METADATA_URL = (
     "https://raw.githubusercontent.com/mlpc-ucsd/TokenCompose/5633f816116fdf7de74d9055ff9666c5222416e2/"
     "train/data/coco_gsam_img/train/metadata.jsonl"
 )
+# SHA-256 of that file: 1,389,821 bytes, git blob 748167af338493b52cf0554b82fe3b721938dde8 (what `git ls-tree
+# 5633f81 train/data/coco_gsam_img/train/` lists in a clone of TokenCompose)
+TOKENCOMPOSE_METADATA_SHA256 = "6796a8a2b7380973e53e758d6e8bf620a825a918a00a4564e841d7df115f2506"
 
 
 class MetadataError(StageError, ValueError):
@@ -82,23 +87,30 @@ def read_records(text: str, source: str, keep_bad: bool = False) -> list[dict[st
     return out
 
 
-def read_metadata_text(source: str | Path, retries: int = 3, timeout: float = 30.0) -> str:
-    """Text of a metadata file at a local path or a URL (UTF-8); a :class:`MetadataError` when unreadable."""
+def read_metadata_text(source: str | Path, retries: int = 3, timeout: float = 30.0, sha256: str | None = None,
+                       param: str = "the metadata's sha256 param") -> str:
+    """Text of a metadata file at a local path or a URL (UTF-8); a :class:`MetadataError` when unreadable.
+
+    With ``sha256`` the bytes must have that SHA-256, else :class:`~pipeline.fetch.HashMismatchError` naming
+    ``param`` (the params key that pins it); ``None`` reads the file unchecked.
+    """
     try:
-        return read_source(source, retries, timeout).decode("utf-8")
+        return read_pinned(source, sha256, retries, timeout, param).decode("utf-8")
     except FileNotFoundError as err:
         raise MetadataError(f"{source}: metadata file not found; give a path or an http(s) URL") from err
     except OSError as err:
         raise MetadataError(str(err)) from err
 
 
-def read_tokencompose_metadata(path: str | Path, retries: int = 3, timeout: float = 30.0) -> list[dict[str, Any]]:
+def read_tokencompose_metadata(path: str | Path, retries: int = 3, timeout: float = 30.0, sha256: str | None = None,
+                               param: str = "the metadata's sha256 param") -> list[dict[str, Any]]:
     """TokenCompose's ``metadata.jsonl`` (SPEC §2.7) from a path or URL: a list of checked records.
 
     Each record is ``{"file_name": str, "text": str, "attn_list": [[phrase, mask path | None], ...]}``.
-    Raises :class:`MetadataError` naming the file and line of a malformed record.
+    ``sha256`` (optional) is checked first (:func:`read_metadata_text`). Raises :class:`MetadataError`
+    naming the file and line of a malformed record.
     """
-    return read_records(read_metadata_text(path, retries, timeout), str(path))
+    return read_records(read_metadata_text(path, retries, timeout, sha256, param), str(path))
 
 
 def image_id_of(file_name: str) -> str:

@@ -7,7 +7,7 @@ token indices come from ``artifacts/nouns``. Written in resumable shards, split 
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,20 +20,35 @@ from pipeline.geometry import train_mask
 from pipeline.masks.inputs import RunContext, read_nouns
 from pipeline.masks.params import MasksScale
 from pipeline.masks.rows import masks_row, phrase_entries
+from pipeline.safe_paths import UnsafePathError, inside
 from pipeline.store import shards
 from pipeline.store.codecs import rle_encode
 from pipeline.store.identity import code_digest, dir_files, files_digest, fingerprint_of
 from pipeline.store.shards import STATUS_OK, write_shards
 
 
+STATUS_UNSAFE_PATH = "unsafe_mask_path"
+
+
 def authors_mask_path(path: str, masks_dir: Path) -> Path:
     """Where a metadata mask path (``seg/<id>/mask_<id>_<word>.png``) lies in the mask folder
-    (``<masks_dir>/<id>/mask_<id>_<word>.png``). Only a leading ``seg/`` is dropped (the original replaced
-    every "seg" substring, SPEC §1.1 step 3)."""
-    parts = Path(path).parts
+    (``<masks_dir>/<id>/mask_<id>_<word>.png``, symbolic links resolved). Only a leading ``seg/`` is dropped
+    (the original replaced every "seg" substring, SPEC §1.1 step 3). A path that leaves the folder (absolute,
+    ``..``, a symbolic link out) raises :class:`~pipeline.safe_paths.UnsafePathError`."""
+    parts = PurePosixPath(path).parts
     if parts and parts[0] == "seg":
         parts = parts[1:]
-    return Path(masks_dir, *parts)
+    relative = str(PurePosixPath(*parts)) if parts else ""
+    return inside(masks_dir, relative, f"authors' metadata mask path {path!r}")
+
+
+def phrase_mask(path: str, masks_dir: Path) -> tuple[np.ndarray | None, str, str]:
+    """The mask of a metadata mask path, as :func:`read_authors_mask` gives it; an unsafe path is not read
+    and gives status ``unsafe_mask_path``."""
+    try:
+        return read_authors_mask(authors_mask_path(path, masks_dir))
+    except UnsafePathError as err:
+        return None, STATUS_UNSAFE_PATH, str(err)
 
 
 def read_authors_mask(path: Path) -> tuple[np.ndarray | None, str, str]:
@@ -79,7 +94,7 @@ def authors_rows(entry: dict[str, Any], nouns: dict[str, tuple[list[int], str, s
         elif status != STATUS_OK:
             rows.append(masks_row(item, word, idx, "not_aligned", error or status))
         else:
-            mask, m_status, m_error = read_authors_mask(authors_mask_path(path, masks_dir))
+            mask, m_status, m_error = phrase_mask(path, masks_dir)
             if mask is None:
                 rows.append(masks_row(item, word, idx, m_status, m_error))
                 continue

@@ -26,8 +26,10 @@ MASK_STATUSES = {
     "corrupt_mask": "authors: the mask file does not decode",
     "blank_mask": "authors: the PNG is all black (empty, or whole-image: plt.imsave quirk, SPEC §1.6 item 7)",
     "bad_metadata": "authors: the metadata line is not valid JSON with file_name/text/attn_list",
+    "unsafe_mask_path": "authors: the mask path leaves the mask folder (absolute, '..' or a link out); not read",
 }
-INPUT_ERRORS = ("missing_image", "corrupt_image", "bad_metadata", "missing_mask_file", "corrupt_mask")
+INPUT_ERRORS = ("missing_image", "corrupt_image", "bad_metadata", "missing_mask_file", "corrupt_mask",
+                "unsafe_mask_path")
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -64,6 +66,6 @@ def check_input_errors(metrics: dict[str, Any], max_rate: float) -> None:
     if metrics["input_error_rate"] > max_rate:
         raise FailureRateError(
             f"masks: {metrics['input_errors']} of {metrics['rows']} rows have a missing/corrupt image, bad "
-            f"metadata or a missing/corrupt authors' mask file ({metrics['input_error_rate']:.1%} > "
-            f"grounding.max_input_error_rate={max_rate:.1%}); "
+            f"metadata, a missing/corrupt authors' mask file or an unsafe mask path "
+            f"({metrics['input_error_rate']:.1%} > grounding.max_input_error_rate={max_rate:.1%}); "
             f"see status/error in artifacts/masks/")

@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 
@@ -32,6 +33,37 @@ def decode_error(data: bytes | None) -> str | None:
     except Exception as err:  # noqa: BLE001 - PIL raises several types for bad bytes
         return f"{type(err).__name__}: {err}"
     return None
+
+
+FIRST_NAMED = 3  # undecodable images named in a message; the rest are counted
+
+
+def undecodable_images(table: pa.Table, column: str = "image") -> str | None:
+    """Why a shard of images is damaged: which images of its ``ok`` rows do not decode, or ``None`` when every
+    one does. A ready ``verify`` check for :func:`pipeline.store.shards.write_shards`.
+
+    Every image of a row whose ``status`` is ``ok`` (every row when the table has no ``status`` column) is
+    decoded in full (:func:`decode_error`); rows are named by ``image_id`` when the table has one, else by
+    their position. Cost: a full decode of every stored image, about 2 ms per 640x480 JPEG on one CPU core
+    (some 10 s for the 4,526 COCO training images on a resume) and well under 1 ms per 128-pixel PNG of the
+    demo set. A table without ``column`` is damaged too.
+    """
+    if column not in table.schema.names:
+        return f"no {column!r} column"
+    images = table.column(column).to_pylist()
+    ids = table.column("image_id").to_pylist() if "image_id" in table.schema.names else range(len(images))
+    statuses = table.column("status").to_pylist() if "status" in table.schema.names else ["ok"] * len(images)
+    checked, bad = 0, []
+    for image_id, data, status in zip(ids, images, statuses):
+        if status != "ok":
+            continue
+        checked += 1
+        if (problem := decode_error(data)) is not None:
+            bad.append(f"{image_id}: {problem}")
+    if not bad:
+        return None
+    first = "; ".join(bad[:FIRST_NAMED]) + ("; ..." if len(bad) > FIRST_NAMED else "")
+    return f"{len(bad)} of {checked} images in column {column!r} do not decode ({first})"
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:

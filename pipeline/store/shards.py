@@ -12,6 +12,11 @@ Each shard also records the digest of its own items (:func:`items_digest`, in th
 metadata): a rerun over a longer or shorter item list (more prompts, a larger subset) keeps every shard
 whose items are unchanged, computes the others and stashes shards past the new end.
 
+Shards are written with Parquet page checksums (CRC32 of every page). A producer may pass ``verify``, a
+check of a finished shard's content (e.g. :func:`pipeline.store.codecs.undecodable_images`): a rerun then
+reads each finished shard with checksum verification and computes again every shard that fails either, so
+rerunning the producer repairs damaged output.
+
 With several processes (``accelerate launch``), rank ``r`` of ``w`` writes shards ``i`` with
 ``i % w == r``; the files do not overlap.
 """
@@ -41,6 +46,9 @@ T = TypeVar("T")
 FINGERPRINT_FILE = "_fingerprint.json"
 ITEMS_KEY = b"shard_items"  # Parquet schema metadata: items_digest of the items a shard was computed from
 STATUS_OK = "ok"
+
+# A check of a finished shard's rows: why the shard is damaged, or None when it is fine.
+Verify = Callable[[pa.Table], str | None]
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
@@ -162,13 +170,16 @@ def _wait_for_fingerprint(fp_file: Path, record: dict, timeout_s: float = 3600.0
 
 def write_table(rows: list[dict[str, Any]], path: Path, items: str | None = None) -> None:
     """Write ``rows`` to ``path`` atomically (temporary file in the same directory, synced, then renamed);
-    ``items``, the :func:`items_digest` of the items the rows came from, is kept in the schema metadata."""
+    ``items``, the :func:`items_digest` of the items the rows came from, is kept in the schema metadata.
+
+    Every page carries a CRC32 checksum (``write_page_checksum``), so byte damage is found when the shard is
+    read back with verification; the same rows still give the same file bytes."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     if items is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), ITEMS_KEY: items.encode()})
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, write_page_checksum=True)
     _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves no half-written shard
     os.replace(tmp, path)
     _fsync(path.parent)
@@ -219,6 +230,7 @@ def write_shards(
     code: str,
     desc: str = "shards",
     redo_statuses: Collection[str] = (),
+    verify: Verify | None = None,
 ) -> list[Path]:
     """Process ``items`` shard by shard and write each shard's rows; skip shards already written from the
     same items.
@@ -238,6 +250,10 @@ def write_shards(
         redo_statuses: row statuses that record a failure worth retrying (an exception while processing,
             e.g. out of memory or a network error): a rerun computes the written shards holding such rows
             again. Deterministic outcomes (bad input, an empty mask) are kept.
+        verify: check of a finished shard's table (None when it is fine, else why it is damaged). With it,
+            every finished shard of this rank is read whole, with page checksum verification, and passed to
+            ``verify``; a shard failing either is computed again (logged with its name and the reason).
+            This costs a full read of the finished shards on every rerun, plus whatever ``verify`` does.
 
     Returns:
         The paths of the shards this rank is responsible for.
@@ -248,20 +264,31 @@ def write_shards(
     mine = _my_shards(len(items), shard_size, rank, world_size)
     _remove_partial_writes(out_dir, mine)
     digests = {i: items_digest(_chunk(items, i, shard_size)) for i in mine}
-    state = {i: _written_state(shard_path(out_dir, i), redo_statuses, digests[i]) for i in mine}
+    found = {i: _written_state(shard_path(out_dir, i), redo_statuses, digests[i], verify) for i in mine}
+    state = {i: kind for i, (kind, _) in found.items()}
     todo = [i for i in mine if state[i] != "done"]
     if len(todo) < len(mine):
         log.info("%s: resuming, %d of %d shards already written", out_dir, len(mine) - len(todo), len(mine))
-    for kind, message in (("broken", "unreadable (damaged after it was written); computing it again"),
-                          ("other_items", "computed from other items (the item list changed); computing again"),
+    _log_broken(out_dir, {shard_path(out_dir, i).name: why for i, (kind, why) in found.items() if kind == "broken"})
+    for kind, message in (("other_items", "computed from other items (the item list changed); computing again"),
                           ("retry", f"holds rows with status {'/'.join(sorted(redo_statuses))}; computing again")):
         names = [shard_path(out_dir, i).name for i in mine if state[i] == kind]
         if names:
-            log.log(logging.WARNING if kind == "broken" else logging.INFO, "%s: %s %s", out_dir,
-                    ", ".join(names) if len(names) <= 5 else f"{len(names)} shards", message)
+            log.info("%s: %s %s", out_dir, ", ".join(names) if len(names) <= 5 else f"{len(names)} shards", message)
     for index in tqdm(todo, desc=desc, unit="shard", disable=not todo):
         write_table(process(_chunk(items, index, shard_size)), shard_path(out_dir, index), items=digests[index])
     return [shard_path(out_dir, i) for i in mine]
+
+
+BROKEN_NAMED = 5  # damaged shards named one per line; more are counted
+
+
+def _log_broken(out_dir: Path, broken: dict[str, str]) -> None:
+    """Warn about the damaged shards (name -> reason) a run computes again: the first few by name and reason."""
+    for name, why in list(broken.items())[:BROKEN_NAMED]:
+        log.warning("%s: %s is damaged (%s); computing it again", out_dir, name, why)
+    if len(broken) > BROKEN_NAMED:
+        log.warning("%s: %d more damaged shards computed again", out_dir, len(broken) - BROKEN_NAMED)
 
 
 def _num_shards(num_items: int, shard_size: int) -> int:
@@ -280,16 +307,17 @@ def _chunk(items: Sequence[T], index: int, shard_size: int) -> list[T]:
 
 
 def pending_shards(out_dir: Path, items: Sequence[Any], shard_size: int, fingerprint: Any, *, code: str,
-                   rank: int = 0, world_size: int = 1, redo_statuses: Collection[str] = ()) -> list[int]:
-    """This rank's shards that :func:`write_shards` with the same arguments would compute: all of them when
-    the directory was written with another fingerprint or code. Reads only; a stage can skip loading its
-    models when nothing is pending."""
+                   rank: int = 0, world_size: int = 1, redo_statuses: Collection[str] = (),
+                   verify: Verify | None = None) -> list[int]:
+    """This rank's shards that :func:`write_shards` with the same arguments (``verify`` included) would
+    compute: all of them when the directory was written with another fingerprint or code. Reads only; a
+    stage can skip loading its models when nothing is pending."""
     out_dir = Path(out_dir)
     mine = _my_shards(len(items), shard_size, rank, world_size)
     if _read_record(out_dir / FINGERPRINT_FILE) != _dir_record(shard_record(fingerprint, shard_size, code)):
         return mine
     return [i for i in mine if _written_state(shard_path(out_dir, i), redo_statuses,
-                                              items_digest(_chunk(items, i, shard_size))) != "done"]
+                                              items_digest(_chunk(items, i, shard_size)), verify)[0] != "done"]
 
 
 def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
@@ -303,30 +331,39 @@ def _remove_partial_writes(out_dir: Path, indices: Sequence[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _written_state(path: Path, redo_statuses: Collection[str], items: str) -> str:
-    """State of the shard at ``path``, to be computed from items with digest ``items``:
+def _written_state(path: Path, redo_statuses: Collection[str], items: str,
+                   verify: Verify | None = None) -> tuple[str, str]:
+    """State of the shard at ``path``, to be computed from items with digest ``items``, and why it is broken:
 
     ``"missing"``; ``"broken"`` when it has no Parquet footer or, when ``redo_statuses`` asks for it, no
     readable ``status`` column (shards are renamed into place whole: such a file was damaged afterwards);
     ``"other_items"`` when it records another items digest (or none); ``"retry"`` when a row's status is in
-    ``redo_statuses``; else ``"done"``. Damage in other columns shows when a reader reads them
-    (:func:`read_table` names the file)."""
+    ``redo_statuses``; else ``"done"``. With ``verify``, the whole shard is read with page checksum
+    verification and passed to ``verify``: a failed checksum or a reason from ``verify`` make it
+    ``"broken"``. Without ``verify``, damage in other columns shows when a reader reads them (:func:`read_table`
+    names the file). The second value is empty unless the state is ``"broken"``."""
     if not path.exists():
-        return "missing"
+        return "missing", ""
     try:
         schema = pq.read_schema(path)
         if (schema.metadata or {}).get(ITEMS_KEY) != items.encode():
-            return "other_items"
-        return "retry" if _has_status(path, schema, redo_statuses) else "done"
-    except (pa.ArrowException, OSError):
-        return "broken"
+            return "other_items", ""
+        if verify is None:
+            return ("retry" if _has_status(path, schema, redo_statuses) else "done"), ""
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as err:
+        return "broken", f"unreadable: {err}"
+    if _statuses_in(table, redo_statuses):
+        return "retry", ""
+    problem = verify(table)
+    return ("broken", problem) if problem else ("done", "")
 
 
 def read_table(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
-    """One shard as a table (``pq.read_table`` arguments); an unreadable file is an error naming it and the
-    stage to rerun."""
+    """One shard as a table (``pq.read_table`` arguments), page checksums verified; an unreadable file is an
+    error naming it and the stage to rerun."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters)
+        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
         stage = _producer(path)
         todo = f"`dvc repro -s {stage}`" if stage else "the stage that wrote it"
@@ -340,11 +377,16 @@ class ShardReadError(StageError, RuntimeError):
 
 def _has_status(path: Path, schema: pa.Schema, statuses: Collection[str]) -> bool:
     """Whether the shard at ``path`` (with ``schema``) has a row whose ``status`` is in ``statuses``."""
-    if not statuses:
+    if not statuses or "status" not in schema.names:
         return False
-    if "status" not in schema.names:
+    return _statuses_in(pq.read_table(path, columns=["status"], page_checksum_verification=True), statuses)
+
+
+def _statuses_in(table: pa.Table, statuses: Collection[str]) -> bool:
+    """Whether ``table`` has a ``status`` column with a value in ``statuses``."""
+    if not statuses or "status" not in table.schema.names:
         return False
-    return any(s in statuses for s in pq.read_table(path, columns=["status"]).column("status").to_pylist())
+    return any(s in statuses for s in table.column("status").to_pylist())
 
 
 # The stage that writes each shard directory (named in the error when one is missing).

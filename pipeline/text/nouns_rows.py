@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Iterable, Literal, Sequence
 
 from pipeline.config import Bounds, Fraction, PositiveInt, StageError
+from pipeline.fetch import check_sha256_param
 from pipeline.store.shards import STATUS_OK
 from pipeline.text.align import CaptionTokens, align_phrase
 from pipeline.text.tagger import noun_phrases
@@ -56,7 +57,13 @@ class TextScale:
     tagger: Literal["embedded", "pretrained"]
     phrases: Literal["tagger", "authors"]
     metadata: str | None = None  # authors' metadata.jsonl (path or URL), for phrases: authors
+    metadata_sha256: str | None = None  # its SHA-256, checked on reading; None: not checked
+    tagger_sha256: str | None = None  # pretrained: digest of the tagger files (tagger.tagger_digest); None: not checked
     shard_size: PositiveInt = 1000
+
+    def __post_init__(self) -> None:
+        check_sha256_param(self.metadata_sha256, "metadata_sha256")
+        check_sha256_param(self.tagger_sha256, "tagger_sha256")
 
 
 class SkipRateError(StageError, RuntimeError):

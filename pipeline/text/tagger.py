@@ -5,7 +5,9 @@
    tagger gives each word a Penn Treebank tag. The tagger is either trained here from the hand-tagged
    corpus in ``data/tagger/`` (``embedded``) or NLTK's released ``averaged_perceptron_tagger_eng``
    (``pretrained``). Both live in the project's NLTK data folder (``nltk_data/``), the only place
-   nltk 3.10 loads tagger files from.
+   nltk 3.10 loads tagger files from. ``nltk.download`` checks the archive it fetches, but nothing checks
+   the unpacked files it loads later, so the pretrained tagger's files are checked here against a digest
+   pinned in params (:func:`tagger_digest`, :func:`verify_tagger_files`; docs/text.md).
 2. **Noun phrases** (:func:`noun_phrases`): maximal runs of consecutive ``NN*`` words, joined with one space,
    in caption order, de-duplicated case-insensitively keeping the first occurrence and its casing
    (the original code used a ``set``, so its order changed with the hash seed).
@@ -16,7 +18,6 @@ from :mod:`pipeline.text.align`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline.config import ConfigError, InputDataError, MissingInputError, StageError
+from pipeline.fetch import sha256_bytes
 from pipeline.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,15 @@ PRETRAINED_URL = (
     "averaged_perceptron_tagger_eng.zip"
 )
 TAGGER_LANG = "eng"
+TAGGER_PIN = "profiles.<p>.text.tagger_sha256"  # the params key that pins the pretrained tagger's digest
 
 
 class TaggerUnavailable(StageError, RuntimeError):
     """The pretrained NLTK tagger is neither in the project's NLTK data folder nor downloadable."""
+
+
+class TaggerMismatchError(StageError, ValueError):
+    """The tagger files on disk are not the ones whose digest params pin."""
 
 
 # --- words -----------------------------------------------------------------------------------------
@@ -112,7 +119,7 @@ def corpus_fingerprint(sentences: Sequence[Sequence[tuple[str, str]]], seed: int
 
     blob = "\n".join(" ".join(f"{w}/{t}" for w, t in s) for s in sentences)
     blob += f"\nseed={seed} iterations={iterations} nltk={nltk.__version__}"
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+    return sha256_bytes(blob.encode("utf-8"))[:12]
 
 
 def train_tagger(sentences: Sequence[Sequence[tuple[str, str]]], seed: int, iterations: int):
@@ -180,13 +187,52 @@ def _param_files() -> tuple[str, ...]:
     return tuple(f"{PRETRAINED_TAGGER}.{part}.json" for part in ("weights", "tagdict", "classes"))
 
 
-def pretrained_tagger(nltk_root: Path = DEFAULT_NLTK_DATA, download: bool = True):
+def tagger_file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of each file the tagger in ``folder`` loads (weights, tagdict, classes JSON), by name."""
+    return {name: sha256_bytes((Path(folder) / name).read_bytes()) for name in sorted(_param_files())}
+
+
+def tagger_digest(folder: Path) -> str:
+    """One SHA-256 for the tagger in ``folder``: that of the ``sha256sum`` lines of its files, sorted by name.
+
+    The same value by hand: ``sha256sum averaged_perceptron_tagger_eng.{classes,tagdict,weights}.json |
+    sha256sum`` in the folder.
+    """
+    lines = "".join(f"{digest}  {name}\n" for name, digest in tagger_file_digests(folder).items())
+    return sha256_bytes(lines.encode("utf-8"))
+
+
+def verify_tagger_files(folder: Path, sha256: str | None) -> str:
+    """The :func:`tagger_digest` of ``folder``, checked against ``sha256`` (``None``: not checked, a warning).
+
+    Raises :class:`TaggerMismatchError` naming the folder, both digests, each file's SHA-256 and the fix.
+    """
+    digest = tagger_digest(folder)
+    if sha256 is None:
+        log.warning("%s: tagger files not verified (%s is null); their digest is %s", folder, TAGGER_PIN, digest)
+    elif digest != sha256.lower():
+        files = ", ".join(f"{name} {d}" for name, d in tagger_file_digests(folder).items())
+        raise TaggerMismatchError(
+            f"{folder}: the tagger files have digest {digest}, but {TAGGER_PIN} is {sha256.lower()} (files: "
+            f"{files}). They are not the files the pin was taken from: delete {folder} to download them again, "
+            f"or, if these are the files you want, set {TAGGER_PIN}: {digest}")
+    return digest
+
+
+def pretrained_dir(nltk_root: Path = DEFAULT_NLTK_DATA) -> Path:
+    """The folder NLTK's ``averaged_perceptron_tagger_eng`` is unpacked into under ``nltk_root``."""
+    return Path(nltk_root).resolve() / "taggers" / PRETRAINED_TAGGER
+
+
+def pretrained_tagger(nltk_root: Path = DEFAULT_NLTK_DATA, download: bool = True, sha256: str | None = None):
     """NLTK's ``averaged_perceptron_tagger_eng`` from ``<nltk_root>/taggers/``, fetched there if missing.
 
-    Raises :class:`TaggerUnavailable` naming the files and folder to provide when it cannot be fetched.
+    Its files are checked against ``sha256`` (:func:`verify_tagger_files`; ``None``: not checked).
+    Raises :class:`TaggerUnavailable` naming the files and folder to provide when it cannot be fetched,
+    :class:`TaggerMismatchError` when the files are not the pinned ones.
     """
     root = use_nltk_data(nltk_root)
-    folder = root / "taggers" / PRETRAINED_TAGGER
+    folder = pretrained_dir(root)
     if not all((folder / f).is_file() for f in _param_files()) and download:
         import nltk
 
@@ -202,16 +248,18 @@ def pretrained_tagger(nltk_root: Path = DEFAULT_NLTK_DATA, download: bool = True
             f"{root / 'taggers'}/, so that {folder}/ holds {', '.join(_param_files())} "
             f"(missing: {', '.join(missing)}); or set profiles.<profile>.text.tagger: embedded."
         )
+    verify_tagger_files(folder, sha256)
     return _load_from(root, PRETRAINED_TAGGER)
 
 
 def load_tagger(kind: str, nltk_root: Path = DEFAULT_NLTK_DATA, corpus_dir: Path = DEFAULT_CORPUS_DIR,
-                seed: int = 0, iterations: int = 10):
-    """``kind`` = ``embedded`` (trained from ``corpus_dir``) or ``pretrained`` (NLTK's English tagger)."""
+                seed: int = 0, iterations: int = 10, sha256: str | None = None):
+    """``kind`` = ``embedded`` (trained from ``corpus_dir``) or ``pretrained`` (NLTK's English tagger, its
+    files checked against ``sha256``; the embedded tagger is built from the project's own corpus)."""
     if kind == "embedded":
         return embedded_tagger(corpus_dir, nltk_root, seed, iterations)
     if kind == "pretrained":
-        return pretrained_tagger(nltk_root)
+        return pretrained_tagger(nltk_root, sha256=sha256)
     raise ConfigError(f"text.tagger: {kind!r} is not 'embedded' or 'pretrained'")
 
 

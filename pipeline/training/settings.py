@@ -34,6 +34,7 @@ class TrainCfg:
     ema_decay: Fraction = 0.9999
     checkpoint_limit: NonNegativeInt = 10  # checkpoints kept per run; 0: keep every one
     max_word_skip_rate: Fraction = 0.01  # fail when more usable-status mask rows than this do not fit the images
+    max_corrupt_rate: Fraction = 0.01  # fail when more ok training images than this do not decode
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Where training records come from, and the checks on them (SPEC §1.5).
 
 :func:`load_records` joins the ``images`` shards (split "train") with the ``masks`` rows and counts each
-reason a row was not used; :func:`object_mask_records` reads the images' own object masks (the demo set).
+reason a row was not used (undecodable images are counted, and past ``train.max_corrupt_rate`` an error
+names the repair); :func:`object_mask_records` reads the images' own object masks (the demo set).
 What the loaded records hold is part of a run's key through :func:`pipeline.training.records.data_fingerprint`,
 so the training loop does not import this module: editing how records are loaded keeps a run's checkpoints
 unless the records themselves change.
@@ -58,13 +59,15 @@ def _word_problem(row: dict, caption: str | None, resolution: int, zero_targets:
 
 
 def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip_ungrounded: bool = False,
-                 max_word_skip_rate: float | None = None,
-                 empty_masks: str = "zero_target") -> tuple[list[TrainRecord], dict[str, int]]:
+                 max_word_skip_rate: float | None = None, empty_masks: str = "zero_target",
+                 max_corrupt_rate: float | None = None) -> tuple[list[TrainRecord], dict[str, int]]:
     """Training images (split "train", status ok) joined by ``image_id`` with their usable mask rows.
 
     Words of :data:`EMPTY_TARGET_STATUSES` train towards an all-zero mask (``empty_masks="zero_target"``, the
-    original) or are skipped (``"skip"``). Images whose bytes do not decode are left out with a warning
-    (``images_corrupt``). Returns the records (sorted by image id) and counts: images,
+    original) or are skipped (``"skip"``). Images whose bytes do not decode are left out and counted
+    (``images_corrupt``, one warning line naming the first few); with ``max_corrupt_rate``, a larger share
+    of them among the ``ok`` training images raises an error naming the repair (:func:`check_corrupt_images`).
+    Returns the records (sorted by image id) and counts: images,
     grounded/ungrounded images, words used (``words_zero_target`` of them with an empty mask), and one
     ``words_skipped_<reason>`` count per reason a mask row was not used. Images without any usable
     word train on the denoising loss only, or are left out when ``skip_ungrounded``. With
@@ -73,7 +76,13 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
     """
     if empty_masks not in ("zero_target", "skip"):
         raise ConfigError(f"train.empty_masks must be 'zero_target' or 'skip', got {empty_masks!r}")
-    records, stats = _train_images(images_dir)
+    records, stats, corrupt = _train_images(images_dir)
+    if corrupt:
+        total = len(corrupt) + len(records)
+        if max_corrupt_rate is not None:
+            check_corrupt_images(corrupt, total, max_corrupt_rate, images_dir)
+        log.warning("%d of %d training images in %s do not decode and are left out (first: %s); `dvc repro "
+                    "train_data` recomputes the damaged shards", len(corrupt), total, images_dir, _first(corrupt))
     if masks_dir is not None:
         _attach_words(records, masks_dir, resolution, stats, zero_targets=empty_masks == "zero_target")
     used, stats = _select(records, skip_ungrounded, stats)
@@ -82,22 +91,42 @@ def load_records(images_dir: Path, masks_dir: Path | None, resolution: int, skip
     return used, stats
 
 
-def _train_images(images_dir: Path) -> tuple[dict[str, TrainRecord], dict[str, int]]:
-    """Records (no words yet) of the decodable ``ok`` images of split "train", by id, and the skip counts."""
+FIRST_NAMED = 5  # undecodable training images named in the warning and the error
+
+
+def _train_images(images_dir: Path) -> tuple[dict[str, TrainRecord], dict[str, int], list[str]]:
+    """Records (no words yet) of the decodable ``ok`` images of split "train", by id, the skip counts, and the
+    ids of the ``ok`` training images whose bytes do not decode."""
     records: dict[str, TrainRecord] = {}
     stats: dict[str, int] = {"images_not_ok": 0, "images_other_split": 0, "images_corrupt": 0}
+    corrupt: list[str] = []
     for row in iter_rows(images_dir, columns=["image_id", "image", "caption", "split", "status"]):
         if row["status"] != STATUS_OK:
             stats["images_not_ok"] += 1
         elif row["split"] != "train":
             stats["images_other_split"] += 1
-        elif (problem := decode_error(row["image"])) is not None:
-            stats["images_corrupt"] += 1
-            log.warning("image %s: left out of training, its bytes do not decode (%s); the images shards are "
-                        "damaged: rerun `dvc repro train_data`", row["image_id"], problem)
+        elif decode_error(row["image"]) is not None:
+            corrupt.append(str(row["image_id"]))
         else:
             records[str(row["image_id"])] = TrainRecord(str(row["image_id"]), row["image"], row["caption"])
-    return records, stats
+    stats["images_corrupt"] = len(corrupt)
+    return records, stats, corrupt
+
+
+def _first(ids: list[str]) -> str:
+    """The first :data:`FIRST_NAMED` of ``ids``, comma-separated (``...`` when there are more)."""
+    return ", ".join(ids[:FIRST_NAMED]) + (", ..." if len(ids) > FIRST_NAMED else "")
+
+
+def check_corrupt_images(corrupt: list[str], total: int, limit: float, images_dir: Path) -> None:
+    """Raise when more than ``limit`` of the ``total`` ``ok`` training images of ``images_dir`` do not decode
+    (``corrupt``: their ids). The one-line message names the producer's repair command: a rerun of
+    ``train_data`` verifies its shards and recomputes the damaged ones."""
+    if total and len(corrupt) / total > limit:
+        raise InputDataError(f"{len(corrupt)} of {total} training images in {images_dir} do not decode (first: "
+                             f"{_first(corrupt)}; limit train.max_corrupt_rate={limit:.1%}); repair them with "
+                             f"`dvc repro train_data` (it recomputes damaged shards), or raise "
+                             f"train.max_corrupt_rate")
 
 
 def check_word_skips(stats: dict[str, int], limit: float, masks_dir: Path) -> None:

@@ -58,7 +58,7 @@ def run_identity(run: TrainRun, data_fp: str) -> dict[str, Any]:
     if run.optim.lr_schedule not in ("constant", "constant_with_warmup"):
         scale["max_steps"] = run.scale.max_steps
     train = {k: v for k, v in asdict(run.train).items()
-             if k not in ("checkpoint_limit", "max_word_skip_rate")}  # bookkeeping only
+             if k not in ("checkpoint_limit", "max_word_skip_rate", "max_corrupt_rate")}  # limits, not results
     if not run.train.use_ema:
         train.pop("ema_decay")
     return dict(sd_model=run.sd_model, resolution=run.resolution, seed=run.seed, loss=asdict(run.loss),
