@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from pipeline.sequences import subsequence_starts
 from pipeline.store.shards import STATUS_OK
 
+
 # --- phrase positions in the caption ---------------------------------------------------------------
 
 def locate_phrases(caption: str, phrases: Sequence[str]) -> list[int | None]:
