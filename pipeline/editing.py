@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import Bounds, DtypeName, Fraction, PositiveInt
+from pipeline.config import Bounds, DtypeName, Fraction, NonNegativeInt, PositiveInt
 from pipeline.eval_models import Backbone
 from pipeline.models import component_hashes
 from pipeline.seeding import derive_seed, standard_normal
@@ -71,6 +71,8 @@ class EditingCfg:
     blend: Literal["after_step", "before_step"] = "after_step"
     mask_threshold: Annotated[float, Bounds(low=0, high=1, open_low=True)] = 0.5
     max_failed_rate: Fraction = 0.01  # the edit stage fails when more edits than this failed (not in the fingerprint)
+    seeds: Literal["per_image", "same"] = "per_image"  # per_image: seeded per image id; same: every image from same_seed
+    same_seed: NonNegativeInt = 1234  # seeds: same; the PIE-Bench editing scripts call setup_seed(1234) before each image
 
     def __post_init__(self) -> None:
         if self.init not in ("noise", "noised_source"):
@@ -236,7 +238,11 @@ class BlendedLatentEditor:
         return blend_timesteps(self.scheduler, self.steps, self.cfg.blending_start)
 
     def image_seed(self, image_id: str) -> int:
-        """The seed of ``image_id``'s generator (derived from the global seed)."""
+        """The seed of ``image_id``'s generator: derived from the global seed and the image id
+        (``editing.seeds: per_image``), or ``editing.same_seed`` for every image (``seeds: same``: the PIE-Bench
+        editing scripts reseed with 1234 before each image, so every edit starts from the same noise)."""
+        if self.cfg.seeds == "same":
+            return self.cfg.same_seed
         return derive_seed(self.seed, SEED_KEY, image_id)
 
     def edit(self, items: Sequence[EditItem]) -> np.ndarray:
@@ -307,6 +313,8 @@ def edit_fingerprint(editor: BlendedLatentEditor, backbone: Backbone, data_root:
     The batch size and shard layout are left out: they do not change which noise an image gets.
     """
     method = {k: v for k, v in asdict(editor.cfg).items() if k != "max_failed_rate"}  # a limit, not a result
+    if editor.cfg.seeds == "per_image":
+        method.pop("same_seed")  # unused: changing it changes no edit
     data = files_digest(dir_files(data_root), relative_to=Path(data_root))
     return {"editing": method, "steps": editor.steps, "dtype": str(editor.pipe.unet.dtype),
             "seed": editor.seed, "backbone": asdict(backbone), "weights": component_hashes(editor.pipe), "data": data}

@@ -216,6 +216,29 @@ def test_each_image_draws_from_its_own_id(pipe):
     assert np.abs(direct.astype(int) - out_a).max() <= 1
 
 
+def test_same_seed_mode_starts_every_image_from_the_same_noise(pipe):
+    """``editing.seeds: same`` is the PIE-Bench editing scripts' convention (setup_seed(1234) before each
+    image): two ids with the same image and prompt edit identically, and the seed is same_seed whatever the
+    global seed; ``per_image`` keys it by id. Only the used seed enters the shard fingerprint."""
+    from pipeline.editing import edit_fingerprint
+    from pipeline.eval_models import Backbone
+
+    same = BlendedLatentEditor(pipe, EditingCfg(seeds="same"), 6, seed=0)
+    a, b = (EditItem(name, scene(3), box_mask(), "a red ball") for name in ("a", "b"))
+    out_a, out_b = same.edit([a, b])
+    assert np.abs(out_a.astype(int) - out_b).max() <= 1
+    assert same.image_seed("a") == same.image_seed("b") == 1234
+    assert BlendedLatentEditor(pipe, EditingCfg(seeds="same"), 6, seed=7).image_seed("a") == 1234
+    assert BlendedLatentEditor(pipe, EditingCfg(seeds="same", same_seed=5), 6, seed=0).image_seed("a") == 5
+    per_image = BlendedLatentEditor(pipe, EditingCfg(), 6, seed=0)
+    assert per_image.image_seed("a") != per_image.image_seed("b")
+    backbone = Backbone("embedded:tiny-sd")
+    moved = BlendedLatentEditor(pipe, EditingCfg(same_seed=5), 6, seed=0)
+    assert edit_fingerprint(per_image, backbone, "/nonexistent") == edit_fingerprint(moved, backbone, "/nonexistent")
+    assert edit_fingerprint(same, backbone, "/nonexistent") != edit_fingerprint(
+        BlendedLatentEditor(pipe, EditingCfg(seeds="same", same_seed=5), 6, seed=0), backbone, "/nonexistent")
+
+
 def test_edit_rows_keep_bad_inputs_and_resume_identically(pipe, tmp_path):
     editor = BlendedLatentEditor(pipe, EditingCfg(), 4, seed=0)
     records = [(f"img{i}", i) for i in range(5)]

@@ -12,18 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline import figures
+from pipeline.config import InputDataError
 from pipeline.names import PIEBENCH_KEYS
 from pipeline.report import sections as report_sections
 from pipeline.report.blocks import Figure, Section, Table, Text, fmt
 from pipeline.report.page import build_sections, profile_banner
 from pipeline.report.published import load_published
 from pipeline.report.render import EMBED_PNG_LIMIT, embedded_image, write_report
-from pipeline.report.sections import (PIE_COLUMNS, PIE_HEADERS, categories_section, editing_types, multigen_chart,
-                                      multigen_section, piebench_section, piebench_type_chart, read_category_tables,
-                                      visor_section)
+from pipeline.report.sections import (MG_SETS, PIE_COLUMNS, PIE_HEADERS, REPORTED_MG_LEVELS, categories_section,
+                                      editing_types, multigen_chart, multigen_section, piebench_section,
+                                      piebench_type_chart, read_category_tables, visor_section)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO.parent / "shared" / "reference" / "SPEC.md"
@@ -143,7 +145,7 @@ def test_published_sources_cite_spec_commits():
         src = published[part]["source"]
         match = re.search(rf"\| {short} \| `([^`]+)`\s*\| `([0-9a-f]{{40}})`", spec)
         assert match and (src["repository"], src["commit"]) == match.groups()
-    assert "not recorded" in published["study"]["note"]
+    assert "repository" not in published["study"]["source"]  # the study is not in the SPEC: no commit to check
     visor = re.search(r"\| VISOR \| `([^`]+)` .*\| `([0-9a-f]{8})…` \|", spec)
     src = published["visor"]["source"]
     assert visor and src["repository"] == visor.group(1) and src["commit"].startswith(visor.group(2))
@@ -157,6 +159,85 @@ def test_published_visor_oa_is_the_value_both_readmes_give():
     assert "SD1.4 = 29.86 in TC README equals VISOR README's \"SD\" OA 29.86" in spec
     assert sd["oa"] == published["multigen"]["rows"][0]["oa"] == 29.86
     assert sd["visor_uncond"] == pytest.approx(sd["visor_cond"] * sd["oa"] / 100, abs=0.01)  # VISOR's own identity
+
+
+# --- the follow-up study's own tables against the shared copy -------------------------------------
+
+STUDY_PIE_KEYS = {"psnr": "psnr_unedit_part", "lpips_x1e3": "lpips_unedit_part_x1e3",
+                  "mse_x1e4": "mse_unedit_part_x1e4", "ssim_x1e2": "ssim_unedit_part_x1e2"}  # study -> ours
+MG_KEYS = [f"{s}_mg{k}{suffix}" for s in MG_SETS for k in REPORTED_MG_LEVELS for suffix in ("", "_std")]
+STUDY_MG_LABEL, STUDY_PIE_LABEL = "published (reproduction study, Table 1)", "published (reproduction study, Table 2)"
+
+
+def _study_tables(shared_data: Path) -> dict:
+    """The study's published tables as the shared data folder keeps them (``study/tables.yaml``)."""
+    path = shared_data / "study" / "tables.yaml"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (the study's published tables, kept in the shared data folder)")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _by_name(rows: list[dict], name: str = "method") -> dict[str, dict]:
+    """``{row[name]: the row's other keys}``, in the rows' order."""
+    return {row[name]: {k: v for k, v in row.items() if k != name} for row in rows}
+
+
+def test_published_study_numbers_equal_the_shared_tables(shared_data):
+    """Every number of the study's rows is the shared copy's, with nothing left out or added, rows in the
+    study's order; MultiGen keys are the report's, PIE-Bench columns renamed to ours."""
+    tables = _study_tables(shared_data)
+    study = load_published(PUBLISHED)["study"]
+    assert study["source"]["name"] == tables["source"] and "study/tables.yaml" in study["source"]["copied_from"]
+    expected = {row["model"]: {f"{s}_mg{level[2:]}{suffix}": pair[i] for s in MG_SETS
+                               for level, pair in row[s].items() for i, suffix in enumerate(("", "_std"))}
+                for row in tables["table1_multigen"]["rows"]}
+    multigen = _by_name(study["multigen"]["rows"])
+    assert list(multigen) == list(expected) and multigen == expected
+    assert all(sorted(values) == sorted(MG_KEYS) for values in multigen.values())
+    expected = {row["model"]: {STUDY_PIE_KEYS.get(k, k): v for k, v in row["values"].items()}
+                for row in tables["table2_piebench"]["rows"]}
+    piebench = _by_name(study["piebench"]["rows"])
+    assert list(piebench) == list(expected) and piebench == expected
+    assert all(sorted(values) == sorted(key for key, _ in PIE_COLUMNS) for values in piebench.values())
+    table2 = tables["table2_piebench"]
+    assert set(table2["columns"]) == {k for row in table2["rows"] for k in row["values"]}  # no column left out
+
+
+def test_study_caveats_state_what_its_rows_show():
+    """The caveats the page prints are true of the transcribed rows: the study's Original row is the README's
+    TokenCompose row, its Attend-and-Excite row differs in exactly two COCO stds, and its Direct Inversion + P2P
+    row differs from PnPInversion's only in CLIP Whole, on another scale like the SD1.4 backbone's."""
+    published = load_published(PUBLISHED)
+    readme, study = _by_name(published["multigen"]["rows"]), published["study"]
+    mg = _by_name(study["multigen"]["rows"])
+    assert {k: mg["TokenCompose (Original)"][k] for k in MG_KEYS} == {k: readme["TokenCompose"][k] for k in MG_KEYS}
+    ae, ae_readme = mg["Attend-and-Excite"], readme["Attend-and-Excite"]
+    assert {k for k in MG_KEYS if ae[k] != ae_readme[k]} == {"coco_mg3_std", "coco_mg4_std"}
+    caveat = study["multigen"]["caveat"]
+    for level in (3, 4):
+        key = f"coco_mg{level}_std"
+        assert f"MG{level} {ae[key]:.2f} vs {ae_readme[key]:.2f}" in caveat
+    pie = _by_name(study["piebench"]["rows"])
+    pnp = next(r for r in published["piebench"]["rows"] if (r["inversion"], r["editing"]) == ("DirectInversion", "P2P"))
+    direct = pie["Direct Inversion + P2P"]
+    assert {key for key, _ in PIE_COLUMNS if direct[key] != pnp[key]} == {"clip_whole"}
+    caveat = study["piebench"]["caveat"]
+    assert f"prints as {pnp['clip_whole']:.2f}" in caveat
+    assert all(f"{row['clip_whole']:.2f}" in caveat for row in pie.values())
+    assert pie["Blended Latent Diffusion (TokenCompose)"]["clip_whole"] > 25 > pie["Blended Latent Diffusion (SD1.4)"][
+        "clip_whole"]
+
+
+def test_study_part_is_checked_when_loaded(tmp_path):
+    """A ``study`` without its source or one of its tables is refused with the part named."""
+    data = yaml.safe_load(PUBLISHED.read_text(encoding="utf-8"))
+    for broken, message in ((dict(data["study"], source={"name": "x"}), "'study' needs a 'source'"),
+                            ({k: v for k, v in data["study"].items() if k != "piebench"}, "'study.piebench' needs"),
+                            ({"note": "not recorded"}, "'study' needs a 'source'")):
+        path = tmp_path / "published.yaml"
+        path.write_text(yaml.safe_dump(dict(data, study=broken)), encoding="utf-8")
+        with pytest.raises(InputDataError, match=re.escape(message)):
+            load_published(path)
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -210,6 +291,81 @@ def test_multigen_chart_reads_every_model_and_published_row(monkeypatch):
     assert coco["TokenCompose (published)"][0][0] == 98.08 and coco["TokenCompose (published)"][1][0] == 0.40
     assert np.isnan(seen["panels"]["MultiGen ADE20K"]["trained (demo)"][0][3])
     assert seen["hatched"] == {f"{r['method']} (published)" for r in published["rows"]}
+
+
+def test_multigen_section_adds_the_study_rows_after_the_readme_rows():
+    """With the study, each MultiGen table gains its Table 1 rows in the study's order, labelled as the study's,
+    after the unchanged rows of this run and of the README; the section cites the study and prints its caveat."""
+    published = load_published(PUBLISHED)
+    study = published["study"]
+    metrics = {"sd14": _mg_metrics(60.0)}
+    before = {b.name: b for b in multigen_section(metrics, published["multigen"], "demo").blocks
+              if isinstance(b, Table) and b.name}
+    section = multigen_section(metrics, published["multigen"], "demo", study=study)
+    after = {b.name: b for b in section.blocks if isinstance(b, Table) and b.name}
+    assert after["multigen_published_only"] == before["multigen_published_only"]  # the study has no FID/latency
+    for key in MG_SETS:
+        old, new = before[f"multigen_{key}"].rows, after[f"multigen_{key}"].rows
+        assert new[:len(old)] == old and len(new) == len(old) + 5
+        assert [r[0] for r in new[len(old):]] == [r["method"] for r in study["multigen"]["rows"]]
+        assert {r[1] for r in new[len(old):]} == {STUDY_MG_LABEL} and STUDY_MG_LABEL not in {r[1] for r in old}
+    assert after["multigen_coco"].rows[-4] == ["TokenCompose (Checkpoint A)", STUDY_MG_LABEL, "97.15(0.47)",
+                                               "76.15(1.01)", "29.43(0.68)", "3.66(0.42)"]
+    assert after["multigen_ade20k"].rows[-1] == ["TokenCompose (Retrained)", STUDY_MG_LABEL, "96.50(0.43)",
+                                                 "75.99(1.02)", "33.45(1.30)", "5.87(0.57)"]
+    texts = [b for b in section.blocks if isinstance(b, Text)]
+    assert [b.text for b in texts if b.kind == "note"] == [study["multigen"]["caveat"]]
+    assert any(b.text.startswith("Study rows: TokenCompose reproduction study (report), Table 1 and Table 2; "
+                                 "copied from the project's shared data") for b in texts)
+
+
+def test_multigen_chart_gets_a_hatched_bar_per_study_row_and_level(monkeypatch):
+    """Counted as the grouped-bars test counts them: one Axes.bar call per series and panel. The study adds
+    five hatched series (legend "<method> (study)") to each of the two panels, after the README's."""
+    import matplotlib.axes
+
+    published = load_published(PUBLISHED)
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def recording_bar(ax, x, height, width, **kwargs):
+        drawn.append((kwargs.get("hatch"), len(x)))
+        return real_bar(ax, x, height, width, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    metrics = {"sd14": _mg_metrics(60.0), "trained": _mg_metrics(70.0)}
+    counts = {}
+    for name, study in (("without", None), ("with", published["study"])):
+        drawn.clear()
+        assert multigen_chart(metrics, published["multigen"], "demo", study).startswith(b"\x89PNG")
+        counts[name] = (len(drawn), sum(h == "//" for h, _ in drawn), {n for _, n in drawn})
+    assert counts["without"] == (2 * (2 + 6), 2 * 6, {4})
+    assert counts["with"] == (2 * (2 + 6 + 5), 2 * (6 + 5), {4})  # every series: MG2-MG5, four bars
+
+    seen = {}
+    monkeypatch.setattr(report_sections, "grouped_bars", lambda panels, categories, hatched, **kw: seen.update(
+        panels=panels, hatched=hatched) or b"")
+    multigen_chart(metrics, published["multigen"], "demo", published["study"])
+    coco = seen["panels"]["MultiGen COCO"]
+    study_names = [f"{r['method']} (study)" for r in published["study"]["multigen"]["rows"]]
+    assert list(coco)[-5:] == study_names and set(study_names) <= seen["hatched"]
+    assert "Attend-and-Excite (published)" in coco and "Attend-and-Excite (study)" in coco  # both A&E rows
+    assert coco["TokenCompose (Checkpoint B) (study)"] == ([96.53, 75.54, 27.27, 2.82], [0.55, 1.22, 1.76, 0.40])
+
+
+def test_piebench_section_adds_the_study_rows_after_pnpinversions():
+    published = load_published(PUBLISHED)
+    study = published["study"]
+    old = next(b for b in piebench_section({}, published["piebench"], "demo").blocks if isinstance(b, Table)).rows
+    section = piebench_section({}, published["piebench"], "demo", study=study)
+    rows = next(b for b in section.blocks if isinstance(b, Table)).rows
+    assert rows[:11] == old and [r[0] for r in rows[11:]] == ["Direct Inversion + P2P",
+                                                              "Blended Latent Diffusion (SD1.4)",
+                                                              "Blended Latent Diffusion (TokenCompose)"]
+    assert {r[1] for r in rows[11:]} == {STUDY_PIE_LABEL} and STUDY_PIE_LABEL not in {r[1] for r in old}
+    assert rows[-1][2:] == ["56.61", "28.46", "39.19", "23.63", "86.08", "26.02", "23.23"]  # SPEC §5.6 order
+    assert rows[12][2:] == ["56.47", "28.44", "38.64", "23.85", "86.05", "18.55", "22.80"]
+    assert [b.text for b in section.blocks if isinstance(b, Text) and b.kind == "note"] == [study["piebench"]["caveat"]]
 
 
 def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
@@ -468,7 +624,11 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     assert figures == ["multigen_chart.png", "samples_coco.png", "categories_coco.png", "piebench_types.png",
                        "plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
     texts = [b for s in sections for b in s.blocks if isinstance(b, Text)]
-    assert [b.text for b in texts if b.kind == "note"] == [published["study"]["note"]]
+    study = published["study"]
+    assert [b.text for b in texts if b.kind == "note"] == [study["multigen"]["caveat"], study["piebench"]["caveat"]]
+    assert "Study tables" not in [s.title for s in sections]  # the study's numbers are rows of the tables now
+    assert [r[1] for r in tables["multigen_coco"].rows[-5:]] == ["published (reproduction study, Table 1)"] * 5
+    assert [r[1] for r in tables["piebench"].rows[-3:]] == ["published (reproduction study, Table 2)"] * 3
     assert not [b.text for b in texts if b.kind == "missing"]  # every input present
 
 
@@ -486,3 +646,59 @@ def test_build_sections_names_every_missing_input(tmp_path):
 def test_missing_published_file_names_the_param(tmp_path):
     with pytest.raises(FileNotFoundError, match="set report.published in params.yaml"):
         load_published(tmp_path / "publshed.yaml")
+
+
+class _TableRows(HTMLParser):
+    """``{table id: [[cell text, ...], ...]}`` of a page's table bodies."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, list[list[str]]] = {}
+        self._table, self._cell = None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._table = self.rows.setdefault(dict(attrs).get("id") or "", [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag == "td":
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._table[-1].append(self._cell)
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+
+def test_rendered_page_and_markdown_hold_the_study_rows(tmp_path):
+    """The written page and its twin show the study's rows under the study's label; no "not recorded" section."""
+    _write_outputs(tmp_path)
+    published = load_published(PUBLISHED)
+    write_report(tmp_path / "report", "Report", build_sections(tmp_path, published, "demo"), banner="demo")
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    parsed = _TableRows()
+    parsed.feed(page)
+    rows = {t: [r for r in body if r] for t, body in parsed.rows.items()}
+    study = published["study"]
+    for table, part, label in (("multigen_coco", "multigen", STUDY_MG_LABEL),
+                               ("multigen_ade20k", "multigen", STUDY_MG_LABEL),
+                               ("piebench", "piebench", STUDY_PIE_LABEL)):
+        names = [r["method"] for r in study[part]["rows"]]
+        assert [r[:2] for r in rows[table] if r[1] == label] == [[n, label] for n in names]
+        assert rows[table][-len(names):] == [r for r in rows[table] if r[1] == label]  # last, in the study's order
+    assert ["Blended Latent Diffusion (SD1.4)", STUDY_PIE_LABEL, "56.47", "28.44", "38.64", "23.85", "86.05",
+            "18.55", "22.80"] in rows["piebench"]
+    assert study["piebench"]["caveat"].replace("'", "&#x27;") in page and "not recorded" not in page
+    md = (tmp_path / "report" / "README.md").read_text(encoding="utf-8")
+    assert (f"| TokenCompose (Checkpoint B) | {STUDY_MG_LABEL} | 97.26(0.20) | 76.52(1.18) | 34.17(1.37) | "
+            "5.92(0.62) |") in md
+    assert (f"| Direct Inversion + P2P | {STUDY_PIE_LABEL} | 11.65 | 27.22 | 54.55 | 32.86 | 84.76 | 18.02 | "
+            "22.10 |") in md
+    assert md.count(STUDY_MG_LABEL) == 10 and md.count(STUDY_PIE_LABEL) == 3
+    assert "## Study tables" not in md and f"> {study['multigen']['caveat']}" in md

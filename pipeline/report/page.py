@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.report.blocks import Figure, Section, Text, missing
 from pipeline.report.sections import (categories_section, grounding_section, multigen_section, piebench_section,
-                                      read_category_tables, study_section, training_section, visor_section)
+                                      read_category_tables, training_section, visor_section)
 
 
 def read_metrics(directory: str | Path) -> dict[str, dict[str, Any]]:
@@ -59,7 +59,8 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
     attention = sorted((root / "plots" / "attention").glob("*.png"), key=_prompt_then_model)
     samples = sorted((root / "plots" / "samples").glob("*.png"))
     return [
-        multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals),
+        multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals,
+                         published["study"]),
         figures_section("Generated images side by side", samples,
                         "One image (sample_grid.image_index) of each of the first prompts of each MultiGen set and "
                         "of the SR2D spatial prompts, one row per model: every row starts from the same noise, so "
@@ -70,8 +71,8 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
         categories_section(read_category_tables(root / "plots" / "multigen_categories")),
         visor_section(read_metrics(root / "metrics" / "visor"), published["visor"], published["multigen"], profile,
                       decimals),
-        piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals),
-        study_section(published["study"]),
+        piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals,
+                         published["study"]),
         figures_section("Edit panels", edits, "Blended Latent Diffusion edits per backbone "
                         "(plots/edits_<backbone>.png: source, mask, edit).",
                         missing("Edit panels", "plots/edits_<backbone>.png", "piebench")),

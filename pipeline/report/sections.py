@@ -18,7 +18,8 @@ from pipeline.datasets.piebench_files import EDITING_TYPES
 from pipeline.figures import curves_figure, grouped_bars
 from pipeline.names import GROUP_ORDER, MG_LEVELS, PIEBENCH_KEYS
 from pipeline.report.blocks import Figure, Section, Table, Text, fmt, missing, provenance_table
-from pipeline.report.published import citation, published_only_table, source_label
+from pipeline.report.published import (citation, published_only_table, source_label, study_blocks,
+                                       study_label)
 
 REPORTED_MG_LEVELS = (2, 3, 4, 5)  # the levels the TokenCompose README and the study report
 MG_SETS = {"coco": "COCO", "ade20k": "ADE20K"}
@@ -37,35 +38,49 @@ PIE_COLUMNS = tuple((PIEBENCH_KEYS[metric][0], header) for metric, header in PIE
 
 
 def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any],
-                     profile: str, decimals: int = 2) -> Section:
-    """MultiGen MG2–MG5 per prompt set: this run's models, then the published rows (SPEC §3.7)."""
+                     profile: str, decimals: int = 2, study: Mapping[str, Any] | None = None) -> Section:
+    """MultiGen MG2–MG5 per prompt set: this run's models, then the published rows (SPEC §3.7), then the
+    study's Table 1 rows when ``study`` (the ``study`` part of the published numbers) is given."""
     section = Section("MultiGen (TokenCompose Table / study Table 1)")
     section.blocks += [Text(published["note"]), citation(published["source"])]
+    if study:
+        section.blocks += study_blocks(study, "multigen")
     if not metrics:
         section.blocks.append(missing("MultiGen scores", "metrics/multigen/<model>.json", "score"))
-    source = source_label(published["source"])
+    reference = published_mg_rows(published, study)
     shown: set[str] = set()
     for key, label in MG_SETS.items():
         columns = ["Model", "Source"] + [f"MG{k}" for k in REPORTED_MG_LEVELS]
         rows = []
         for model, values in metrics.items():
-            cells = [fmt(values.get(f"{key}_mg{k}"), values.get(f"{key}_mg{k}_std"), decimals)
-                     for k in REPORTED_MG_LEVELS]
             shown |= {f"{key}_mg{k}{s}" for k in MG_LEVELS for s in ("", "_std")}
-            rows.append([model, f"this run ({profile})", *cells])
-        for row in published["rows"]:
-            cells = [fmt(row[f"{key}_mg{k}"], row[f"{key}_mg{k}_std"], decimals) for k in REPORTED_MG_LEVELS]
-            rows.append([row["method"], source, *cells])
+            rows.append([model, f"this run ({profile})", *_mg_cells(values, key, decimals)])
+        rows += [[row["method"], source, *_mg_cells(row, key, decimals)] for row, source, _ in reference]
         section.blocks.append(Table(f"MultiGen {label}: mean(std) over image index, %", columns, rows,
                                     name=f"multigen_{key}"))
     section.blocks.append(published_only_table(published, decimals))
     if metrics:
         section.blocks.append(Figure("MultiGen MG2–MG5 per model, mean over image index with its std as error "
-                                     "bars; published rows hatched", multigen_chart(metrics, published, profile),
-                                     "multigen_chart.png"))
+                                     "bars; published rows hatched",
+                                     multigen_chart(metrics, published, profile, study), "multigen_chart.png"))
         section.blocks.append(provenance_table("MultiGen: what each row of this run was computed over",
                                                metrics, shown))
     return section
+
+
+def published_mg_rows(published: Mapping[str, Any],
+                      study: Mapping[str, Any] | None = None) -> list[tuple[Mapping[str, Any], str, str]]:
+    """(row, Source column, chart legend tag) of every published MultiGen row: the TokenCompose README's
+    ("published"), then, with ``study``, the study's Table 1 rows in its order ("study")."""
+    rows = [(row, source_label(published["source"]), "published") for row in published["rows"]]
+    if study:
+        rows += [(row, study_label(study, "multigen"), "study") for row in study["multigen"]["rows"]]
+    return rows
+
+
+def _mg_cells(values: Mapping[str, Any], key: str, decimals: int) -> list[str]:
+    """MG2–MG5 of prompt set ``key`` as ``mean(std)`` cells; "—" where a value is missing."""
+    return [fmt(values.get(f"{key}_mg{k}"), values.get(f"{key}_mg{k}_std"), decimals) for k in REPORTED_MG_LEVELS]
 
 
 def _number(value: Any) -> float:
@@ -73,20 +88,21 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def multigen_chart(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any], profile: str) -> bytes:
-    """Bars of MG2–MG5 per prompt set: this run's models, then the published rows (hatched)."""
+def multigen_chart(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any], profile: str,
+                   study: Mapping[str, Any] | None = None) -> bytes:
+    """Bars of MG2–MG5 per prompt set: this run's models, then the published rows and, with ``study``, the
+    study's Table 1 rows (both hatched; legend ``<method> (published)`` and ``<method> (study)``)."""
     def series(values: Mapping[str, Any], key: str) -> tuple[list[float], list[float]]:
         return ([_number(values.get(f"{key}_mg{k}")) for k in REPORTED_MG_LEVELS],
                 [_number(values.get(f"{key}_mg{k}_std")) for k in REPORTED_MG_LEVELS])
 
-    panels, hatched = {}, set()
+    reference = {f"{row['method']} ({tag})": row for row, _, tag in published_mg_rows(published, study)}
+    panels = {}
     for key, label in MG_SETS.items():
         panel = {f"{model} ({profile})": series(values, key) for model, values in metrics.items()}
-        for row in published["rows"]:
-            panel[f"{row['method']} (published)"] = series(row, key)
-            hatched.add(f"{row['method']} (published)")
+        panel.update({name: series(row, key) for name, row in reference.items()})
         panels[f"MultiGen {label}"] = panel
-    return grouped_bars(panels, [f"MG{k}" for k in REPORTED_MG_LEVELS], hatched, ylabel="%", per_row=1)
+    return grouped_bars(panels, [f"MG{k}" for k in REPORTED_MG_LEVELS], set(reference), ylabel="%", per_row=1)
 
 
 CATEGORY_CHART_SIZE = 15  # categories per prompt set in the per-category chart
@@ -183,23 +199,23 @@ def visor_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[s
 
 
 def piebench_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any],
-                     profile: str, decimals: int = 2) -> Section:
-    """PIE-Bench metrics per editing backbone beside the published rows (SPEC §5.6–5.7)."""
+                     profile: str, decimals: int = 2, study: Mapping[str, Any] | None = None) -> Section:
+    """PIE-Bench metrics per editing backbone beside the published rows (SPEC §5.6–5.7) and, when ``study``
+    (the ``study`` part of the published numbers) is given, the study's Table 2 rows."""
     section = Section("PIE-Bench editing (Blended Latent Diffusion; study Table 2)")
     section.blocks += [Text(published["note"]), citation(published["source"])]
+    if study:
+        section.blocks += study_blocks(study, "piebench")
     if not metrics:
         section.blocks.append(missing("PIE-Bench metrics", "metrics/piebench/<backbone>.json", "piebench"))
     columns = ["Method", "Source"] + [header for _, header in PIE_COLUMNS]
-    rows = [[f"BLD, {backbone} backbone", f"this run ({profile})",
-             *[fmt(values.get(key), decimals=decimals) for key, _ in PIE_COLUMNS]]
+    rows = [[f"BLD, {backbone} backbone", f"this run ({profile})", *_pie_cells(values, decimals)]
             for backbone, values in metrics.items()]
     source = source_label(published["source"])
-    for row in published["rows"]:
-        name = f"{row['inversion']} + {row['editing']}"
-        extras = [x for x in (row.get("base"), row.get("note")) if x]
-        if extras:
-            name += f" ({'; '.join(extras)})"
-        rows.append([name, source, *[fmt(row[key], decimals=decimals) for key, _ in PIE_COLUMNS]])
+    rows += [[_pie_name(row), source, *_pie_cells(row, decimals)] for row in published["rows"]]
+    if study:
+        label = study_label(study, "piebench")
+        rows += [[row["method"], label, *_pie_cells(row, decimals)] for row in study["piebench"]["rows"]]
     section.blocks.append(Table("PIE-Bench: means over edited images", columns, rows, name="piebench"))
     if metrics:
         overall = {b: {k: v for k, v in m.items() if not k.startswith("type_") and not k.endswith(".n")}
@@ -213,6 +229,18 @@ def piebench_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
                                      "type_<id>.scored in metrics/piebench/<backbone>.json)", chart,
                                      "piebench_types.png"))
     return section
+
+
+def _pie_name(row: Mapping[str, Any]) -> str:
+    """``<inversion> + <editing>`` of a PnPInversion row, its footnotes (base model, note) in brackets."""
+    name = f"{row['inversion']} + {row['editing']}"
+    extras = [x for x in (row.get("base"), row.get("note")) if x]
+    return f"{name} ({'; '.join(extras)})" if extras else name
+
+
+def _pie_cells(values: Mapping[str, Any], decimals: int) -> list[str]:
+    """The PIE-Bench columns of one row, formatted; "—" where a value is missing."""
+    return [fmt(values.get(key), decimals=decimals) for key, _ in PIE_COLUMNS]
 
 
 def editing_types(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -273,8 +301,3 @@ def training_section(metrics: Mapping[str, Any] | None, curves_csv: Path) -> Sec
         return section
     section.blocks.append(Figure(f"Training curves ({curves_csv})", curves_figure(table), "train_curves.png"))
     return section
-
-
-def study_section(study: Mapping[str, Any]) -> Section:
-    """What ``data/published.yaml`` says of the follow-up study's own tables (``study.note``)."""
-    return Section("Study tables", [Text(study["note"], kind="note")])
