@@ -9,6 +9,8 @@
 # they are installed into a private folder first. Each part takes about 4 minutes on an H100, much of it
 # the compilation; run the parts as separate jobs under a job time limit. With $OUT set, the JSON is
 # written there (after every variant, "complete": false until the last), else to bench/results/.
+# Each result carries its variants' FLOPs (bench/flops.py, counted on the meta device), achieved TFLOP/s and
+# MFU. With the new results in bench/results/, `python bench/cost.py` regenerates docs/cost.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then

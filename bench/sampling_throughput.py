@@ -10,6 +10,11 @@ original saved PNG files). The two batch-1 loops time the images of one prompt (
 depend on how many are timed); the batched variants time every prompt. Reports images/s and ratios to the
 original; compilation happens in an untimed warm-up call. The original also ran the safety checker (one
 CLIP ViT-L/14 forward per image); the baseline leaves it out, which can only make the ratios smaller.
+A peer variant, ``diffusers_<dtype>_batched``, measures what diffusers' own batching gets with the same
+precision and batch: one ``pipe(prompt=[text], num_images_per_prompt=images)`` call per prompt (one
+generator per call, not one per image; PNG per image), run before compilation changes the UNet in place.
+On CUDA every variant also gets its FLOPs per image (counted by ``bench/flops.py`` on the meta device at its
+batch, resolution and steps), achieved TFLOP/s and MFU against the device's peak (``bench/mfu.py``).
 
   python bench/sampling_throughput.py                      # tiny-sd on CPU -> bench/results/sampling_throughput_cpu.json
   python bench/sampling_throughput.py --device cuda        # SD1.4 architecture, random weights, 512 px, 50 steps
@@ -36,6 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.flops import fp32_math  # noqa: E402
+from bench.mfu import sampling_fields  # noqa: E402
 from pipeline.datasets.multigen_source import generate_multigen  # noqa: E402
 from pipeline.datasets.categories import load_categories  # noqa: E402
 from pipeline.datasets.multigen_files import MultiGenPrompt  # noqa: E402
@@ -44,6 +51,7 @@ from pipeline.sampling.sampler import Sampler  # noqa: E402
 from pipeline.sampling.settings import SamplingCfg, SamplingScale  # noqa: E402
 from pipeline.sampling.items import prompt_items  # noqa: E402
 from pipeline.store.codecs import png_bytes  # noqa: E402
+from pipeline.zoo.sd import SD14_UNET, TINY_UNET  # noqa: E402
 
 log = logging.getLogger("bench.sampling_throughput")
 
@@ -93,6 +101,24 @@ def original(pipe, prompts: list[MultiGenPrompt], images: int, steps: int, devic
     return time.perf_counter() - start
 
 
+def diffusers_batched(pipe, prompts: list[MultiGenPrompt], images: int, steps: int, device: str) -> float:
+    """Seconds for diffusers' own batching: one ``pipe(prompt=[text], num_images_per_prompt=images)`` call per
+    prompt (the pipeline's default generator, not one per image), PNG per image."""
+    sync(device)
+    start = time.perf_counter()
+    for p in prompts:
+        for image in pipe(prompt=[p.text], num_images_per_prompt=images, num_inference_steps=steps).images:
+            png_bytes(image)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peer_variant(device: str) -> str:
+    """Name of the diffusers-batching peer: ``diffusers_<dtype>_batched`` at the batched variants' dtype."""
+    half = inference_dtype("auto", device)
+    return f"diffusers_{str(half).split('.')[-1] if half != torch.float32 else 'fp32'}_batched"
+
+
 def batched(sampler: Sampler, prompts: list[MultiGenPrompt], device: str, nan: list[int] | None = None) -> float:
     """Seconds for the seeded batched sampler over the same prompts (NaN images counted into ``nan``)."""
     items = prompt_items("bench", prompts, sampler.scale.images_per_prompt)
@@ -123,7 +149,8 @@ def variants(device: str, images: int) -> list[tuple[str, torch.dtype, int, bool
 def run(device: str, num_prompts: int, images: int, steps: int, on_result=None) -> dict:
     """Measure the original loop (eager, then SDPA) and each seeded variant on the same prompts.
 
-    Every variant first runs one untimed call of its batch shape (2 steps), so compilation is not timed.
+    Every variant first runs one untimed call of its batch shape (2 steps), so compilation is not timed. The
+    diffusers peer (:func:`peer_variant`) runs just before the compiled variant, on the uncompiled UNet.
     ``on_result(results)``, when given, receives the numbers so far after each measurement (a run cut short
     by a time limit keeps what it measured).
     """
@@ -146,6 +173,11 @@ def run(device: str, num_prompts: int, images: int, steps: int, on_result=None) 
         original(pipe, prompts[:1], 1, steps=2, device=device)                 # warm-up
         record(name, original(pipe, prompts[:1], images, steps, device), images)
     for name, dtype, per_call, compiled in variants(device, images):
+        if compiled:  # the peer: diffusers' own batching, same dtype and batch as the first batched variant
+            pipe.to(inference_dtype("auto", device))
+            diffusers_batched(pipe, prompts[:1], images, steps=2, device=device)  # warm-up
+            record(peer_variant(device), diffusers_batched(pipe, prompts, images, steps, device),
+                   num_prompts * images)
         pipe.to(dtype)
         scale = SamplingScale(num_inference_steps=steps, images_per_prompt=images, batch_size=per_call,
                               dtype=str(dtype).split(".")[-1], compile=compiled)
@@ -168,6 +200,16 @@ def throughput(seconds: dict[str, float], counts: dict[str, int], nan_images: in
     return results
 
 
+def result_body(info: dict, results: dict, complete: bool, flops: bool) -> dict:
+    """The JSON written for ``results`` so far: run ``info``, ``complete``, the numbers rounded to 4 decimals
+    and, with ``flops`` (CUDA runs), each variant's FLOPs per image, achieved TFLOP/s and MFU (``bench/mfu.py``)."""
+    body = {**info, "complete": complete, **{k: round(v, 4) for k, v in results.items()}}
+    if flops:
+        numbers, notes = sampling_fields(body, fp32_math())
+        body.update(notes, **numbers)
+    return body
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -187,6 +229,7 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": "tiny-sd (128 px)" if args.device == "cpu" else "SD1.4 architecture, random weights (512 px)",
+            "resolution": 8 * (TINY_UNET if args.device == "cpu" else SD14_UNET)["sample_size"],  # VAE: 8 px/latent
             "steps": steps, "prompts": prompts, "images_per_prompt": images,
             "quick": args.quick, "load_average_1min": round(os.getloadavg()[0], 2)}
     name = f"sampling_throughput_{args.device}{'_quick' if args.quick else ''}.json"
@@ -194,8 +237,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(results: dict, complete: bool = False) -> None:
-        body = {**info, "complete": complete, **{k: round(v, 4) for k, v in results.items()}}
-        out.write_text(json.dumps(body, indent=2) + "\n")
+        out.write_text(json.dumps(result_body(info, results, complete, args.device == "cuda"), indent=2) + "\n")
 
     results = run(args.device, prompts, images, steps=steps, on_result=save)
     save(results, complete=True)

@@ -13,7 +13,8 @@ adding one change to the previous one:
   (:class:`pipeline.training.step.LatentCache`, ``train.cache_latents``). The bench repeats one batch, so this
   is the steady state after the first epoch (the paper profile runs ~21 epochs; the first still encodes);
 * ``bf16``     — plus bf16 autocast, frozen encoders in bf16 (GPU only; CPU training stays fp32);
-* ``batch8``   — plus batch 8 (throughput per sample);
+* ``batch4``   — plus batch 4: the paper's effective batch (batch 1 x accumulation 4) in one step;
+* ``batch8``   — batch 8 instead (throughput per sample);
 * ``no_checkpointing`` — plus gradient checkpointing off (only when the earlier variants had it on: the
   original trains with it; at batch 8 the activations fit, so the recomputation is pure cost);
 * ``batch16``  — plus batch 16;
@@ -25,6 +26,8 @@ resident set of a fresh process per variant; ``--device cuda`` uses the SD1.4 ar
 text encoder; random weights) at 512 px and ``torch.cuda.max_memory_allocated``. Writes
 bench/results/train_step_<device>.json with per-variant numbers and one ratio per gain; on CUDA after every
 variant, with ``complete: false`` until the last, so a run cut short by a time limit keeps what it measured.
+On CUDA each variant also gets its FLOPs per sample (counted by :mod:`bench.flops` on the meta device at its
+batch and resolution), achieved TFLOP/s and MFU against the device's peak (:mod:`bench.mfu`).
 
     python bench/train_step.py --device cpu
     python bench/train_step.py --device cuda      # about 4 minutes on an H100 (3 of them compiling)
@@ -47,11 +50,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attention import AttentionStore, CaptureProcessor, capture_cross_attention, processor_group
-from pipeline.models import compile_unet
-from pipeline.runtime import setup_logging, write_json
-from pipeline.training.losses import GroundingTargets, LossCfg
-from pipeline.training.step import LatentCache, SDModels, compute_losses, encode_batch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/train_step.py` from anywhere: bench.* and pipeline.* import
+    sys.path.insert(0, str(REPO))
+
+from bench.flops import fp32_math  # noqa: E402
+from bench.mfu import train_fields  # noqa: E402
+from pipeline.attention import AttentionStore, CaptureProcessor, capture_cross_attention, processor_group  # noqa: E402
+from pipeline.models import compile_unet  # noqa: E402
+from pipeline.runtime import setup_logging, write_json  # noqa: E402
+from pipeline.training.losses import GroundingTargets, LossCfg  # noqa: E402
+from pipeline.training.step import LatentCache, SDModels, compute_losses, encode_batch  # noqa: E402
 
 log = logging.getLogger("bench.train_step")
 LOSS = LossCfg(token_weight=1e-3, pixel_weight=5e-5, layers=["mid_8", "up_16", "up_32", "up_64"])
@@ -73,6 +82,7 @@ VARIANTS = {  # each adds one change to the one before it
     "capture": Variant(eager=False, bf16=False, batch=1, cached_latents=False),
     "cached_latents": Variant(eager=False, bf16=False, batch=1),
     "bf16": Variant(eager=False, bf16=True, batch=1),
+    "batch4": Variant(eager=False, bf16=True, batch=4),
     "batch8": Variant(eager=False, bf16=True, batch=8),
     "no_checkpointing": Variant(eager=False, bf16=True, batch=8, checkpointing=False),
     "batch16": Variant(eager=False, bf16=True, batch=16, checkpointing=False),
@@ -280,16 +290,19 @@ def run_in_process(models: SDModels, device: str, args, on_variant=None) -> tupl
     return variants, skipped
 
 
-def cuda_results(variants: dict[str, dict], skipped: dict[str, str]) -> dict:
-    """The CUDA run's JSON body for the variants measured so far."""
-    results = {"device_name": torch.cuda.get_device_name()}
+def cuda_results(variants: dict[str, dict], skipped: dict[str, str], device_name: str | None = None) -> dict:
+    """The CUDA run's JSON body for the variants measured so far, FLOPs, achieved TFLOP/s and MFU included.
+
+    ``device_name`` defaults to the current CUDA device's (the name ``nvidia-smi`` prints).
+    """
+    results = {"device_name": device_name or torch.cuda.get_device_name()}
     if skipped:
         results["skipped"] = skipped
     results.update(model="SD1.4 architecture (UNet, VAE, text encoder), random weights, 512 px", variants=variants,
                    ratios=ratios(variants, "fwd_bwd_peak_gib"),
                    memory="fwd_bwd_peak_gib: peak of forward+backward above the memory held before the step "
                           "(weights, optimizer state); step_peak_gib: peak of the last step incl. AdamW")
-    return results
+    return train_fields(results, fp32_math())
 
 
 def run_cuda(args, save) -> dict:

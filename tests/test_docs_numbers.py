@@ -126,3 +126,10 @@ def test_detector_preprocess_readme_row():
     cited(readme_row("| `bench/detector_preprocess.py`"), f"{m['pil_batched_s_per_image']:.3f} s/image",
           f"{m['pil_threaded_s_per_image']:.3f} s/image (**{m['threaded_vs_batched_pil_speedup']:.2f}×**)",
           f"{m['torchvision_batched_s_per_image']:.3f} s/image", f"{m['torchvision_vs_pil_max_abs']:.3f}")
+
+
+def test_cost_doc_is_the_generators_output():
+    """docs/cost.md (GPU-hours and MFU tables) is exactly what `python bench/cost.py` writes from the results."""
+    from bench import cost
+
+    assert (REPO / "docs" / "cost.md").read_text() == cost.generate()
