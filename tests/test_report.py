@@ -265,8 +265,9 @@ def test_multigen_section_lines_up_run_and_published_rows():
     assert extra.rows[0] == ["SD 1.4", "20.88", "71.46", "7.54(0.17)"]
     assert extra.rows[4] == ["Attend-and-Excite", "—", "71.68", "25.43(4.89)"]  # the README prints "-"
     prov = next(b for b in section.blocks if isinstance(b, Table) and b.caption.startswith("MultiGen: what"))
-    assert prov.rows == [["sd14", "det_threshold = 0.1; images_per_prompt = 2; model = embedded:tiny-sd; "
-                                  "num_prompts = 6"]]
+    assert prov.columns == ["Setting", "sd14"]  # one model: one column of its settings
+    assert prov.rows == [["det_threshold", "0.1"], ["images_per_prompt", "2"], ["model", "embedded:tiny-sd"],
+                         ["num_prompts", "6"]]
     assert coco.rows[1][1] == "published (mlpc-ucsd/TokenCompose)"
     chart = [b for b in section.blocks if isinstance(b, Figure)]
     assert [b.name for b in chart] == ["multigen_chart.png"] and chart[0].png.startswith(b"\x89PNG")
@@ -386,7 +387,7 @@ def test_visor_section_puts_this_runs_scores_beside_the_published_oa():
                                published["multigen"], "demo")
     assert next(b for b in six.blocks if isinstance(b, Table)).columns[-2:] == ["VISOR_5", "VISOR_6"]
     prov = next(b for b in section.blocks if isinstance(b, Table) and b.caption.startswith("VISOR: what"))
-    assert prov.rows == [["trained", "detector = embedded:tiny-owlvit; prompts = 4"]]
+    assert prov.columns == ["Setting", "trained"] and prov.rows == [["detector", "embedded:tiny-owlvit"], ["prompts", "4"]]
     empty = visor_section({}, published["visor"], published["multigen"], "demo")
     notes = [b.text for b in empty.blocks if isinstance(b, Text) and b.kind == "missing"]
     assert notes and "dvc repro visor" in notes[0]
@@ -619,7 +620,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     assert tables["grounding"].columns == ["Model", "down_64", "up_16", "mean", "chance"]  # SD1.4 group order
     assert tables["grounding"].rows == [["sd14", "0.500", "0.250", "0.375", "0.125"]]
     prov = [b for s in sections for b in s.blocks if isinstance(b, Table) and b.caption.startswith("PIE-Bench: what")]
-    assert prov[0].rows == [["base", "backbone = base; clip_whole.nan = 0; scored = 6"]]  # per-type and .n left out
+    assert prov[0].columns == ["Setting", "base"]  # per-type and .n left out
+    assert prov[0].rows == [["backbone", "base"], ["clip_whole.nan", "0"], ["scored", "6"]]
     figures = [b.name for s in sections for b in s.blocks if isinstance(b, Figure)]
     assert figures == ["multigen_chart.png", "samples_coco.png", "categories_coco.png", "piebench_types.png",
                        "plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
@@ -702,3 +704,21 @@ def test_rendered_page_and_markdown_hold_the_study_rows(tmp_path):
             "22.10 |") in md
     assert md.count(STUDY_MG_LABEL) == 10 and md.count(STUDY_PIE_LABEL) == 3
     assert "## Study tables" not in md and f"> {study['multigen']['caveat']}" in md
+
+
+def test_provenance_is_a_table_of_settings_not_a_dump():
+    """Settings every model shares appear once (setting | value); those that differ get a column per model;
+    results-table keys and nested values are left out, and a model without a key shows a dash."""
+    from pipeline.report.blocks import provenance_table
+
+    metrics = {"sd14": {"mg2": 1.0, "threshold": 0.1, "model": "embedded:tiny-sd", "unet": "", "per_type": {}},
+               "trained": {"mg2": 2.0, "threshold": 0.1, "model": "embedded:tiny-sd",
+                           "unet": "artifacts/train/unet", "steps": 4}}
+    shared, differ = provenance_table("MultiGen", metrics, ["mg2"])
+    assert shared.columns == ["Setting", "Value"]
+    assert shared.rows == [["model", "embedded:tiny-sd"], ["threshold", "0.1"]]
+    assert differ.columns == ["Setting", "sd14", "trained"]
+    assert differ.rows == [["steps", "—", "4"], ["unet", "—", "artifacts/train/unet"]]
+    alone = provenance_table("MultiGen", {"sd14": metrics["sd14"]}, ["mg2"])
+    assert len(alone) == 1 and alone[0].columns == ["Setting", "sd14"] and ["threshold", "0.1"] in alone[0].rows
+    assert provenance_table("MultiGen", {"sd14": {"mg2": 1.0}}, ["mg2"]) == []

@@ -59,14 +59,32 @@ def fmt(value: Any, std: Any = None, decimals: int = 2) -> str:
     return text
 
 
-def provenance_table(caption: str, metrics: Mapping[str, Mapping[str, Any]], shown: Iterable[str]) -> Table:
-    """What each model's numbers were computed over: every metrics key not shown in the results table."""
+def provenance_table(caption: str, metrics: Mapping[str, Mapping[str, Any]], shown: Iterable[str]) -> list[Table]:
+    """What each model's numbers were computed over, as tables a person reads: the settings every model
+    shares (setting | value), then the settings that differ (setting | one column per model). Keys already
+    in the results table and nested values are left out; a model without a key shows "—"."""
     shown = set(shown)
-    rows = []
-    for model, values in metrics.items():
-        extra = {k: v for k, v in sorted(values.items()) if k not in shown and not isinstance(v, (dict, list))}
-        rows.append([model, "; ".join(f"{k} = {v}" for k, v in extra.items()) or "—"])
-    return Table(caption, ["Model", "Computed over"], rows)
+    settings = {model: {k: v for k, v in values.items() if k not in shown and not isinstance(v, (dict, list))}
+                for model, values in metrics.items()}
+    keys = sorted({k for values in settings.values() for k in values})
+    if not keys:
+        return []
+    models = list(settings)
+    cells = {k: [_setting(settings[m].get(k, "—")) for m in models] for k in keys}
+    shared = [[k, row[0]] for k, row in cells.items() if len(set(row)) == 1 and len(models) > 1]
+    differ = [[k, *row] for k, row in cells.items() if len(set(row)) > 1 or len(models) == 1]
+    tables = []
+    if shared:
+        tables.append(Table(f"{caption}: settings shared by every model", ["Setting", "Value"], shared))
+    if differ:
+        title = f"{caption}: settings that differ between models" if len(models) > 1 else caption
+        tables.append(Table(title, ["Setting", *models], differ))
+    return tables
+
+
+def _setting(value: Any) -> str:
+    """A provenance cell: empty strings as "—", everything else as written in the metrics file."""
+    return "—" if value == "" or value is None else str(value)
 
 
 def missing(what: str, path: str, stage: str) -> Text:

@@ -63,7 +63,7 @@ def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
         section.blocks.append(Figure("MultiGen MG2–MG5 per model, mean over image index with its std as error "
                                      "bars; published rows hatched",
                                      multigen_chart(metrics, published, profile, study), "multigen_chart.png"))
-        section.blocks.append(provenance_table("MultiGen: what each row of this run was computed over",
+        section.blocks.extend(provenance_table("MultiGen: what each row of this run was computed over",
                                                metrics, shown))
     return section
 
@@ -193,7 +193,7 @@ def visor_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[s
     section.blocks.append(Table("VISOR on SR2D, %", ["Model", "Source", *[h for _, h in columns]], rows,
                                 name="visor"))
     if metrics:
-        section.blocks.append(provenance_table("VISOR: what each row of this run was computed over", metrics,
+        section.blocks.extend(provenance_table("VISOR: what each row of this run was computed over", metrics,
                                                {key for key, _ in columns}))
     return section
 
@@ -220,7 +220,7 @@ def piebench_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
     if metrics:
         overall = {b: {k: v for k, v in m.items() if not k.startswith("type_") and not k.endswith(".n")}
                    for b, m in metrics.items()}  # per-editing-type means: in the chart below and the metrics file
-        section.blocks.append(provenance_table("PIE-Bench: what each row of this run was computed over",
+        section.blocks.extend(provenance_table("PIE-Bench: what each row of this run was computed over",
                                                overall, [key for key, _ in PIE_COLUMNS]))
     chart = piebench_type_chart(metrics)
     if chart is not None:
@@ -280,7 +280,7 @@ def grounding_section(metrics: Mapping[str, Mapping[str, Any]], decimals: int = 
     rows = [[model, *[fmt(values.get(k), decimals=decimals) for k in keys]] for model, values in metrics.items()]
     section.blocks.append(Table("Mean attention share inside the object mask", ["Model", *groups, "mean", "chance"],
                                 rows, name="grounding"))
-    section.blocks.append(provenance_table("Grounding: what each row was computed over", metrics, keys))
+    section.blocks.extend(provenance_table("Grounding: what each row was computed over", metrics, keys))
     return section
 
 
