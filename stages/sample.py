@@ -22,15 +22,12 @@ from pipeline.multigen.settings import MultiGenCfg
 from pipeline.paths import MODELS_DIR
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument, wait_for_everyone,
                               write_json)
-from pipeline.sampling.sampler import (STATUS_FAILED, STATUS_NAN, STATUS_TOKENS_FAILED, open_sampler, sample_prompt_set,
-                                       sampler_record)
+from pipeline.sampling.remedies import SAMPLE_REMEDIES, SAMPLE_RETRIED
+from pipeline.sampling.sampler import open_sampler, sample_prompt_set, sampler_record
 from pipeline.sampling.settings import SamplingCfg, SamplingScale
 from pipeline.store.shards import read_shards
 
 log = logging.getLogger("stages.sample")
-RETRIED = {STATUS_FAILED}  # sample_prompt_set's redo_statuses
-REMEDIES = {STATUS_NAN: "not retried: the same seed overflows again; set profiles.<p>.sampling.dtype: float32",
-            STATUS_TOKENS_FAILED: "not retried: Attend-and-Excite finds no token of an object word; fix the prompt"}
 
 
 def main(key: str) -> None:
@@ -57,16 +54,16 @@ def main(key: str) -> None:
     failures = {}
     for name in mg.prompt_sets:
         rows = read_shards(Path("artifacts/samples") / key / name, columns=["prompt_id", "image_index", "status"])
-        failures[name] = report_failures(log, rows.to_dict("records"), prompt_image_id, RETRIED,
-                                         where=f"sample@{key} {name}", remedies=REMEDIES, unit="images",
+        failures[name] = report_failures(log, rows.to_dict("records"), prompt_image_id, SAMPLE_RETRIED,
+                                         where=f"sample@{key} {name}", remedies=SAMPLE_REMEDIES, unit="images",
                                          id_name="prompt/image")
         metrics[f"{name}_images"], metrics[f"{name}_failed"] = len(rows), failures[name].failed
     write_json(f"metrics/sample/{key}.json", metrics)
     for name in mg.prompt_sets:
         check_failure_rate(failures[name].counts, metrics[f"{name}_images"], mg.max_failed_rate,
                            f"{key}/{name} images", "multigen.max_failed_rate",
-                           f"see the `error` column of artifacts/samples/{key}/{name}", retried=RETRIED,
-                           remedies=REMEDIES)
+                           f"see the `error` column of artifacts/samples/{key}/{name}", retried=SAMPLE_RETRIED,
+                           remedies=SAMPLE_REMEDIES)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pipeline.multigen.detection import (STATUS_CORRUPT_IMAGE, STATUS_DETECT_FAI
 from pipeline.paths import MODELS_DIR
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage, stage_argument,
                               wait_for_everyone, write_json)
-from pipeline.sampling.sampler import (STATUS_FAILED, STATUS_NAN, STATUS_TOKENS_FAILED, open_sampler, sample_prompt_set,
-                                       sampler_record)
+from pipeline.sampling.remedies import SAMPLE_REMEDIES, SAMPLE_RETRIED
+from pipeline.sampling.sampler import open_sampler, sample_prompt_set, sampler_record
 from pipeline.sampling.settings import SamplingCfg, SamplingScale
 from pipeline.store.shards import iter_rows
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
@@ -36,9 +36,8 @@ from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score
 log = logging.getLogger("stages.visor")
 # What the next run computes again: sample_prompt_set's and detect_prompt_set's redo_statuses, and the
 # detections of images sampled again.
-RETRIED = {STATUS_FAILED, STATUS_DETECT_FAILED}
-REMEDIES = {STATUS_NAN: "not retried: the same seed overflows again; set profiles.<p>.sampling.dtype: float32",
-            STATUS_TOKENS_FAILED: "not retried: Attend-and-Excite finds no token of an object word",
+RETRIED = SAMPLE_RETRIED | {STATUS_DETECT_FAILED}
+REMEDIES = {**SAMPLE_REMEDIES,
             STATUS_NO_IMAGE: "its sampling failed (see the samples line): sample_failed images are sampled and "
                              "detected again by the next run, nan_image and token_indices_failed are not",
             STATUS_CORRUPT_IMAGE: "not retried: the sampled PNG does not decode; delete its shard in samples/",
