@@ -76,8 +76,8 @@ def paper_work(params: dict) -> dict:
         "visor_images_per_model": visor_per_model,
         "train_samples": train["max_steps"] * train["batch_size"] * train["grad_accum"],
         "train_steps": train["max_steps"], "train_batch": train["batch_size"], "grad_accum": train["grad_accum"],
-        "edit_backbones": len(paper["editing"]["backbones"]),
-        "edits": PIEBENCH_IMAGES * len(paper["editing"]["backbones"]),
+        "edit_backbones": len(params["edit_backbones"]),
+        "edits": PIEBENCH_IMAGES * len(params["edit_backbones"]),
         "mask_images": TRAIN_IMAGES,
     }
 

@@ -87,7 +87,6 @@ class EditingCfg:
 class EditingScale:
     """Params section ``profiles.<p>.editing`` (scale-bound values)."""
 
-    backbones: dict[str, Backbone]
     num_inference_steps: PositiveInt = 50
     batch_size: PositiveInt = 4
     shard_size: PositiveInt = 16

@@ -132,6 +132,30 @@ def curves_figure(table: pd.DataFrame, x: str = "step", title: str = "") -> byte
     return _png(fig)
 
 
+def lines_with_errors(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]],
+                      xlabel: str, per_row: int = 3) -> bytes:
+    """One panel per entry of ``panels`` (title -> {series name: (x, y, y error)}): lines with markers and
+    error bars (a NaN error draws none, a NaN value leaves a gap)."""
+    ncols = min(per_row, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, series) in zip(axes.flat, panels.items()):
+        for name, (xs, ys, errs) in series.items():
+            errs = np.asarray(errs, dtype=float)
+            ax.errorbar(xs, ys, yerr=None if np.all(np.isnan(errs)) else np.nan_to_num(errs), marker="o",
+                        markersize=3, linewidth=1.2, capsize=3, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def grouped_bars(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
                  categories: Sequence[str], hatched: Collection[str] = (), ylabel: str = "",
                  per_row: int | None = None, sharey: bool = True) -> bytes:

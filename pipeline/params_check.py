@@ -68,3 +68,26 @@ def check_known_keys(params: Mapping[str, Any], dvc: Mapping[str, Any], dvc_text
     if problems:
         raise ConfigError("params.yaml: " + "; ".join(problems))
     return len(params) + sum(len(p) for p in (params.get("profiles") or {}).values() if isinstance(p, Mapping))
+
+
+def check_checkpoint_steps(params: Mapping[str, Any]) -> list[int]:
+    """The ``checkpoint_steps`` of params, checked against the active profile's training: each a positive
+    integer the run saves (a multiple of ``train.checkpoint_every``, or ``max_steps``) and at most
+    ``max_steps``; raise :class:`ConfigError` naming the bad steps and the ones that would do. Checked here, at
+    the start of a run, rather than after hours of training in stage ``checkpoint@<N>``."""
+    steps = params.get("checkpoint_steps") or []
+    train = (params.get("profiles", {}).get(params.get("profile"), {}) or {}).get("train", {}) or {}
+    every, last = train.get("checkpoint_every"), train.get("max_steps")
+    if not isinstance(steps, list):
+        raise ConfigError(f"checkpoint_steps must be a list of training steps, got {steps!r}")
+    bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s <= 0
+           or (isinstance(last, int) and s > last)
+           or (isinstance(every, int) and every > 0 and s % every and s != last)]
+    if bad:
+        regular = isinstance(every, int) and isinstance(last, int) and every > 0
+        saved = list(range(every, last + 1, every)) if regular else []
+        shown = ", ".join(map(str, saved[:6])) + (", ..." if len(saved) > 6 else "")
+        raise ConfigError(f"checkpoint_steps {bad} are not steps the {params.get('profile')} profile's training saves "
+                          f"(checkpoint_every {every}, max_steps {last}: {shown}); set e.g. "
+                          f"-S 'checkpoint_steps=[{', '.join(map(str, saved[:2]))}]' or [] for none")
+    return steps

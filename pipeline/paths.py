@@ -5,3 +5,4 @@ from __future__ import annotations
 from pathlib import Path
 
 MODELS_DIR = Path("artifacts/models")  # the models stage's output: one folder per embedded model
+STEPS_DIR = Path("artifacts/train/steps")  # stage checkpoint@<N>: the UNet at training step N in <N>/unet

@@ -1,6 +1,6 @@
 """Stage `edit@<backbone>`: Blended Latent Diffusion on the PIE-Bench set with one backbone (SPEC §4).
 
-Usage: ``python -m stages.edit <backbone>`` with a backbone named in ``profiles.<p>.editing.backbones``.
+Usage: ``python -m stages.edit <backbone>`` with a key of ``edit_backbones`` (an evaluation model) or ``step_<N>``.
 Outs: artifacts/edits/<backbone>/ (shards: image_id, image (PNG), prompt, seed, mask_fraction, status,
 error; resumable), metrics/edit/<backbone>.json.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.config import ConfigError, load_params, section
+from pipeline.config import load_params, section
 from pipeline.datasets.piebench_files import MAPPING_FILE, load_example, read_mapping, strip_brackets
 from pipeline.editing import (STATUS_BAD_INPUT, STATUS_EDIT_FAILED, BlendedLatentEditor, EditingCfg, EditingScale,
                               EditItem, edit_fingerprint, edit_rows)
+from pipeline.eval_models import edit_backbone
 from pipeline.failures import report_failures
 from pipeline.models import inference_dtype, load_sd_pipeline
 from pipeline.paths import MODELS_DIR
@@ -40,10 +41,7 @@ def main(name: str) -> None:
     params = load_params()
     cfg = section(params, "editing", EditingCfg)
     scale = section(params, "profile.editing", EditingScale)
-    if name not in scale.backbones:
-        raise ConfigError(f"profiles.{params['profile']}.editing.backbones: no backbone {name!r} "
-                          f"(known: {', '.join(scale.backbones)})")
-    backbone, dist = scale.backbones[name], dist_info()  # one process, or one per GPU under accelerate
+    backbone, dist = edit_backbone(params, name), dist_info()  # one process, or one per GPU under accelerate
     device = rank_device()
     pipe = load_sd_pipeline(backbone.model, MODELS_DIR, unet_ref=backbone.unet,
                             torch_dtype=inference_dtype(scale.dtype, device), device=device)
@@ -76,4 +74,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, stage_argument(__doc__, "BACKBONE", "a key of profiles.<p>.editing.backbones"))
+    run_stage(main, stage_argument(__doc__, "BACKBONE", "a key of edit_backbones, or step_<N> (a checkpoint)"))

@@ -28,6 +28,7 @@ class ReportCfg:
     title: str
     decimals: NonNegativeInt
     out_dir: Path
+    published_rows: dict[str, list[str]]   # this run's model -> the published MultiGen rows it reproduces
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     cfg = section(params, "report", ReportCfg)
     profile = params["profile"]
     published = load_published(cfg.published)
-    sections = build_sections(Path("."), published, profile, cfg.decimals)
+    sections = build_sections(Path("."), published, profile, cfg.decimals, cfg.published_rows)
     counts = write_report(cfg.out_dir, cfg.title, sections, banner=profile_banner(profile))
     missing = [b.text for s in sections for b in s.blocks if isinstance(b, Text) and b.kind == "missing"]
     for note in missing:

@@ -4,7 +4,8 @@ Usage: ``python -m stages.score MODEL``. Deps: artifacts/detections/<MODEL>/, th
 Outs: metrics/multigen/<MODEL>.json with flat keys ``<set>_mg1`` ... ``<set>_mg5``, ``<set>_mg1_std`` ...,
 and what they were computed over (prompts, images per prompt, threshold, model references, failed and
 missing images); plots/multigen_categories/<MODEL>.csv: per prompt set and category, the scored images
-whose prompt names it and how many of them it was found in.
+whose prompt names it and how many of them it was found in; artifacts/multigen_images/<MODEL>.csv: objects
+found per image (the units the compare stage resamples).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from pipeline.config import load_params, section
 from pipeline.datasets.multigen_files import PROMPTS_DIR, load_prompt_set
 from pipeline.eval_models import eval_model
 from pipeline.failures import MISSING, prompt_image_id, report_failures
-from pipeline.multigen.scoring import category_counts, format_row, score_records
+from pipeline.multigen.scoring import category_counts, format_row, found_grid, found_table, grid_scores
 from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
 from pipeline.runtime import check_failure_rate, run_stage, stage_argument, write_json
 from pipeline.sampling.settings import SamplingScale
 from pipeline.store.shards import iter_rows
 
 log = logging.getLogger("stages.score")
-CATEGORIES = Path("plots/multigen_categories")
+CATEGORIES, IMAGES = Path("plots/multigen_categories"), Path("artifacts/multigen_images")
 COLUMNS = ["prompt_id", "image_index", "objects", "label_max_scores", "status"]
 
 
@@ -48,11 +49,13 @@ def main(key: str) -> None:
     metrics = {"model": ref.model, "unet": ref.unet or "", "note": ref.note, "sampler": model.sampler,
                "detector": det.detector, "threshold": mg.threshold, "images_per_prompt": scale.images_per_prompt,
                "steps": scale.num_inference_steps, "seed": int(params["seed"])}
-    categories, failures = [], {}
+    categories, images, failures = [], [], {}
     for name in mg.prompt_sets:
         num_prompts = len(load_prompt_set(PROMPTS_DIR / f"{name}.json", scale.max_prompts))
         rows = list(iter_rows(Path("artifacts/detections") / key / name, columns=COLUMNS))
-        scores = score_records(rows, mg.threshold, num_prompts, scale.images_per_prompt)
+        found, valid, seen = found_grid(rows, mg.threshold, num_prompts, scale.images_per_prompt)
+        scores = grid_scores(found, valid, seen)
+        images.append(found_table(name, found, valid))
         failures[name] = report_failures(log, rows, prompt_image_id, (), where=f"score@{key} {name} (left out of MG)",
                                          remedies=remedies(key), missing=scores["images_missing"], unit="images",
                                          id_name="prompt/image")
@@ -64,6 +67,8 @@ def main(key: str) -> None:
     CATEGORIES.mkdir(parents=True, exist_ok=True)
     table = pd.concat(categories, ignore_index=True)[["prompt_set", "category", "images", "found", "rate"]]
     table.to_csv(CATEGORIES / f"{key}.csv", index=False, float_format="%.4f")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    pd.concat(images, ignore_index=True).to_csv(IMAGES / f"{key}.csv", index=False)
     for name in mg.prompt_sets:
         check_failure_rate(failures[name].counts, metrics[f"{name}_images_expected"], mg.max_failed_rate,
                            f"{key}/{name} images", "multigen.max_failed_rate",

@@ -38,9 +38,9 @@ def _foreach_keys(stage: dict, params: dict) -> list[str | None]:
     each = stage.get("foreach")
     if each is None:
         return [None]
-    if isinstance(each, str):  # ${eval_models}: a params mapping
+    if isinstance(each, str):  # ${eval_models}: a params mapping (or a list: ${checkpoint_steps})
         each = params[each.strip("${}")]
-    return list(each)
+    return [str(k) for k in each]
 
 
 def _lookup(params: dict, dotted: str) -> bool:
@@ -103,8 +103,9 @@ def test_every_stage_script_answers_help_without_running(tmp_path):
     import subprocess
     import sys
 
-    by_script = {re.search(r"-m stages\.(\w+)", s.get("do", s)["cmd"]).group(1): s.get("do", s)
-                 for s in STAGES.values()}
+    by_script = {}  # the first stage that runs a script (help shows it; the *_step families come later)
+    for s in STAGES.values():
+        by_script.setdefault(re.search(r"-m stages\.(\w+)", s.get("do", s)["cmd"]).group(1), s.get("do", s))
     for script in sorted((REPO / "stages").glob("*.py")):
         proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
         first_line = ast.get_docstring(ast.parse(script.read_text())).splitlines()[0]
@@ -156,7 +157,8 @@ def _rerun(module: str) -> list[str]:
 ])
 def test_an_edit_reruns_only_the_stages_that_run_the_module(module, only, never):
     """The edits the layout is built for: each module's rerun set holds only its own family's instances."""
-    def matches(name: str, patterns: tuple[str, ...]) -> bool:  # "score@" matches score@*, "train" only train
+    def matches(name: str, patterns: tuple[str, ...]) -> bool:  # "score@" matches score@* and score_step@*
+        name = name.replace("_step@", "@")                       # (the checkpoints' family); "train" only train
         return any(name.startswith(p) if p.endswith("@") else name == p for p in patterns)
 
     names = _rerun(module)

@@ -303,16 +303,16 @@ def test_edit_stage_under_two_processes_equals_one_process(tiny_sd, tmp_path):
     for processes in (1, 2):
         root = _edit_project(tmp_path / f"p{processes}", tiny_sd)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               script, "base"]
+               script, "sd14"]
         done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[processes] = root
     # progress bars of the two-process run: rank 0 edits shards 0 and 2, rank 1 shard 1; nobody all three
     assert "| 2/2" in done.stderr and "| 1/1" in done.stderr and "| 3/3" not in done.stderr, done.stderr[-2000:]
     for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
-        one, two = (runs[n] / "artifacts/edits/base" / name for n in (1, 2))
+        one, two = (runs[n] / "artifacts/edits/sd14" / name for n in (1, 2))
         assert one.read_bytes() == two.read_bytes()
-    m1, m2 = (json.loads((runs[n] / "metrics/edit/base.json").read_text()) for n in (1, 2))
+    m1, m2 = (json.loads((runs[n] / "metrics/edit/sd14.json").read_text()) for n in (1, 2))
     assert m1 == m2 and m1["ok"] == 3
 
 

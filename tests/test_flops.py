@@ -160,7 +160,7 @@ def test_cost_rows_use_the_paper_profiles_variants():
     train, sampling = _results(cost.TRAIN_FILE), _results(cost.SAMPLING_FILE)
     work = cost.paper_work(params)
     assert work["multigen_images_per_model"] == 2 * 1000 * 10 and work["visor_images_per_model"] == 2500 * 4
-    assert work["train_samples"] == 24000 * 4 and work["edits"] == 1400 and work["mask_images"] == 4526
+    assert work["train_samples"] == 24000 * 4 and work["edits"] == 700 * len(params["edit_backbones"]) == 2100 and work["mask_images"] == 4526
     assert len(work["plain_models"]) + len(work["other_models"]) == 5
     rows, facts = cost.rows(params, train, sampling)
     assert (facts["s_paper"], facts["t_paper"], facts["t_first"]) == ("seeded_float16_batched", "cached_latents",

@@ -161,9 +161,25 @@ def plots_page(tmp_path_factory) -> Path:
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
     _curves(root / "plots" / "train_curves.csv")
+    _by_step(root / "plots" / "by_step.csv")
     run = subprocess.run([*dvc, "plots", "show", "-o", "out"], cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     return root / "out" / "index.html"
+
+
+def _by_step(path: Path) -> None:
+    """A stand-in for stage by_step's table: four steps, every column the by-step plots draw."""
+    import pandas as pd
+
+    columns = [f"{s}_mg{k}" for s in ("coco", "ade20k") for k in (2, 3, 4, 5)]
+    columns += ["grounding_share_mean", "psnr_unedit_part", "ssim_unedit_part_x1e2", "clip_whole", "clip_edited"]
+    table = pd.DataFrame({"step": [0, 10, 20, 30], "model": ["sd14", "step_10", "step_20", "trained"]})
+    for i, column in enumerate(columns):
+        table[column] = [10.0 + i, 12.0 + i, 11.0 + i, 14.0 + i]
+    table.to_csv(path, index=False)
+
+
+PLOT_COUNT = len(yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"])  # training curves and by-step plots
 
 
 def test_plots_page_has_no_remote_script(plots_page):
@@ -171,7 +187,7 @@ def test_plots_page_has_no_remote_script(plots_page):
     scripts = _scripts(page)
     assert not [a["src"] for a, _ in scripts if a.get("src")]  # nothing fetched, http(s) or otherwise
     assert "cdn.jsdelivr.net" not in page
-    assert sum("vegaEmbed(" in code for _, code in scripts) == 3  # the three training-curve plots
+    assert sum("vegaEmbed(" in code for _, code in scripts) == PLOT_COUNT == 8  # 3 training, 5 by step
 
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -190,7 +206,8 @@ def test_plots_page_renders_its_curves_in_headless_chromium(plots_page, tmp_path
     dom = _chromium(["--dump-dom", plots_page.as_uri()], tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     marks = [tag for tag in dom.stdout.split("<")[1:] if tag.startswith(("canvas", "svg")) and 'class="marks"' in tag]
-    assert len(marks) == 3, dom.stdout[-3000:]
+    assert len(marks) == PLOT_COUNT, dom.stdout[-3000:]
+    assert 'width="0"' not in "".join(marks), "a plot was drawn without data"
     shot = tmp_path / "plots.png"
     run = _chromium(["--window-size=1200,1400", f"--screenshot={shot}", plots_page.as_uri()], tmp_path)
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]

@@ -600,7 +600,14 @@ def _write_outputs(root: Path) -> None:
     pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.7], "token": [0.5, 0.4, 0.3]}).to_csv(
         root / "plots" / "train_curves.csv", index=False)
     (root / "plots" / "attention" / "sd14_0.png").write_bytes(_png((200, 10, 10)))
-    (root / "plots" / "edits_base.png").write_bytes(_png((10, 200, 10)))
+    (root / "plots" / "edits").mkdir()
+    (root / "plots" / "edits" / "base.png").write_bytes(_png((10, 200, 10)))
+    pd.DataFrame({"step": [0, 30], "model": ["sd14", "trained"], "coco_mg2": [50.0, 60.0],
+                  "coco_mg2_std": [1.0, 1.0]}).to_csv(root / "plots" / "by_step.csv", index=False)
+    pair = {"diff": 10.0, "low": 2.0, "high": 18.0, "significant": True, "units": 2}
+    (root / "metrics" / "compare.json").write_text(json.dumps({"level": 0.95, "reps": 10, "multigen": {"coco": {
+        f"mg{k}": {"sd14": {"value": 50.0}, "trained": {"value": 60.0}, "trained-sd14": pair} for k in range(1, 6)}},
+        "piebench": {}}))
     (root / "plots" / "samples").mkdir()
     (root / "plots" / "samples" / "coco.png").write_bytes(_png((10, 10, 200)))
     (root / "plots" / "multigen_categories").mkdir()
@@ -624,7 +631,9 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     assert prov[0].rows == [["backbone", "base"], ["clip_whole.nan", "0"], ["scored", "6"]]
     figures = [b.name for s in sections for b in s.blocks if isinstance(b, Figure)]
     assert figures == ["multigen_chart.png", "samples_coco.png", "categories_coco.png", "piebench_types.png",
-                       "plots_edits_base.png", "train_curves.png", "attention_sd14_0.png"]
+                       "edits_base.png", "train_curves.png", "by_step.png", "attention_sd14_0.png"]
+    assert sections[0].title == "Summary" and tables["summary_best"].rows[0][:2] == ["MultiGen COCO MG2", "trained"]
+    assert tables["differences_coco"].rows == [["trained − sd14"] + ["+10.00 [2.00, 18.00]✱"] * 4]
     texts = [b for s in sections for b in s.blocks if isinstance(b, Text)]
     study = published["study"]
     assert [b.text for b in texts if b.kind == "note"] == [study["multigen"]["caveat"], study["piebench"]["caveat"]]
@@ -637,7 +646,8 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
 def test_build_sections_names_every_missing_input(tmp_path):
     sections = build_sections(tmp_path, load_published(PUBLISHED), "paper")
     notes = " ".join(b.text for s in sections for b in s.blocks if isinstance(b, Text) and b.kind == "missing")
-    for path in ("metrics/multigen/<model>.json", "metrics/piebench/<backbone>.json", "plots/edits_<backbone>.png",
+    for path in ("metrics/multigen/<model>.json", "metrics/piebench/<backbone>.json", "plots/edits/<backbone>.png",
+                 "metrics/compare.json", "plots/by_step.csv",
                  "metrics/train.json", "train_curves.csv", "plots/attention/<model>_<i>.png",
                  "metrics/grounding/<model>.json", "plots/samples/<set>.png",
                  "plots/multigen_categories/<model>.csv"):

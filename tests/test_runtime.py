@@ -172,8 +172,8 @@ def test_help_lists_the_params_inputs_and_outputs_dvc_yaml_declares(monkeypatch,
     assert "Inputs: artifacts/data/multigen, <eval_models.MODEL.dep>" in flat
     assert "Outputs: artifacts/samples/<MODEL>, metrics/sample/<MODEL>.json" in flat
     edit = " ".join(_help_of(PACKAGE_DIR.parent / "stages" / "edit.py", monkeypatch, capsys, "BACKBONE").split())
-    assert "artifacts/models (base) or artifacts/train/unet (trained)" in edit
-    assert "profiles.<profile>.editing.backbones.<BACKBONE>" in edit
+    assert "<edit_backbones.BACKBONE.dep>" in edit
+    assert "edit_backbones.<BACKBONE>, eval_models.<BACKBONE>, profiles.<profile>.eval_models.<BACKBONE>" in edit
 
 
 def test_help_never_fails_because_of_dvc_yaml(tmp_path, monkeypatch, capsys):

@@ -44,18 +44,10 @@ def mg_scores(found: np.ndarray, valid: np.ndarray | None = None) -> dict[str, f
     return out
 
 
-def score_records(records: Iterable[dict[str, Any]], threshold: float, num_prompts: int,
-                  images_per_prompt: int) -> dict[str, float]:
-    """MG scores and counts of one prompt set from detection rows.
-
-    Args:
-        records: rows with ``prompt_id``, ``image_index``, ``objects``, ``label_max_scores``, ``status``.
-        threshold: strict score threshold (0.1 in the original).
-        num_prompts, images_per_prompt: the expected (P, J) grid; keys outside it are an error.
-    Returns:
-        ``mg1..mg5``, ``mg1_std..mg5_std``, ``images_expected``, ``images_scored``, ``images_failed``,
-        ``images_missing``.
-    """
+def found_grid(records: Iterable[dict[str, Any]], threshold: float, num_prompts: int,
+               images_per_prompt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(found, valid, seen), each (P, J): objects found per image, images scored (status ok), images with a
+    detection row; a row outside the (P, J) grid is an error (detections of other sampling params)."""
     shape = (num_prompts, images_per_prompt)
     found = np.zeros(shape, dtype=np.int64)
     valid = np.zeros(shape, dtype=bool)
@@ -69,6 +61,36 @@ def score_records(records: Iterable[dict[str, Any]], threshold: float, num_promp
         if rec["status"] == STATUS_OK:
             found[p, j] = objects_found(rec["objects"], rec["label_max_scores"], threshold)
             valid[p, j] = True
+    return found, valid, seen
+
+
+def found_table(prompt_set: str, found: np.ndarray, valid: np.ndarray) -> pd.DataFrame:
+    """One row per image of a (P, J) grid: ``prompt_set``, ``prompt_id``, ``image_index``, ``found`` (objects
+    found) and ``scored`` (1 when the image was scored, else 0 and ``found`` 0): the units of the paired
+    bootstrap (:mod:`pipeline.compare`)."""
+    prompts, images = np.indices(found.shape)
+    return pd.DataFrame({"prompt_set": prompt_set, "prompt_id": prompts.ravel(), "image_index": images.ravel(),
+                         "found": np.where(valid, found, 0).ravel(), "scored": valid.ravel().astype(np.int64)})
+
+
+def score_records(records: Iterable[dict[str, Any]], threshold: float, num_prompts: int,
+                  images_per_prompt: int) -> dict[str, float]:
+    """MG scores and counts of one prompt set from detection rows.
+
+    Args:
+        records: rows with ``prompt_id``, ``image_index``, ``objects``, ``label_max_scores``, ``status``.
+        threshold: strict score threshold (0.1 in the original).
+        num_prompts, images_per_prompt: the expected (P, J) grid; keys outside it are an error.
+    Returns:
+        ``mg1..mg5``, ``mg1_std..mg5_std``, ``images_expected``, ``images_scored``, ``images_failed``,
+        ``images_missing``.
+    """
+    return grid_scores(*found_grid(records, threshold, num_prompts, images_per_prompt))
+
+
+def grid_scores(found: np.ndarray, valid: np.ndarray, seen: np.ndarray) -> dict[str, float]:
+    """:func:`mg_scores` of a (P, J) grid of :func:`found_grid` with the image counts ``images_expected``,
+    ``images_scored``, ``images_failed`` (a row that is not ok) and ``images_missing`` (no row)."""
     scores = mg_scores(found, valid)
     scores.update(images_expected=int(found.size), images_scored=int(valid.sum()),
                   images_failed=int((seen & ~valid).sum()), images_missing=int((~seen).sum()))

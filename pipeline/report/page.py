@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.report.blocks import Figure, Section, Text, missing
+from pipeline.report.comparisons import by_step_section, differences_section, summary_section
 from pipeline.report.sections import (categories_section, grounding_section, multigen_section, piebench_section,
                                       read_category_tables, training_section, visor_section)
 
@@ -51,16 +52,23 @@ def _figure_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(Path(path).parts[-2:]))
 
 
-def build_sections(root: str | Path, published: Mapping[str, Any], profile: str, decimals: int = 2) -> list[Section]:
-    """Every section of the page, read from the pipeline's outputs under ``root`` (the repository)."""
+def build_sections(root: str | Path, published: Mapping[str, Any], profile: str, decimals: int = 2,
+                   matches: Mapping[str, Sequence[str]] | None = None) -> list[Section]:
+    """Every section of the page, read from the pipeline's outputs under ``root`` (the repository);
+    ``matches``: this run's model -> the published MultiGen rows (method names) it reproduces."""
     root = Path(root)
+    compare = root / "metrics" / "compare.json"
+    compare = json.loads(compare.read_text()) if compare.is_file() else None
+    multigen = read_metrics(root / "metrics" / "multigen")
+    mg_published = ([{**row, "source": "TokenCompose README"} for row in published["multigen"]["rows"]]
+                    + [{**row, "source": "study Table 1"} for row in published["study"]["multigen"]["rows"]])
     train = root / "metrics" / "train.json"
-    edits = sorted((root / "plots").glob("edits_*.png"))
+    edits = sorted((root / "plots" / "edits").glob("*.png"))
     attention = sorted((root / "plots" / "attention").glob("*.png"), key=_prompt_then_model)
     samples = sorted((root / "plots" / "samples").glob("*.png"))
     return [
-        multigen_section(read_metrics(root / "metrics" / "multigen"), published["multigen"], profile, decimals,
-                         published["study"]),
+        summary_section(compare, multigen, mg_published, matches or {}, decimals),
+        multigen_section(multigen, published["multigen"], profile, decimals, published["study"]),
         figures_section("Generated images side by side", samples,
                         "One image (sample_grid.image_index) of each of the first prompts of each MultiGen set and "
                         "of the SR2D spatial prompts, one row per model: every row starts from the same noise, so "
@@ -73,11 +81,13 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
                       decimals),
         piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals,
                          published["study"]),
+        differences_section(compare, decimals),
         figures_section("Edit panels", edits, "Blended Latent Diffusion edits per backbone "
-                        "(plots/edits_<backbone>.png: source, mask, edit).",
-                        missing("Edit panels", "plots/edits_<backbone>.png", "piebench")),
+                        "(plots/edits/<backbone>.png: source, mask, edit).",
+                        missing("Edit panels", "plots/edits/<backbone>.png", "piebench")),
         training_section(json.loads(train.read_text()) if train.is_file() else None,
                          root / "plots" / "train_curves.csv"),
+        by_step_section(root / "plots" / "by_step.csv"),
         figures_section("Cross-attention maps", attention,
                         "Per-token cross-attention (averaged over heads and the layers of each resolution group, "
                         "upsampled to the image) at chosen denoising steps, base and trained model with the same "

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_INFO_FILE = "run.json"  # in each key folder: the run's settings summary and times
+TRAINING_RUN_FILE = "training_run.json"  # beside the final UNet: the fingerprint and steps of the run that made it
 
 
 def run_dir(root: Path, fingerprint: str) -> Path:

@@ -34,7 +34,8 @@ from pipeline.config import ConfigError
 from pipeline.models import compile_unet
 from pipeline.seeding import torch_generator
 from pipeline.store.identity import code_digest, fingerprint_of
-from pipeline.training.checkpoints import find_resume, load_checkpoint, record_run, run_dir, save_checkpoint
+from pipeline.training.checkpoints import (TRAINING_RUN_FILE, find_resume, load_checkpoint, record_run, run_dir,
+                                           save_checkpoint)
 from pipeline.training.data import GroundedImageDataset, StreamBatchSampler, collate
 from pipeline.training.records import TrainRecord, data_fingerprint
 from pipeline.training.settings import TrainRun, TrainScale
@@ -42,7 +43,6 @@ from pipeline.training.step import (LatentCache, StepLosses, check_finite, compu
                                     needs_capture)
 
 log = logging.getLogger(__name__)
-TRAINING_RUN_FILE = "training_run.json"  # beside the trained UNet: the run's fingerprint and steps
 CHECKPOINTS_DIR = "checkpoints"  # under out_dir: one folder per run key
 
 

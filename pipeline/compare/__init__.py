@@ -1,0 +1,1 @@
+"""Comparisons of models with honest error margins: paired bootstrap intervals of metric differences."""

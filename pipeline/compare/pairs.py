@@ -1,0 +1,119 @@
+"""Every pair of models compared on the same units, with paired-bootstrap intervals (:mod:`.bootstrap`).
+
+MultiGen: the units are the prompts of a set (each with its ``J`` seeded images, the same seeds for every
+model); ``MG_k`` of a model on a resample is ``100 x images with >= k objects found / images scored``, so the
+full-sample value is the MG_k of the score stage. PIE-Bench: the units are the images; a metric is the mean
+of the model's finite values times the table scale, as in the PIE-Bench table. One resampling draw per unit
+set serves every model and pair (common random numbers), from ``compare.seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.compare.bootstrap import Interval, percentile_interval, ratio, replicate_ratios, resample_weights
+from pipeline.config import InputDataError
+from pipeline.names import MG_LEVELS
+
+
+@dataclass(frozen=True)
+class CompareCfg:
+    """Params section ``compare`` (stage compare -> metrics/compare.json)."""
+
+    reps: int = 2000          # bootstrap replicates
+    level: float = 0.95       # interval coverage
+    seed: int = 0             # seed of the resampling draws
+
+
+Units = dict[str, tuple[np.ndarray, np.ndarray]]  # model -> ((n,) num, (n,) den) on shared units
+
+
+def multigen_units(tables: Mapping[str, pd.DataFrame], prompt_set: str, level: int) -> Units:
+    """Per-prompt ``(num, den)`` of ``MG_level`` for each model: ``num`` = 100 x scored images of the prompt
+    with at least ``level`` objects found, ``den`` = scored images of the prompt.
+
+    Args:
+        tables: model -> its ``artifacts/multigen_images/<model>.csv`` (``prompt_set``, ``prompt_id``,
+            ``image_index``, ``found``, ``scored``).
+    Raises:
+        InputDataError: when models were scored on different (prompt, image) grids (other sampling params).
+    """
+    units, grid = {}, None
+    for model, table in tables.items():
+        rows = table[table["prompt_set"] == prompt_set].sort_values(["prompt_id", "image_index"])
+        keys = rows[["prompt_id", "image_index"]].to_numpy()
+        if grid is None:
+            grid, first = keys, model
+        elif not np.array_equal(keys, grid):
+            raise InputDataError(f"{model} and {first} were scored on different {prompt_set} prompts or images "
+                                 f"(other sampling params); rerun `dvc repro` so every model has the same grid")
+        hit = 100.0 * ((rows["found"] >= level) & (rows["scored"] == 1))
+        by_prompt = pd.DataFrame({"prompt": rows["prompt_id"], "hit": hit, "scored": rows["scored"]})
+        sums = by_prompt.groupby("prompt", sort=True).sum()
+        units[model] = (sums["hit"].to_numpy(np.float64), sums["scored"].to_numpy(np.float64))
+    return units
+
+
+def piebench_units(tables: Mapping[str, pd.DataFrame], metric: str, factor: float) -> Units:
+    """Per-image ``(num, den)`` of one PIE-Bench metric for each model: the value x ``factor`` and 1 where the
+    image was scored (``status`` ok) with a finite value, else 0 and 0.
+
+    Args:
+        tables: backbone -> its ``plots/piebench/<backbone>.csv`` (``image_id``, ``status``, raw metrics).
+    Raises:
+        InputDataError: when the backbones' tables list different images.
+    """
+    units, ids = {}, None
+    for model, table in tables.items():
+        rows = table.sort_values("image_id")
+        if ids is None:
+            ids, first = rows["image_id"].astype(str).to_numpy(), model
+        elif not np.array_equal(rows["image_id"].astype(str).to_numpy(), ids):
+            raise InputDataError(f"plots/piebench/{model}.csv and plots/piebench/{first}.csv list different images; "
+                                 f"rerun `dvc repro` so both edit the same PIE-Bench copy")
+        values = rows[metric].astype(float).to_numpy()
+        scored = (rows["status"].to_numpy() == "ok") & np.isfinite(values)
+        units[model] = (np.where(scored, values * factor, 0.0), scored.astype(np.float64))
+    return units
+
+
+def compare_units(units: Units, order: Sequence[str], cfg: CompareCfg) -> dict[str, dict[str, Any]]:
+    """``{"<a>-<b>": interval fields}`` for every pair of ``order`` with ``a`` after ``b``: the difference
+    ``score(a) - score(b)`` and its interval (:class:`Interval` as a dict with ``significant``), plus
+    ``{"<model>": {"value": ...}}`` for each model's own full-sample score."""
+    n = len(next(iter(units.values()))[0]) if units else 0
+    weights = resample_weights(n, cfg.reps, cfg.seed) if n else np.zeros((0, 0))
+    values = {m: ratio(*units[m]) for m in order}
+    reps = {m: replicate_ratios(weights, *units[m]) if n else np.zeros(0) for m in order}
+    out: dict[str, dict[str, Any]] = {m: {"value": values[m]} for m in order}
+    for i, b in enumerate(order):
+        for a in order[i + 1:]:
+            interval = percentile_interval(values[a] - values[b], reps[a] - reps[b], cfg.level, n)
+            out[f"{a}-{b}"] = interval_fields(interval)
+    return out
+
+
+def interval_fields(interval: Interval) -> dict[str, Any]:
+    """An interval as JSON metrics: ``diff``, ``low``, ``high``, ``significant`` (and ``units``)."""
+    fields = asdict(interval)
+    fields.pop("level")
+    return {**fields, "significant": interval.significant}
+
+
+def compare_multigen(tables: Mapping[str, pd.DataFrame], order: Sequence[str], prompt_sets: Sequence[str],
+                     cfg: CompareCfg) -> dict[str, Any]:
+    """``{set: {"mg<k>": compare_units(...)}}`` for every prompt set and MG level."""
+    return {name: {f"mg{k}": compare_units(multigen_units(tables, name, k), order, cfg) for k in MG_LEVELS}
+            for name in prompt_sets}
+
+
+def compare_piebench(tables: Mapping[str, pd.DataFrame], order: Sequence[str], keys: Mapping[str, tuple[str, float]],
+                     cfg: CompareCfg) -> dict[str, Any]:
+    """``{table name: compare_units(...)}`` for every PIE-Bench metric (``keys``: raw metric -> (table name,
+    table scale), :data:`pipeline.names.PIEBENCH_KEYS`)."""
+    return {name: compare_units(piebench_units(tables, metric, factor), order, cfg)
+            for metric, (name, factor) in keys.items()}

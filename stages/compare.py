@@ -1,0 +1,71 @@
+"""Stage `compare`: every pair of models, the difference of each score with a paired-bootstrap interval.
+
+Deps: artifacts/multigen_images/<model>.csv (stages score@, score_step@: objects found per image) and
+plots/piebench/<backbone>.csv (stages piebench@, piebench_step@: metrics per image). Models: the keys of
+eval_models then step_<N> for checkpoint_steps (MultiGen), the keys of edit_backbones then the steps
+(PIE-Bench). Outs: metrics/compare.json: ``multigen.<set>.mg<k>.<a>-<b>`` and ``piebench.<metric>.<a>-<b>``
+with ``diff`` (a minus b), ``low``, ``high`` (the compare.level interval) and ``significant`` (the interval
+excludes 0), and ``...<model>.value``, so `dvc metrics diff` shows every comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.compare.pairs import CompareCfg, compare_multigen, compare_piebench
+from pipeline.config import InputDataError, load_params, section
+from pipeline.eval_models import step_key
+from pipeline.names import PIEBENCH_KEYS
+from pipeline.runtime import run_stage, stage_argument, write_json
+
+log = logging.getLogger("stages.compare")
+IMAGES, PIEBENCH = Path("artifacts/multigen_images"), Path("plots/piebench")
+
+
+def read_tables(folder: Path, models: list[str], stage: str) -> dict[str, pd.DataFrame]:
+    """``{model: folder/<model>.csv}``; a missing table names the stage that writes it."""
+    tables = {}
+    for model in models:
+        path = folder / f"{model}.csv"
+        if not path.is_file():
+            family = f"{stage}_step" if model.startswith("step_") else stage
+            raise InputDataError(f"{path} is missing; run `dvc repro {family}@{model.removeprefix('step_')}`")
+        tables[model] = pd.read_csv(path, keep_default_na=True)
+    return tables
+
+
+def significant_pairs(results: dict[str, Any]) -> tuple[int, int]:
+    """(significant, all) pair comparisons in a nested result of :mod:`pipeline.compare.pairs`."""
+    hits = total = 0
+    for value in results.values():
+        if isinstance(value, dict) and "significant" in value:
+            hits, total = hits + bool(value["significant"]), total + 1
+        elif isinstance(value, dict):
+            sub = significant_pairs(value)
+            hits, total = hits + sub[0], total + sub[1]
+    return hits, total
+
+
+def main() -> None:
+    params = load_params()
+    cfg = section(params, "compare", CompareCfg)
+    steps = [step_key(s) for s in params.get("checkpoint_steps") or []]
+    mg_models, edit_models = list(params["eval_models"]) + steps, list(params["edit_backbones"]) + steps
+    multigen = compare_multigen(read_tables(IMAGES, mg_models, "score"), mg_models,
+                                params["multigen"]["prompt_sets"], cfg)
+    piebench = compare_piebench(read_tables(PIEBENCH, edit_models, "piebench"), edit_models, PIEBENCH_KEYS, cfg)
+    write_json("metrics/compare.json", {"level": cfg.level, "reps": cfg.reps, "seed": cfg.seed,
+                                        "multigen": multigen, "piebench": piebench})
+    for name, result in (("MultiGen", multigen), ("PIE-Bench", piebench)):
+        hits, total = significant_pairs(result)
+        log.info("%s: %d of %d pairwise differences are beyond the noise (their %.0f%% interval excludes 0)",
+                 name, hits, total, 100 * cfg.level)
+
+
+if __name__ == "__main__":
+    stage_argument(__doc__)
+    run_stage(main)
