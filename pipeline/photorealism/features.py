@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
@@ -54,7 +55,7 @@ def check_images(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-class FeatureExtractor:
+class FeatureExtractor(ABC):
     """Maps uint8 RGB images (N, H, W, 3) to float64 features (N, ``dim``), ``batch_size`` images at a time.
 
     Subclasses set ``name`` and ``dim`` and implement :meth:`_forward` on a uint8 (B, 3, H, W) tensor.
@@ -69,9 +70,9 @@ class FeatureExtractor:
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
 
+    @abstractmethod
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, dim) features of a uint8 (B, 3, H, W) batch on ``self.device``."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
