@@ -33,9 +33,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.config import Bounds, ConfigError, NonNegativeInt
+from pipeline.clip_ref import check_clip_ref
+from pipeline.clip_score import ClipSimilarity
+from pipeline.config import Bounds, NonNegativeInt
 from pipeline.datasets.piebench_files import PieBenchEntry, load_example, strip_brackets
-from pipeline.models import ModelLoadError, from_pretrained, parse_ref, resolve
+from pipeline.models import ModelLoadError, from_pretrained
 from pipeline.names import PIEBENCH_KEYS as TABLE
 from pipeline.seeding import derive_seed
 from pipeline.store.codecs import image_from_bytes
@@ -51,10 +53,6 @@ BACKGROUND_METRICS = ("psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SSIM_ARGS = dict(gaussian_weights=True, sigma=1.5, win_size=11, K1=0.01, K2=0.03, data_range=1.0,
                  use_sample_covariance=False, channel_axis=-1)
-
-
-CLIP_REF_FORMS = ("clip_model {ref!r}: expected ARCH:TAG (e.g. ViT-L-14:openai), hf-hub:ORG/REPO, embedded:NAME "
-                  "or an existing open_clip folder")
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,7 @@ class PieBenchScale:
     panels: NonNegativeInt = 4  # images shown in plots/edits_<backbone>.png
 
     def __post_init__(self) -> None:
-        if ":" not in self.clip_model and not Path(self.clip_model).is_dir():  # every other form has a colon
-            raise ValueError(CLIP_REF_FORMS.format(ref=self.clip_model))
+        check_clip_ref(self.clip_model)
 
 
 # --- pixel metrics ---------------------------------------------------------------------------------
@@ -212,70 +209,6 @@ class Lpips:
             return torch.from_numpy(np.asarray(x, np.float32) * 2 - 1).permute(2, 0, 1)[None].to(self.device)
 
         return float(self.net(tensor(a), tensor(b)).flatten()[0])
-
-
-def open_clip_name(ref: str, models_dir: str | Path) -> tuple[str, str | None]:
-    """(model name, pretrained tag) for ``open_clip.create_model_and_transforms``.
-
-    ``embedded:NAME`` and local folders → ``local-dir:PATH``; ``hf-hub:ORG/REPO`` as is;
-    ``ARCH:TAG`` (``ViT-L-14:openai``) → (ARCH, TAG).
-    """
-    if ref.startswith("embedded:"):
-        parse_ref(ref)
-        return f"local-dir:{resolve(ref, models_dir)}", None
-    if ref.startswith(("hf-hub:", "local-dir:")):
-        return ref, None
-    if Path(ref).is_dir():
-        return f"local-dir:{ref}", None
-    if ":" in ref:
-        arch, tag = ref.rsplit(":", 1)
-        return arch, tag
-    raise ConfigError(CLIP_REF_FORMS.format(ref=ref))
-
-
-def trained_with_quick_gelu(name: str, tag: str | None) -> bool:
-    """Whether open_clip's pretrained tag was trained with QuickGELU (``ViT-L-14:openai`` was).
-
-    open_clip's built-in ``ViT-L-14`` config uses plain GELU and only warns when ``openai`` weights are
-    loaded into it; without forcing QuickGELU the scorer would not be OpenAI's CLIP.
-    """
-    import open_clip
-
-    return bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
-
-
-class ClipSimilarity:
-    """CLIP score ``max(100 · cos(image, text), 0)`` with an open_clip model and its own preprocessing."""
-
-    def __init__(self, model, preprocess, tokenizer, device: str | torch.device = "cpu"):
-        self.model, self.preprocess, self.tokenizer = model.eval().to(device), preprocess, tokenizer
-        self.device = torch.device(device)
-
-    @classmethod
-    def load(cls, ref: str, models_dir: str | Path, device: str | torch.device = "cpu"):
-        """Load an open_clip model by reference (see :func:`open_clip_name`)."""
-        import open_clip
-
-        name, tag = open_clip_name(ref, models_dir)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, force_quick_gelu=trained_with_quick_gelu(name, tag))
-        except (OSError, RuntimeError, ValueError) as err:
-            raise ModelLoadError(f"could not load CLIP model {ref!r} ({name}, {tag}): {err}; download it once "
-                                 f"where there is network (HF_HOME cache) or give a local open_clip folder") from err
-        return cls(model, preprocess, open_clip.get_tokenizer(name), device)
-
-    @torch.no_grad()
-    def cosine(self, image: np.ndarray, text: str) -> float:
-        """Cosine similarity of the CLIP embeddings of an (H, W, 3) uint8 image and ``text``."""
-        pixels = self.preprocess(Image.fromarray(np.asarray(image, np.uint8)))[None].to(self.device)
-        img = self.model.encode_image(pixels).float()
-        txt = self.model.encode_text(self.tokenizer([text]).to(self.device)).float()
-        return float(torch.nn.functional.cosine_similarity(img, txt, dim=-1)[0])
-
-    def __call__(self, image: np.ndarray, text: str) -> float:
-        """CLIP score of an (H, W, 3) uint8 image against ``text``: ``max(100 · cos, 0)``."""
-        return max(100.0 * self.cosine(image, text), 0.0)
 
 
 class PieBenchScorer:

@@ -119,3 +119,17 @@ def test_checkpoint_steps_are_checked_against_the_profile_before_training(params
     assert check_checkpoint_steps({**paper, "checkpoint_steps": [8000, 16000]}) == [8000, 16000]
     with pytest.raises(ConfigError, match=r"\[25, 0\]"):
         check_checkpoint_steps({**params, "checkpoint_steps": [10, 25, 0]})
+
+
+def test_by_step_rows_carry_fid_and_clip_score_per_reference_set(tmp_path):
+    """A model with metrics/fid/<model>.json gets fid_<set> and clip_score_<set>; one without gets empty cells."""
+    import json
+
+    from pipeline.compare.by_step import by_step_table
+
+    (tmp_path / "fid").mkdir()
+    (tmp_path / "fid" / "trained.json").write_text(json.dumps(
+        {"coco": {"fid": 20.5, "clip_score": 31.0}, "flickr30k": {"fid": 70.0, "clip_score": 30.0}}))
+    table = by_step_table(tmp_path, [(0, "sd14"), (30, "trained")], ["coco"], ["coco", "flickr30k"])
+    assert table.loc[1, ["fid_coco", "fid_flickr30k", "clip_score_coco"]].tolist() == [20.5, 70.0, 31.0]
+    assert table.loc[0, ["fid_coco", "clip_score_flickr30k"]].isna().all()

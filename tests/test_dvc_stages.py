@@ -154,6 +154,10 @@ def _rerun(module: str) -> list[str]:
     ("pipeline/training/losses.py", ("train",), ("sample@", "masks", "edit@", "attention_maps", "grounding_eval@")),
     ("pipeline/multigen/detection.py", ("detect@", "visor@"), ("sample@", "score@")),
     ("pipeline/report/sections.py", ("report",), ()),
+    ("pipeline/photorealism/scoring.py", ("fid@",), ("fid_sample@", "fid_reference", "sample@", "latency@")),
+    ("pipeline/photorealism/latency.py", ("latency@",), ("fid@", "sample@")),
+    ("pipeline/photorealism/references.py", ("fid_data",), ("fid_reference", "fid_sample@", "fid@")),
+    ("pipeline/clip_score.py", ("piebench@", "fid@"), ("edit@", "sample@", "fid_sample@")),
 ])
 def test_an_edit_reruns_only_the_stages_that_run_the_module(module, only, never):
     """The edits the layout is built for: each module's rerun set holds only its own family's instances."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import clip_score
 from pipeline import piebench as pb
 from pipeline.datasets.demo_piebench import write_demo_piebench
 from pipeline.datasets.piebench_files import decode_mask, load_example, read_mapping
@@ -252,12 +253,12 @@ def test_jpeg_roundtrip_and_resize():
 
 def test_open_clip_references(tmp_path, models_dir, embedded):
     embedded("tiny-openclip")
-    assert pb.open_clip_name("ViT-L-14:openai", models_dir) == ("ViT-L-14", "openai")
-    assert pb.open_clip_name("hf-hub:org/repo", models_dir) == ("hf-hub:org/repo", None)
-    assert pb.open_clip_name("embedded:tiny-openclip", models_dir)[0] == f"local-dir:{models_dir / 'tiny-openclip'}"
-    assert pb.open_clip_name(str(tmp_path), models_dir) == (f"local-dir:{tmp_path}", None)
+    assert clip_score.open_clip_name("ViT-L-14:openai", models_dir) == ("ViT-L-14", "openai")
+    assert clip_score.open_clip_name("hf-hub:org/repo", models_dir) == ("hf-hub:org/repo", None)
+    assert clip_score.open_clip_name("embedded:tiny-openclip", models_dir)[0] == f"local-dir:{models_dir / 'tiny-openclip'}"
+    assert clip_score.open_clip_name(str(tmp_path), models_dir) == (f"local-dir:{tmp_path}", None)
     with pytest.raises(ValueError, match="ARCH:TAG"):
-        pb.open_clip_name("ViT-L-14", models_dir)
+        clip_score.open_clip_name("ViT-L-14", models_dir)
 
 
 @pytest.mark.parametrize("ref, quick_gelu", [("ViT-B-32:openai", True), ("ViT-B-32:laion2b_s34b_b79k", False)])
@@ -272,7 +273,7 @@ def test_clip_activation_is_the_one_the_weights_were_trained_with(monkeypatch, t
         return real(name, pretrained=None, **kwargs)
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", without_download)
-    model = pb.ClipSimilarity.load(ref, tmp_path).model
+    model = clip_score.ClipSimilarity.load(ref, tmp_path).model
     activations = {type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__}
     assert activations == ({"QuickGELU"} if quick_gelu else {"GELU"})
 

@@ -1,5 +1,7 @@
 """Scores against training step: the base model (step 0), each exported checkpoint ``step_<N>`` and the final
-``trained`` UNet, one row each, from the evaluation stages' metrics (stage ``by_step`` -> plots/by_step.csv)."""
+``trained`` UNet, one row each, from the evaluation stages' metrics (stage ``by_step`` -> plots/by_step.csv):
+MultiGen, attention grounding, PIE-Bench, and FID with CLIP score, so that a change in grounding can be read
+beside what it costs in image quality."""
 
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ def step_models(base: str | None, steps: Sequence[int], final_step: int | None) 
     return rows
 
 
-def step_row(metrics_dir: Path, step: int, model: str, prompt_sets: Sequence[str]) -> dict[str, Any]:
-    """One row: MG1–MG5 with std per prompt set, the mean grounding share, and the PIE-Bench table values
-    (empty where a model was not evaluated by that family)."""
+def step_row(metrics_dir: Path, step: int, model: str, prompt_sets: Sequence[str],
+             fid_sets: Sequence[str] = ()) -> dict[str, Any]:
+    """One row: MG1–MG5 with std per prompt set, the mean grounding share, the PIE-Bench table values, and
+    FID and CLIP score per FID reference set (empty where a model was not evaluated by that family)."""
     row: dict[str, Any] = {"step": step, "model": model}
     multigen = read_json(metrics_dir / "multigen" / f"{model}.json")
     for name in prompt_sets:
@@ -42,12 +45,17 @@ def step_row(metrics_dir: Path, step: int, model: str, prompt_sets: Sequence[str
     row["grounding_share_mean"] = read_json(metrics_dir / "grounding" / f"{model}.json").get("share_mean")
     piebench = read_json(metrics_dir / "piebench" / f"{model}.json")
     row.update({name: piebench.get(name) for name, _ in PIEBENCH_KEYS.values()})
+    fid = read_json(metrics_dir / "fid" / f"{model}.json")
+    for name in fid_sets:
+        row[f"fid_{name}"] = fid.get(name, {}).get("fid")
+        row[f"clip_score_{name}"] = fid.get(name, {}).get("clip_score")
     return row
 
 
-def by_step_table(metrics_dir: Path, models: Sequence[tuple[int, str]], prompt_sets: Sequence[str]) -> pd.DataFrame:
+def by_step_table(metrics_dir: Path, models: Sequence[tuple[int, str]], prompt_sets: Sequence[str],
+                  fid_sets: Sequence[str] = ()) -> pd.DataFrame:
     """The rows of :func:`step_row` for each (step, model) of :func:`step_models`."""
-    return pd.DataFrame([step_row(Path(metrics_dir), s, m, prompt_sets) for s, m in models])
+    return pd.DataFrame([step_row(Path(metrics_dir), s, m, prompt_sets, fid_sets) for s, m in models])
 
 
 def base_model(eval_models: Mapping[str, Any], refs: Mapping[str, Any], sd_model: str) -> str | None:

@@ -252,3 +252,28 @@ class TinyFeatureExtractor(FeatureExtractor):
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                           antialias=True)
         return self.net(x * 2.0 - 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- by params
+
+
+def open_extractor(kind: str, folder: str | Path, inception_weights: str | None = None, seed: int = 0,
+                   build: bool = False, batch_size: int = 32, device: str | torch.device = "cpu"
+                   ) -> tuple[FeatureExtractor, dict[str, object]]:
+    """The extractor ``profiles.<p>.fid.extractor`` names, and its identity (name, dim, weights SHA-256).
+
+    ``embedded``: the tiny CNN in ``folder`` (written there first with ``seed`` when ``build``);
+    ``inception``: torch-fidelity's Inception-v3 from ``inception_weights`` (None: the default location).
+    Reference and generated statistics are comparable only when both identities are equal.
+    """
+    if kind == "embedded":
+        if build:
+            build_tiny_extractor(folder, seed)
+        extractor: FeatureExtractor = TinyFeatureExtractor.load(folder, batch_size, device)
+        weights = Path(folder) / TINY_WEIGHTS_FILE
+    elif kind == "inception":
+        extractor = InceptionFeatureExtractor(inception_weights, batch_size=batch_size, device=device)
+        weights = extractor.weights_path
+    else:
+        raise ValueError(f"fid.extractor: {kind!r} is not 'embedded' or 'inception'")
+    return extractor, {"name": extractor.name, "dim": extractor.dim, "weights_sha256": sha256_of_file(weights)}

@@ -216,10 +216,15 @@ def by_step_section(csv: Path) -> Section:
     for column in ("psnr_unedit_part", "clip_whole", "clip_edited", "structure_distance_x1e3"):
         if column in table and table[column].notna().any():
             panels[f"PIE-Bench {column}"] = {column: (steps, table[column].to_numpy(float), nan)}
+    fids = {c[len("fid_"):]: (steps, table[c].to_numpy(float), nan) for c in table.columns
+            if c.startswith("fid_") and table[c].notna().any()}
+    if fids:
+        panels["FID (lower: more realistic)"] = fids
     section.blocks.append(Figure("Scores against training step", lines_with_errors(panels, "training step"),
                                  "by_step.png"))
-    shown = ["step", "model"] + [c for c in table.columns if c.endswith(("mg2", "mg5")) or c == "grounding_share_mean"]
-    section.blocks.append(Table("Scores against training step (MG2, MG5 and the grounding share)", shown,
+    shown = ["step", "model"] + [c for c in table.columns if c.endswith(("mg2", "mg5")) or c == "grounding_share_mean"
+                                 or c.startswith("fid_")]
+    section.blocks.append(Table("Scores against training step (MG2, MG5, the grounding share and FID)", shown,
                                 [[fmt(v, decimals=3) if isinstance(v, float) else str(v) for v in row]
                                  for row in table[shown].itertuples(index=False)], name="by_step"))
     return section

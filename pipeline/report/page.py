@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.report.blocks import Figure, Section, Text, missing
 from pipeline.report.comparisons import by_step_section, differences_section, summary_section
+from pipeline.report.photorealism import photorealism_section
 from pipeline.report.sections import (categories_section, grounding_section, multigen_section, piebench_section,
                                       read_category_tables, training_section, visor_section)
 
@@ -79,6 +80,8 @@ def build_sections(root: str | Path, published: Mapping[str, Any], profile: str,
         categories_section(read_category_tables(root / "plots" / "multigen_categories")),
         visor_section(read_metrics(root / "metrics" / "visor"), published["visor"], published["multigen"], profile,
                       decimals),
+        photorealism_section(read_metrics(root / "metrics" / "fid"), read_metrics(root / "metrics" / "latency"),
+                             multigen, published["multigen"], profile, decimals),
         piebench_section(read_metrics(root / "metrics" / "piebench"), published["piebench"], profile, decimals,
                          published["study"]),
         differences_section(compare, decimals),

@@ -1,4 +1,4 @@
-"""The published numbers (``data/published.yaml``): loading, citing them, and the columns only they have."""
+"""The published numbers (``data/published.yaml``): loading them and citing them."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.config import InputDataError, MissingInputError
-from pipeline.report.blocks import Table, Text, fmt
+from pipeline.report.blocks import Text
 
-PUBLISHED_ONLY = (("fid_coco", "FID (COCO) ↓"), ("fid_flickr30k", "FID (Flickr30K) ↓"),
-                  ("latency_s", "Latency, s ↓"))
 STUDY_TABLES = ("multigen", "piebench")  # the parts of ``study``: its Table 1 and Table 2
 
 
@@ -65,13 +63,3 @@ def study_blocks(study: Mapping[str, Any], part: str) -> list[Text]:
     source = study["source"]
     return [Text(study[part]["note"]), Text(study[part]["caveat"], kind="note"),
             Text(f"Study rows: {source['name']}; copied from {source['copied_from']}.")]
-
-
-def published_only_table(published: Mapping[str, Any], decimals: int = 2) -> Table:
-    """The TokenCompose README's photorealism and efficiency columns, which this pipeline does not compute."""
-    rows = [[r["method"], *[fmt(r.get(key), r.get(f"{key}_std"), decimals) for key, _ in PUBLISHED_ONLY]]
-            for r in published["rows"]]
-    caption = ("Photorealism and efficiency, published only: this pipeline computes neither FID (it needs the "
-               "COCO and Flickr30K reference images and an Inception network) nor a latency comparable with the "
-               "original's GPU; — where the README prints none")
-    return Table(caption, ["Method", *[h for _, h in PUBLISHED_ONLY]], rows, name="multigen_published_only")

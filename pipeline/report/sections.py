@@ -18,8 +18,7 @@ from pipeline.datasets.piebench_files import EDITING_TYPES
 from pipeline.figures import curves_figure, grouped_bars
 from pipeline.names import GROUP_ORDER, MG_LEVELS, PIEBENCH_KEYS
 from pipeline.report.blocks import Figure, Section, Table, Text, fmt, missing, provenance_table
-from pipeline.report.published import (citation, published_only_table, source_label, study_blocks,
-                                       study_label)
+from pipeline.report.published import citation, source_label, study_blocks, study_label
 
 REPORTED_MG_LEVELS = (2, 3, 4, 5)  # the levels the TokenCompose README and the study report
 MG_SETS = {"coco": "COCO", "ade20k": "ADE20K"}
@@ -58,7 +57,6 @@ def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
         rows += [[row["method"], source, *_mg_cells(row, key, decimals)] for row, source, _ in reference]
         section.blocks.append(Table(f"MultiGen {label}: mean(std) over image index, %", columns, rows,
                                     name=f"multigen_{key}"))
-    section.blocks.append(published_only_table(published, decimals))
     if metrics:
         section.blocks.append(Figure("MultiGen MG2–MG5 per model, mean over image index with its std as error "
                                      "bars; published rows hatched",
