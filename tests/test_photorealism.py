@@ -317,3 +317,61 @@ def test_demo_reference_images_are_drawn_deterministically():
     assert first.captions == again.captions and len(first.captions) == 3
     assert image_row(first.images[0], 0)["image"] == image_row(again.images[0], 0)["image"]
     assert image_row(first.images[0], 0)["image"] != png_bytes(np.zeros((4, 4, 3), np.uint8))
+
+
+def _fid_data_project(root: Path, references: dict) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["demo"]["fid"].update(references=references, shard_size=2)
+    params["fid"]["max_failed_rate"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _run_fid_data(root: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(root)
+    monkeypatch.setattr("sys.argv", ["fid_data"])
+    runpy.run_path(str(REPO / "stages" / "fid_data.py"), run_name="__main__")
+    return json.loads((root / "metrics" / "fid_data.json").read_text())
+
+
+def test_fid_data_stage_fetches_coco_checks_digests_and_repairs_damaged_shards(coco_files, tmp_path, monkeypatch):
+    """COCO-format source through the stage: 4 drawn captions, all 3 images stored as served with their
+    SHA-256, the caption file's digest in the metrics; a damaged shard is fetched again; a failed download is
+    retried, and an image of its shard that changed at its source meanwhile stops the run instead of mixing
+    two versions of the set."""
+    import hashlib
+
+    captions, _, images = coco_files
+    project = tmp_path / "project"
+    project.mkdir()
+    _fid_data_project(project, {"coco": {"source": "coco", "captions": str(captions),
+                                         "image_base_url": images.as_uri(), "num_captions": 4}})
+    metrics = _run_fid_data(project, monkeypatch)
+    assert metrics["coco"] == {"source": "coco", "source_sha256": hashlib.sha256(captions.read_bytes()).hexdigest(),
+                               "captions": 4, "real_images": 3, "failed": {}}
+    out = project / "artifacts/data/fid/images/coco"
+    rows = read_shards(out)
+    assert rows["image_sha256"].tolist() == [hashlib.sha256((images / f"{i}.jpg").read_bytes()).hexdigest()
+                                             for i in rows["image_id"]]
+    shard = sorted(out.glob("part-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # damaged after it was written
+    _run_fid_data(project, monkeypatch)  # same source: fetched again, same bytes
+    assert read_shards(out)["image_sha256"].tolist() == rows["image_sha256"].tolist()
+    second = images / "000000000285.jpg"
+    kept = second.read_bytes()
+    second.unlink()
+    shard.unlink()
+    assert _run_fid_data(project, monkeypatch)["coco"]["failed"] == {"download_failed": 1}
+    second.write_bytes(kept)
+    (images / "000000000139.jpg").write_bytes(_jpeg((1, 2, 3), (30, 30)))  # changed at the source meanwhile
+    with pytest.raises(InputDataError, match="000000000139.*changed at its source.*references.coco"):
+        _run_fid_data(project, monkeypatch)  # the failed download's shard is redone: 139 is fetched again
+
+
+def test_fid_data_stops_when_the_first_downloads_all_fail(tmp_path, monkeypatch):
+    from pipeline.fetch import FetchError
+    from pipeline.photorealism.references import ImageJob, image_rows
+
+    jobs = [ImageJob(f"{i:012d}", (tmp_path / f"missing{i}.jpg").as_uri()) for i in range(16)]
+    (tmp_path / "out").mkdir()  # write_shards creates it before the first shard
+    with pytest.raises(FetchError, match="first 16 reference images all failed.*references.coco"):
+        image_rows(0, tmp_path / "out", "profiles.paper.fid.references.coco")(jobs)

@@ -17,6 +17,7 @@ distributed by request form) and ``demo`` (drawn scenes, offline). Captions are 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import InputDataError, MissingInputError
-from pipeline.datasets.coco_images import checked_image_bytes, image_url
+from pipeline.datasets.coco_images import checked_image_bytes, image_url, recorded_digests
 from pipeline.datasets.demo_images import render_image
 from pipeline.fetch import FetchError, fetch, read_pinned, sha256_bytes
 from pipeline.photorealism.settings import ReferenceSpec
@@ -58,6 +59,7 @@ class Reference:
     source: str
     captions: list[dict[str, str]]
     images: list[ImageJob]
+    source_sha256: str = ""  # of the captions file (COCO) or val.txt (Flickr30K), recorded in the metrics
 
 
 def clean_text(text: str) -> str:
@@ -106,8 +108,8 @@ def coco_captions_json(data: bytes, source: str) -> dict[str, Any]:
 
 def coco_reference(name: str, spec: ReferenceSpec, seed: int, param: str) -> Reference:
     """COCO val2017: ``num_captions`` captions drawn from all of them; every image of the file is a real image."""
-    doc = coco_captions_json(read_pinned(spec.captions, spec.captions_sha256, param=f"{param}.captions_sha256"),
-                             str(spec.captions))
+    data = read_pinned(spec.captions, spec.captions_sha256, param=f"{param}.captions_sha256")
+    doc = coco_captions_json(data, str(spec.captions))
     files = {int(im["id"]): str(im["file_name"]) for im in doc["images"]}
     annotations = sorted(doc["annotations"], key=lambda a: int(a["id"]))
     unknown = [a["id"] for a in annotations if int(a["image_id"]) not in files]
@@ -117,7 +119,7 @@ def coco_reference(name: str, spec: ReferenceSpec, seed: int, param: str) -> Ref
     captions = [{"caption_id": str(a["id"]), "image_id": Path(files[int(a["image_id"])]).stem,
                  "text": clean_text(a["caption"])} for a in annotations]
     jobs = [ImageJob(Path(f).stem, image_url(str(spec.image_base_url), f)) for _, f in sorted(files.items())]
-    return Reference(name, "coco", draw(captions, spec.num_captions, seed, "fid", name), jobs)
+    return Reference(name, "coco", draw(captions, spec.num_captions, seed, "fid", name), jobs, sha256_bytes(data))
 
 
 _ENTITY = re.compile(r"\[/EN#\d+(?:/[^\s\]]+)* ([^\]]*)\]")
@@ -153,7 +155,8 @@ def flickr30k_reference(name: str, spec: ReferenceSpec, seed: int, param: str) -
         captions.append({"caption_id": f"{image_id}_{pick}", "image_id": image_id,
                          "text": entity_sentence_text(lines[pick])})
     jobs = [ImageJob(i, str(root / "flickr30k-images" / f"{i}.jpg")) for i in ids]
-    return Reference(name, "flickr30k_entities", draw(captions, spec.num_captions, seed, "fid", name), jobs)
+    return Reference(name, "flickr30k_entities", draw(captions, spec.num_captions, seed, "fid", name), jobs,
+                     sha256_bytes((root / "val.txt").read_bytes()))
 
 
 def build_reference(name: str, spec: ReferenceSpec, seed: int, param: str) -> Reference:
@@ -193,6 +196,40 @@ def image_row(job: ImageJob, seed: int) -> dict[str, Any]:
     return row
 
 
-def image_rows(seed: int) -> Callable[[list[ImageJob]], list[dict[str, Any]]]:
-    """The shard ``process`` function: one row per job."""
-    return lambda jobs: [image_row(job, seed) for job in jobs]
+FIRST_IMAGES_CHECKED = 16  # when a run's first 16 images all fail to download, the source is unreachable
+
+
+def changed_upstream(row: dict[str, Any], recorded: dict[str, tuple[str, str]], out_dir: Path, job: ImageJob,
+                     param: str) -> str | None:
+    """Why ``row`` must not be stored: its bytes differ from the download an earlier shard recorded for the
+    image (the file changed at the source; storing it would mix two versions of the reference set)."""
+    earlier = recorded.get(row["image_id"])
+    if not earlier or not row["image_sha256"] or row["image_sha256"] == earlier[0]:
+        return None
+    return (f"reference image {row['image_id']}: {job.location} now has SHA-256 {row['image_sha256']}, but "
+            f"{out_dir / earlier[1]} recorded {earlier[0]}: the file changed at its source. To accept it, delete "
+            f"that shard and rerun; to keep the old one, point {param} at a copy of the earlier files")
+
+
+def image_rows(seed: int, out_dir: Path, param: str) -> Callable[[list[ImageJob]], list[dict[str, Any]]]:
+    """The shard ``process`` function: one row per job. Stops the run when a refetched image changed at its
+    source, and when the run's first :data:`FIRST_IMAGES_CHECKED` downloads all failed (no network, a wrong
+    URL) instead of trying thousands of images one by one."""
+    recorded = functools.cache(lambda: recorded_digests(out_dir))
+    first: list[dict[str, Any]] = []
+
+    def process(jobs: list[ImageJob]) -> list[dict[str, Any]]:
+        rows = []
+        for job in jobs:
+            rows.append(image_row(job, seed))
+            changed = changed_upstream(rows[-1], recorded(), out_dir, job, param)
+            if changed:
+                raise InputDataError(changed)
+            if len(first) < FIRST_IMAGES_CHECKED:
+                first.append(rows[-1])
+                if len(first) == FIRST_IMAGES_CHECKED and all(r["status"] == STATUS_DOWNLOAD_FAILED for r in first):
+                    raise FetchError(f"the first {FIRST_IMAGES_CHECKED} reference images all failed to download "
+                                     f"(last: {first[-1]['error']}); check the network or {param}", False)
+        return rows
+
+    return process
