@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from pipeline.compare.bootstrap import paired_interval, resample_weights
-from pipeline.compare.pairs import (CompareCfg, compare_multigen, compare_piebench, compare_units, multigen_units,
-                                    piebench_units)
+from pipeline.compare.pairs import (CompareCfg, clip_units, compare_clip, compare_multigen, compare_piebench,
+                                    compare_units, multigen_units, piebench_units)
 from pipeline.config import InputDataError
 from pipeline.multigen.scoring import found_table, mg_scores
 from pipeline.names import PIEBENCH_KEYS
@@ -130,8 +130,37 @@ def test_piebench_values_equal_the_table_means_of_summarize():
         summary = summarize(table)
         for metric, (name, _) in PIEBENCH_KEYS.items():
             assert result[name][model]["value"] == pytest.approx(summary[name], rel=1e-12)
-    with pytest.raises(InputDataError, match="list different images"):
+    with pytest.raises(InputDataError, match="b and a list different units"):
         piebench_units({"a": _pie_table(0, ids), "b": _pie_table(0, ids[:-1])}, "psnr_unedit_part", 1.0)
+
+
+def _clip_table(seed: int, captions: int, failed: int | None = None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for reference in ("coco", "flickr30k"):
+        scores = 20 + 10 * rng.random(captions)
+        if failed is not None:
+            scores[failed] = np.nan  # its image failed: not scored
+        rows.append(pd.DataFrame({"reference": reference, "prompt_id": np.arange(captions)[::-1],
+                                  "clip_score": scores[::-1]}))
+    return pd.concat(rows)
+
+
+def test_clip_score_values_equal_the_means_of_the_scored_captions():
+    """The full-sample CLIP score of each model is the mean over its scored captions (what metrics/fid holds);
+    the pair's difference is the difference of those means; other captions are refused."""
+    tables = {"sd14": _clip_table(0, 30), "trained": _clip_table(1, 30, failed=4)}
+    result = compare_clip(tables, ["sd14", "trained"], ["coco", "flickr30k"], CompareCfg(reps=300))
+    for reference in ("coco", "flickr30k"):
+        means = {m: t[t["reference"] == reference]["clip_score"].mean() for m, t in tables.items()}  # NaN skipped
+        assert result[reference]["sd14"]["value"] == pytest.approx(means["sd14"], rel=1e-12)
+        assert result[reference]["trained-sd14"]["diff"] == pytest.approx(means["trained"] - means["sd14"], rel=1e-9)
+        pair = result[reference]["trained-sd14"]
+        assert pair["low"] <= pair["diff"] <= pair["high"] and pair["units"] == 30
+    num, den = clip_units(tables, "coco")["trained"]
+    assert den.sum() == 29 and num[4] == 0.0
+    with pytest.raises(InputDataError, match="clip_score.*b and a list different units"):
+        clip_units({"a": _clip_table(0, 30), "b": _clip_table(0, 29)}, "coco")
 
 
 def test_compare_units_with_one_model_has_no_pairs():

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -223,6 +224,10 @@ def test_fid_stage_reads_the_reference_statistics_without_recomputing_them(fid_p
     assert metrics["coco"]["images"] == 6 and metrics["flickr30k"]["images"] == 5
     assert metrics["coco"]["real_images"] == 6 and np.isfinite(metrics["coco"]["fid"]) and metrics["coco"]["fid"] > 0
     assert 0 <= metrics["coco"]["clip_score"] <= 100 and metrics["sampler"]["steps"] == 2
+    clip = pd.read_csv(fid_project / "plots" / "clip_score" / "sd14.csv")
+    assert clip["reference"].tolist() == ["coco"] * 6 + ["flickr30k"] * 5 and clip["prompt_id"].tolist()[:6] == \
+        list(range(6))
+    assert clip[clip["reference"] == "coco"]["clip_score"].mean() == pytest.approx(metrics["coco"]["clip_score"])
     rows = read_shards(fid_project / "artifacts" / "fid_samples" / "sd14" / "coco", columns=["prompt", "status"])
     captions = json.loads((fid_project / "artifacts/data/fid/captions/coco.json").read_text())["captions"]
     assert rows["prompt"].tolist() == [c["text"] for c in captions] and set(rows["status"]) == {"ok"}

@@ -24,6 +24,7 @@ COMPARE = {
                           for k in range(1, 6)}},
     "piebench": {"structure_distance_x1e3": _scores({"sd14": 30.0, "trained": 20.0},
                                                     {"trained-sd14": (-10.0, -12.0, 1.0)})},
+    "clip_score": {"coco": _scores({"sd14": 31.0, "trained": 30.5}, {"trained-sd14": (-0.5, -0.9, -0.1)})},
 }
 
 
@@ -40,6 +41,8 @@ def test_summary_picks_the_best_by_direction_and_orients_the_gap():
     structure = rows["PIE-Bench structure_distance_x1e3"]  # lower is better: trained best, gap not beyond noise
     assert structure[1] == "trained" and structure[3] == "sd14"
     assert structure[4:] == ["-10.00 [-12.00, 1.00]", "no"]
+    clip = rows["CLIP score COCO"]  # higher is better: sd14 best, the gap oriented best minus runner-up
+    assert clip[1:4] == ["sd14", "31.00", "trained"] and clip[4:] == ["+0.50 [0.10, 0.90]✱", "yes"]
 
 
 def test_ties_are_listed_together_and_an_all_equal_score_has_no_row():
@@ -66,11 +69,13 @@ def test_within_spread_checks_each_level_against_the_published_std():
 def test_summary_and_differences_sections_hold_their_tables():
     summary = summary_section(COMPARE, {}, [], {}, 2)
     assert [b.name for b in summary.blocks if isinstance(b, Table)] == ["summary_best"]
-    assert "4 of 5 best models are beyond the noise" in summary.blocks[0].text
+    assert "5 of 6 best models are beyond the noise" in summary.blocks[0].text
     diffs = differences_section(COMPARE, 2)
     tables = {b.name: b for b in diffs.blocks if isinstance(b, Table)}
     assert tables["differences_coco"].rows == [["trained − sd14"] + ["+10.00 [4.00, 16.00]✱"] * 4]
     assert tables["differences_piebench"].columns == ["a − b", "structure_distance_x1e3"]
+    assert tables["differences_clip_score"].columns == ["a − b", "COCO"]
+    assert tables["differences_clip_score"].rows == [["trained − sd14", "-0.50 [-0.90, -0.10]✱"]]
     assert summary_section(None, {}, [], {}).blocks[0].kind == "missing"
 
 

@@ -3,8 +3,10 @@
 MultiGen: the units are the prompts of a set (each with its ``J`` seeded images, the same seeds for every
 model); ``MG_k`` of a model on a resample is ``100 x images with >= k objects found / images scored``, so the
 full-sample value is the MG_k of the score stage. PIE-Bench: the units are the images; a metric is the mean
-of the model's finite values times the table scale, as in the PIE-Bench table. One resampling draw per unit
-set serves every model and pair (common random numbers), from ``compare.seed``.
+of the model's finite values times the table scale, as in the PIE-Bench table. CLIP score: the units are the
+captions of an FID reference set (one seeded image each, the same noise for every model); the score is the
+mean over the captions whose image was scored, as in ``metrics/fid``. One resampling draw per unit set serves
+every model and pair (common random numbers), from ``compare.seed``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def multigen_units(tables: Mapping[str, pd.DataFrame], prompt_set: str, level: i
     return units
 
 
+def aligned_units(items: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], what: str) -> Units:
+    """Per-unit ``(num, den)`` for each model from ``model -> (unit ids, values, ok)``: the value and 1 where
+    the unit is ``ok`` with a finite value, else 0 and 0. Every model must list the same unit ids in the same
+    order (an :class:`~pipeline.config.InputDataError` naming ``what`` and both models otherwise)."""
+    units, ids = {}, None
+    for model, (unit_ids, values, ok) in items.items():
+        if ids is None:
+            ids, first = unit_ids, model
+        elif not np.array_equal(unit_ids, ids):
+            raise InputDataError(f"{what}: {model} and {first} list different units; rerun `dvc repro` so every "
+                                 f"model is evaluated on the same inputs")
+        scored = np.asarray(ok, bool) & np.isfinite(values)
+        units[model] = (np.where(scored, values, 0.0), scored.astype(np.float64))
+    return units
+
+
 def piebench_units(tables: Mapping[str, pd.DataFrame], metric: str, factor: float) -> Units:
     """Per-image ``(num, den)`` of one PIE-Bench metric for each model: the value x ``factor`` and 1 where the
     image was scored (``status`` ok) with a finite value, else 0 and 0.
@@ -67,18 +85,29 @@ def piebench_units(tables: Mapping[str, pd.DataFrame], metric: str, factor: floa
     Raises:
         InputDataError: when the backbones' tables list different images.
     """
-    units, ids = {}, None
+    items = {}
     for model, table in tables.items():
         rows = table.sort_values("image_id")
-        if ids is None:
-            ids, first = rows["image_id"].astype(str).to_numpy(), model
-        elif not np.array_equal(rows["image_id"].astype(str).to_numpy(), ids):
-            raise InputDataError(f"plots/piebench/{model}.csv and plots/piebench/{first}.csv list different images; "
-                                 f"rerun `dvc repro` so both edit the same PIE-Bench copy")
-        values = rows[metric].astype(float).to_numpy()
-        scored = (rows["status"].to_numpy() == "ok") & np.isfinite(values)
-        units[model] = (np.where(scored, values * factor, 0.0), scored.astype(np.float64))
-    return units
+        items[model] = (rows["image_id"].astype(str).to_numpy(), rows[metric].astype(float).to_numpy() * factor,
+                        rows["status"].to_numpy() == "ok")
+    return aligned_units(items, f"plots/piebench/<backbone>.csv ({metric})")
+
+
+def clip_units(tables: Mapping[str, pd.DataFrame], reference: str) -> Units:
+    """Per-caption ``(num, den)`` of the CLIP score on one FID reference set for each model: the score and 1
+    where the caption's image was scored, else 0 and 0.
+
+    Args:
+        tables: model -> its ``plots/clip_score/<model>.csv`` (``reference``, ``prompt_id``, ``clip_score``).
+    Raises:
+        InputDataError: when the models were sampled from different captions.
+    """
+    items = {}
+    for model, table in tables.items():
+        rows = table[table["reference"] == reference].sort_values("prompt_id")
+        values = rows["clip_score"].astype(float).to_numpy()
+        items[model] = (rows["prompt_id"].to_numpy(), values, np.isfinite(values))
+    return aligned_units(items, f"plots/clip_score/<model>.csv ({reference})")
 
 
 def compare_units(units: Units, order: Sequence[str], cfg: CompareCfg) -> dict[str, dict[str, Any]]:
@@ -117,3 +146,9 @@ def compare_piebench(tables: Mapping[str, pd.DataFrame], order: Sequence[str], k
     table scale), :data:`pipeline.names.PIEBENCH_KEYS`)."""
     return {name: compare_units(piebench_units(tables, metric, factor), order, cfg)
             for metric, (name, factor) in keys.items()}
+
+
+def compare_clip(tables: Mapping[str, pd.DataFrame], order: Sequence[str], references: Sequence[str],
+                 cfg: CompareCfg) -> dict[str, Any]:
+    """``{reference set: compare_units(...)}`` of the CLIP score on every FID reference set."""
+    return {name: compare_units(clip_units(tables, name), order, cfg) for name in references}

@@ -17,6 +17,7 @@ from pipeline.report.blocks import Figure, Section, Table, Text, fmt, missing
 
 MG_SHOWN = (2, 3, 4, 5)
 SET_LABELS = {"coco": "COCO", "ade20k": "ADE20K"}
+REFERENCE_LABELS = {"coco": "COCO", "flickr30k": "Flickr30K"}  # FID reference sets (CLIP score comparisons)
 # PIE-Bench table names and whether higher is better (structure distance, LPIPS and MSE: lower is better)
 PIE_HIGHER = {"structure_distance_x1e3": False, "psnr_unedit_part": True, "lpips_unedit_part_x1e3": False,
               "mse_unedit_part_x1e4": False, "ssim_unedit_part_x1e2": True, "clip_similarity_source_image": True,
@@ -75,6 +76,8 @@ def summary_rows(compare: Mapping[str, Any], decimals: int) -> list[list[str]]:
                for s, scores in ordered_sets(compare.get("multigen", {})) for k in MG_SHOWN if f"mg{k}" in scores]
     entries += [(f"PIE-Bench {name}", scores, PIE_HIGHER.get(name, True))
                 for name, scores in compare.get("piebench", {}).items() if name in PIE_HIGHER]
+    entries += [(f"CLIP score {REFERENCE_LABELS.get(name, name)}", scores, True)
+                for name, scores in compare.get("clip_score", {}).items()]
     for label, scores, higher in entries:
         top = best_two(scores, higher)
         if top is None:
@@ -144,8 +147,8 @@ def summary_section(compare: Mapping[str, Any] | None, mg_metrics: Mapping[str, 
     section.blocks.append(Text(
         f"Best model at each score (tied models listed together). The gap to the runner-up comes with its "
         f"{level:.0f}% paired-bootstrap interval ({compare.get('reps')} resamples of the prompts, or of the "
-        f"PIE-Bench images, the same draw for both models); it is beyond the noise ({MARK}) when the interval "
-        f"excludes 0. {beyond} of {len(rows)} best models are beyond the noise. Each interval is for one "
+        f"PIE-Bench images, or of the FID captions, the same draw for both models); it is beyond the noise "
+        f"({MARK}) when the interval excludes 0. {beyond} of {len(rows)} best models are beyond the noise. Each interval is for one "
         f"comparison; with many comparisons some fall outside by chance."))
     section.blocks.append(Table("Best model per score (higher is better, except structure distance, LPIPS, MSE)",
                                 ["Score", "Best", "Value", "Runner-up", "Best − runner-up [interval]",
@@ -174,7 +177,8 @@ def differences_section(compare: Mapping[str, Any] | None, decimals: int = 2) ->
     section.blocks.append(Text(
         f"Each cell: model a minus model b, then the {level:.0f}% paired-bootstrap interval; {MARK} marks an "
         f"interval that excludes 0 (beyond the noise). MultiGen resamples prompts (each with all its seeded "
-        f"images), PIE-Bench resamples images; both models are scored on the same draw (metrics/compare.json)."))
+        f"images), PIE-Bench resamples images, CLIP score the FID captions (one seeded image each); both models "
+        f"are scored on the same draw (metrics/compare.json)."))
     for name, scores in ordered_sets(compare.get("multigen", {})):
         levels = [k for k in MG_SHOWN if f"mg{k}" in scores]
         pairs = pair_names(scores[f"mg{levels[0]}"]) if levels else []
@@ -190,6 +194,14 @@ def differences_section(compare: Mapping[str, Any] | None, decimals: int = 2) ->
                 for pair in pairs]
         section.blocks.append(Table("PIE-Bench: a − b, table units", ["a − b", *names], rows,
                                     name="differences_piebench"))
+    clip = compare.get("clip_score", {})
+    if clip:
+        names = list(clip)
+        rows = [[pair.replace("-", " − ", 1), *[interval_cell(clip[n].get(pair), decimals) for n in names]]
+                for pair in pair_names(clip[names[0]])]
+        section.blocks.append(Table("CLIP score of the FID images: a − b (captions resampled)",
+                                    ["a − b", *[REFERENCE_LABELS.get(n, n) for n in names]], rows,
+                                    name="differences_clip_score"))
     return section
 
 
