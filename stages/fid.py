@@ -21,9 +21,8 @@ from pipeline.clip_score import ClipSimilarity
 from pipeline.config import MissingInputError, load_params, profile_fields, section
 from pipeline.paths import MODELS_DIR
 from pipeline.photorealism.features import open_extractor
-from pipeline.photorealism.sampling import FID_SAMPLES_DIR
 from pipeline.photorealism.scoring import REFERENCE_DIR, reference_stats, score_images
-from pipeline.photorealism.settings import EmbeddedSeed, FidScale
+from pipeline.photorealism.settings import FID_SAMPLES_DIR, EmbeddedSeed, FidScale
 from pipeline.runtime import rank_device, run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.fid")

@@ -20,9 +20,8 @@ from pipeline.failures import prompt_image_id, report_failures
 from pipeline.models import component_hashes
 from pipeline.paths import MODELS_DIR
 from pipeline.photorealism.captions import read_captions
-from pipeline.photorealism.sampling import (FID_SAMPLES_DIR, caption_items, caption_sampler, caption_token_indices,
-                                            sample_captions)
-from pipeline.photorealism.settings import FidCfg, FidScale
+from pipeline.photorealism.sampling import caption_items, caption_sampler, caption_token_indices, sample_captions
+from pipeline.photorealism.settings import FID_SAMPLES_DIR, FidCfg, FidScale
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument,
                               wait_for_everyone)
 from pipeline.sampling.remedies import SAMPLE_REMEDIES, SAMPLE_RETRIED

@@ -12,28 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, Pixels, active_profile, load_params, profile_fields, section
-from pipeline.failures import report_failures
 from pipeline.masks.authors import write_authors_masks
 from pipeline.masks.grounded_sam import ImageStore, write_grounded_masks
 from pipeline.masks.inputs import RunContext
 from pipeline.masks.overlay import plot_overlay
 from pipeline.masks.params import GroundingCfg, MasksScale
-from pipeline.masks.summary import INPUT_ERRORS, MASK_STATUSES, check_input_errors, summarize
+from pipeline.masks.summary import report_and_check, summarize
 from pipeline.models import inference_dtype
 from pipeline.paths import MODELS_DIR
-from pipeline.runtime import (check_failure_rate, dist_info, rank_device, run_stage, stage_argument, wait_for_everyone,
-                              write_json)
+from pipeline.runtime import dist_info, rank_device, run_stage, stage_argument, wait_for_everyone, write_json
 from pipeline.store.shards import STATUS_OK, read_shards
 
 log = logging.getLogger("stages.masks")
 OUT = Path("artifacts/masks")
 NOUNS = Path("artifacts/nouns")
 IMAGES = Path("artifacts/data/images")
-INFERENCE_FAILED = "inference_failed"
-RETRIED = {INFERENCE_FAILED}  # write_grounded_masks' redo_statuses
-REMEDIES = {status: f"not retried: fix the input: {MASK_STATUSES.get(status, status)}" for status in INPUT_ERRORS} | {
-    "missing_image": f"not retried: the image has no usable row in {IMAGES}; train_data fetches failed downloads "
-                     f"again, and these rows are computed again when its output changes"}
 
 
 @dataclass(frozen=True)
@@ -80,12 +73,7 @@ def main() -> None:
     write_json("metrics/masks.json", metrics)
     log.info("masks: %d rows, %d with a mask, %d images", metrics["rows"], metrics["phrases_with_mask"],
              metrics["images"])
-    report_failures(log, rows, lambda row: str(row["image_id"]), RETRIED, where=f"masks {OUT}", remedies=REMEDIES,
-                    failed={INFERENCE_FAILED, *INPUT_ERRORS}, id_name="image")
-    check_input_errors(metrics, cfg.max_input_error_rate)
-    check_failure_rate({INFERENCE_FAILED: metrics.get(f"status_{INFERENCE_FAILED}", 0)}, metrics["rows"],
-                       cfg.max_failed_rate, "masks rows (Grounding DINO or SAM raised)", "grounding.max_failed_rate",
-                       f"see the `error` column of {OUT}", retried=RETRIED)
+    report_and_check(rows, metrics, cfg, str(OUT))
 
 
 if __name__ == "__main__":

@@ -20,28 +20,17 @@ from pathlib import Path
 from pipeline.config import load_params, section
 from pipeline.datasets.categories import load_categories
 from pipeline.eval_models import eval_model
-from pipeline.failures import MISSING, prompt_image_id, report_failures
 from pipeline.models import component_hashes
-from pipeline.multigen.detection import (STATUS_CORRUPT_IMAGE, STATUS_DETECT_FAILED, STATUS_NO_IMAGE, detect_prompt_set,
-                                         detector_fingerprint, load_detector)
+from pipeline.multigen.detection import detect_prompt_set, detector_fingerprint, load_detector
 from pipeline.paths import MODELS_DIR
 from pipeline.runtime import (check_failure_rate, dist_info, rank_device, release_memory, run_stage, stage_argument,
                               wait_for_everyone, write_json)
-from pipeline.sampling.remedies import SAMPLE_REMEDIES, SAMPLE_RETRIED
 from pipeline.sampling.sampler import open_sampler, sample_prompt_set, sampler_record
 from pipeline.sampling.settings import SamplingCfg, SamplingScale
-from pipeline.store.shards import iter_rows
 from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
+from pipeline.visor_failures import REMEDIES, RETRIED, report_lines
 
 log = logging.getLogger("stages.visor")
-# What the next run computes again: sample_prompt_set's and detect_prompt_set's redo_statuses, and the
-# detections of images sampled again.
-RETRIED = SAMPLE_RETRIED | {STATUS_DETECT_FAILED}
-REMEDIES = {**SAMPLE_REMEDIES,
-            STATUS_NO_IMAGE: "its sampling failed (see the samples line): sample_failed images are sampled and "
-                             "detected again by the next run, nan_image and token_indices_failed are not",
-            STATUS_CORRUPT_IMAGE: "not retried: the sampled PNG does not decode; delete its shard in samples/",
-            MISSING: "no detection row: the next run computes the shards that lack one"}
 
 
 def main(key: str) -> None:
@@ -81,18 +70,6 @@ def main(key: str) -> None:
     check_failure_rate(failures, scores["images_expected"], visor.max_failed_rate, f"{key} VISOR images",
                        "visor.max_failed_rate", f"see the `error` columns of {out}/samples and {out}/detections",
                        retried=RETRIED, remedies=REMEDIES)
-
-
-def report_lines(key: str, out: Path, missing: int) -> dict[str, int]:
-    """Log a line on the failed samples of ``out`` and one on its failed detections (every failed sample is a
-    ``no_image`` detection); return the detections' counts by status, with ``missing`` images."""
-    columns = ["prompt_id", "image_index", "status"]
-    report_failures(log, iter_rows(out / "samples", columns), prompt_image_id, RETRIED, where=f"visor@{key} samples",
-                    remedies=REMEDIES, unit="images", id_name="prompt/image")
-    detections = report_failures(log, iter_rows(out / "detections", columns), prompt_image_id, RETRIED,
-                                 where=f"visor@{key} detections", remedies=REMEDIES, missing=missing, unit="images",
-                                 id_name="prompt/image")
-    return detections.counts
 
 
 if __name__ == "__main__":

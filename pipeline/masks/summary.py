@@ -1,14 +1,20 @@
-"""The ``masks`` stage's metrics: row statuses, counts of ``artifacts/masks`` rows, and the input-error check."""
+"""The ``masks`` stage's metrics: row statuses, counts of ``artifacts/masks`` rows, the failure report and the
+checks that end the stage when too many rows failed."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
 
 from pipeline.config import MissingInputError
-from pipeline.runtime import FailureRateError
+from pipeline.failures import report_failures
+from pipeline.masks.params import GroundingCfg
+from pipeline.runtime import FailureRateError, check_failure_rate
 from pipeline.store.shards import STATUS_OK
+
+log = logging.getLogger(__name__)
 
 # Row statuses of artifacts/masks/ (``status`` column).
 MASK_STATUSES = {
@@ -30,6 +36,11 @@ MASK_STATUSES = {
 }
 INPUT_ERRORS = ("missing_image", "corrupt_image", "bad_metadata", "missing_mask_file", "corrupt_mask",
                 "unsafe_mask_path")
+INFERENCE_FAILED = "inference_failed"
+RETRIED = {INFERENCE_FAILED}  # write_grounded_masks' redo_statuses
+REMEDIES = {status: f"not retried: fix the input: {MASK_STATUSES.get(status, status)}" for status in INPUT_ERRORS} | {
+    "missing_image": "not retried: the image has no usable row in artifacts/data/images; train_data fetches failed "
+                     "downloads again, and these rows are computed again when its output changes"}
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -69,3 +80,14 @@ def check_input_errors(metrics: dict[str, Any], max_rate: float) -> None:
             f"metadata, a missing/corrupt authors' mask file or an unsafe mask path "
             f"({metrics['input_error_rate']:.1%} > grounding.max_input_error_rate={max_rate:.1%}); "
             f"see status/error in artifacts/masks/")
+
+
+def report_and_check(rows: Sequence[dict[str, Any]], metrics: dict[str, Any], cfg: GroundingCfg, out: str) -> None:
+    """Log the failed rows of ``out`` (which the next run retries, what fixes the others), then end the stage
+    when the input errors or the failed inferences pass their limits (``grounding.max_*_rate``)."""
+    report_failures(log, rows, lambda row: str(row["image_id"]), RETRIED, where=f"masks {out}", remedies=REMEDIES,
+                    failed={INFERENCE_FAILED, *INPUT_ERRORS}, id_name="image")
+    check_input_errors(metrics, cfg.max_input_error_rate)
+    check_failure_rate({INFERENCE_FAILED: metrics.get(f"status_{INFERENCE_FAILED}", 0)}, metrics["rows"],
+                       cfg.max_failed_rate, "masks rows (Grounding DINO or SAM raised)", "grounding.max_failed_rate",
+                       f"see the `error` column of {out}", retried=RETRIED)

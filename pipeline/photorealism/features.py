@@ -143,8 +143,8 @@ class InceptionFeatureExtractor(FeatureExtractor):
         path = Path(weights_path) if weights_path is not None else default_inception_weights_path()
         if not path.is_file():
             raise MissingInputError(_missing_weights_message(path))
+        digest = sha256_of_file(path)
         if verify_hash:
-            digest = sha256_of_file(path)
             if not digest.startswith(INCEPTION_SHA256_PREFIX):
                 raise WeightsError(f"{path}: SHA-256 {digest} does not start with {INCEPTION_SHA256_PREFIX}; "
                                    f"this is not torch-fidelity's {INCEPTION_WEIGHTS_FILE} (see docs/fid.md)")
@@ -159,7 +159,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
         except RuntimeError as err:  # load_state_dict: missing / unexpected keys or shapes
             raise WeightsError(f"{path}: does not fit torch-fidelity's Inception-v3 ({err})") from err
         self.net = net.to(self.device).eval()
-        self.weights_path = path
+        self.weights_path, self.weights_sha256 = path, digest
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         (features,) = self.net(batch)  # resizes to 299 (TF1-compatible bilinear) and scales to [-1, 1] itself
@@ -270,10 +270,10 @@ def open_extractor(kind: str, folder: str | Path, inception_weights: str | None 
         if build:
             build_tiny_extractor(folder, seed)
         extractor: FeatureExtractor = TinyFeatureExtractor.load(folder, batch_size, device)
-        weights = Path(folder) / TINY_WEIGHTS_FILE
+        digest = sha256_of_file(Path(folder) / TINY_WEIGHTS_FILE)
     elif kind == "inception":
-        extractor = InceptionFeatureExtractor(inception_weights, batch_size=batch_size, device=device)
-        weights = extractor.weights_path
+        inception = InceptionFeatureExtractor(inception_weights, batch_size=batch_size, device=device)
+        extractor, digest = inception, inception.weights_sha256
     else:
         raise ValueError(f"fid.extractor: {kind!r} is not 'embedded' or 'inception'")
-    return extractor, {"name": extractor.name, "dim": extractor.dim, "weights_sha256": sha256_of_file(weights)}
+    return extractor, {"name": extractor.name, "dim": extractor.dim, "weights_sha256": digest}

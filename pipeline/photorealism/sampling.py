@@ -14,7 +14,7 @@ reason, never an unexcited image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,8 +24,6 @@ from pipeline.store.identity import code_digest
 from pipeline.store.shards import write_shards
 from pipeline.text.align import CaptionTokens, align_phrase
 from pipeline.text.tagger import noun_phrases
-
-FID_SAMPLES_DIR = Path("artifacts/fid_samples")
 
 
 def promptset_of(reference: str) -> str:
@@ -79,8 +77,7 @@ class CaptionSampler(Sampler):
 
 def caption_sampler(sampler: Sampler) -> CaptionSampler:
     """A :class:`CaptionSampler` over an opened sampler's pipeline (compiled already: not compiled again)."""
-    return CaptionSampler(sampler.pipe, sampler.kind, sampler.cfg, sampler.scale.__class__(
-        **{**sampler.scale.__dict__, "compile": False}), sampler.seed)
+    return CaptionSampler(sampler.pipe, sampler.kind, sampler.cfg, replace(sampler.scale, compile=False), sampler.seed)
 
 
 def sample_captions(sampler: CaptionSampler, reference: str, items: Sequence[CaptionItem], out_dir: Path,

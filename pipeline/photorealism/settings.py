@@ -8,6 +8,7 @@ The latency settings are in :mod:`pipeline.photorealism.latency`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pipeline.clip_ref import check_clip_ref
@@ -16,6 +17,8 @@ from pipeline.fetch import check_sha256_param
 
 ReferenceSource = Literal["demo", "coco", "flickr30k_entities"]
 ExtractorKind = Literal["embedded", "inception"]
+
+FID_SAMPLES_DIR = Path("artifacts/fid_samples")  # fid_sample@<model> writes <model>/<set>/, fid@<model> reads it
 
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "demo": ("num_images",),

@@ -36,16 +36,26 @@ PIE_HEADERS = {
 PIE_COLUMNS = tuple((PIEBENCH_KEYS[metric][0], header) for metric, header in PIE_HEADERS.items())
 
 
+def published_opening(title: str, published: Mapping[str, Any], study: Mapping[str, Any] | None, part: str,
+                      absent: Text | None) -> Section:
+    """A section that opens with the published rows' note and citation, then the study's blocks of ``part``
+    when ``study`` is given, then ``absent`` (the note on this run's missing metrics) when there is one."""
+    section = Section(title)
+    section.blocks += [Text(published["note"]), citation(published["source"])]
+    if study:
+        section.blocks += study_blocks(study, part)
+    if absent is not None:
+        section.blocks.append(absent)
+    return section
+
+
 def multigen_section(metrics: Mapping[str, Mapping[str, Any]], published: Mapping[str, Any],
                      profile: str, decimals: int = 2, study: Mapping[str, Any] | None = None) -> Section:
     """MultiGen MG2–MG5 per prompt set: this run's models, then the published rows (SPEC §3.7), then the
     study's Table 1 rows when ``study`` (the ``study`` part of the published numbers) is given."""
-    section = Section("MultiGen (TokenCompose Table / study Table 1)")
-    section.blocks += [Text(published["note"]), citation(published["source"])]
-    if study:
-        section.blocks += study_blocks(study, "multigen")
-    if not metrics:
-        section.blocks.append(missing("MultiGen scores", "metrics/multigen/<model>.json", "score"))
+    section = published_opening("MultiGen (TokenCompose Table / study Table 1)", published, study, "multigen",
+                                missing("MultiGen scores", "metrics/multigen/<model>.json", "score") if not metrics
+                                else None)
     reference = published_mg_rows(published, study)
     shown: set[str] = set()
     for key, label in MG_SETS.items():
@@ -200,12 +210,9 @@ def piebench_section(metrics: Mapping[str, Mapping[str, Any]], published: Mappin
                      profile: str, decimals: int = 2, study: Mapping[str, Any] | None = None) -> Section:
     """PIE-Bench metrics per editing backbone beside the published rows (SPEC §5.6–5.7) and, when ``study``
     (the ``study`` part of the published numbers) is given, the study's Table 2 rows."""
-    section = Section("PIE-Bench editing (Blended Latent Diffusion; study Table 2)")
-    section.blocks += [Text(published["note"]), citation(published["source"])]
-    if study:
-        section.blocks += study_blocks(study, "piebench")
-    if not metrics:
-        section.blocks.append(missing("PIE-Bench metrics", "metrics/piebench/<backbone>.json", "piebench"))
+    section = published_opening("PIE-Bench editing (Blended Latent Diffusion; study Table 2)", published, study,
+                                "piebench", missing("PIE-Bench metrics", "metrics/piebench/<backbone>.json",
+                                                    "piebench") if not metrics else None)
     columns = ["Method", "Source"] + [header for _, header in PIE_COLUMNS]
     rows = [[f"BLD, {backbone} backbone", f"this run ({profile})", *_pie_cells(values, decimals)]
             for backbone, values in metrics.items()]
