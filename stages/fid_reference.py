@@ -14,6 +14,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from pipeline.config import load_params, profile_fields, section
 from pipeline.photorealism.features import open_extractor
 from pipeline.photorealism.real_images import IMAGES_DIR, real_image_batches
@@ -34,7 +36,8 @@ def main() -> None:
                                          build=True, batch_size=scale.batch_size, device=rank_device())
     record: dict = {"extractor": identity, "image_size": scale.image_size, "sets": {}}
     for name in scale.references:
-        stats = extractor.stats(real_image_batches(IMAGES_DIR / name, scale.image_size, scale.batch_size))
+        batches = real_image_batches(IMAGES_DIR / name, scale.image_size, scale.batch_size)
+        stats = extractor.stats(tqdm(batches, desc=f"fid_reference {name}", unit="batch"))
         stats.save(OUT / f"{name}.npz")
         record["sets"][name] = {"real_images": stats.count}
         log.info("fid_reference %s: statistics of %d real images (%s, %d-d)", name, stats.count,

@@ -1,4 +1,4 @@
-"""Seconds per generated image of an evaluated model (stage ``latency@<model>``; docs/fid.md §6).
+"""Seconds per generated image of an evaluated model (stage ``latency@<model>``; docs/fid.md §8).
 
 Two settings are timed: ``original``, the published latency column's (TokenCompose README: 50 steps, one
 image per call, fp32; ``latency.original``), and ``pipeline``, this project's sampling settings
@@ -91,12 +91,13 @@ def call_times(sampler: Sampler, items: Sequence[SampleItem], images: int, warmu
         start = clock()
         rows = sampler.rows(chosen)
         _synchronize(device)
+        seconds = clock() - start
         failed = [r for r in rows if r["status"] != STATUS_OK]
         if failed:
             raise StageError(f"latency: prompt {failed[0]['prompt']!r} failed ({failed[0]['error']}); a timing "
                              f"of failed images would mean nothing")
         if n >= warmup:
-            out.append((clock() - start) / len(rows))
+            out.append(seconds / len(rows))
     return out
 
 

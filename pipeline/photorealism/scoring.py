@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from pipeline.clip_score import ClipSimilarity
 from pipeline.config import MissingInputError, StageError
@@ -79,7 +80,8 @@ def score_images(samples_dir: Path, reference: FeatureStats, extractor: FeatureE
     """
     stats = FeatureStats(extractor.dim)
     scored: dict[int, float] = {}
-    for images, prompts, ids in generated_batches(samples_dir, batch_size):
+    batches = generated_batches(samples_dir, batch_size)
+    for images, prompts, ids in tqdm(batches, desc=f"fid {samples_dir.name}", unit="batch"):
         stats.update(extractor(images))
         scored.update(zip(ids, clip.scores(list(images), prompts)))
     if stats.count < 2:
