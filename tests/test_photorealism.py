@@ -310,6 +310,7 @@ def test_photorealism_section_sets_this_run_beside_the_published_columns():
     assert table.rows[2] == ["SD 1.4", "published (mlpc-ucsd/TokenCompose)", "20.88", "71.46", "—", "—",
                              "7.54(0.17)", "—"]
     assert any("GPU X" in getattr(b, "text", "") for b in section.blocks)
+    assert any("no interval" in getattr(b, "text", "") for b in section.blocks)
     assert [b.name for b in section.blocks if isinstance(b, Figure)] == ["fid_vs_mg.png"]
     empty = photorealism_section({}, {}, {}, published, "demo")
     assert sum(getattr(b, "kind", "") == "missing" for b in empty.blocks) == 2

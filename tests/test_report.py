@@ -637,7 +637,9 @@ def test_build_sections_from_pipeline_outputs(tmp_path):
     assert tables["differences_coco"].rows == [["trained − sd14"] + ["+10.00 [2.00, 18.00]✱"] * 4]
     texts = [b for s in sections for b in s.blocks if isinstance(b, Text)]
     study = published["study"]
-    assert [b.text for b in texts if b.kind == "note"] == [study["multigen"]["caveat"], study["piebench"]["caveat"]]
+    notes = [b.text for b in texts if b.kind == "note"]
+    assert notes[0] == study["multigen"]["caveat"] and notes[2:] == [study["piebench"]["caveat"]]
+    assert notes[1].startswith("FID differences carry no interval")  # photorealism, between the two
     assert "Study tables" not in [s.title for s in sections]  # the study's numbers are rows of the tables now
     assert [r[1] for r in tables["multigen_coco"].rows[-5:]] == ["published (reproduction study, Table 1)"] * 5
     assert [r[1] for r in tables["piebench"].rows[-3:]] == ["published (reproduction study, Table 2)"] * 3

@@ -96,7 +96,14 @@ def photorealism_section(fid: Mapping[str, Mapping[str, Any]], latency: Mapping[
         section.blocks.append(Text("FIDs of this run come from the embedded tiny feature extractor over a few "
                                    "drawn images: they exercise the code path and mean nothing as numbers.",
                                    kind="note"))
-    if not fid:
+    if fid:
+        section.blocks.append(Text(
+            "FID differences carry no interval here (docs/comparisons.md: a paired bootstrap would refit both "
+            "Gaussians per replicate). FID implementations alone differ by more than the published 0.3–0.7 gap "
+            "(docs/fid.md §1), so "
+            "compare FIDs within this run only; the CLIP-score differences have paired intervals "
+            "(Differences between models).", kind="note"))
+    else:
         section.blocks.append(missing("FID and CLIP score", "metrics/fid/<model>.json", "fid"))
     if not latency:
         section.blocks.append(missing("Latency", "metrics/latency/<model>.json", "latency"))
