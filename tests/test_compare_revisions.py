@@ -165,14 +165,17 @@ for folder, table in (("artifacts/multigen_images", _multigen(seed)), ("plots/pi
 """
 
 
+IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+            for what, value in (("NAME", "t"), ("EMAIL", "t@example.org"))}  # experiments are commits
+
+
 def _dvc(root: Path, *args: str) -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, **IDENTITY, "DVC_NO_ANALYTICS": "1"}
     subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True, capture_output=True)
 
 
 def _git(root: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@example.org", "-c", "user.name=t", *args], cwd=root, check=True,
-                   capture_output=True)
+    subprocess.run(["git", *args], cwd=root, env={**os.environ, **IDENTITY}, check=True, capture_output=True)
 
 
 def test_an_experiment_is_read_by_name_with_dvc_tracked_tables(tmp_path, monkeypatch, capsys):
