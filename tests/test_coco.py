@@ -245,11 +245,16 @@ def test_write_coco_training_set_fetches_checks_and_records_failures(served, tmp
     assert metrics["decode_failed"] == 1 and metrics["metadata_records"] == 5 and metrics["train"] == 3
 
 
+def _fetch_args(server, root: Path, out: Path, shard_size: int, retries: int) -> dict:
+    """Arguments of write_coco_training_set for the served metadata: no held-out split, seed 0."""
+    return dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=shard_size,
+                heldout_fraction=0.0, seed=0, retries=retries, timeout=5.0)
+
+
 def test_write_coco_training_set_resumes_and_refetches_failed_downloads(served, tmp_path):
     server, root, _ = served
     out = tmp_path / "images"
-    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=2,
-                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    args = _fetch_args(server, root, out, shard_size=2, retries=0)
     write_coco_training_set(**args)
     first = {p.name: p.read_bytes() for p in shard_files(out)}
     assert read_shards(out)["status"].tolist()[4] == "download_failed"  # flaky and no retries
@@ -272,8 +277,7 @@ def test_a_downloaded_image_damaged_in_its_shard_is_fetched_again(served, tmp_pa
 
     server, root, _ = served
     out = tmp_path / "images"
-    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=2,
-                heldout_fraction=0.0, seed=0, retries=2, timeout=5.0)
+    args = _fetch_args(server, root, out, shard_size=2, retries=2)
     write_coco_training_set(**args)
     first = {p.name: p.read_bytes() for p in shard_files(out)}
     path = out / "part-00000.parquet"
@@ -410,8 +414,7 @@ def test_an_image_changed_upstream_stops_the_rerun_that_fetches_it_again(served,
 
     server, root, _ = served
     out = tmp_path / "images"
-    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=5,
-                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    args = _fetch_args(server, root, out, shard_size=5, retries=0)
     write_coco_training_set(**args)  # one shard; 4 is missing and 5 flaky: it is fetched again on a rerun
     old = read_shards(out)
     before = fetch.sha256_bytes((root / "000000000001.jpg").read_bytes())
@@ -432,8 +435,7 @@ def test_an_image_changed_upstream_stops_the_rerun_that_fetches_it_again(served,
 def test_a_rerun_with_unchanged_images_passes_the_check(served, tmp_path):
     server, root, _ = served
     out = tmp_path / "images"
-    args = dict(metadata=str(root / "metadata.jsonl"), image_base_url=server.url, out_dir=out, shard_size=5,
-                heldout_fraction=0.0, seed=0, retries=0, timeout=5.0)
+    args = _fetch_args(server, root, out, shard_size=5, retries=0)
     write_coco_training_set(**args)
     before = server.requests.copy()
     write_coco_training_set(**args)
