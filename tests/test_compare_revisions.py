@@ -49,7 +49,7 @@ def _clip(seed: int, captions: int = 15) -> pd.DataFrame:
 def _lock(**units: str) -> str:
     """A dvc.lock text whose producing stages record the given unit-defining outputs' hashes."""
     paths = {"multigen": "artifacts/data/multigen", "piebench": "artifacts/data/piebench",
-             "captions": "artifacts/data/fid/captions"}
+             "captions": "artifacts/data/fid/captions", "reference": "artifacts/fid/reference"}
     return yaml.safe_dump({"schema": "2.0", "stages": {
         name: {"outs": [{"path": paths[name], "md5": units.get(name, f"{name}.dir")}]} for name in paths}})
 
@@ -68,7 +68,8 @@ def _revision(model: str, seed: int, lock: str, params: str) -> dict[str, str]:
     return {"dvc.lock": lock, "params.yaml": params,
             f"artifacts/multigen_images/{model}.csv": _multigen(seed).to_csv(index=False),
             f"plots/piebench/{model}.csv": _piebench(seed).to_csv(index=False),
-            f"plots/clip_score/{model}.csv": _clip(seed).to_csv(index=False)}
+            f"plots/clip_score/{model}.csv": _clip(seed).to_csv(index=False),
+            f"metrics/fid/{model}.json": json.dumps({"coco": {"fid": 20.0 + seed}, "extractor": "x"})}
 
 
 def _mg_units(table: pd.DataFrame, level: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,9 +98,11 @@ def test_values_and_intervals_equal_hand_computations_and_the_bootstrap():
     clip = result["clip_score"]["coco"]["B-A"]
     assert clip["diff"] == pytest.approx(_clip(2)["clip_score"].mean() - _clip(1)["clip_score"].mean())
     assert clip["low"] <= clip["diff"] <= clip["high"]
+    assert result["fid"] == {"coco": {"A": {"value": 21.0}, "B": {"value": 22.0}, "B-A": {"diff": 1.0}}}
     rows = comparison_rows(result)
     assert [r[0] for r in rows[:5]] == [f"MultiGen coco MG{k}" for k in range(1, 6)]
-    assert len(rows) == 5 + len(PIEBENCH_KEYS) + 1
+    assert len(rows) == 5 + len(PIEBENCH_KEYS) + 2
+    assert rows[-1] == ("FID coco", "21.00", "22.00", "+1.00", "none (FID)", "")
     mg1 = result["multigen"]["coco"]["mg1"]
     assert rows[0] == ("MultiGen coco MG1", f"{mg1['A']['value']:.2f}", f"{mg1['B']['value']:.2f}",
                        f"{mg1['B-A']['diff']:+.2f}", f"[{mg1['B-A']['low']:.2f}, {mg1['B-A']['high']:.2f}]",
@@ -117,11 +120,12 @@ def test_same_revision_gives_zero_differences():
 
 
 def test_families_with_other_units_or_missing_tables_are_skipped_with_the_reason():
-    other = _revision("trained", 2, _lock(piebench="other.dir"), "seed: 0\n")
+    other = _revision("trained", 2, _lock(piebench="other.dir", reference="other.dir"), "seed: 0\n")
     del other["plots/clip_score/trained.csv"]
     read = _Revisions({"main": _revision("trained", 1, _lock(), "seed: 0\n"), "exp": other})
     result = compare_revisions("main", "exp", "trained", "trained", CFG, read)
-    assert set(result["skipped"]) == {"piebench", "clip_score"} and "coco" in result["multigen"]
+    assert set(result["skipped"]) == {"piebench", "clip_score", "fid"} and "coco" in result["multigen"]
+    assert result["skipped"]["fid"].startswith("artifacts/fid/reference differs between main and exp")
     assert "artifacts/data/piebench differs between main and exp (piebench.dir against other.dir)" in \
         result["skipped"]["piebench"]
     assert "plots/clip_score/trained.csv is not in exp (stage fid@ did not run for trained there)" == \
@@ -162,6 +166,8 @@ for folder, table in (("artifacts/multigen_images", _multigen(seed)), ("plots/pi
                       ("plots/clip_score", _clip(seed))):
     Path(folder).mkdir(parents=True, exist_ok=True)
     table.to_csv(f"{{folder}}/trained.csv", index=False)
+Path("metrics/fid").mkdir(parents=True, exist_ok=True)
+Path("metrics/fid/trained.json").write_text('{{"coco": {{"fid": %d}}}}' % (20 + seed))
 """
 
 
@@ -195,6 +201,8 @@ def test_an_experiment_is_read_by_name_with_dvc_tracked_tables(tmp_path, monkeyp
               - artifacts/multigen_images/trained.csv
               - plots/piebench/trained.csv: {cache: false}
               - plots/clip_score/trained.csv: {cache: false}
+            metrics:
+              - metrics/fid/trained.json: {cache: false}
         """))
     env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     monkeypatch.setenv("PATH", env_path)
@@ -210,6 +218,7 @@ def test_an_experiment_is_read_by_name_with_dvc_tracked_tables(tmp_path, monkeyp
     (num_a, den_a), (num_b, den_b) = _mg_units(_multigen(1), 2), _mg_units(_multigen(2), 2)
     diff = result["multigen"]["coco"]["mg2"]["B-A"]["diff"]
     assert diff == pytest.approx(num_b.sum() / den_b.sum() - num_a.sum() / den_a.sum())
+    assert result["fid"]["coco"]["B-A"] == {"diff": 1}
     assert "A: trained at HEAD; B: trained at seed-two" in capsys.readouterr().out
     assert main(["HEAD", "no-such-experiment"]) == 2
     assert "'no-such-experiment' is neither a Git revision nor a DVC experiment" in capsys.readouterr().err

@@ -12,8 +12,10 @@ resamples (``artifacts/multigen_images/<model>.csv``, ``plots/piebench/<model>.c
 Differences are ``B - A``, as in ``dvc metrics diff A B``. The units must be the same in both revisions: a
 family whose input data differ (the MultiGen prompt files, the PIE-Bench images, the FID captions, by their
 hash in ``dvc.lock``) or whose table is missing at either revision is skipped, with the reason printed;
-MultiGen also refuses grids of other prompts or image counts. Params that differ are listed first: with
-another ``seed`` the images are still paired by prompt, but not by noise, so intervals are wider.
+MultiGen also refuses grids of other prompts or image counts. FID (``metrics/fid/<model>.json``) is shown
+beside them without an interval, when both revisions share the reference statistics. Params that differ are
+listed first: with another ``seed`` the images are still paired by prompt, but not by noise, so intervals
+are wider.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def compare_revisions(rev_a: str, rev_b: str, model_a: str, model_b: str, cfg: C
     Returns:
         ``{"a": {rev, model}, "b": {...}, "level", "reps", "seed", "params": [[key, A, B], ...],
         "multigen": {set: {"mg<k>": {"A": {value}, "B": {value}, "B-A": interval}}},
-        "piebench": {metric: {...}}, "clip_score": {reference: {...}}, "skipped": {family: reason}}``.
+        "piebench": {metric: {...}}, "clip_score": {reference: {...}}, "fid": {reference: {A, B, B-A: {diff}}},
+        "skipped": {family: reason}}``.
     """
     hashes = (output_hashes(read("dvc.lock", rev_a)), output_hashes(read("dvc.lock", rev_b)))
     result: dict[str, Any] = {
@@ -154,7 +157,33 @@ def compare_revisions(rev_a: str, rev_b: str, model_a: str, model_b: str, cfg: C
                 result[family.name] = compare_clip(tables, order, references, cfg)
         except InputDataError as err:
             result["skipped"][family.name] = str(err)
+    fid, reason = fid_differences(model_a, model_b, rev_a, rev_b, hashes, read)
+    if fid is None:
+        result["skipped"]["fid"] = reason
+    else:
+        result["fid"] = fid
     return result
+
+
+def fid_differences(model_a: str, model_b: str, rev_a: str, rev_b: str, hashes: tuple[dict, dict],
+                    read: Reader) -> tuple[dict[str, Any] | None, str]:
+    """``({reference set: {"A": {value}, "B": {value}, "B-A": {diff}}}, "")`` from ``metrics/fid/<model>.json``
+    of both revisions (FID has no interval: docs/comparisons.md), or ``(None, reason)`` when the reference
+    statistics or captions differ between the revisions or a metrics file is missing."""
+    for path in ("artifacts/fid/reference", "artifacts/data/fid/captions"):
+        if hashes[0].get(path) != hashes[1].get(path):
+            return None, f"{path} differs between {rev_a} and {rev_b}: the FIDs are not against the same reference"
+    values = []
+    for model, rev in ((model_a, rev_a), (model_b, rev_b)):
+        path = f"metrics/fid/{model}.json"
+        text = read(path, rev)
+        if text is None:
+            return None, f"{path} is not in {rev} (stage fid@ did not run for {model} there)"
+        values.append(json.loads(text))
+    sets = [name for name, entry in values[0].items() if isinstance(entry, dict) and "fid" in entry]
+    return {name: {"A": {"value": values[0][name]["fid"]}, "B": {"value": values[1][name]["fid"]},
+                   "B-A": {"diff": values[1][name]["fid"] - values[0][name]["fid"]}}
+            for name in sets if name in values[1]}, ""
 
 
 def _number(value: float | None) -> str:
@@ -167,12 +196,14 @@ def comparison_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str, str,
               for level, pair in levels.items()]
     scores += [(f"PIE-Bench {metric}", pair) for metric, pair in (result.get("piebench") or {}).items()]
     scores += [(f"CLIP score {name}", pair) for name, pair in (result.get("clip_score") or {}).items()]
+    scores += [(f"FID {name}", pair) for name, pair in (result.get("fid") or {}).items()]
     rows = []
     for label, pair in scores:
         diff = pair["B-A"]
+        interval = f"[{_number(diff['low'])}, {_number(diff['high'])}]" if "low" in diff else "none (FID)"
         rows.append((label, _number(pair["A"]["value"]), _number(pair["B"]["value"]),
-                     "—" if diff["diff"] != diff["diff"] else f"{diff['diff']:+.2f}",
-                     f"[{_number(diff['low'])}, {_number(diff['high'])}]", "✱" if diff["significant"] else ""))
+                     "—" if diff["diff"] != diff["diff"] else f"{diff['diff']:+.2f}", interval,
+                     "✱" if diff.get("significant") else ""))
     return rows
 
 
