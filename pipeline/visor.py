@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import Fraction, FractionBelowOne, InputDataError, PositiveInt
+from pipeline.config import Fraction, FractionBelowOne, PositiveInt
 from pipeline.datasets.multigen_files import MultiGenPrompt
 from pipeline.multigen.found import above_threshold
 from pipeline.multigen.settings import MultiGenCfg, MultiGenScale
 from pipeline.seeding import numpy_rng
-from pipeline.store.shards import STATUS_OK
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 SR2D_SIZE = 31_680          # every SR2D prompt (VISOR's text_spatial_rel_phrases.json)
@@ -113,7 +111,7 @@ def spatial_prompts(names: Sequence[str], max_prompts: int | None = None, seed: 
     return [prompts[i] for i in order[:max_prompts]]
 
 
-# --- scoring -------------------------------------------------------------------------------------------
+# --- each image's verdict (scores over images: pipeline.visor_scoring) --------------------------------
 
 def relation_holds(relation: str, centers_a: np.ndarray, centers_b: np.ndarray) -> bool:
     """Whether some (A box, B box) pair has its centres in ``relation`` (VISOR's any-pair rule).
@@ -151,63 +149,3 @@ def image_outcome(relation: str, box_scores: Sequence[float], box_labels: Sequen
     found_a, found_b = bool(in_a.any()), bool(in_b.any())
     right = found_a and found_b and relation_holds(relation, centers[in_a], centers[in_b])
     return found_a, found_b, right
-
-
-def visor_scores(records: Iterable[Mapping[str, Any]], prompts: Sequence[SpatialPrompt], threshold: float,
-                 images_per_prompt: int) -> dict[str, float]:
-    """OA, OA(A), OA(B), VISOR_cond, VISOR_uncond and VISOR_1..J over detection rows, in percent.
-
-    Args:
-        records: rows with ``prompt_id``, ``image_index``, ``status``, ``box_scores``, ``box_labels``,
-            ``box_centers``; rows not ``ok`` count as failed and are left out of every denominator.
-        prompts: the expected prompts; images_per_prompt: J, the expected images of each.
-    Returns:
-        ``oa``, ``oa_a``, ``oa_b``, ``visor_cond``, ``visor_uncond``, ``visor_1`` ... ``visor_J``
-        (NaN where a denominator is 0), ``images_expected``, ``images_scored``, ``images_failed``,
-        ``images_missing``.
-    """
-    relation = {p.prompt_id: p.relation for p in prompts}
-    outcomes: dict[tuple[int, int], tuple[bool, bool, bool]] = {}
-    failed: set[tuple[int, int]] = set()
-    for rec in records:
-        key = (int(rec["prompt_id"]), int(rec["image_index"]))
-        if key[0] not in relation or not 0 <= key[1] < images_per_prompt:
-            raise InputDataError(f"detection row prompt {key[0]} image {key[1]} is not among the expected prompts "
-                                 f"and {images_per_prompt} images each; the detections were made with other params; "
-                                 f"rerun `dvc repro`")
-        if rec["status"] != STATUS_OK:
-            failed.add(key)
-            continue
-        outcomes[key] = image_outcome(relation[key[0]], rec["box_scores"], rec["box_labels"],
-                                      rec["box_centers"], threshold)
-    grid = np.array(list(outcomes.values()), dtype=bool).reshape(-1, 3)
-    found_a, found_b, right = grid.T
-    both = found_a & found_b
-
-    def pct(num: int, den: int) -> float:
-        return float(100.0 * num / den) if den else float("nan")
-
-    n = len(grid)
-    scores = {"oa": pct(both.sum(), n), "oa_a": pct(found_a.sum(), n), "oa_b": pct(found_b.sum(), n),
-              "visor_cond": pct(right.sum(), both.sum()), "visor_uncond": pct(right.sum(), n)}
-    right_per_prompt: dict[int, int] = {}
-    for (p, _), (_, _, r) in outcomes.items():
-        right_per_prompt[p] = right_per_prompt.get(p, 0) + int(r)
-    counts = np.array(list(right_per_prompt.values()))
-    for k in range(1, images_per_prompt + 1):
-        scores[f"visor_{k}"] = pct(int((counts >= k).sum()), len(counts))
-    expected = len(prompts) * images_per_prompt
-    scores.update(images_expected=expected, images_scored=n, images_failed=len(failed),
-                  images_missing=expected - n - len(failed))
-    return scores
-
-
-DETECTION_COLUMNS = ["prompt_id", "image_index", "status", "box_scores", "box_labels", "box_centers"]
-
-
-def score_detections(detections_dir: Path, prompts: Sequence[SpatialPrompt], cfg: VisorCfg) -> dict[str, float]:
-    """:func:`visor_scores` of the detection shards in ``detections_dir`` (read column by column)."""
-    from pipeline.store.shards import iter_rows
-
-    return visor_scores(iter_rows(detections_dir, columns=DETECTION_COLUMNS), prompts, cfg.threshold,
-                        cfg.images_per_prompt)

@@ -1,11 +1,12 @@
 """Stage `compare`: every pair of models, the difference of each score with a paired-bootstrap interval.
 
 Deps: artifacts/multigen_images/<model>.csv (stages score@, score_step@: objects found per image),
+artifacts/visor_images/<model>.csv (stages visor@, visor_step@: each SR2D image's outcome),
 plots/piebench/<backbone>.csv (stages piebench@, piebench_step@: metrics per image) and
 plots/clip_score/<model>.csv (stages fid@, fid_step@: CLIP score per caption). Models: the keys of
 eval_models then step_<N> for checkpoint_steps (MultiGen, CLIP score), the keys of edit_backbones then the
 steps (PIE-Bench). Outs: metrics/compare.json: ``multigen.<set>.mg<k>.<a>-<b>``,
-``piebench.<metric>.<a>-<b>`` and ``clip_score.<reference set>.<a>-<b>``
+``visor.<score>.<a>-<b>``, ``piebench.<metric>.<a>-<b>`` and ``clip_score.<reference set>.<a>-<b>``
 with ``diff`` (a minus b), ``low``, ``high`` (the compare.level interval) and ``significant`` (the interval
 excludes 0), and ``...<model>.value``, so `dvc metrics diff` shows every comparison.
 """
@@ -18,14 +19,15 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.compare.pairs import CompareCfg, compare_clip, compare_multigen, compare_piebench
+from pipeline.compare.pairs import CompareCfg, compare_clip, compare_multigen, compare_piebench, compare_visor
 from pipeline.config import InputDataError, load_params, section
 from pipeline.eval_models import step_key
 from pipeline.names import PIEBENCH_KEYS
 from pipeline.runtime import run_stage, stage_argument, write_json
 
 log = logging.getLogger("stages.compare")
-IMAGES, PIEBENCH, CLIP = Path("artifacts/multigen_images"), Path("plots/piebench"), Path("plots/clip_score")
+IMAGES, VISOR = Path("artifacts/multigen_images"), Path("artifacts/visor_images")
+PIEBENCH, CLIP = Path("plots/piebench"), Path("plots/clip_score")
 
 
 def read_tables(folder: Path, models: list[str], stage: str) -> dict[str, pd.DataFrame]:
@@ -59,13 +61,16 @@ def main() -> None:
     mg_models, edit_models = list(params["eval_models"]) + steps, list(params["edit_backbones"]) + steps
     multigen = compare_multigen(read_tables(IMAGES, mg_models, "score"), mg_models,
                                 params["multigen"]["prompt_sets"], cfg)
+    visor = compare_visor(read_tables(VISOR, mg_models, "visor"), mg_models,
+                          int(params["visor"]["images_per_prompt"]), cfg)
     piebench = compare_piebench(read_tables(PIEBENCH, edit_models, "piebench"), edit_models, PIEBENCH_KEYS, cfg)
     clip_tables = read_tables(CLIP, mg_models, "fid")
     references = list(dict.fromkeys(r for t in clip_tables.values() for r in t["reference"]))
     clip = compare_clip(clip_tables, mg_models, references, cfg)
     write_json("metrics/compare.json", {"level": cfg.level, "reps": cfg.reps, "seed": cfg.seed,
-                                        "multigen": multigen, "piebench": piebench, "clip_score": clip})
-    for name, result in (("MultiGen", multigen), ("PIE-Bench", piebench), ("CLIP score", clip)):
+                                        "multigen": multigen, "visor": visor, "piebench": piebench,
+                                        "clip_score": clip})
+    for name, result in (("MultiGen", multigen), ("VISOR", visor), ("PIE-Bench", piebench), ("CLIP score", clip)):
         hits, total = significant_pairs(result)
         log.info("%s: %d of %d pairwise differences are beyond the noise (their %.0f%% interval excludes 0)",
                  name, hits, total, 100 * cfg.level)

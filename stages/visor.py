@@ -8,6 +8,7 @@ Usage: ``python -m stages.visor MODEL`` (MODEL a key of ``eval_models``); multi-
 ``accelerate launch -m stages.visor MODEL`` (ranks split the shards of each phase).
 Deps: the model's weights, data/categories/coco.txt (SR2D's 80 names).
 Outs: artifacts/visor/<MODEL>/{samples,detections}/ (Parquet shards, persist: resumes after a kill),
+artifacts/visor_images/<MODEL>.csv (each image's outcome: the units of the compare stage),
 metrics/visor/<MODEL>.json.
 """
 
@@ -27,10 +28,12 @@ from pipeline.runtime import (check_failure_rate, dist_info, rank_device, releas
                               wait_for_everyone, write_json)
 from pipeline.sampling.sampler import open_sampler, sample_prompt_set, sampler_record
 from pipeline.sampling.settings import SamplingCfg, SamplingScale
-from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, score_detections, spatial_prompts
+from pipeline.visor import PROMPT_SET, SPATIAL_SIZE, VisorCfg, VisorScale, spatial_prompts
+from pipeline.visor_scoring import detection_outcomes, scores_of_outcomes
 from pipeline.visor_failures import REMEDIES, RETRIED, report_lines
 
 log = logging.getLogger("stages.visor")
+IMAGES = Path("artifacts/visor_images")
 
 
 def main(key: str) -> None:
@@ -60,7 +63,10 @@ def main(key: str) -> None:
     wait_for_everyone()
     if not dist.is_main:
         return
-    scores = score_detections(out / "detections", prompts, visor)
+    outcomes = detection_outcomes(out / "detections", prompts, visor)
+    scores = scores_of_outcomes(outcomes, len(prompts), visor.images_per_prompt)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    outcomes.to_csv(IMAGES / f"{key}.csv", index=False)
     write_json(f"metrics/visor/{key}.json", {
         **record, "detector": det.detector, "threshold": visor.threshold, "seed": seed, "prompts": len(prompts),
         "prompts_total": SPATIAL_SIZE, "images_per_prompt": visor.images_per_prompt, **scores})

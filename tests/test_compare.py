@@ -9,11 +9,16 @@ import pytest
 
 from pipeline.compare.bootstrap import paired_interval, resample_weights
 from pipeline.compare.pairs import (CompareCfg, clip_units, compare_clip, compare_multigen, compare_piebench,
-                                    compare_units, multigen_units, piebench_units)
+                                    compare_units, compare_visor, multigen_units, piebench_units, visor_metrics,
+                                    visor_units)
 from pipeline.config import InputDataError
+from pipeline.datasets.categories import load_categories
 from pipeline.multigen.scoring import found_table, mg_scores
 from pipeline.names import PIEBENCH_KEYS
 from pipeline.piebench import summarize
+from pipeline.store.shards import STATUS_OK
+from pipeline.visor import spatial_prompts
+from pipeline.visor_scoring import image_outcomes, visor_scores
 
 
 def _paired_gaussians(n: int, delta: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,3 +171,46 @@ def test_clip_score_values_equal_the_means_of_the_scored_captions():
 def test_compare_units_with_one_model_has_no_pairs():
     ones = np.ones(5)
     assert compare_units({"m": (ones, ones)}, ["m"], CompareCfg(reps=10)) == {"m": {"value": 1.0}}
+
+
+def _detections(seed: int, prompts, images: int) -> list[dict]:
+    """Random OWL-ViT rows of each prompt's images: 0-3 boxes per object, some images failed."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prompt in prompts:
+        for index in range(images):
+            boxes = rng.integers(0, 4, size=2)
+            labels = [0] * boxes[0] + [1] * boxes[1]
+            ok = rng.random() > 0.1
+            rows.append({"prompt_id": prompt.prompt_id, "image_index": index,
+                         "status": STATUS_OK if ok else "no_image", "box_scores": rng.random(len(labels)).tolist(),
+                         "box_labels": labels, "box_centers": rng.random((len(labels), 2)).tolist()})
+    return rows
+
+
+def test_visor_values_equal_the_visor_stage_scores():
+    prompts = spatial_prompts(load_categories("coco"), max_prompts=40, seed=0)
+    records = {m: _detections(seed, prompts, 4) for seed, m in enumerate(("sd14", "trained"))}
+    tables = {m: image_outcomes(rows, prompts, 0.3, 4) for m, rows in records.items()}
+    result = compare_visor(tables, list(tables), 4, CompareCfg(reps=200, seed=0))
+    assert list(result) == visor_metrics(4) == ["oa", "oa_a", "oa_b", "visor_uncond", "visor_cond", "visor_1",
+                                                "visor_2", "visor_3", "visor_4"]
+    for model, rows in records.items():
+        expected = visor_scores(rows, prompts, 0.3, 4)
+        for name in result:
+            assert result[name][model]["value"] == pytest.approx(expected[name], abs=1e-9), (model, name)
+    pair = result["oa"]["trained-sd14"]
+    assert pair["units"] == 40 and pair["low"] <= pair["diff"] <= pair["high"]
+
+
+def test_visor_units_of_a_worked_prompt_and_refused_grids():
+    table = pd.DataFrame({"prompt_id": [7, 7, 7, 9], "image_index": [0, 1, 2, 0], "scored": [1, 1, 0, 1],
+                          "found_a": [1, 1, 0, 0], "found_b": [1, 0, 0, 1], "right": [1, 0, 0, 0]})
+    num, den = visor_units({"m": table}, "visor_cond")["m"]
+    assert num.tolist() == [100.0, 0.0] and den.tolist() == [1.0, 0.0]  # prompt 9 has no image with both
+    num, den = visor_units({"m": table}, "visor_1")["m"]
+    assert num.tolist() == [100.0, 0.0] and den.tolist() == [1.0, 1.0]
+    with pytest.raises(InputDataError, match="b and m were scored on different SR2D prompts"):
+        visor_units({"m": table, "b": table.iloc[:3]}, "oa")
+    with pytest.raises(ValueError, match="unknown VISOR score 'visor_x'"):
+        visor_units({"m": table}, "visor_x")

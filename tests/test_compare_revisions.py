@@ -46,6 +46,16 @@ def _clip(seed: int, captions: int = 15) -> pd.DataFrame:
                          "clip_score": np.random.default_rng(seed).normal(25.0, 3.0, captions)})
 
 
+def _visor(seed: int, prompts: int = 10, images: int = 4) -> pd.DataFrame:
+    """An image-outcome table of the visor stage: random detections, right only where both are found."""
+    rng = np.random.default_rng(seed)
+    n = prompts * images
+    a, b = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    return pd.DataFrame({"prompt_id": np.repeat(np.arange(prompts) * 7, images),
+                         "image_index": np.tile(np.arange(images), prompts), "scored": 1, "found_a": a,
+                         "found_b": b, "right": a * b * rng.integers(0, 2, n)})
+
+
 def _lock(**units: str) -> str:
     """A dvc.lock text whose producing stages record the given unit-defining outputs' hashes."""
     paths = {"multigen": "artifacts/data/multigen", "piebench": "artifacts/data/piebench",
@@ -68,6 +78,7 @@ def _revision(model: str, seed: int, lock: str, params: str) -> dict[str, str]:
     return {"dvc.lock": lock, "params.yaml": params,
             f"artifacts/multigen_images/{model}.csv": _multigen(seed).to_csv(index=False),
             f"plots/piebench/{model}.csv": _piebench(seed).to_csv(index=False),
+            f"artifacts/visor_images/{model}.csv": _visor(seed).to_csv(index=False),
             f"plots/clip_score/{model}.csv": _clip(seed).to_csv(index=False),
             f"metrics/fid/{model}.json": json.dumps({"coco": {"fid": 20.0 + seed}, "extractor": "x"})}
 
@@ -101,7 +112,11 @@ def test_values_and_intervals_equal_hand_computations_and_the_bootstrap():
     assert result["fid"] == {"coco": {"A": {"value": 21.0}, "B": {"value": 22.0}, "B-A": {"diff": 1.0}}}
     rows = comparison_rows(result)
     assert [r[0] for r in rows[:5]] == [f"MultiGen coco MG{k}" for k in range(1, 6)]
-    assert len(rows) == 5 + len(PIEBENCH_KEYS) + 2
+    oa_a, oa_b = (100 * (t["found_a"] * t["found_b"]).mean() for t in (_visor(1), _visor(2)))
+    assert result["visor"]["oa"]["B-A"]["diff"] == pytest.approx(oa_b - oa_a)
+    assert list(result["visor"]) == ["oa", "oa_a", "oa_b", "visor_uncond", "visor_cond"] + [
+        f"visor_{k}" for k in range(1, 5)]
+    assert len(rows) == 5 + 9 + len(PIEBENCH_KEYS) + 2
     assert rows[-1] == ("FID coco", "21.00", "22.00", "+1.00", "none (FID)", "")
     mg1 = result["multigen"]["coco"]["mg1"]
     assert rows[0] == ("MultiGen coco MG1", f"{mg1['A']['value']:.2f}", f"{mg1['B']['value']:.2f}",
@@ -160,10 +175,10 @@ import sys
 import numpy as np, pandas as pd, yaml
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_compare_revisions import _clip, _multigen, _piebench
+from test_compare_revisions import _clip, _multigen, _piebench, _visor
 seed = yaml.safe_load(open("params.yaml"))["table_seed"]
 for folder, table in (("artifacts/multigen_images", _multigen(seed)), ("plots/piebench", _piebench(seed)),
-                      ("plots/clip_score", _clip(seed))):
+                      ("plots/clip_score", _clip(seed)), ("artifacts/visor_images", _visor(seed))):
     Path(folder).mkdir(parents=True, exist_ok=True)
     table.to_csv(f"{{folder}}/trained.csv", index=False)
 Path("metrics/fid").mkdir(parents=True, exist_ok=True)
@@ -199,6 +214,7 @@ def test_an_experiment_is_read_by_name_with_dvc_tracked_tables(tmp_path, monkeyp
             params: [table_seed]
             outs:
               - artifacts/multigen_images/trained.csv
+              - artifacts/visor_images/trained.csv
               - plots/piebench/trained.csv: {cache: false}
               - plots/clip_score/trained.csv: {cache: false}
             metrics:

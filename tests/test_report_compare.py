@@ -25,6 +25,8 @@ COMPARE = {
     "piebench": {"structure_distance_x1e3": _scores({"sd14": 30.0, "trained": 20.0},
                                                     {"trained-sd14": (-10.0, -12.0, 1.0)})},
     "clip_score": {"coco": _scores({"sd14": 31.0, "trained": 30.5}, {"trained-sd14": (-0.5, -0.9, -0.1)})},
+    "visor": {name: _scores({"sd14": 30.0, "trained": 33.0}, {"trained-sd14": (3.0, -1.0, 7.0)})
+              for name in ("oa", "oa_a", "visor_10", "visor_2", "visor_cond", "visor_uncond")},  # sorted, as in JSON
 }
 
 
@@ -43,6 +45,9 @@ def test_summary_picks_the_best_by_direction_and_orients_the_gap():
     assert structure[4:] == ["-10.00 [-12.00, 1.00]", "no"]
     clip = rows["CLIP score COCO"]  # higher is better: sd14 best, the gap oriented best minus runner-up
     assert clip[1:4] == ["sd14", "31.00", "trained"] and clip[4:] == ["+0.50 [0.10, 0.90]✱", "yes"]
+    visor = [row for row in summary_rows(COMPARE, 2) if row[0].startswith("VISOR")]
+    assert [row[0] for row in visor] == ["VISOR OA", "VISOR VISOR_uncond", "VISOR VISOR_cond"]  # not OA(A), _k
+    assert visor[0][1:] == ["trained", "33.00", "sd14", "+3.00 [-1.00, 7.00]", "no"]
 
 
 def test_ties_are_listed_together_and_an_all_equal_score_has_no_row():
@@ -69,13 +74,16 @@ def test_within_spread_checks_each_level_against_the_published_std():
 def test_summary_and_differences_sections_hold_their_tables():
     summary = summary_section(COMPARE, {}, [], {}, 2)
     assert [b.name for b in summary.blocks if isinstance(b, Table)] == ["summary_best"]
-    assert "5 of 6 best models are beyond the noise" in summary.blocks[0].text
+    assert "5 of 9 best models are beyond the noise" in summary.blocks[0].text
     diffs = differences_section(COMPARE, 2)
     tables = {b.name: b for b in diffs.blocks if isinstance(b, Table)}
     assert tables["differences_coco"].rows == [["trained − sd14"] + ["+10.00 [4.00, 16.00]✱"] * 4]
     assert tables["differences_piebench"].columns == ["a − b", "structure_distance_x1e3"]
     assert tables["differences_clip_score"].columns == ["a − b", "COCO"]
     assert tables["differences_clip_score"].rows == [["trained − sd14", "-0.50 [-0.90, -0.10]✱"]]
+    assert tables["differences_visor"].columns == ["a − b", "OA", "OA(A)", "VISOR_uncond", "VISOR_cond", "VISOR_2",
+                                                   "VISOR_10"]
+    assert tables["differences_visor"].rows == [["trained − sd14"] + ["+3.00 [-1.00, 7.00]"] * 6]
     assert summary_section(None, {}, [], {}).blocks[0].kind == "missing"
 
 

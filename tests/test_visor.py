@@ -18,7 +18,8 @@ from pipeline.datasets.categories import load_categories
 from pipeline.multigen.detection import detect_rows, load_detector
 from pipeline.store.shards import STATUS_OK, read_shards
 from pipeline.visor import (RELATIONS, SPATIAL_SIZE, SR2D_SIZE, VisorCfg, VisorScale, image_outcome, relation_holds,
-                            spatial_prompts, sr2d_entries, visor_scores, with_article)
+                            spatial_prompts, sr2d_entries, with_article)
+from pipeline.visor_scoring import visor_scores
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = load_categories("coco")

@@ -34,6 +34,22 @@ class CompareCfg:
 Units = dict[str, tuple[np.ndarray, np.ndarray]]  # model -> ((n,) num, (n,) den) on shared units
 
 
+def on_one_grid(tables: Mapping[str, pd.DataFrame], what: str) -> dict[str, pd.DataFrame]:
+    """Each model's rows sorted by (``prompt_id``, ``image_index``), after checking that every model lists the
+    same pairs (an :class:`~pipeline.config.InputDataError` naming ``what`` and both models otherwise)."""
+    out, grid = {}, None
+    for model, table in tables.items():
+        rows = table.sort_values(["prompt_id", "image_index"])
+        keys = rows[["prompt_id", "image_index"]].to_numpy()
+        if grid is None:
+            grid, first = keys, model
+        elif not np.array_equal(keys, grid):
+            raise InputDataError(f"{model} and {first} were scored on different {what} or images (other sampling "
+                                 f"params); rerun `dvc repro` so every model has the same grid")
+        out[model] = rows
+    return out
+
+
 def multigen_units(tables: Mapping[str, pd.DataFrame], prompt_set: str, level: int) -> Units:
     """Per-prompt ``(num, den)`` of ``MG_level`` for each model: ``num`` = 100 x scored images of the prompt
     with at least ``level`` objects found, ``den`` = scored images of the prompt.
@@ -44,19 +60,47 @@ def multigen_units(tables: Mapping[str, pd.DataFrame], prompt_set: str, level: i
     Raises:
         InputDataError: when models were scored on different (prompt, image) grids (other sampling params).
     """
-    units, grid = {}, None
-    for model, table in tables.items():
-        rows = table[table["prompt_set"] == prompt_set].sort_values(["prompt_id", "image_index"])
-        keys = rows[["prompt_id", "image_index"]].to_numpy()
-        if grid is None:
-            grid, first = keys, model
-        elif not np.array_equal(keys, grid):
-            raise InputDataError(f"{model} and {first} were scored on different {prompt_set} prompts or images "
-                                 f"(other sampling params); rerun `dvc repro` so every model has the same grid")
+    units = {}
+    sets = {model: table[table["prompt_set"] == prompt_set] for model, table in tables.items()}
+    for model, rows in on_one_grid(sets, f"{prompt_set} prompts").items():
         hit = 100.0 * ((rows["found"] >= level) & (rows["scored"] == 1))
         by_prompt = pd.DataFrame({"prompt": rows["prompt_id"], "hit": hit, "scored": rows["scored"]})
         sums = by_prompt.groupby("prompt", sort=True).sum()
         units[model] = (sums["hit"].to_numpy(np.float64), sums["scored"].to_numpy(np.float64))
+    return units
+
+
+# VISOR score -> (numerator, denominator) per-image column summed over a prompt's images
+VISOR_FRACTIONS = {"oa": ("both", "scored"), "oa_a": ("a", "scored"), "oa_b": ("b", "scored"),
+                   "visor_uncond": ("right", "scored"), "visor_cond": ("right", "both")}  # in table order
+
+
+def visor_units(tables: Mapping[str, pd.DataFrame], metric: str) -> Units:
+    """Per-prompt ``(num, den)`` of one VISOR score for each model, from the images' outcomes: ``oa``,
+    ``oa_a``, ``oa_b``, ``visor_uncond`` (100 x images with both objects / A / B found / spatially right, over
+    scored images), ``visor_cond`` (100 x right over images with both found) and ``visor_<k>`` (100 x [at
+    least k right images] over prompts with a scored image), so the full-sample values are the visor stage's.
+
+    Args:
+        tables: model -> its ``artifacts/visor_images/<model>.csv`` (``prompt_id``, ``image_index``,
+            ``scored``, ``found_a``, ``found_b``, ``right``).
+    Raises:
+        InputDataError: when models were scored on different (prompt, image) grids (other sampling params).
+    """
+    units = {}
+    for model, rows in on_one_grid(tables, "SR2D prompts").items():
+        scored = rows["scored"].to_numpy(np.float64)
+        a, b, right = (rows[c].to_numpy(np.float64) * scored for c in ("found_a", "found_b", "right"))
+        sums = pd.DataFrame({"prompt": rows["prompt_id"].to_numpy(), "scored": scored, "a": a, "b": b,
+                             "both": a * b, "right": right}).groupby("prompt", sort=True).sum()
+        if metric in VISOR_FRACTIONS:
+            num, den = VISOR_FRACTIONS[metric]
+            units[model] = (100.0 * sums[num].to_numpy(), sums[den].to_numpy())
+        elif metric.startswith("visor_") and metric.removeprefix("visor_").isdigit():
+            has_image = (sums["scored"] > 0).to_numpy(np.float64)
+            units[model] = (100.0 * (sums["right"].to_numpy() >= int(metric[6:])) * has_image, has_image)
+        else:
+            raise ValueError(f"unknown VISOR score {metric!r}")
     return units
 
 
@@ -138,6 +182,18 @@ def compare_multigen(tables: Mapping[str, pd.DataFrame], order: Sequence[str], p
     """``{set: {"mg<k>": compare_units(...)}}`` for every prompt set and MG level."""
     return {name: {f"mg{k}": compare_units(multigen_units(tables, name, k), order, cfg) for k in MG_LEVELS}
             for name in prompt_sets}
+
+
+def visor_metrics(images_per_prompt: int) -> list[str]:
+    """The VISOR scores compared, in the order of the VISOR table: OA, OA(A), OA(B), VISOR_uncond,
+    VISOR_cond, VISOR_1..J."""
+    return [*VISOR_FRACTIONS, *(f"visor_{k}" for k in range(1, images_per_prompt + 1))]
+
+
+def compare_visor(tables: Mapping[str, pd.DataFrame], order: Sequence[str], images_per_prompt: int,
+                  cfg: CompareCfg) -> dict[str, Any]:
+    """``{score: compare_units(...)}`` for every VISOR score (:func:`visor_metrics`), prompts resampled."""
+    return {name: compare_units(visor_units(tables, name), order, cfg) for name in visor_metrics(images_per_prompt)}
 
 
 def compare_piebench(tables: Mapping[str, pd.DataFrame], order: Sequence[str], keys: Mapping[str, tuple[str, float]],

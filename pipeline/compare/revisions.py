@@ -2,8 +2,9 @@
 
 ``dvc metrics diff`` shows how far MG_k moved between a baseline and an ablation, not whether the move is
 beyond the noise. This command reads, at both revisions, the per-unit tables the ``compare`` stage
-resamples (``artifacts/multigen_images/<model>.csv``, ``plots/piebench/<model>.csv``,
-``plots/clip_score/<model>.csv``) and puts the same paired bootstrap (:mod:`.pairs`) on them::
+resamples (``artifacts/multigen_images/<model>.csv``, ``artifacts/visor_images/<model>.csv``,
+``plots/piebench/<model>.csv``, ``plots/clip_score/<model>.csv``) and puts the same paired bootstrap
+(:mod:`.pairs`) on them::
 
     dvc exp run -S loss.pixel_weight=1e-4 -n pixel-1e-4
     python -m pipeline.compare.revisions main pixel-1e-4              # trained at main against the experiment
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 import yaml
 
-from pipeline.compare.pairs import CompareCfg, compare_clip, compare_multigen, compare_piebench
+from pipeline.compare.pairs import CompareCfg, compare_clip, compare_multigen, compare_piebench, compare_visor
 from pipeline.config import ConfigError, InputDataError, MissingInputError, StageError
 from pipeline.names import PIEBENCH_KEYS
 
@@ -45,12 +46,13 @@ class Family:
 
     name: str
     table: str     # per-unit table of a model, with ``{model}``
-    units: str     # output path whose hash in dvc.lock must agree between the revisions
+    units: str | None  # output whose hash in dvc.lock must agree between the revisions (None: params only)
     writer: str    # stage family that writes the table
 
 
 FAMILIES = (
     Family("multigen", "artifacts/multigen_images/{model}.csv", "artifacts/data/multigen", "score"),
+    Family("visor", "artifacts/visor_images/{model}.csv", None, "visor"),  # SR2D prompts come from params
     Family("piebench", "plots/piebench/{model}.csv", "artifacts/data/piebench", "piebench"),
     Family("clip_score", "plots/clip_score/{model}.csv", "artifacts/data/fid/captions", "fid"),
 )
@@ -107,7 +109,7 @@ def family_tables(family: Family, model_a: str, model_b: str, rev_a: str, rev_b:
                   read: Reader) -> tuple[dict[str, pd.DataFrame] | None, str]:
     """``({"A": table, "B": table}, "")``, or ``(None, reason)`` when the family cannot be compared: its
     units differ between the revisions or a table is missing."""
-    units_a, units_b = (h.get(family.units) for h in hashes)
+    units_a, units_b = (h.get(family.units) if family.units else None for h in hashes)
     if units_a != units_b:
         return None, (f"{family.units} differs between {rev_a} and {rev_b} ({units_a} against {units_b}): the "
                       f"two runs were not scored on the same units")
@@ -130,7 +132,7 @@ def compare_revisions(rev_a: str, rev_b: str, model_a: str, model_b: str, cfg: C
 
     Returns:
         ``{"a": {rev, model}, "b": {...}, "level", "reps", "seed", "params": [[key, A, B], ...],
-        "multigen": {set: {"mg<k>": {"A": {value}, "B": {value}, "B-A": interval}}},
+        "multigen": {set: {"mg<k>": {"A": {value}, "B": {value}, "B-A": interval}}}, "visor": {score: {...}},
         "piebench": {metric: {...}}, "clip_score": {reference: {...}}, "fid": {reference: {A, B, B-A: {diff}}},
         "skipped": {family: reason}}``.
     """
@@ -150,6 +152,9 @@ def compare_revisions(rev_a: str, rev_b: str, model_a: str, model_b: str, cfg: C
             if family.name == "multigen":
                 sets = list(dict.fromkeys(tables["A"]["prompt_set"]))
                 result[family.name] = compare_multigen(tables, order, sets, cfg)
+            elif family.name == "visor":
+                images_per_prompt = int(tables["A"]["image_index"].max()) + 1 if len(tables["A"]) else 0
+                result[family.name] = compare_visor(tables, order, images_per_prompt, cfg)
             elif family.name == "piebench":
                 result[family.name] = compare_piebench(tables, order, PIEBENCH_KEYS, cfg)
             else:
@@ -194,6 +199,7 @@ def comparison_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str, str,
     """(score, A, B, B − A, interval, ✱ when the interval excludes 0) for every compared score."""
     scores = [(f"MultiGen {name} {level.upper()}", pair) for name, levels in (result.get("multigen") or {}).items()
               for level, pair in levels.items()]
+    scores += [(f"VISOR {name}", pair) for name, pair in (result.get("visor") or {}).items()]
     scores += [(f"PIE-Bench {metric}", pair) for metric, pair in (result.get("piebench") or {}).items()]
     scores += [(f"CLIP score {name}", pair) for name, pair in (result.get("clip_score") or {}).items()]
     scores += [(f"FID {name}", pair) for name, pair in (result.get("fid") or {}).items()]

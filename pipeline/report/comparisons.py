@@ -23,6 +23,14 @@ PIE_HIGHER = {"structure_distance_x1e3": False, "psnr_unedit_part": True, "lpips
               "mse_unedit_part_x1e4": False, "ssim_unedit_part_x1e2": True, "clip_similarity_source_image": True,
               "clip_whole": True, "clip_edited": True}
 MARK = "✱"
+VISOR_LABELS = {"oa": "OA", "oa_a": "OA(A)", "oa_b": "OA(B)", "visor_uncond": "VISOR_uncond",
+                "visor_cond": "VISOR_cond"}  # and visor_<k> -> VISOR_<k>
+VISOR_SUMMARY = ("oa", "visor_uncond", "visor_cond")  # TokenCompose's Object Accuracy, then VISOR's own
+
+
+def visor_label(name: str) -> str:
+    """``oa`` -> ``OA``, ``visor_2`` -> ``VISOR_2``."""
+    return VISOR_LABELS.get(name, name.upper())
 
 
 def interval_cell(pair: Mapping[str, Any] | None, decimals: int) -> str:
@@ -74,6 +82,8 @@ def summary_rows(compare: Mapping[str, Any], decimals: int) -> list[list[str]]:
     rows = []
     entries = [(f"MultiGen {SET_LABELS.get(s, s)} MG{k}", scores[f"mg{k}"], True)
                for s, scores in ordered_sets(compare.get("multigen", {})) for k in MG_SHOWN if f"mg{k}" in scores]
+    entries += [(f"VISOR {visor_label(name)}", compare["visor"][name], True) for name in VISOR_SUMMARY
+                if name in compare.get("visor", {})]
     entries += [(f"PIE-Bench {name}", scores, PIE_HIGHER.get(name, True))
                 for name, scores in compare.get("piebench", {}).items() if name in PIE_HIGHER]
     entries += [(f"CLIP score {REFERENCE_LABELS.get(name, name)}", scores, True)
@@ -146,10 +156,10 @@ def summary_section(compare: Mapping[str, Any] | None, mg_metrics: Mapping[str, 
     beyond = sum(row[-1] == "yes" for row in rows)
     section.blocks.append(Text(
         f"Best model at each score (tied models listed together). The gap to the runner-up comes with its "
-        f"{level:.0f}% paired-bootstrap interval ({compare.get('reps')} resamples of the prompts, or of the "
-        f"PIE-Bench images, or of the FID captions, the same draw for both models); it is beyond the noise "
-        f"({MARK}) when the interval excludes 0. {beyond} of {len(rows)} best models are beyond the noise. Each interval is for one "
-        f"comparison; with many comparisons some fall outside by chance."))
+        f"{level:.0f}% paired-bootstrap interval ({compare.get('reps')} resamples of the MultiGen or SR2D "
+        f"prompts, or of the PIE-Bench images, or of the FID captions, the same draw for both models); it is "
+        f"beyond the noise ({MARK}) when the interval excludes 0. {beyond} of {len(rows)} best models are beyond "
+        f"the noise. Each interval is for one comparison; with many comparisons some fall outside by chance."))
     section.blocks.append(Table("Best model per score (higher is better, except structure distance, LPIPS, MSE)",
                                 ["Score", "Best", "Value", "Runner-up", "Best − runner-up [interval]",
                                  "Beyond the noise"], rows, name="summary_best"))
@@ -177,7 +187,8 @@ def differences_section(compare: Mapping[str, Any] | None, decimals: int = 2) ->
     section.blocks.append(Text(
         f"Each cell: model a minus model b, then the {level:.0f}% paired-bootstrap interval; {MARK} marks an "
         f"interval that excludes 0 (beyond the noise). MultiGen resamples prompts (each with all its seeded "
-        f"images), PIE-Bench resamples images, CLIP score the FID captions (one seeded image each); both models "
+        f"images), VISOR the SR2D prompts (each with its seeded images), PIE-Bench images, CLIP score the FID "
+        f"captions (one seeded image each); both models "
         f"are scored on the same draw (metrics/compare.json)."))
     for name, scores in ordered_sets(compare.get("multigen", {})):
         levels = [k for k in MG_SHOWN if f"mg{k}" in scores]
@@ -186,6 +197,14 @@ def differences_section(compare: Mapping[str, Any] | None, decimals: int = 2) ->
                                                 for k in levels]] for pair in pairs]
         section.blocks.append(Table(f"MultiGen {SET_LABELS.get(name, name)}: a − b, percentage points",
                                     ["a − b", *[f"MG{k}" for k in levels]], rows, name=f"differences_{name}"))
+    visor = compare.get("visor", {})
+    if visor:  # OA, OA(A), OA(B), VISOR_uncond, VISOR_cond, then VISOR_1..J (the JSON's keys are sorted)
+        levels = sorted(set(visor) - set(VISOR_LABELS), key=lambda n: int(n.rsplit("_", 1)[1]))
+        names = [n for n in VISOR_LABELS if n in visor] + levels
+        rows = [[pair.replace("-", " − ", 1), *[interval_cell(visor[n].get(pair), decimals) for n in names]]
+                for pair in pair_names(visor[names[0]])]
+        section.blocks.append(Table("VISOR (SR2D): a − b, percentage points (prompts resampled)",
+                                    ["a − b", *[visor_label(n) for n in names]], rows, name="differences_visor"))
     piebench = {n: s for n, s in compare.get("piebench", {}).items() if n in PIE_HIGHER}
     if piebench:
         names = list(piebench)
