@@ -130,6 +130,10 @@ def test_by_step_rows_carry_fid_and_clip_score_per_reference_set(tmp_path):
     (tmp_path / "fid").mkdir()
     (tmp_path / "fid" / "trained.json").write_text(json.dumps(
         {"coco": {"fid": 20.5, "clip_score": 31.0}, "flickr30k": {"fid": 70.0, "clip_score": 30.0}}))
+    (tmp_path / "visor").mkdir()
+    (tmp_path / "visor" / "sd14.json").write_text(json.dumps({"oa": 29.9, "visor_uncond": 17.5, "visor_cond": 58.5}))
     table = by_step_table(tmp_path, [(0, "sd14"), (30, "trained")], ["coco"], ["coco", "flickr30k"])
     assert table.loc[1, ["fid_coco", "fid_flickr30k", "clip_score_coco"]].tolist() == [20.5, 70.0, 31.0]
     assert table.loc[0, ["fid_coco", "clip_score_flickr30k"]].isna().all()
+    assert table.loc[0, ["visor_oa", "visor_uncond", "visor_cond"]].tolist() == [29.9, 17.5, 58.5]
+    assert table.loc[1, ["visor_oa"]].isna().all()

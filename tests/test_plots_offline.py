@@ -172,8 +172,8 @@ def _by_step(path: Path) -> None:
     import pandas as pd
 
     columns = [f"{s}_mg{k}" for s in ("coco", "ade20k") for k in (2, 3, 4, 5)]
-    columns += ["grounding_share_mean", "psnr_unedit_part", "ssim_unedit_part_x1e2", "clip_whole", "clip_edited",
-                "fid_coco", "fid_flickr30k"]
+    columns += ["visor_oa", "visor_uncond", "visor_cond", "grounding_share_mean", "psnr_unedit_part",
+                "ssim_unedit_part_x1e2", "clip_whole", "clip_edited", "fid_coco", "fid_flickr30k"]
     table = pd.DataFrame({"step": [0, 10, 20, 30], "model": ["sd14", "step_10", "step_20", "trained"]})
     for i, column in enumerate(columns):
         table[column] = [10.0 + i, 12.0 + i, 11.0 + i, 14.0 + i]
@@ -188,7 +188,7 @@ def test_plots_page_has_no_remote_script(plots_page):
     scripts = _scripts(page)
     assert not [a["src"] for a, _ in scripts if a.get("src")]  # nothing fetched, http(s) or otherwise
     assert "cdn.jsdelivr.net" not in page
-    assert sum("vegaEmbed(" in code for _, code in scripts) == PLOT_COUNT == 9  # 3 training, 6 by step
+    assert sum("vegaEmbed(" in code for _, code in scripts) == PLOT_COUNT == 10  # 3 training, 7 by step
 
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -91,12 +91,14 @@ def test_by_step_section_draws_the_steps(tmp_path):
     table = pd.DataFrame({"step": [0, 10, 30], "model": ["sd14", "step_10", "trained"],
                           **{f"coco_mg{k}{s}": [1.0, 2.0, 3.0] for k in range(1, 6) for s in ("", "_std")},
                           "grounding_share_mean": [0.5, 0.6, None], "psnr_unedit_part": [None, None, None],
-                          "fid_coco": [30.0, None, 25.0]})
+                          "fid_coco": [30.0, None, 25.0], "visor_oa": [29.9, 31.0, 33.5]})
     table.to_csv(tmp_path / "by_step.csv", index=False)
     section = by_step_section(tmp_path / "by_step.csv")
     figure = next(b for b in section.blocks if isinstance(b, Figure))
     assert figure.png.startswith(b"\x89PNG")
     rows = next(b for b in section.blocks if isinstance(b, Table)).rows
     assert [r[:2] for r in rows] == [["0", "sd14"], ["10", "step_10"], ["30", "trained"]]
-    assert [r[-1] for r in rows] == ["30.000", "—", "25.000"]  # FID beside the grounding scores
+    table_block = next(b for b in section.blocks if isinstance(b, Table))
+    assert table_block.columns[-2:] == ["fid_coco", "visor_oa"]
+    assert [r[-2:] for r in rows] == [["30.000", "29.900"], ["—", "31.000"], ["25.000", "33.500"]]  # FID, OA
     assert by_step_section(tmp_path / "none.csv").blocks[0].kind == "missing"

@@ -1,6 +1,6 @@
 """Scores against training step: the base model (step 0), each exported checkpoint ``step_<N>`` and the final
 ``trained`` UNet, one row each, from the evaluation stages' metrics (stage ``by_step`` -> plots/by_step.csv):
-MultiGen, attention grounding, PIE-Bench, and FID with CLIP score, so that a change in grounding can be read
+MultiGen, VISOR, attention grounding, PIE-Bench, and FID with CLIP score, so that a change in grounding can be read
 beside what it costs in image quality."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pipeline.eval_models import step_key
 from pipeline.names import MG_LEVELS, PIEBENCH_KEYS
 
 STEP_COLUMNS = ["step", "model"]
+# metrics/visor key -> by_step column: TokenCompose's Object Accuracy, then VISOR's own scores
+VISOR_BY_STEP = {"oa": "visor_oa", "visor_uncond": "visor_uncond", "visor_cond": "visor_cond"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -34,14 +36,17 @@ def step_models(base: str | None, steps: Sequence[int], final_step: int | None) 
 
 def step_row(metrics_dir: Path, step: int, model: str, prompt_sets: Sequence[str],
              fid_sets: Sequence[str] = ()) -> dict[str, Any]:
-    """One row: MG1–MG5 with std per prompt set, the mean grounding share, the PIE-Bench table values, and
-    FID and CLIP score per FID reference set (empty where a model was not evaluated by that family)."""
+    """One row: MG1–MG5 with std per prompt set, VISOR's OA, VISOR_uncond and VISOR_cond (``visor_oa``, ...),
+    the mean grounding share, the PIE-Bench table values, and FID and CLIP score per FID reference set (empty
+    where a model was not evaluated by that family)."""
     row: dict[str, Any] = {"step": step, "model": model}
     multigen = read_json(metrics_dir / "multigen" / f"{model}.json")
     for name in prompt_sets:
         for k in MG_LEVELS:
             for suffix in ("", "_std"):
                 row[f"{name}_mg{k}{suffix}"] = multigen.get(f"{name}_mg{k}{suffix}")
+    visor = read_json(metrics_dir / "visor" / f"{model}.json")
+    row.update({column: visor.get(name) for name, column in VISOR_BY_STEP.items()})
     row["grounding_share_mean"] = read_json(metrics_dir / "grounding" / f"{model}.json").get("share_mean")
     piebench = read_json(metrics_dir / "piebench" / f"{model}.json")
     row.update({name: piebench.get(name) for name, _ in PIEBENCH_KEYS.values()})

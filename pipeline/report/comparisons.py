@@ -225,7 +225,8 @@ def differences_section(compare: Mapping[str, Any] | None, decimals: int = 2) ->
 
 
 def by_step_section(csv: Path) -> Section:
-    """MG2–MG5 (std over image index as error bars), grounding share and PIE-Bench values against training step."""
+    """MG2–MG5 (std over image index as error bars), VISOR, grounding share, PIE-Bench values and FID against
+    training step."""
     section = Section("Scores against training step")
     if not Path(csv).is_file():
         section.blocks.append(missing("Scores by step", str(csv), "by_step"))
@@ -242,6 +243,11 @@ def by_step_section(csv: Path) -> Section:
         if series:
             panels[f"MultiGen {label} (%)"] = series
     nan = np.full(len(table), np.nan)
+    visor_columns = {"visor_oa": "OA", "visor_uncond": "VISOR_uncond", "visor_cond": "VISOR_cond"}
+    visor = {label: (steps, table[c].to_numpy(float), nan) for c, label in visor_columns.items()
+             if c in table and table[c].notna().any()}
+    if visor:
+        panels["VISOR on SR2D (%)"] = visor
     if "grounding_share_mean" in table:
         panels["Grounding share"] = {"share": (steps, table["grounding_share_mean"].to_numpy(float), nan)}
     for column in ("psnr_unedit_part", "clip_whole", "clip_edited", "structure_distance_x1e3"):
@@ -254,8 +260,9 @@ def by_step_section(csv: Path) -> Section:
     section.blocks.append(Figure("Scores against training step", lines_with_errors(panels, "training step"),
                                  "by_step.png"))
     shown = ["step", "model"] + [c for c in table.columns if c.endswith(("mg2", "mg5")) or c == "grounding_share_mean"
-                                 or c.startswith("fid_")]
-    section.blocks.append(Table("Scores against training step (MG2, MG5, the grounding share and FID)", shown,
+                                 or c.startswith("fid_") or c == "visor_oa"]
+    section.blocks.append(Table("Scores against training step (MG2, MG5, VISOR's OA, the grounding share and FID)",
+                                shown,
                                 [[fmt(v, decimals=3) if isinstance(v, float) else str(v) for v in row]
                                  for row in table[shown].itertuples(index=False)], name="by_step"))
     return section
