@@ -105,6 +105,14 @@ def params_changes(text_a: str | None, text_b: str | None) -> list[tuple[str, An
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def missing_table(path: str, rev: str, writer: str, model: str) -> str:
+    """Why a per-model table is absent at a revision: its stage did not run there, or the revision predates
+    the table."""
+    stage = f"{writer}_step@{model.removeprefix('step_')}" if model.startswith("step_") else f"{writer}@{model}"
+    return (f"{path} is not in {rev} (stage {stage} did not run there, or {rev} predates that table; "
+            f"`dvc repro {stage}` at that revision writes it)")
+
+
 def family_tables(family: Family, model_a: str, model_b: str, rev_a: str, rev_b: str, hashes: tuple[dict, dict],
                   read: Reader) -> tuple[dict[str, pd.DataFrame] | None, str]:
     """``({"A": table, "B": table}, "")``, or ``(None, reason)`` when the family cannot be compared: its
@@ -121,7 +129,7 @@ def family_tables(family: Family, model_a: str, model_b: str, rev_a: str, rev_b:
         except MissingInputError as err:
             return None, str(err)
         if text is None:
-            return None, f"{path} is not in {rev} (stage {family.writer}@ did not run for {model} there)"
+            return None, missing_table(path, rev, family.writer, model)
         tables[label] = pd.read_csv(io.StringIO(text), keep_default_na=True)
     return tables, ""
 
@@ -183,7 +191,7 @@ def fid_differences(model_a: str, model_b: str, rev_a: str, rev_b: str, hashes: 
         path = f"metrics/fid/{model}.json"
         text = read(path, rev)
         if text is None:
-            return None, f"{path} is not in {rev} (stage fid@ did not run for {model} there)"
+            return None, missing_table(path, rev, "fid", model)
         values.append(json.loads(text))
     sets = [name for name, entry in values[0].items() if isinstance(entry, dict) and "fid" in entry]
     return {name: {"A": {"value": values[0][name]["fid"]}, "B": {"value": values[1][name]["fid"]},
