@@ -7,8 +7,9 @@ plots/clip_score/<model>.csv (stages fid@, fid_step@: CLIP score per caption). M
 eval_models then step_<N> for checkpoint_steps (MultiGen, CLIP score), the keys of edit_backbones then the
 steps (PIE-Bench). Outs: metrics/compare.json: ``multigen.<set>.mg<k>.<a>-<b>``,
 ``visor.<score>.<a>-<b>``, ``piebench.<metric>.<a>-<b>`` and ``clip_score.<reference set>.<a>-<b>``
-with ``diff`` (a minus b), ``low``, ``high`` (the compare.level interval) and ``significant`` (the interval
-excludes 0), and ``...<model>.value``, so `dvc metrics diff` shows every comparison.
+with ``diff`` (a minus b), ``low``, ``high`` (the compare.level interval), ``significant`` (the interval
+excludes 0), the bootstrap ``p`` with ``p_holm`` and ``significant_holm`` (Holm's correction over the pairs of
+one score), and ``...<model>.value``, so `dvc metrics diff` shows every comparison.
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ def read_tables(folder: Path, models: list[str], stage: str) -> dict[str, pd.Dat
     return tables
 
 
-def significant_pairs(results: dict[str, Any]) -> tuple[int, int]:
-    """(significant, all) pair comparisons in a nested result of :mod:`pipeline.compare.pairs`."""
-    hits = total = 0
+def significant_pairs(results: dict[str, Any]) -> tuple[int, int, int]:
+    """(intervals that exclude 0, differences significant after Holm, all) pair comparisons in a nested
+    result of :mod:`pipeline.compare.pairs`."""
+    counts = [0, 0, 0]
     for value in results.values():
         if isinstance(value, dict) and "significant" in value:
-            hits, total = hits + bool(value["significant"]), total + 1
+            flags = (value["significant"], value.get("significant_holm", False), True)
+            counts = [c + bool(f) for c, f in zip(counts, flags)]
         elif isinstance(value, dict):
-            sub = significant_pairs(value)
-            hits, total = hits + sub[0], total + sub[1]
-    return hits, total
+            counts = [c + sub for c, sub in zip(counts, significant_pairs(value))]
+    return counts[0], counts[1], counts[2]
 
 
 def main() -> None:
@@ -71,9 +73,9 @@ def main() -> None:
                                         "multigen": multigen, "visor": visor, "piebench": piebench,
                                         "clip_score": clip})
     for name, result in (("MultiGen", multigen), ("VISOR", visor), ("PIE-Bench", piebench), ("CLIP score", clip)):
-        hits, total = significant_pairs(result)
-        log.info("%s: %d of %d pairwise differences are beyond the noise (their %.0f%% interval excludes 0)",
-                 name, hits, total, 100 * cfg.level)
+        hits, holm_hits, total = significant_pairs(result)
+        log.info("%s: %d of %d pairwise differences are beyond the noise (their %.0f%% interval excludes 0), "
+                 "%d after Holm's correction per score", name, hits, total, 100 * cfg.level, holm_hits)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.compare.bootstrap import paired_interval, resample_weights
+from pipeline.compare.bootstrap import bootstrap_p, holm, paired_interval, resample_weights
 from pipeline.compare.pairs import (CompareCfg, clip_units, compare_clip, compare_multigen, compare_piebench,
                                     compare_units, compare_visor, multigen_units, piebench_units, visor_metrics,
                                     visor_units)
@@ -214,3 +214,30 @@ def test_visor_units_of_a_worked_prompt_and_refused_grids():
         visor_units({"m": table, "b": table.iloc[:3]}, "oa")
     with pytest.raises(ValueError, match="unknown VISOR score 'visor_x'"):
         visor_units({"m": table}, "visor_x")
+
+
+def test_holm_adjusts_a_worked_family_in_input_order():
+    """Sorted p 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.06."""
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([float("nan"), 0.01, 0.5])  # NaN is not a test: m = 2
+    assert np.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.02, 0.5])
+    assert holm([0.6, 0.7]) == [1.0, 1.0] and holm([]) == []
+
+
+def test_bootstrap_p_agrees_with_the_interval_and_holm_is_stricter():
+    assert bootstrap_p(np.zeros(50)) == 1.0 and bootstrap_p(np.full(50, 2.0)) == 0.0
+    assert bootstrap_p(np.array([-1.0, 1.0, 2.0, 3.0])) == 0.5  # one of four at or below 0, doubled
+    agree = 0
+    for seed in range(200):
+        a, b = _paired_gaussians(60, 0.25, seed=seed)
+        ones = np.ones_like(a)
+        got = paired_interval(a, ones, b, ones, reps=2000, seed=seed)
+        agree += (got.p < 0.05) == got.significant
+    assert agree >= 196  # they differ only where a percentile falls between the replicates next to 0
+    units = {m: _paired_gaussians(80, delta, seed=7) for m, delta in (("x", 0.0), ("y", 0.3), ("z", 0.6))}
+    result = compare_units({m: (u[0], np.ones(80)) for m, u in units.items()}, ["x", "y", "z"],
+                           CompareCfg(reps=1000, seed=0))
+    pairs = [result[k] for k in ("y-x", "z-x", "z-y")]
+    assert all(p["p_holm"] >= p["p"] for p in pairs)
+    assert all(p["significant_holm"] == (p["p_holm"] < 0.05) for p in pairs)
+    assert sorted(p["p_holm"] for p in pairs) == pytest.approx(holm(sorted(p["p"] for p in pairs)))

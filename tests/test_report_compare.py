@@ -11,10 +11,11 @@ from pipeline.report.comparisons import (by_step_section, differences_section, i
                                          summary_section, within_spread)
 
 
-def _scores(values: dict[str, float], pairs: dict[str, tuple[float, float, float]]) -> dict:
+def _scores(values: dict[str, float], pairs: dict[str, tuple[float, float, float]], holm: bool = True) -> dict:
+    """Compare results of one score; ``holm``: each significant pair also survives Holm's correction."""
     out = {m: {"value": v} for m, v in values.items()}
-    out.update({p: {"diff": d, "low": lo, "high": hi, "significant": lo > 0 or hi < 0, "units": 10}
-                for p, (d, lo, hi) in pairs.items()})
+    out.update({p: {"diff": d, "low": lo, "high": hi, "significant": lo > 0 or hi < 0, "units": 10,
+                    "significant_holm": holm and (lo > 0 or hi < 0)} for p, (d, lo, hi) in pairs.items()})
     return out
 
 
@@ -24,7 +25,8 @@ COMPARE = {
                           for k in range(1, 6)}},
     "piebench": {"structure_distance_x1e3": _scores({"sd14": 30.0, "trained": 20.0},
                                                     {"trained-sd14": (-10.0, -12.0, 1.0)})},
-    "clip_score": {"coco": _scores({"sd14": 31.0, "trained": 30.5}, {"trained-sd14": (-0.5, -0.9, -0.1)})},
+    "clip_score": {"coco": _scores({"sd14": 31.0, "trained": 30.5}, {"trained-sd14": (-0.5, -0.9, -0.1)},
+                                   holm=False)},
     "visor": {name: _scores({"sd14": 30.0, "trained": 33.0}, {"trained-sd14": (3.0, -1.0, 7.0)})
               for name in ("oa", "oa_a", "visor_10", "visor_2", "visor_cond", "visor_uncond")},  # sorted, as in JSON
 }
@@ -39,15 +41,18 @@ def test_interval_cell_marks_intervals_that_exclude_zero():
 def test_summary_picks_the_best_by_direction_and_orients_the_gap():
     rows = {row[0]: row for row in summary_rows(COMPARE, 2)}
     assert rows["MultiGen COCO MG2"][1:4] == ["trained", "60.00", "sd14"]
-    assert rows["MultiGen COCO MG2"][4:] == ["+10.00 [4.00, 16.00]✱", "yes"]
+    assert rows["MultiGen COCO MG2"][4:] == ["+10.00 [4.00, 16.00]✱†", "yes", "yes"]
     structure = rows["PIE-Bench structure_distance_x1e3"]  # lower is better: trained best, gap not beyond noise
     assert structure[1] == "trained" and structure[3] == "sd14"
-    assert structure[4:] == ["-10.00 [-12.00, 1.00]", "no"]
+    assert structure[4:] == ["-10.00 [-12.00, 1.00]", "no", "no"]
     clip = rows["CLIP score COCO"]  # higher is better: sd14 best, the gap oriented best minus runner-up
-    assert clip[1:4] == ["sd14", "31.00", "trained"] and clip[4:] == ["+0.50 [0.10, 0.90]✱", "yes"]
+    assert clip[1:4] == ["sd14", "31.00", "trained"] and clip[4:] == ["+0.50 [0.10, 0.90]✱", "yes", "no"]
     visor = [row for row in summary_rows(COMPARE, 2) if row[0].startswith("VISOR")]
     assert [row[0] for row in visor] == ["VISOR OA", "VISOR VISOR_uncond", "VISOR VISOR_cond"]  # not OA(A), _k
-    assert visor[0][1:] == ["trained", "33.00", "sd14", "+3.00 [-1.00, 7.00]", "no"]
+    assert visor[0][1:] == ["trained", "33.00", "sd14", "+3.00 [-1.00, 7.00]", "no", "no"]
+    old_format = {"multigen": {"coco": {"mg2": {**COMPARE["multigen"]["coco"]["mg2"], "trained-sd14": {
+        k: v for k, v in COMPARE["multigen"]["coco"]["mg2"]["trained-sd14"].items() if k != "significant_holm"}}}}}
+    assert summary_rows(old_format, 2)[0][-1] == "—"  # a compare.json written before Holm's correction
 
 
 def test_ties_are_listed_together_and_an_all_equal_score_has_no_row():
@@ -56,7 +61,7 @@ def test_ties_are_listed_together_and_an_all_equal_score_has_no_row():
                                                  "c-b": (-4.0, -5.0, -3.0)}),
                                  "mg3": _scores({"a": 1.0, "b": 1.0}, {"b-a": (0.0, 0.0, 0.0)})}}}
     rows = summary_rows(tie, 1)
-    assert rows == [["MultiGen COCO MG2", "tie: a, b", "5.0", "c", "+4.0 [3.0, 5.0]✱", "yes"]]
+    assert rows == [["MultiGen COCO MG2", "tie: a, b", "5.0", "c", "+4.0 [3.0, 5.0]✱†", "yes", "yes"]]
 
 
 def test_within_spread_checks_each_level_against_the_published_std():
@@ -77,7 +82,7 @@ def test_summary_and_differences_sections_hold_their_tables():
     assert "5 of 9 best models are beyond the noise" in summary.blocks[0].text
     diffs = differences_section(COMPARE, 2)
     tables = {b.name: b for b in diffs.blocks if isinstance(b, Table)}
-    assert tables["differences_coco"].rows == [["trained − sd14"] + ["+10.00 [4.00, 16.00]✱"] * 4]
+    assert tables["differences_coco"].rows == [["trained − sd14"] + ["+10.00 [4.00, 16.00]✱†"] * 4]
     assert tables["differences_piebench"].columns == ["a − b", "structure_distance_x1e3"]
     assert tables["differences_clip_score"].columns == ["a − b", "COCO"]
     assert tables["differences_clip_score"].rows == [["trained − sd14", "-0.50 [-0.90, -0.10]✱"]]

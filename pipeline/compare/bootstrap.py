@@ -6,12 +6,14 @@ models, and recomputes both scores on it. Every score here is a ratio of sums ov
 sum(den)``: a mean of per-image values (``den`` = 1 per scored value), or MG_k (``num`` = 100 x images of the
 prompt with at least ``k`` objects found, ``den`` = scored images of the prompt). The interval is the
 percentile interval of the replicated differences; a difference is *beyond the noise* when the interval
-excludes 0.
+excludes 0. The two-sided bootstrap p-value (twice the smaller share of replicates on either side of 0)
+goes with it, so that the comparisons of one score can be corrected for their number (:func:`holm`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -25,6 +27,7 @@ class Interval:
     high: float
     level: float
     units: int
+    p: float = float("nan")  # two-sided bootstrap p-value of a zero difference (:func:`bootstrap_p`)
 
     @property
     def significant(self) -> bool:
@@ -52,8 +55,31 @@ def replicate_ratios(weights: np.ndarray, num: np.ndarray, den: np.ndarray) -> n
         return weights @ np.asarray(num, dtype=np.float64) / (weights @ np.asarray(den, dtype=np.float64))
 
 
+def bootstrap_p(finite: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of a zero difference from (reps,) finite replicates: twice the smaller
+    share of replicates at or below 0 and at or above 0, at most 1 (all replicates 0 give 1)."""
+    return float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979) of one family of tests, in the input order: the i-th
+    smallest of the m finite p-values becomes ``max over j <= i of min(1, (m - j + 1) * p_(j))``; NaN stay NaN
+    and do not count in m. A test is significant at familywise error ``alpha`` when its adjusted p < alpha."""
+    values = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(values.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(values))
+    order = finite[np.argsort(values[finite], kind="stable")]
+    m = order.size
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
 def percentile_interval(diff: float, replicates: np.ndarray, level: float, units: int) -> Interval:
-    """The :class:`Interval` of ``diff`` from its (reps,) bootstrap ``replicates`` (non-finite ones dropped)."""
+    """The :class:`Interval` of ``diff`` from its (reps,) bootstrap ``replicates`` (non-finite ones dropped),
+    with its :func:`bootstrap_p`."""
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     finite = replicates[np.isfinite(replicates)]
@@ -61,7 +87,7 @@ def percentile_interval(diff: float, replicates: np.ndarray, level: float, units
         return Interval(float(diff), float("nan"), float("nan"), level, units)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(finite, [tail, 100 - tail])
-    return Interval(float(diff), float(low), float(high), level, units)
+    return Interval(float(diff), float(low), float(high), level, units, bootstrap_p(finite))
 
 
 def paired_interval(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray,

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.compare.bootstrap import Interval, percentile_interval, ratio, replicate_ratios, resample_weights
+from pipeline.compare.bootstrap import (Interval, holm, percentile_interval, ratio, replicate_ratios,
+                                        resample_weights)
 from pipeline.config import InputDataError
 from pipeline.names import MG_LEVELS
 
@@ -156,8 +157,10 @@ def clip_units(tables: Mapping[str, pd.DataFrame], reference: str) -> Units:
 
 def compare_units(units: Units, order: Sequence[str], cfg: CompareCfg) -> dict[str, dict[str, Any]]:
     """``{"<a>-<b>": interval fields}`` for every pair of ``order`` with ``a`` after ``b``: the difference
-    ``score(a) - score(b)`` and its interval (:class:`Interval` as a dict with ``significant``), plus
-    ``{"<model>": {"value": ...}}`` for each model's own full-sample score."""
+    ``score(a) - score(b)`` and its interval (:class:`Interval` as a dict with ``significant`` and the
+    bootstrap ``p``), with ``p_holm`` and ``significant_holm`` (Holm's correction over the pairs of this one
+    score, at familywise error ``1 - cfg.level``), plus ``{"<model>": {"value": ...}}`` for each model's own
+    full-sample score."""
     n = len(next(iter(units.values()))[0]) if units else 0
     weights = resample_weights(n, cfg.reps, cfg.seed) if n else np.zeros((0, 0))
     values = {m: ratio(*units[m]) for m in order}
@@ -167,6 +170,9 @@ def compare_units(units: Units, order: Sequence[str], cfg: CompareCfg) -> dict[s
         for a in order[i + 1:]:
             interval = percentile_interval(values[a] - values[b], reps[a] - reps[b], cfg.level, n)
             out[f"{a}-{b}"] = interval_fields(interval)
+    pairs = [key for key in out if "diff" in out[key]]
+    for key, adjusted in zip(pairs, holm([out[key]["p"] for key in pairs])):
+        out[key].update(p_holm=adjusted, significant_holm=bool(adjusted < 1 - cfg.level))
     return out
 
 

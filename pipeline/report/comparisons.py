@@ -22,7 +22,8 @@ REFERENCE_LABELS = {"coco": "COCO", "flickr30k": "Flickr30K"}  # FID reference s
 PIE_HIGHER = {"structure_distance_x1e3": False, "psnr_unedit_part": True, "lpips_unedit_part_x1e3": False,
               "mse_unedit_part_x1e4": False, "ssim_unedit_part_x1e2": True, "clip_similarity_source_image": True,
               "clip_whole": True, "clip_edited": True}
-MARK = "✱"
+MARK = "✱"        # the interval excludes 0
+HOLM_MARK = "†"    # and the difference stays significant after Holm's correction over the pairs of its score
 VISOR_LABELS = {"oa": "OA", "oa_a": "OA(A)", "oa_b": "OA(B)", "visor_uncond": "VISOR_uncond",
                 "visor_cond": "VISOR_cond"}  # and visor_<k> -> VISOR_<k>
 VISOR_SUMMARY = ("oa", "visor_uncond", "visor_cond")  # TokenCompose's Object Accuracy, then VISOR's own
@@ -34,12 +35,14 @@ def visor_label(name: str) -> str:
 
 
 def interval_cell(pair: Mapping[str, Any] | None, decimals: int) -> str:
-    """``+1.23 [0.40, 2.05]✱``: the difference, its interval, and the mark when the interval excludes 0."""
+    """``+1.23 [0.40, 2.05]✱†``: the difference, its interval, ✱ when the interval excludes 0 and † when the
+    difference also survives Holm's correction over the pairs of its score."""
     if not pair or pair.get("diff") is None:
         return "—"
     low, high = pair.get("low"), pair.get("high")
     bounds = f" [{fmt(low, decimals=decimals)}, {fmt(high, decimals=decimals)}]" if low is not None else ""
-    return f"{pair['diff']:+.{decimals}f}{bounds}{MARK if pair.get('significant') else ''}"
+    marks = (MARK if pair.get("significant") else "") + (HOLM_MARK if pair.get("significant_holm") else "")
+    return f"{pair['diff']:+.{decimals}f}{bounds}{marks}"
 
 
 def pair_names(scores: Mapping[str, Any]) -> list[str]:
@@ -97,7 +100,8 @@ def summary_rows(compare: Mapping[str, Any], decimals: int) -> list[list[str]]:
         gap = oriented(*pair_of(scores, best, second))
         name = best if len(tied) == 1 else f"tie: {', '.join(tied)}"
         rows.append([label, name, fmt(scores[best]["value"], decimals=decimals), second, interval_cell(gap, decimals),
-                     "yes" if gap and gap.get("significant") else "no"])
+                     "yes" if gap and gap.get("significant") else "no",
+                     "—" if not gap or "significant_holm" not in gap else "yes" if gap["significant_holm"] else "no"])
     return rows
 
 
@@ -153,16 +157,20 @@ def summary_section(compare: Mapping[str, Any] | None, mg_metrics: Mapping[str, 
         return section
     level = 100 * float(compare.get("level", 0.95))
     rows = summary_rows(compare, decimals)
-    beyond = sum(row[-1] == "yes" for row in rows)
+    beyond = sum(row[-2] == "yes" for row in rows)
+    after_holm = sum(row[-1] == "yes" for row in rows)
     section.blocks.append(Text(
         f"Best model at each score (tied models listed together). The gap to the runner-up comes with its "
         f"{level:.0f}% paired-bootstrap interval ({compare.get('reps')} resamples of the MultiGen or SR2D "
         f"prompts, or of the PIE-Bench images, or of the FID captions, the same draw for both models); it is "
         f"beyond the noise ({MARK}) when the interval excludes 0. {beyond} of {len(rows)} best models are beyond "
-        f"the noise. Each interval is for one comparison; with many comparisons some fall outside by chance."))
+        f"the noise. Each interval is for one comparison; with many pairs some fall outside by chance, so the "
+        f"last column also corrects for the number of pairs of each score (Holm's step-down on the bootstrap "
+        f"p-values, familywise error {100 - level:.0f}%; {HOLM_MARK} in the tables): {after_holm} of {len(rows)} "
+        f"leads survive it."))
     section.blocks.append(Table("Best model per score (higher is better, except structure distance, LPIPS, MSE)",
                                 ["Score", "Best", "Value", "Runner-up", "Best − runner-up [interval]",
-                                 "Beyond the noise"], rows, name="summary_best"))
+                                 "Beyond the noise", "After Holm"], rows, name="summary_best"))
     prompt_sets = [name for name, _ in ordered_sets(compare.get("multigen", {}))]
     spread_rows, inside, checked = within_spread(mg_metrics, published_rows, matches, prompt_sets, decimals)
     if spread_rows:
@@ -186,7 +194,8 @@ def differences_section(compare: Mapping[str, Any] | None, decimals: int = 2) ->
     level = 100 * float(compare.get("level", 0.95))
     section.blocks.append(Text(
         f"Each cell: model a minus model b, then the {level:.0f}% paired-bootstrap interval; {MARK} marks an "
-        f"interval that excludes 0 (beyond the noise). MultiGen resamples prompts (each with all its seeded "
+        f"interval that excludes 0 (beyond the noise), {HOLM_MARK} a difference that stays significant after "
+        f"Holm's correction over all the pairs of that score. MultiGen resamples prompts (each with all its seeded "
         f"images), VISOR the SR2D prompts (each with its seeded images), PIE-Bench images, CLIP score the FID "
         f"captions (one seeded image each); both models "
         f"are scored on the same draw (metrics/compare.json)."))
