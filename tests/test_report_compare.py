@@ -36,6 +36,7 @@ def test_interval_cell_marks_intervals_that_exclude_zero():
     assert interval_cell({"diff": 1.5, "low": 0.2, "high": 2.0, "significant": True}, 2) == "+1.50 [0.20, 2.00]✱"
     assert interval_cell({"diff": -0.1, "low": -1.0, "high": 0.5, "significant": False}, 1) == "-0.1 [-1.0, 0.5]"
     assert interval_cell(None, 2) == "—"
+    assert interval_cell({"diff": -1e-15, "low": -2e-16, "high": 0.5, "significant": False}, 2) == "+0.00 [0.00, 0.50]"
 
 
 def test_summary_picks_the_best_by_direction_and_orients_the_gap():

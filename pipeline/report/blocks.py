@@ -49,11 +49,19 @@ class Section:
     blocks: list[Block] = field(default_factory=list)
 
 
+def no_negative_zero(text: str, signed: bool = False) -> str:
+    """A number formatted as ``-0.00`` (a tiny negative value rounded to zero) without its minus sign:
+    ``0.00``, or ``+0.00`` when ``signed``."""
+    if text.startswith("-") and not text[1:].strip("0."):
+        return ("+" if signed else "") + text[1:]
+    return text
+
+
 def fmt(value: Any, std: Any = None, decimals: int = 2) -> str:
     """``12.34`` or ``12.34(0.56)`` as MultiGen prints it; "—" for a missing or non-finite value."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "—"
-    text = f"{value:.{decimals}f}"
+    text = no_negative_zero(f"{value:.{decimals}f}")
     if isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std):
         text += f"({std:.{decimals}f})"
     return text

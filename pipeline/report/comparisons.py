@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.config import ConfigError
 from pipeline.figures import lines_with_errors
-from pipeline.report.blocks import Figure, Section, Table, Text, fmt, missing
+from pipeline.report.blocks import Figure, Section, Table, Text, fmt, missing, no_negative_zero
 
 MG_SHOWN = (2, 3, 4, 5)
 SET_LABELS = {"coco": "COCO", "ade20k": "ADE20K"}
@@ -42,7 +42,8 @@ def interval_cell(pair: Mapping[str, Any] | None, decimals: int) -> str:
     low, high = pair.get("low"), pair.get("high")
     bounds = f" [{fmt(low, decimals=decimals)}, {fmt(high, decimals=decimals)}]" if low is not None else ""
     marks = (MARK if pair.get("significant") else "") + (HOLM_MARK if pair.get("significant_holm") else "")
-    return f"{pair['diff']:+.{decimals}f}{bounds}{marks}"
+    diff = no_negative_zero(f"{pair['diff']:+.{decimals}f}", signed=True)
+    return f"{diff}{bounds}{marks}"
 
 
 def pair_names(scores: Mapping[str, Any]) -> list[str]:
@@ -140,7 +141,7 @@ def within_spread(metrics: Mapping[str, Mapping[str, Any]], published_rows: Sequ
                             continue
                         ok = abs(ours - theirs) <= spread
                         inside, checked = inside + ok, checked + 1
-                        cells.append("✓" if ok else f"✗ {ours - theirs:+.{decimals}f}")
+                        cells.append("✓" if ok else f"✗ {no_negative_zero(f'{ours - theirs:+.{decimals}f}', True)}")
                 source = f" ({row['source']})" if row.get("source") else ""
                 rows.append([model, f"{method}{source}", *cells])
     return rows, inside, checked
