@@ -37,24 +37,43 @@ from pipeline.names import PIEBENCH_KEYS
 
 WORKSPACE = "workspace"
 Reader = Callable[[str, str], "str | None"]  # (path, revision) -> the file's text, or None when absent
+Tables = dict[str, pd.DataFrame]  # "A" and "B" -> the per-unit table of the model at that revision
+
+
+def _multigen(tables: Tables, order: list[str], cfg: CompareCfg) -> dict[str, Any]:
+    return compare_multigen(tables, order, list(dict.fromkeys(tables["A"]["prompt_set"])), cfg)
+
+
+def _visor(tables: Tables, order: list[str], cfg: CompareCfg) -> dict[str, Any]:
+    images_per_prompt = int(tables["A"]["image_index"].max()) + 1 if len(tables["A"]) else 0
+    return compare_visor(tables, order, images_per_prompt, cfg)
+
+
+def _piebench(tables: Tables, order: list[str], cfg: CompareCfg) -> dict[str, Any]:
+    return compare_piebench(tables, order, PIEBENCH_KEYS, cfg)
+
+
+def _clip(tables: Tables, order: list[str], cfg: CompareCfg) -> dict[str, Any]:
+    return compare_clip(tables, order, list(dict.fromkeys(tables["A"]["reference"])), cfg)
 
 
 @dataclass(frozen=True)
 class Family:
-    """A group of scores compared on one kind of unit: its per-unit table and the stage output that defines
-    the units."""
+    """A group of scores compared on one kind of unit: its per-unit table, the stage output that defines the
+    units, the stage family that writes the table, and the comparison of :mod:`.pairs` that scores it."""
 
     name: str
-    table: str     # per-unit table of a model, with ``{model}``
+    table: str         # per-unit table of a model, with ``{model}``
     units: str | None  # output whose hash in dvc.lock must agree between the revisions (None: params only)
-    writer: str    # stage family that writes the table
+    writer: str
+    compare: Callable[[Tables, list[str], CompareCfg], dict[str, Any]]
 
 
 FAMILIES = (
-    Family("multigen", "artifacts/multigen_images/{model}.csv", "artifacts/data/multigen", "score"),
-    Family("visor", "artifacts/visor_images/{model}.csv", None, "visor"),  # SR2D prompts come from params
-    Family("piebench", "plots/piebench/{model}.csv", "artifacts/data/piebench", "piebench"),
-    Family("clip_score", "plots/clip_score/{model}.csv", "artifacts/data/fid/captions", "fid"),
+    Family("multigen", "artifacts/multigen_images/{model}.csv", "artifacts/data/multigen", "score", _multigen),
+    Family("visor", "artifacts/visor_images/{model}.csv", None, "visor", _visor),  # SR2D prompts: params
+    Family("piebench", "plots/piebench/{model}.csv", "artifacts/data/piebench", "piebench", _piebench),
+    Family("clip_score", "plots/clip_score/{model}.csv", "artifacts/data/fid/captions", "fid", _clip),
 )
 
 
@@ -114,7 +133,7 @@ def missing_table(path: str, rev: str, writer: str, model: str) -> str:
 
 
 def family_tables(family: Family, model_a: str, model_b: str, rev_a: str, rev_b: str, hashes: tuple[dict, dict],
-                  read: Reader) -> tuple[dict[str, pd.DataFrame] | None, str]:
+                  read: Reader) -> tuple[Tables | None, str]:
     """``({"A": table, "B": table}, "")``, or ``(None, reason)`` when the family cannot be compared: its
     units differ between the revisions or a table is missing."""
     units_a, units_b = (h.get(family.units) if family.units else None for h in hashes)
@@ -150,24 +169,13 @@ def compare_revisions(rev_a: str, rev_b: str, model_a: str, model_b: str, cfg: C
         "level": cfg.level, "reps": cfg.reps, "seed": cfg.seed,
         "params": [list(c) for c in params_changes(read("params.yaml", rev_a), read("params.yaml", rev_b))],
         "skipped": {}}
-    order = ["A", "B"]
     for family in FAMILIES:
         tables, reason = family_tables(family, model_a, model_b, rev_a, rev_b, hashes, read)
         if tables is None:
             result["skipped"][family.name] = reason
             continue
         try:
-            if family.name == "multigen":
-                sets = list(dict.fromkeys(tables["A"]["prompt_set"]))
-                result[family.name] = compare_multigen(tables, order, sets, cfg)
-            elif family.name == "visor":
-                images_per_prompt = int(tables["A"]["image_index"].max()) + 1 if len(tables["A"]) else 0
-                result[family.name] = compare_visor(tables, order, images_per_prompt, cfg)
-            elif family.name == "piebench":
-                result[family.name] = compare_piebench(tables, order, PIEBENCH_KEYS, cfg)
-            else:
-                references = list(dict.fromkeys(tables["A"]["reference"]))
-                result[family.name] = compare_clip(tables, order, references, cfg)
+            result[family.name] = family.compare(tables, ["A", "B"], cfg)
         except InputDataError as err:
             result["skipped"][family.name] = str(err)
     fid, reason = fid_differences(model_a, model_b, rev_a, rev_b, hashes, read)
@@ -189,7 +197,10 @@ def fid_differences(model_a: str, model_b: str, rev_a: str, rev_b: str, hashes: 
     values = []
     for model, rev in ((model_a, rev_a), (model_b, rev_b)):
         path = f"metrics/fid/{model}.json"
-        text = read(path, rev)
+        try:
+            text = read(path, rev)
+        except MissingInputError as err:
+            return None, str(err)
         if text is None:
             return None, missing_table(path, rev, "fid", model)
         values.append(json.loads(text))
