@@ -34,12 +34,11 @@ from pipeline.text.nouns_rows import TextCfg, TextScale
 log = logging.getLogger("stages.fid_sample")
 
 
-def attend_excite_tokens(params: dict, tokenizer, captions: list[dict]) -> list[tuple[int, ...] | str]:
-    """A&E token indices of each caption from the project's noun tagger (``text`` params)."""
+def noun_tagger(params: dict):
+    """The project's noun tagger (``text`` params), which gives Attend-and-Excite its token indices."""
     cfg, scale = section(params, "text", TextCfg), section(params, "profile.text", TextScale)
-    tagger = tagging.load_tagger(scale.tagger, tagging.DEFAULT_NLTK_DATA, tagging.DEFAULT_CORPUS_DIR,
-                                 params["seed"], cfg.tagger_iterations, scale.tagger_sha256)
-    return [caption_token_indices(tagger, tokenizer, c["text"], cfg.max_token_index) for c in captions]
+    return tagging.load_tagger(scale.tagger, tagging.DEFAULT_NLTK_DATA, tagging.DEFAULT_CORPUS_DIR,
+                               params["seed"], cfg.tagger_iterations, scale.tagger_sha256)
 
 
 def main(key: str) -> None:
@@ -51,10 +50,12 @@ def main(key: str) -> None:
     sampler = caption_sampler(open_sampler(ref, model, MODELS_DIR, cfg, scale, int(params["seed"]), rank_device()))
     weights = component_hashes(sampler.pipe)
     out = FID_SAMPLES_DIR / key
+    tagger = noun_tagger(params) if model.sampler == "attend_excite" else None  # loaded once for every set
+    max_index = section(params, "text", TextCfg).max_token_index
     for name in fid_scale.references:
         captions = read_captions(name)
-        tokens = attend_excite_tokens(params, sampler.pipe.tokenizer, captions) if model.sampler == "attend_excite" \
-            else None
+        tokens = None if tagger is None else [
+            caption_token_indices(tagger, sampler.pipe.tokenizer, c["text"], max_index) for c in captions]
         sample_captions(sampler, name, caption_items(name, captions, tokens), out / name, weights, dist.rank,
                         dist.world_size)
     wait_for_everyone()

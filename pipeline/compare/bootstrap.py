@@ -13,6 +13,7 @@ goes with it, so that the comparisons of one score can be corrected for their nu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -41,11 +42,15 @@ def ratio(num: np.ndarray, den: np.ndarray) -> float:
     return float(np.sum(num)) / total if total > 0 else float("nan")
 
 
+@lru_cache(maxsize=2)
 def resample_weights(units: int, reps: int, seed: int) -> np.ndarray:
     """(reps, units) how often each unit is drawn in each replicate: multinomial(units, 1/units) rows,
-    from a NumPy generator seeded with ``seed``."""
+    from a NumPy generator seeded with ``seed``. Read-only and cached: the scores of one unit set (the MG
+    levels of a prompt set, the VISOR scores, the PIE-Bench columns) share one draw instead of redrawing it."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(units, np.full(units, 1.0 / units), size=reps).astype(np.float64)
+    weights = rng.multinomial(units, np.full(units, 1.0 / units), size=reps).astype(np.float64)
+    weights.flags.writeable = False
+    return weights
 
 
 def replicate_ratios(weights: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
